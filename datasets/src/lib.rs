@@ -1,0 +1,1 @@
+//! Dataset formats, validation, chat templates, loss masks, batching.

@@ -1,0 +1,7 @@
+//! `lora-train merge` (not implemented yet).
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`lora-train merge` is not implemented yet")
+}

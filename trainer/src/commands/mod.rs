@@ -1,0 +1,6 @@
+//! One module per subcommand: clap `Args` + `run`.
+pub mod eval;
+pub mod generate;
+pub mod inspect;
+pub mod merge;
+pub mod sft;

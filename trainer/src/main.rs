@@ -1,0 +1,49 @@
+//! `lora-train`: the command-line entry point. Each subcommand lives in
+//! `commands/<name>.rs` with its own clap `Args` and a `run` function.
+use clap::{Parser, Subcommand};
+use lora_train::commands;
+
+// glibc malloc fragments badly under candle's many short-lived buffers
+// (DESIGN.md s4: the prototype only reached its speed after switching).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "lora-train", version, about = "LoRA fine-tuning for Llama and Qwen models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Supervised fine-tuning of a LoRA adapter on a chat dataset.
+    Sft(commands::sft::Args),
+    /// Mean loss / perplexity of a model (optionally with an adapter) on a dataset.
+    Eval(commands::eval::Args),
+    /// Generate text from a prompt or a chat message.
+    Generate(commands::generate::Args),
+    /// Fold an adapter into the base weights and write a Hugging Face model directory.
+    Merge(commands::merge::Args),
+    /// Validate a dataset and print its statistics.
+    Inspect(commands::inspect::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    lora_train::logging::init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sft(args) => commands::sft::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Merge(args) => commands::merge::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
