@@ -1,3 +1,10 @@
 //! lora-train: the CLI's library half (recipes, optimizer, checkpoints, reports).
+pub mod checkpoint;
+pub mod clip;
 pub mod commands;
 pub mod logging;
+pub mod metrics;
+pub mod optim;
+pub mod progress;
+pub mod report;
+pub mod schedule;

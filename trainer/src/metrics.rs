@@ -1,0 +1,116 @@
+//! `RUN/metrics.jsonl`: one JSON object per logged optimizer step.
+//!
+//! Train rows: `step, loss, lr, grad_norm, tokens, elapsed_s` (plus `epoch`, `loss_tokens`).
+//! `loss` is the mean loss per loss token of that step's accumulated batch; `tokens` is the
+//! cumulative count of non-padding tokens trained on; `elapsed_s` the cumulative training
+//! wall time. When an evaluation runs at a step its row adds `eval_loss` (and
+//! `eval_perplexity`, `eval_tokens`); the evaluation before training is the row of step 0.
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRow {
+    pub step: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    pub tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_tokens: Option<u64>,
+    pub elapsed_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_perplexity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_tokens: Option<u64>,
+}
+
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsWriter {
+    /// Start a fresh file (a new run).
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), file })
+    }
+
+    /// Continue a resumed run: keep the rows up to `step` (rows written after the checkpoint
+    /// by the killed run are dropped, the resumed run writes them again), then append.
+    pub fn resume(path: &Path, step: usize) -> Result<Self> {
+        let kept: Vec<MetricsRow> = read_metrics(path).unwrap_or_default().into_iter().filter(|r| r.step <= step).collect();
+        let mut bytes = Vec::new();
+        for r in &kept {
+            serde_json::to_writer(&mut bytes, r)?;
+            bytes.push(b'\n');
+        }
+        crate::checkpoint::write_atomic(path, &bytes)?;
+        let file = OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
+        let mut line = serde_json::to_vec(row)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Read every row (a torn last line from a killed writer is skipped).
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRow>> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut rows = Vec::new();
+    for line in BufReader::new(f).lines() {
+        let line = line?;
+        if let Ok(row) = serde_json::from_str::<MetricsRow>(&line) {
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_and_resume_truncates_later_rows() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("metrics.jsonl");
+        let mut w = MetricsWriter::create(&p)?;
+        w.write(&MetricsRow { step: 0, eval_loss: Some(3.0), ..Default::default() })?;
+        for s in 1..=5 {
+            w.write(&MetricsRow { step: s, loss: Some(2.0 / s as f64), lr: Some(1e-3), grad_norm: Some(0.5), tokens: 10 * s as u64, elapsed_s: s as f64, ..Default::default() })?;
+        }
+        drop(w);
+        let text = std::fs::read_to_string(&p)?;
+        let first: serde_json::Value = serde_json::from_str(text.lines().nth(1).unwrap())?;
+        for key in ["step", "loss", "lr", "grad_norm", "tokens", "elapsed_s"] {
+            assert!(first.get(key).is_some(), "{key} missing in {first}");
+        }
+        let mut w = MetricsWriter::resume(&p, 3)?;
+        w.write(&MetricsRow { step: 4, loss: Some(9.0), ..Default::default() })?;
+        let rows = read_metrics(&p)?;
+        assert_eq!(rows.iter().map(|r| r.step).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(rows[4].loss, Some(9.0));
+        Ok(())
+    }
+}
