@@ -111,11 +111,27 @@ Keep your answers short: one sentence is usually enough.
 
 # --------------------------------------------------------------------------- tokenizer
 
+# The Qwen2 pre-tokenizer regex (transformers' Qwen2Tokenizer.PRETOKENIZE_REGEX, also in Qwen2's
+# tokenizer.json). transformers 5 rebuilds the pipeline of a `qwen2`/`qwen3` model's tokenizer
+# from vocab + merges with exactly this pipeline and ignores tokenizer.json's own one, so the
+# tiny tokenizer uses it too: then transformers and a plain tokenizer.json reader agree for all
+# three models (checked in check_tokenizer_consistency).
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
 def train_tokenizer() -> Tokenizer:
+    from tokenizers import Regex, normalizers
+
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         min_frequency=1,
@@ -145,7 +161,7 @@ def added_tokens_decoder() -> dict:
     }
 
 
-def write_tokenizer(dir_: str, tok_json: str, template_in_jinja: bool):
+def write_tokenizer(dir_: str, tok_json: str, template_in_jinja: bool, tokenizer_class: str):
     with open(os.path.join(dir_, "tokenizer.json"), "w") as f:
         f.write(tok_json)
     cfg = {
@@ -157,7 +173,7 @@ def write_tokenizer(dir_: str, tok_json: str, template_in_jinja: bool):
         "eos_token": EOS,
         "model_max_length": 2048,
         "pad_token": PAD,
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": tokenizer_class,
         "unk_token": None,
     }
     jinja = os.path.join(dir_, "chat_template.jinja")
@@ -183,7 +199,7 @@ MODELS = {
                  num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
                  max_position_embeddings=256, attention_bias=False, mlp_bias=False),
         rope_theta=50000.0, dtype=torch.float32, max_shard_size=None, rope_dialect="top_level",
-        seed=1001, rslora=False,
+        seed=1001, rslora=False, tokenizer_class="PreTrainedTokenizerFast",
     ),
     "qwen2-tiny": dict(
         cfg_cls=Qwen2Config, model_cls=Qwen2ForCausalLM,
@@ -191,7 +207,7 @@ MODELS = {
                  num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
                  max_position_embeddings=256, use_sliding_window=False),
         rope_theta=1000000.0, dtype=torch.float32, max_shard_size="300KB", rope_dialect="top_level",
-        seed=2002, rslora=True,
+        seed=2002, rslora=True, tokenizer_class="Qwen2Tokenizer",
     ),
     "qwen3-tiny": dict(
         cfg_cls=Qwen3Config, model_cls=Qwen3ForCausalLM,
@@ -199,7 +215,7 @@ MODELS = {
                  num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-3, tie_word_embeddings=False,
                  max_position_embeddings=256, use_sliding_window=False, attention_bias=False),
         rope_theta=500000.0, dtype=torch.bfloat16, max_shard_size=None, rope_dialect="rope_parameters",
-        seed=3003, rslora=False,
+        seed=3003, rslora=False, tokenizer_class="Qwen2Tokenizer",
     ),
 }
 
@@ -259,7 +275,9 @@ def build_model(name: str, spec: dict, out_models: str, tok_json: str):
         json.dump({"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}, f, indent=2)
         f.write("\n")
     fix_config_dialect(d, spec)
-    write_tokenizer(d, tok_json, template_in_jinja=(spec["rope_dialect"] == "rope_parameters"))
+    write_tokenizer(d, tok_json, template_in_jinja=(spec["rope_dialect"] == "rope_parameters"),
+                    tokenizer_class=spec["tokenizer_class"])
+    check_tokenizer_consistency(d)
     return d, model
 
 
@@ -488,6 +506,7 @@ TOKENIZER_STRINGS = [
     "line one\nline two\n\nend",
     "<|im_start|>user\nHi<|im_end|>\n",
     "emoji \U0001F600 ok",
+    "decomposed Cafe\u0301 becomes NFC",
 ]
 
 CHAT_SAMPLE = [
@@ -513,6 +532,10 @@ def tokenizer_goldens(model_dir: str, out: str):
     info = {
         "tokenizer": "tests/golden/models/*/tokenizer.json (identical in the three tiny models)",
         "vocab_size": VOCAB_SIZE,
+        "pipeline": "Qwen2-style byte-level BPE: normalizer NFC; pre_tokenizer Sequence[Split(Qwen2 regex, "
+                    "isolated), ByteLevel(add_prefix_space=false, use_regex=false)]; post_processor "
+                    "ByteLevel(trim_offsets=false); decoder ByteLevel; trained by this script (tokenizers BpeTrainer)",
+        "tokenizer_class_in_tokenizer_config": {n: s["tokenizer_class"] for n, s in MODELS.items()},
         "special_tokens": {t: i for i, t in enumerate(SPECIAL_TOKENS)},
         "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
         "chat_template": CHAT_TEMPLATE,
@@ -539,6 +562,21 @@ def tokenizer_goldens(model_dir: str, out: str):
 
 
 # --------------------------------------------------------------------------- main
+
+def check_tokenizer_consistency(model_dir: str):
+    """transformers' AutoTokenizer and a plain tokenizer.json reader give the same ids and offsets."""
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    raw = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    chat = hf.apply_chat_template([{k: v for k, v in m.items() if k != "weight"} for m in CHAT_SAMPLE],
+                                  tokenize=False)
+    for s in TOKENIZER_STRINGS + [chat, CORPUS]:
+        a = hf(s, add_special_tokens=False, return_offsets_mapping=True)
+        b = raw.encode(s, add_special_tokens=False)
+        assert list(a["input_ids"]) == b.ids, (model_dir, s[:40], type(hf).__name__)
+        assert [tuple(o) for o in a["offset_mapping"]] == [tuple(o) for o in b.offsets], (model_dir, s[:40])
+    assert hf.eos_token == EOS and hf.pad_token == PAD and hf.bos_token == BOS, (hf.eos_token, hf.pad_token)
+    assert hf.chat_template == CHAT_TEMPLATE
+
 
 def dir_size(d: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
