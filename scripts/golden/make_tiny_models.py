@@ -609,7 +609,8 @@ def main():
     for r, _, fs in sorted(os.walk(out)):
         for f in sorted(fs):
             p = os.path.join(r, f)
-            if "models" in p or "adapters" in p or f.endswith("tiny.safetensors") or f.endswith("tiny.json"):
+            if ("models" in p or "adapters" in p or f.endswith("tiny.safetensors") or f.endswith("tiny.json")
+                    or f == "tiny_tokenizer.json"):
                 digest.update(p.encode())
                 digest.update(open(p, "rb").read())
     summary["sha256_of_outputs"] = digest.hexdigest()

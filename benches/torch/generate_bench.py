@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""transformers `generate` throughput: the reference for our decoding tokens/s.
+
+    python benches/torch/generate_bench.py --model DIR_OR_GGUF [--prompt TEXT]... [--prompts-file F]
+        [--chat] [--max-new-tokens 64] [--dtype f32|bf16] [--threads N] [--repeats 3] [--attn sdpa]
+
+Greedy decoding (do_sample=False), KV cache on, batch 1, each prompt in turn; every run is
+forced to exactly --max-new-tokens new tokens (min_new_tokens = max_new_tokens) so that runs
+compare equal work. --chat wraps each prompt as one user message with the model's chat
+template and the generation prompt. Time per prompt includes its prefill. Each prompt is run
+--repeats times after one short warm-up; the best time counts. Prints ONE JSON line:
+tokens_per_s = (new tokens over all prompts) / (sum of best times), per-prompt details,
+torch_threads and the machine. Default prompt: "What is the capital of France?" with --chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.normpath(os.path.join(HERE, "..", "..", "scripts", "golden")))
+import common  # noqa: E402  (env defaults, GGUF loading with the restored pre-tokenizer)
+
+import torch  # noqa: E402
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompt", action="append", default=[])
+    ap.add_argument("--prompts-file", help="one prompt per line")
+    ap.add_argument("--chat", action="store_true", help="render each prompt as a user message with the chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attn", default="sdpa")
+    args = ap.parse_args()
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [l.rstrip("\n") for l in open(args.prompts_file) if l.strip()]
+    if not prompts:
+        prompts = ["What is the capital of France?"]
+        args.chat = True
+
+    torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.dtype == "f32" else torch.bfloat16
+    model, tok, _info = common.load_model_and_tokenizer(args.model, dtype=dtype, attn_implementation=args.attn)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    n = args.max_new_tokens
+    per_prompt = []
+    with torch.no_grad():
+        for text in prompts:
+            rendered = (tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True) if args.chat else text)
+            ids = torch.tensor([tok(rendered, add_special_tokens=False)["input_ids"]])
+            am = torch.ones_like(ids)
+            model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=2, pad_token_id=pad)  # warm-up
+            times = []
+            out = None
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                out = model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=n,
+                                     min_new_tokens=n, pad_token_id=pad)
+                times.append(time.perf_counter() - t0)
+            new = out[0, ids.shape[1]:].tolist()
+            assert len(new) == n
+            per_prompt.append({
+                "prompt": text, "prompt_tokens": int(ids.shape[1]), "new_tokens": n,
+                "seconds_each": [round(t, 4) for t in times], "best_s": round(min(times), 4),
+                "tokens_per_s": round(n / min(times), 2),
+                "completion": tok.decode(new, skip_special_tokens=True),
+            })
+    total_s = sum(p["best_s"] for p in per_prompt)
+    print(json.dumps({
+        "bench": "transformers generate (greedy, batch 1, KV cache)",
+        "model": args.model, "dtype": args.dtype, "attn_implementation": args.attn, "chat": args.chat,
+        "max_new_tokens": n, "repeats": args.repeats,
+        "tokens_per_s": round(n * len(per_prompt) / total_s, 2),
+        "per_prompt": per_prompt,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+    }, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
