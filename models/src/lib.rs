@@ -1,1 +1,65 @@
-//! Llama / Qwen2 / Qwen3 decoders with LoRA.
+//! Llama / Qwen2 / Qwen3 decoders with LoRA: loading (HF safetensors, GGUF, hub
+//! cache), the decoder, PEFT adapters, merging and KV-cached generation.
+pub mod config;
+pub mod decoder;
+pub mod generate;
+pub mod gguf;
+pub mod lora;
+pub mod mask;
+pub mod merge;
+pub mod model;
+pub mod rope;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use decoder::KvCache;
+pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
+pub use lora::{LoraConfig, ALL_TARGETS};
+pub use model::Model;
+pub use tokenizer::TokenizerBundle;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use source::ModelSource;
+
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: TokenizerBundle,
+    /// What goes into `base_model_name_or_path` of saved adapters.
+    pub source: String,
+}
+
+/// Load weights, config and tokenizer from a HF directory, a .gguf file or a hub id.
+pub fn load_model(model_ref: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let (decoder, tokenizer) = match source::resolve(model_ref)? {
+        ModelSource::HfDir(dir) => {
+            let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+            let src = weights::SafetensorsSource::open_dir(&dir)?;
+            let decoder = decoder::Decoder::load(cfg, &src, device, dtype)?;
+            (decoder, tokenizer::load_from_hf_dir(&dir)?)
+        }
+        ModelSource::Gguf(path) => {
+            let mut src = weights::GgufSource::open(&path)?;
+            let cfg = gguf::config_from_gguf(src.content()).with_context(|| format!("{}", path.display()))?;
+            if cfg.architecture == Architecture::Llama {
+                src.set_unpermute_qk(Some((cfg.num_attention_heads, cfg.num_key_value_heads)));
+            }
+            let tokenizer = gguf::tokenizer_from_gguf(src.content()).with_context(|| format!("{}", path.display()))?;
+            (decoder::Decoder::load(cfg, &src, device, dtype)?, tokenizer)
+        }
+    };
+    Ok(LoadedModel { model: Model::new(decoder), tokenizer, source: model_ref.to_string() })
+}
+
+/// Only the tokenizer side (fast: no weights), for `inspect` and dataset tooling.
+pub fn load_tokenizer_bundle(model_ref: &str) -> Result<TokenizerBundle> {
+    match source::resolve(model_ref)? {
+        ModelSource::HfDir(dir) => tokenizer::load_from_hf_dir(&dir),
+        ModelSource::Gguf(path) => {
+            let src = weights::GgufSource::open(&path)?;
+            gguf::tokenizer_from_gguf(src.content()).with_context(|| format!("{}", path.display()))
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The decoder: Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm,
+//! free head_dim), grouped-query attention, LoRA on any projection.
+//! Written here rather than reused from candle-transformers, whose models have
+//! private Linear fields, last-token-only logits and no-backward ops (DESIGN.md s4).
+use crate::config::{Architecture, ModelConfig};
+use crate::lora::{Linear, LoraSwitch};
+use crate::rope::RotaryTables;
+use crate::weights::{load_checked, WeightSource};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct Layer {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+impl Layer {
+    pub fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer: [b, kv_heads, T, d].
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Decoder {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// None when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    pub rotary: RotaryTables,
+    pub switch: Arc<LoraSwitch>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Decoder {
+    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, device: &Device, dtype: DType) -> Result<Self> {
+        let switch = Arc::new(LoraSwitch::default());
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let get = |name: &str, shape: &[usize]| load_checked(src, name, shape, dtype, device);
+        let mut index = 0usize;
+        let mut linear = |name: String, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let weight = get(&format!("{name}.weight"), &[out, inp])?;
+            let bias = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
+            index += 1;
+            Ok(Linear { name, index, weight, bias, lora: None, switch: switch.clone() })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let qkv_bias = cfg.attention_bias;
+            let self_attn = Attention {
+                q_proj: linear(format!("{p}.self_attn.q_proj"), nh * hd, h, qkv_bias)?,
+                k_proj: linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, qkv_bias)?,
+                v_proj: linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, qkv_bias)?,
+                o_proj: linear(format!("{p}.self_attn.o_proj"), h, nh * hd, cfg.architecture == Architecture::Llama && cfg.attention_bias)?,
+                q_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?) } else { None },
+                k_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?) } else { None },
+            };
+            let mlp = Mlp {
+                gate_proj: linear(format!("{p}.mlp.gate_proj"), i, h, false)?,
+                up_proj: linear(format!("{p}.mlp.up_proj"), i, h, false)?,
+                down_proj: linear(format!("{p}.mlp.down_proj"), h, i, false)?,
+            };
+            layers.push(Layer {
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn,
+                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp,
+            });
+        }
+        let embed_tokens = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            match src.try_get("lm_head.weight", device)? {
+                Some(_) => Some(get("lm_head.weight", &[cfg.vocab_size, h])?),
+                // Some exports omit lm_head although the config says untied: treat as tied.
+                None => None,
+            }
+        };
+        Ok(Self {
+            rotary: RotaryTables::new(&cfg),
+            norm: get("model.norm.weight", &[h])?,
+            cfg,
+            embed_tokens,
+            layers,
+            lm_head,
+            switch,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Hidden states after the final norm, [b, tq, hidden].
+    /// `positions`: [b*tq] rotary positions of the new tokens; `segments`: [b*total]
+    /// segment ids of every position (cached + new), see `mask::attention_bias`.
+    pub fn forward(&self, input_ids: &Tensor, positions: &[u32], segments: &[u32], cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
+        let (b, tq) = input_ids.dims2()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let total = past + tq;
+        let (cos, sin) = self.rotary.tables(positions, b, tq, &self.device)?;
+        let bias = crate::mask::attention_bias(segments, b, total, past, tq, &self.device)?;
+        let mut h = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, tq, self.cfg.hidden_size))?;
+        let mut cache = cache;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(self.layers.len(), || None);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let residual = h.clone();
+            let x = lora_kernels::rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let attn = self.attention(&layer.self_attn, &x, &cos, &sin, &bias, slot)?;
+            h = (residual + attn)?;
+            let residual = h.clone();
+            let x = lora_kernels::rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
+            let mlp = &layer.mlp;
+            let act = lora_kernels::swiglu(&mlp.gate_proj.forward(&x)?, &mlp.up_proj.forward(&x)?)?;
+            h = (residual + mlp.down_proj.forward(&act)?)?;
+        }
+        lora_kernels::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let mut q = heads(attn.q_proj.forward(x)?, nh)?;
+        let mut k = heads(attn.k_proj.forward(x)?, nkv)?;
+        let v = heads(attn.v_proj.forward(x)?, nkv)?;
+        if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
+            q = lora_kernels::rms_norm(&q, qn, self.cfg.rms_norm_eps)?;
+            k = lora_kernels::rms_norm(&k, kn, self.cfg.rms_norm_eps)?;
+        }
+        let q = lora_kernels::rope(&q, cos, sin)?;
+        let k = lora_kernels::rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let y = lora_kernels::attention(&q, &k, &v, Some(bias), 1.0 / (hd as f64).sqrt())?;
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        attn.o_proj.forward(&y)
+    }
+}
+
+/// [b, kv, T, d] -> [b, kv*rep, T, d] (each kv head serves `rep` query heads).
+fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))
+}

@@ -1,0 +1,189 @@
+//! Where base weights come from: Hugging Face safetensors (single or sharded, any
+//! float dtype) or a GGUF file (dequantized on load). Both are addressed by the
+//! Hugging Face tensor name, so the decoder does not care which it reads.
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+pub trait WeightSource {
+    /// The tensor called `name` (HF naming), or None when the file lacks it.
+    fn try_get(&self, name: &str, device: &Device) -> Result<Option<Tensor>>;
+    /// Human-readable origin, for error messages.
+    fn origin(&self) -> String;
+}
+
+/// Load `name`, check its shape, convert to `dtype`.
+pub fn load_checked(src: &dyn WeightSource, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let t = src
+        .try_get(name, device)?
+        .with_context(|| format!("{}: missing tensor `{name}`", src.origin()))?;
+    if t.dims() != shape {
+        bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", src.origin(), t.dims(), shape);
+    }
+    Ok(t.to_dtype(dtype)?)
+}
+
+pub struct SafetensorsSource {
+    files: Vec<PathBuf>,
+    tensors: candle_core::safetensors::MmapedSafetensors,
+}
+
+impl SafetensorsSource {
+    /// `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("{}: cannot read", index.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", index.display()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{}: no `weight_map` object", index.display()))?;
+            let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            shards.sort();
+            shards.dedup();
+            let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+            for f in &files {
+                if !f.exists() {
+                    bail!("{}: shard `{}` listed in the index is missing", index.display(), f.display());
+                }
+            }
+            files
+        } else {
+            bail!("{}: neither model.safetensors nor model.safetensors.index.json found", dir.display());
+        };
+        // SAFETY: the files are memory-mapped read-only; modifying them while we
+        // run is the user's problem, as with every mmap-based loader.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+        Ok(Self { files, tensors })
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn try_get(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        if self.tensors.get(name).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(self.tensors.load(name, device)?))
+    }
+    fn origin(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!("{} (+{} shards)", many[0].display(), many.len() - 1),
+        }
+    }
+}
+
+pub struct GgufSource {
+    path: PathBuf,
+    content: gguf_file::Content,
+    /// llama.cpp's converter permutes the rows of q/k for the `llama` arch (its RoPE
+    /// pairs adjacent dims); HF pairs halves. We undo it so adapters are in HF layout.
+    unpermute_qk: Option<(usize, usize)>, // (n_head, n_kv_head)
+}
+
+impl GgufSource {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let content = gguf_file::Content::read(&mut file).with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), content, unpermute_qk: None })
+    }
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn set_unpermute_qk(&mut self, heads: Option<(usize, usize)>) {
+        self.unpermute_qk = heads;
+    }
+
+    /// HF tensor name -> GGUF tensor name.
+    fn gguf_name(name: &str) -> Option<String> {
+        if name == "model.embed_tokens.weight" {
+            return Some("token_embd.weight".into());
+        }
+        if name == "model.norm.weight" {
+            return Some("output_norm.weight".into());
+        }
+        if name == "lm_head.weight" {
+            return Some("output.weight".into());
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let (module, kind) = rest.rsplit_once('.')?; // kind: weight | bias
+        let g = match module {
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "self_attn.q_norm" => "attn_q_norm",
+            "self_attn.k_norm" => "attn_k_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            _ => return None,
+        };
+        Some(format!("blk.{layer}.{g}.{kind}"))
+    }
+}
+
+/// Inverse of llama.cpp's `permute(w, n_head)`:
+/// HF [n_head, 2, d/2, in] was stored as [n_head, d/2, 2, in].
+fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let half = out / n_head / 2;
+    Ok(w.reshape((n_head, half, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+impl WeightSource for GgufSource {
+    fn try_get(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
+        let Some(gname) = Self::gguf_name(name) else { return Ok(None) };
+        if !self.content.tensor_infos.contains_key(&gname) {
+            return Ok(None);
+        }
+        let mut file = std::fs::File::open(&self.path)?;
+        let q = self
+            .content
+            .tensor(&mut file, &gname, device)
+            .with_context(|| format!("{}: cannot read tensor `{gname}`", self.path.display()))?;
+        let mut t = q
+            .dequantize(device)
+            .with_context(|| format!("{}: cannot dequantize `{gname}` ({:?})", self.path.display(), q.dtype()))?;
+        if let Some((n_head, n_kv)) = self.unpermute_qk {
+            if gname.ends_with("attn_q.weight") {
+                t = unpermute_rows(&t, n_head)?;
+            } else if gname.ends_with("attn_k.weight") {
+                t = unpermute_rows(&t, n_kv)?;
+            } else if gname.ends_with("attn_q.bias") || gname.ends_with("attn_k.bias") {
+                bail!("{}: q/k biases with permuted llama rows are not supported", self.path.display());
+            }
+        }
+        Ok(Some(t))
+    }
+    fn origin(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() -> Result<()> {
+        // llama.cpp: w.reshape(n_head, 2, d/2, in).swapaxes(1, 2).reshape(out, in)
+        let (n_head, d, inp) = (3, 4, 2);
+        let w = Tensor::arange(0f32, (n_head * d * inp) as f32, &Device::Cpu)?.reshape((n_head * d, inp))?;
+        let permuted = w.reshape((n_head, 2, d / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((n_head * d, inp))?;
+        let back = unpermute_rows(&permuted, n_head)?;
+        assert_eq!(back.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        Ok(())
+    }
+}
