@@ -1,7 +1,10 @@
 //! lora-train: the CLI's library half (recipes, optimizer, checkpoints, reports).
 pub mod checkpoint;
+pub mod chat;
 pub mod clip;
 pub mod commands;
+pub mod config;
+pub mod device;
 pub mod logging;
 pub mod metrics;
 pub mod optim;

@@ -1,0 +1,398 @@
+//! SFT configuration: command-line flags over an optional TOML file (`--config FILE`) over
+//! built-in defaults. Every option is `Option<T>` in [`SftOptions`] so that "not given" is
+//! visible and the three layers merge field by field; [`SftConfig`] is the resolved result,
+//! written to `RUN/run.json`.
+//!
+//! TOML keys are the flag names with underscores: `learning_rate = 2e-4`, `lora_rank = 16`,
+//! `target_modules = ["q_proj", "v_proj"]` (or a comma-separated string).
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::SchedulerKind;
+
+pub const ALL_TARGET_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+}
+
+impl DTypeArg {
+    pub fn to_candle(self) -> candle_core::DType {
+        match self {
+            DTypeArg::F32 => candle_core::DType::F32,
+            DTypeArg::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+fn parse_eval_split(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(v > 0.0) || (v >= 1.0 && v.fract() != 0.0) {
+        return Err(format!("`{s}`: give a fraction in (0, 1) or a whole number of samples >= 1"));
+    }
+    Ok(v)
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// Accepts a TOML list or a comma-separated string for `target_modules`.
+fn de_modules<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum M {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<M>::deserialize(d)? {
+        None => None,
+        Some(M::One(s)) => Some(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
+        Some(M::Many(v)) => Some(v),
+    })
+}
+
+/// Every tunable of `lora-train sft`. Defaults are applied in [`SftOptions::resolve`].
+#[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftOptions {
+    /// Base model: a Hugging Face model directory, a .gguf file, or a hub id (Org/Name).
+    #[arg(long, help_heading = "Data and model")]
+    pub model: Option<String>,
+    /// Training data: chat JSONL (`{"messages": [...]}` per line).
+    #[arg(long, help_heading = "Data and model")]
+    pub dataset: Option<PathBuf>,
+    /// Held-out data for evaluation (chat JSONL). Mutually exclusive with --eval-split.
+    #[arg(long, help_heading = "Data and model", conflicts_with = "eval_split")]
+    pub eval_dataset: Option<PathBuf>,
+    /// Hold out part of --dataset for evaluation: a fraction in (0, 1) or a number of
+    /// samples. [default: no evaluation set]
+    #[arg(long, help_heading = "Data and model", value_parser = parse_eval_split)]
+    pub eval_split: Option<f64>,
+    /// Run directory: final adapter, checkpoints/, metrics.jsonl, run.json, report.md.
+    #[arg(long, short = 'o', help_heading = "Data and model")]
+    pub output: Option<PathBuf>,
+    /// Longest sequence in tokens; longer samples are truncated (and counted). [default: 2048]
+    #[arg(long, help_heading = "Data and model", value_parser = parse_positive)]
+    pub max_sequence_length: Option<usize>,
+    /// Pack several samples into each row of --max-sequence-length tokens (attention never
+    /// crosses sample boundaries). [default: off]
+    #[arg(long, help_heading = "Data and model", num_args = 0..=1, default_missing_value = "true")]
+    pub packing: Option<bool>,
+    /// Model dtype: f32 or bf16 (LoRA weights and optimizer state stay f32). [default: f32]
+    #[arg(long, help_heading = "Data and model", value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Device: cpu, cuda or cuda:N. [default: cpu]
+    #[arg(long, help_heading = "Data and model")]
+    pub device: Option<String>,
+
+    /// Optimizer steps to run (overrides --epochs).
+    #[arg(long, help_heading = "Training", conflicts_with = "epochs", value_parser = parse_positive)]
+    pub steps: Option<usize>,
+    /// Passes over the training data. [default: min(5, ceil(2500 / training samples))]
+    #[arg(long, help_heading = "Training", value_parser = parse_positive)]
+    pub epochs: Option<usize>,
+    /// Samples (rows, with --packing) per micro-batch. [default: 4]
+    #[arg(long, help_heading = "Training", value_parser = parse_positive)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step; the loss is normalised by the loss tokens of all of
+    /// them together, so batch 4 equals batch 2 x accumulation 2. [default: 1]
+    #[arg(long, help_heading = "Training", value_parser = parse_positive)]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Peak learning rate of AdamW. [default: 2e-4]
+    #[arg(long, visible_alias = "lr", help_heading = "Training")]
+    pub learning_rate: Option<f64>,
+    /// Learning-rate schedule after warmup. [default: cosine]
+    #[arg(long, help_heading = "Training", value_enum)]
+    pub lr_scheduler: Option<SchedulerKind>,
+    /// Fraction of the steps spent warming the learning rate up linearly from 0. [default: 0.03]
+    #[arg(long, help_heading = "Training")]
+    pub warmup_ratio: Option<f64>,
+    /// AdamW decoupled weight decay. [default: 0.0]
+    #[arg(long, help_heading = "Training")]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this value (0 disables). [default: 1.0]
+    #[arg(long, help_heading = "Training")]
+    pub max_grad_norm: Option<f64>,
+    /// Seed for LoRA init, data order and dropout. [default: 42]
+    #[arg(long, help_heading = "Training")]
+    pub seed: Option<u64>,
+
+    /// LoRA rank r. [default: 8]
+    #[arg(long, visible_alias = "rank", help_heading = "LoRA", value_parser = parse_positive)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora).
+    /// [default: 2 x rank]
+    #[arg(long, help_heading = "LoRA")]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input. [default: 0.05]
+    #[arg(long, help_heading = "LoRA")]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated modules to adapt, or `all-linear`.
+    /// [default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]
+    #[arg(long, help_heading = "LoRA", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "de_modules")]
+    pub target_modules: Option<Vec<String>>,
+    /// Rank-stabilised LoRA scaling alpha / sqrt(r). [default: off]
+    #[arg(long, help_heading = "LoRA", num_args = 0..=1, default_missing_value = "true")]
+    pub use_rslora: Option<bool>,
+
+    /// Save a resumable checkpoint every N optimizer steps (and always at the end).
+    /// [default: 100]
+    #[arg(long, help_heading = "Checkpoints and evaluation", value_parser = parse_positive)]
+    pub checkpoint_interval: Option<usize>,
+    /// Keep only the N most recent checkpoints (0 keeps all). [default: 3]
+    #[arg(long, help_heading = "Checkpoints and evaluation")]
+    pub save_total_limit: Option<usize>,
+    /// Evaluate on the held-out set every N optimizer steps (also before the first and
+    /// after the last step). [default: about 10 evaluations per run]
+    #[arg(long, help_heading = "Checkpoints and evaluation", value_parser = parse_positive)]
+    pub eval_interval: Option<usize>,
+}
+
+macro_rules! merge_fields {
+    ($hi:expr, $lo:expr, $($f:ident),* $(,)?) => { SftOptions { $($f: $hi.$f.or($lo.$f)),* } };
+}
+
+impl SftOptions {
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let opts: SftOptions = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // Relative paths in a config file are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { base.join(p) } else { p });
+        Ok(SftOptions { dataset: rel(opts.dataset.clone()), eval_dataset: rel(opts.eval_dataset.clone()), output: rel(opts.output.clone()), ..opts })
+    }
+
+    /// `self` (the command line) wins over `lower` (the config file). `--steps` on the
+    /// command line also removes `epochs` from the file, and vice versa.
+    pub fn over(self, lower: SftOptions) -> SftOptions {
+        let mut lower = lower;
+        if self.steps.is_some() {
+            lower.epochs = None;
+        }
+        if self.epochs.is_some() {
+            lower.steps = None;
+        }
+        if self.eval_split.is_some() {
+            lower.eval_dataset = None;
+        }
+        if self.eval_dataset.is_some() {
+            lower.eval_split = None;
+        }
+        merge_fields!(
+            self, lower, model, dataset, eval_dataset, eval_split, output, max_sequence_length, packing, dtype, device,
+            steps, epochs, batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler, warmup_ratio,
+            weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, target_modules, use_rslora,
+            checkpoint_interval, save_total_limit, eval_interval,
+        )
+    }
+
+    /// Apply defaults and check ranges. Every problem is reported, not only the first.
+    pub fn resolve(self) -> Result<SftConfig> {
+        let mut errors = Vec::new();
+        let mut need = |name: &str, present: bool| {
+            if !present {
+                errors.push(format!("missing --{name} (on the command line or as `{}` in --config)", name.replace('-', "_")));
+            }
+        };
+        need("model", self.model.is_some());
+        need("dataset", self.dataset.is_some());
+        need("output", self.output.is_some());
+        if self.steps.is_some() && self.epochs.is_some() {
+            errors.push("give --steps or --epochs, not both".into());
+        }
+        if self.eval_split.is_some() && self.eval_dataset.is_some() {
+            errors.push("give --eval-dataset or --eval-split, not both".into());
+        }
+        let rank = self.lora_rank.unwrap_or(8);
+        let target_modules: Vec<String> = match self.target_modules {
+            None => ALL_TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
+            Some(v) if v.len() == 1 && (v[0] == "all-linear" || v[0] == "all") => ALL_TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
+            Some(v) => v,
+        };
+        for m in &target_modules {
+            if !ALL_TARGET_MODULES.contains(&m.as_str()) {
+                errors.push(format!("--target-modules: unknown module `{m}` (known: {}, or all-linear)", ALL_TARGET_MODULES.join(", ")));
+            }
+        }
+        if target_modules.is_empty() {
+            errors.push("--target-modules: no module given".into());
+        }
+        let cfg = SftConfig {
+            model: self.model.unwrap_or_default(),
+            dataset: self.dataset.unwrap_or_default(),
+            eval_dataset: self.eval_dataset,
+            eval_split: self.eval_split,
+            output: self.output.unwrap_or_default(),
+            max_sequence_length: self.max_sequence_length.unwrap_or(2048),
+            packing: self.packing.unwrap_or(false),
+            dtype: self.dtype.unwrap_or(DTypeArg::F32),
+            device: self.device.unwrap_or_else(|| "cpu".into()),
+            steps: self.steps,
+            epochs: self.epochs,
+            batch_size: self.batch_size.unwrap_or(4),
+            gradient_accumulation_steps: self.gradient_accumulation_steps.unwrap_or(1),
+            learning_rate: self.learning_rate.unwrap_or(2e-4),
+            lr_scheduler: self.lr_scheduler.unwrap_or(SchedulerKind::Cosine),
+            warmup_ratio: self.warmup_ratio.unwrap_or(0.03),
+            weight_decay: self.weight_decay.unwrap_or(0.0),
+            max_grad_norm: self.max_grad_norm.unwrap_or(1.0),
+            seed: self.seed.unwrap_or(42),
+            lora_rank: rank,
+            lora_alpha: self.lora_alpha.unwrap_or(2.0 * rank as f64),
+            lora_dropout: self.lora_dropout.unwrap_or(0.05),
+            target_modules,
+            use_rslora: self.use_rslora.unwrap_or(false),
+            checkpoint_interval: self.checkpoint_interval.unwrap_or(100),
+            save_total_limit: self.save_total_limit.unwrap_or(3),
+            eval_interval: self.eval_interval,
+        };
+        if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
+            errors.push(format!("--learning-rate must be a positive number, got {}", cfg.learning_rate));
+        }
+        if !(0.0..1.0).contains(&cfg.warmup_ratio) {
+            errors.push(format!("--warmup-ratio must be in [0, 1), got {}", cfg.warmup_ratio));
+        }
+        if !(0.0..1.0).contains(&cfg.lora_dropout) {
+            errors.push(format!("--lora-dropout must be in [0, 1), got {}", cfg.lora_dropout));
+        }
+        if !(cfg.weight_decay >= 0.0) {
+            errors.push(format!("--weight-decay must be >= 0, got {}", cfg.weight_decay));
+        }
+        if !(cfg.max_grad_norm >= 0.0) {
+            errors.push(format!("--max-grad-norm must be >= 0 (0 disables clipping), got {}", cfg.max_grad_norm));
+        }
+        if !(cfg.lora_alpha > 0.0) {
+            errors.push(format!("--lora-alpha must be positive, got {}", cfg.lora_alpha));
+        }
+        if cfg.max_sequence_length < 2 {
+            errors.push("--max-sequence-length must be at least 2".into());
+        }
+        if !errors.is_empty() {
+            bail!("invalid configuration:\n  {}", errors.join("\n  "));
+        }
+        if !(4..=64).contains(&cfg.lora_rank) {
+            tracing::warn!("--lora-rank {} is outside 4..=64, which Fireworks accepts for deployment", cfg.lora_rank);
+        }
+        Ok(cfg)
+    }
+}
+
+/// The resolved SFT configuration (`RUN/run.json` holds it under `"config"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SftConfig {
+    pub model: String,
+    pub dataset: PathBuf,
+    pub eval_dataset: Option<PathBuf>,
+    pub eval_split: Option<f64>,
+    pub output: PathBuf,
+    pub max_sequence_length: usize,
+    pub packing: bool,
+    pub dtype: DTypeArg,
+    pub device: String,
+    pub steps: Option<usize>,
+    pub epochs: Option<usize>,
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub lr_scheduler: SchedulerKind,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub checkpoint_interval: usize,
+    pub save_total_limit: usize,
+    pub eval_interval: Option<usize>,
+}
+
+impl SftConfig {
+    /// Default epochs for a dataset size: min(5, ceil(2500 / samples)).
+    pub fn default_epochs(train_samples: usize) -> usize {
+        (2500usize.div_ceil(train_samples.max(1))).clamp(1, 5)
+    }
+
+    /// Fields whose change makes a checkpoint meaningless to resume from (everything but
+    /// where outputs go and how often they are written).
+    pub fn resume_relevant(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(m) = v.as_object_mut() {
+            for k in ["output", "checkpoint_interval", "save_total_limit", "eval_interval", "device"] {
+                m.remove(k);
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: SftOptions,
+    }
+
+    #[test]
+    fn flags_override_toml_override_defaults() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "model = \"m\"\ndataset = \"d.jsonl\"\nepochs = 3\nlearning_rate = 1e-3\nlora_rank = 16\ntarget_modules = \"q_proj, v_proj\"\n")?;
+        let toml = SftOptions::from_toml_file(&file)?;
+        let cli = Cli::try_parse_from(["x", "--steps", "7", "--rank", "4", "-o", "out", "--packing"])?.o;
+        let cfg = cli.over(toml).resolve()?;
+        assert_eq!(cfg.steps, Some(7));
+        assert_eq!(cfg.epochs, None);
+        assert_eq!(cfg.lora_rank, 4);
+        assert_eq!(cfg.lora_alpha, 8.0);
+        assert_eq!(cfg.learning_rate, 1e-3);
+        assert_eq!(cfg.dataset, dir.path().join("d.jsonl"));
+        assert_eq!(cfg.target_modules, vec!["q_proj", "v_proj"]);
+        assert!(cfg.packing);
+        assert_eq!(cfg.batch_size, 4);
+        assert_eq!(cfg.lr_scheduler, SchedulerKind::Cosine);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let cli = Cli::try_parse_from(["x", "--lora-dropout", "1.5", "--target-modules", "q_proj,qkv", "--lr", "-1"]).unwrap().o;
+        let err = format!("{:#}", cli.resolve().unwrap_err());
+        for needle in ["missing --model", "missing --dataset", "missing --output", "lora-dropout", "`qkv`", "learning-rate"] {
+            assert!(err.contains(needle), "{needle} not in {err}");
+        }
+        assert!(Cli::try_parse_from(["x", "--steps", "3", "--epochs", "2"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--batch-size", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--eval-split", "1.5"]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "lerning_rate = 1\n").unwrap();
+        let err = format!("{:#}", SftOptions::from_toml_file(&f).unwrap_err());
+        assert!(err.contains("lerning_rate"), "{err}");
+    }
+
+    #[test]
+    fn default_epochs_rule() {
+        assert_eq!(SftConfig::default_epochs(100), 5);
+        assert_eq!(SftConfig::default_epochs(1000), 3);
+        assert_eq!(SftConfig::default_epochs(2500), 1);
+        assert_eq!(SftConfig::default_epochs(100_000), 1);
+    }
+}
