@@ -4,73 +4,91 @@
 //! `softmax_last_dim`, `rms_norm` and `rope` have no backward at all and
 //! `backward()` still returns Ok (DESIGN.md s4), so the model must only use these.
 //!
-//! This first version composes candle primitives (which all have backward); the
-//! kernels issue replaces the bodies with fused custom ops behind the same signatures.
-use candle_core::{DType, Result, Tensor, D};
+//! On CPU each function runs a fused candle custom op from [`ops`] (f32 compute,
+//! bf16/f16 storage widened on the fly; matmuls through the `gemm` crate). On other
+//! devices it falls back to the composite version in [`reference`] until the op has
+//! a `cuda_fwd` (issue 6). Frozen tensors (base weights, biases, lm_head, norm
+//! weights that are not `Var`s) never receive a gradient.
+use candle_core::{DType, Result, Tensor};
+
+pub mod cpu;
+pub mod cuda;
+pub mod ops;
+pub mod reference;
+
+/// Whether the fused op path serves this device.
+fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu()
+}
 
 /// RMSNorm over the last dim: `x / sqrt(mean(x^2) + eps) * weight`, computed in f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    if !fused(x) {
+        return reference::rms_norm(x, weight, eps);
+    }
+    x.contiguous()?.apply_op2(&weight.contiguous()?, ops::rms_norm::RmsNorm { eps: eps as f32 })
 }
 
 /// Rotary embedding, Hugging Face "rotate_half" layout.
 /// `x`: [b, h, t, d]; `cos`, `sin`: [b, t, d/2] (per-row positions, so packed
-/// samples can restart at 0).
+/// samples can restart at 0), or [t, d/2] shared by all rows. Output contiguous.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let half = d / 2;
-    let cos = cos.unsqueeze(1)?.to_dtype(x.dtype())?;
-    let sin = sin.unsqueeze(1)?.to_dtype(x.dtype())?;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let o1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-    let o2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-    Tensor::cat(&[o1, o2], D::Minus1)
+    if !fused(x) {
+        let (cos, sin) = if cos.rank() == 2 {
+            let b = x.dim(0)?;
+            let (t, h) = cos.dims2()?;
+            (cos.unsqueeze(0)?.expand((b, t, h))?, sin.unsqueeze(0)?.expand((b, t, h))?)
+        } else {
+            (cos.clone(), sin.clone())
+        };
+        return reference::rope(x, &cos, &sin);
+    }
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, ops::rope::Rope { inverse: false })
 }
 
 /// Numerically stable softmax over the last dim.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    if !fused(x) {
+        return reference::softmax_last_dim(x);
+    }
+    x.contiguous()?.apply_op1(ops::softmax::Softmax)
 }
 
 /// `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    candle_core::Tensor::silu(gate)? * up
+    if !fused(gate) {
+        return reference::swiglu(gate, up);
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, ops::swiglu::Swiglu)
 }
 
-/// `x @ w^T (+ bias)` for a frozen `w` [out, in]; `x` is [..., in].
+/// `x @ w^T (+ bias)` for a frozen `w` [out, in]; `x` is [..., in]. The backward
+/// returns dX only (and nothing when `x` needs no gradient). `w` and `bias` may be
+/// bf16 while `x` is f32 or the reverse; the output has `x`'s dtype.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.broadcast_matmul(&w.t()?)?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+    if !fused(x) {
+        return reference::frozen_linear(x, w, bias);
     }
+    let op = ops::linear::FrozenLinear { w: w.detach(), bias: bias.map(|b| b.detach()) };
+    x.contiguous()?.apply_op1(op)
 }
 
 /// `x W^T (+ bias) + scale * (x A^T) B^T` with `A`: [r, in], `B`: [out, r].
-pub fn lora_linear(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    a: &Tensor,
-    b: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    let base = frozen_linear(x, w, bias)?;
-    let xa = x.broadcast_matmul(&a.t()?)?;
-    let lora = (xa.broadcast_matmul(&b.t()?)? * scale)?;
-    base + lora
+/// `W`/`bias` are frozen. dtypes may be mixed (e.g. bf16 `x` and `W` with f32
+/// master `A`/`B`): compute is f32, the output has `x`'s dtype and each gradient
+/// its input's dtype.
+pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    if !fused(x) {
+        return reference::lora_linear(x, w, bias, a, b, scale);
+    }
+    let op = ops::linear::LoraLinear::new(w.detach(), bias.map(|b| b.detach()), scale);
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
 /// Scaled dot-product attention. `q`: [b, h, tq, d], `k`/`v`: [b, h, tk, d]
 /// (already repeated for grouped-query attention), `bias`: additive mask
 /// broadcastable to [b, h, tq, tk] (0 or -inf). Returns [b, h, tq, d].
+/// Holds the full [b, h, tq, tk] scores; prefer [`causal_attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match bias {
@@ -81,16 +99,51 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scal
     probs.matmul(v)
 }
 
+/// Fused causal attention, memory-bounded (never holds [h, tq, tk] scores).
+/// `q`: [b, hq, tq, d]; `k`, `v`: [b, hkv, tk, d] NOT repeated (hq % hkv == 0;
+/// query head h reads kv head h / (hq / hkv)). Query i is at position i + tk - tq,
+/// so a decode step with a KV cache works. `segments`: optional [b, tk] ids of
+/// packed samples; a query sees only keys in its own contiguous run of equal ids.
+/// Returns [b, hq, tq, d].
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if !fused(q) {
+        return reference::causal_attention(q, k, v, segments, scale);
+    }
+    let seg = segments.map(ops::attention::segments_vec).transpose()?;
+    let op = ops::attention::CausalAttention::new(scale as f32, seg);
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
 /// Sum of token cross-entropies of `hidden @ lm_head^T` against `targets`,
 /// weighted by `weights` (0 excludes a row). `hidden`: [n, h], `lm_head`: [v, h],
 /// `targets`: [n] u32, `weights`: [n] f32. Returns a scalar f32 tensor (the
 /// weighted SUM, so callers can normalise over an accumulated batch).
+/// Never materialises [n, v] logits; rows with weight 0 cost nothing.
 pub fn linear_cross_entropy(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let logits = hidden.matmul(&lm_head.t()?)?.to_dtype(DType::F32)?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    let nll = (lse - picked)?.squeeze(1)?;
-    (nll * weights)?.sum_all()
+    if !fused(hidden) {
+        return reference::linear_cross_entropy(hidden, lm_head, targets, weights);
+    }
+    let w = weights.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    lce(hidden, lm_head, targets, Some(w))?.sum_all()
+}
+
+/// Per-row cross-entropies [n] f32 (= minus the target log-probabilities) of
+/// `hidden @ lm_head^T`, differentiable w.r.t. `hidden` (for DPO/GRPO log-probs).
+pub fn linear_cross_entropy_rows(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !fused(hidden) {
+        return reference::linear_cross_entropy_rows(hidden, lm_head, targets);
+    }
+    lce(hidden, lm_head, targets, None)
+}
+
+fn lce(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor, weights: Option<Vec<f32>>) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+    let op = ops::cross_entropy::LinearCrossEntropy {
+        lm_head: lm_head.detach(),
+        targets,
+        weights,
+        want_grad: hidden.track_op(),
+        dhidden: std::sync::Mutex::new(None),
+    };
+    hidden.contiguous()?.apply_op1(op)
 }

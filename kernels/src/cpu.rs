@@ -1,0 +1,252 @@
+//! CPU building blocks shared by the ops: dtype conversion, storage access and a
+//! thin safe wrapper around the `gemm` crate (AVX-512 via the `x86-v4` feature).
+//!
+//! Every op computes in f32. bf16/f16 inputs are widened once per call (a cheap,
+//! memory-bound pass next to the matmuls) and the result is narrowed back.
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Elements per rayon task for memory-bound element-wise loops.
+pub(crate) const PAR_CHUNK: usize = 1 << 14;
+
+/// A floating-point storage element: loaded and stored through f32.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+    fn wrap(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        // Round to nearest even; written branch-free so loops vectorise.
+        let b = v.to_bits();
+        let r = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+        let r = if v.is_nan() { 0x7fc0 } else { r };
+        bf16::from_bits(r as u16)
+    }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::BF16(v)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F16(v)
+    }
+}
+
+/// Run `$body` with `$v` bound to the contiguous typed slice of a float CPU storage.
+macro_rules! with_float_slice {
+    ($storage:expr, $layout:expr, $op:expr, |$v:ident| $body:expr) => {{
+        let (start, end) = match $layout.contiguous_offsets() {
+            Some(o) => o,
+            None => candle_core::bail!("{}: input must be contiguous", $op),
+        };
+        match $storage {
+            candle_core::CpuStorage::F32(all) => {
+                let $v = &all[start..end];
+                $body
+            }
+            candle_core::CpuStorage::BF16(all) => {
+                let $v = &all[start..end];
+                $body
+            }
+            candle_core::CpuStorage::F16(all) => {
+                let $v = &all[start..end];
+                $body
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", $op, candle_core::backend::BackendStorage::dtype(other)),
+        }
+    }};
+}
+pub(crate) use with_float_slice;
+
+/// Widen a slice to f32 in parallel.
+pub(crate) fn widen<T: Elem>(v: &[T]) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(v.par_chunks(PAR_CHUNK))
+        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = i.to_f32()));
+    out
+}
+
+/// Narrow an f32 buffer to `T` in parallel.
+pub(crate) fn narrow<T: Elem>(v: &[f32]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(v.len());
+    // SAFETY: every element is written below before the vec is read.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(v.len())
+    };
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(v.par_chunks(PAR_CHUNK))
+        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = T::from_f32(*i)));
+    out
+}
+
+/// A contiguous f32 view of a float CPU storage (borrowed when it already is f32).
+pub(crate) fn f32_view<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Cow<'a, [f32]>> {
+    let (start, end) = match l.contiguous_offsets() {
+        Some(o) => o,
+        None => bail!("{op}: input must be contiguous"),
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
+        CpuStorage::BF16(v) => Cow::Owned(widen(&v[start..end])),
+        CpuStorage::F16(v) => Cow::Owned(widen(&v[start..end])),
+        other => bail!("{op}: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
+    })
+}
+
+/// Wrap an f32 result as a storage of `dtype` (narrowing when needed).
+pub(crate) fn storage_from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(narrow(&v)),
+        DType::F16 => CpuStorage::F16(narrow(&v)),
+        d => bail!("unsupported dtype {d:?}"),
+    })
+}
+
+/// A CPU tensor (no backprop) from an f32 buffer, narrowed to `dtype`.
+pub(crate) fn tensor_from_f32(v: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+    let storage = storage_from_f32(v, dtype)?;
+    Ok(Tensor::from_storage(
+        Storage::Cpu(storage),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// A strided read-only matrix view for [`matmul`].
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major `rows x cols`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert!(data.len() >= rows * cols, "matrix buffer too small");
+        Mat { data, rows, cols, rs: cols as isize, cs: 1 }
+    }
+    /// The transpose (a view, no copy).
+    pub fn t(self) -> Self {
+        Mat { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// Which threads a gemm may use.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Par {
+    /// All rayon threads (large, top-level matmuls).
+    All,
+    /// The calling thread only (inside an already parallel loop).
+    Seq,
+}
+
+/// `dst (m x n, row-major, leading dim ld) = [dst +] alpha * a @ b`.
+pub(crate) fn matmul_ld(dst: &mut [f32], ld: usize, accumulate: bool, a: Mat, b: Mat, alpha: f32, par: Par) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "matmul inner dims");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ld >= n && dst.len() >= (m - 1) * ld + n, "matmul dst too small");
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * ld..r * ld + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let parallelism = match par {
+        Par::All if rayon::current_num_threads() > 1 => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        _ => gemm::Parallelism::None,
+    };
+    // SAFETY: the dimension and length checks above bound every access.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ld as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs,
+            a.rs,
+            b.data.as_ptr(),
+            b.cs,
+            b.rs,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `dst (m x n, row-major) = [dst +] alpha * a @ b`.
+pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, alpha: f32, par: Par) {
+    let n = b.cols;
+    matmul_ld(dst, n, accumulate, a, b, alpha, par)
+}
+
+/// The CPU storage of a tensor, or an error naming the op.
+pub(crate) fn cpu_storage<'a>(s: &'a Storage, op: &str) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => bail!("{op}: expected a CPU tensor"),
+    }
+}
+
+/// `bind_f32!(name = tensor, "op")` binds `name: Cow<[f32]>`, a contiguous f32 view
+/// of a CPU tensor that stays valid (its storage lock held) to the end of the block.
+/// f32 tensors are borrowed, not copied.
+macro_rules! bind_f32 {
+    ($name:ident = $t:expr, $op:expr) => {
+        let __t = $t.contiguous()?;
+        let __g = __t.storage_and_layout();
+        let $name = $crate::cpu::f32_view($crate::cpu::cpu_storage(&__g.0, $op)?, __g.1, $op)?;
+    };
+}
+pub(crate) use bind_f32;

@@ -1,0 +1,113 @@
+//! Chunked linear + cross-entropy (Liger's fused-linear-cross-entropy idea).
+//!
+//! For `hidden` [n, h] and a frozen `lm_head` [v, h], returns the per-row
+//! `w_i * (logsumexp(h_i W^T) - (h_i W^T)[t_i])` [n] f32. Rows are processed in
+//! chunks of `chunk_rows(v)`; each chunk's logits live only in a scratch buffer
+//! that is turned into d(loss_i)/d(logits) in place and multiplied back through
+//! `lm_head`, so the forward already holds d(loss_i)/d(h_i) [n, h]. The backward
+//! only scales those rows by the incoming gradient. Rows with weight 0 are skipped.
+use crate::cpu::{bind_f32, f32_view, matmul, tensor_from_f32, Mat, Par};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Logit scratch budget in f32 elements (32 MiB).
+const SCRATCH: usize = 1 << 23;
+
+fn chunk_rows(vocab: usize) -> usize {
+    (SCRATCH / vocab.max(1)).clamp(16, 1024)
+}
+
+pub struct LinearCrossEntropy {
+    pub lm_head: Tensor,
+    pub targets: Vec<u32>,
+    pub weights: Option<Vec<f32>>,
+    /// Compute d(loss)/d(hidden) in the forward (false for evaluation).
+    pub want_grad: bool,
+    /// d(loss_i)/d(hidden_i) [n, h] f32, saved by the forward.
+    pub dhidden: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp1 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (n, h) = l.shape().dims2()?;
+        let (v, lh) = self.lm_head.dims2()?;
+        if lh != h || self.targets.len() != n || self.weights.as_ref().is_some_and(|w| w.len() != n) {
+            bail!("{op}: hidden [{n}, {h}], lm_head {:?}, {} targets", self.lm_head.dims(), self.targets.len());
+        }
+        if let Some(&t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            bail!("{op}: target {t} outside the vocabulary of {v}");
+        }
+        let hid = f32_view(s, l, op)?;
+        bind_f32!(lm = self.lm_head, op);
+        let active: Vec<usize> = match &self.weights {
+            Some(w) => (0..n).filter(|&i| w[i] != 0.0).collect(),
+            None => (0..n).collect(),
+        };
+        let weight = |i: usize| self.weights.as_ref().map_or(1.0, |w| w[i]);
+        let mut loss = vec![0f32; n];
+        let mut dh = if self.want_grad { vec![0f32; n * h] } else { Vec::new() };
+        let c = chunk_rows(v);
+        let mut logits = vec![0f32; c.min(active.len().max(1)) * v];
+        let mut hc = vec![0f32; c * h];
+        let mut dhc = vec![0f32; c * h];
+        for rows in active.chunks(c) {
+            let m = rows.len();
+            for (j, &i) in rows.iter().enumerate() {
+                hc[j * h..(j + 1) * h].copy_from_slice(&hid[i * h..(i + 1) * h]);
+            }
+            let lg = &mut logits[..m * v];
+            matmul(lg, false, Mat::new(&hc, m, h), Mat::new(&lm, v, h).t(), 1.0, Par::All);
+            let want_grad = self.want_grad;
+            let nll: Vec<f32> = lg
+                .par_chunks_mut(v)
+                .zip(rows.par_iter())
+                .map(|(row, &i)| {
+                    let t = self.targets[i] as usize;
+                    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+                    let lse = mx + sum.ln();
+                    let w = weight(i);
+                    let nll = w * (lse - row[t]);
+                    if want_grad {
+                        row.iter_mut().for_each(|x| *x = w * (*x - lse).exp());
+                        row[t] -= w;
+                    }
+                    nll
+                })
+                .collect();
+            for (&i, l) in rows.iter().zip(nll) {
+                loss[i] = l;
+            }
+            if self.want_grad {
+                matmul(&mut dhc[..m * h], false, Mat::new(lg, m, v), Mat::new(&lm, v, h), 1.0, Par::All);
+                for (j, &i) in rows.iter().enumerate() {
+                    dh[i * h..(i + 1) * h].copy_from_slice(&dhc[j * h..(j + 1) * h]);
+                }
+            }
+        }
+        if self.want_grad {
+            *self.dhidden.lock().unwrap() = Some(tensor_from_f32(dh, (n, h), DType::F32)?);
+        }
+        Ok((CpuStorage::F32(loss), Shape::from(n)))
+    }
+
+    // cuda_fwd: issue 6 (must also fill `self.dhidden`).
+
+    fn bwd(&self, hidden: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !hidden.track_op() {
+            return Ok(None);
+        }
+        let dh = match self.dhidden.lock().unwrap().take() {
+            Some(t) => t,
+            None => bail!("linear-cross-entropy: no saved gradient (built with want_grad = false, or backward ran twice)"),
+        };
+        let g = grad.to_dtype(DType::F32)?.reshape((grad.elem_count(), 1))?;
+        Ok(Some(dh.broadcast_mul(&g)?.to_dtype(hidden.dtype())?))
+    }
+}

@@ -1,0 +1,12 @@
+//! One module per fused op. Each op is a candle `CustomOp{1,2,3}` with a CPU forward
+//! (`cpu_fwd`), a hand-written backward (`bwd`), and room for a `cuda_fwd` (issue 6).
+//! Frozen tensors (base weights, lm_head) are held by the op instead of being op
+//! inputs, so candle never computes a gradient for them. Backward ops only compute the
+//! gradients of inputs that are tracked (`Tensor::track_op`).
+pub mod attention;
+pub mod cross_entropy;
+pub mod linear;
+pub mod rms_norm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;

@@ -1,0 +1,330 @@
+//! Every fused op against its composite version (`lora_kernels::reference`), on
+//! fresh random inputs of several shapes (odd sizes, batch > 1), f32 and bf16:
+//! the forward and the gradient of every input. The loss is `sum(out * R)` with a
+//! random R so every output element matters. Trainable inputs are `Var`s and must
+//! get a non-zero gradient; frozen inputs are plain tensors and must get none.
+use candle_core::{DType, Device, Result, Tensor, Var};
+use lora_kernels as k;
+use lora_kernels::reference as r;
+
+const CPU: Device = Device::Cpu;
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 1f32, shape, &CPU).unwrap()
+}
+
+/// max |a - b| / max |b| (f32 views).
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let diff = (&a - &b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    diff / scale
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Thresholds (forward, gradients) by compute dtype.
+fn tol(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F32 => (2e-5, 1e-4),
+        _ => (2e-2, 3e-2),
+    }
+}
+
+struct Input {
+    value: Tensor,
+    trainable: bool,
+    /// Cast to the test dtype (false: keep f32, e.g. LoRA master weights, cos/sin).
+    cast: bool,
+}
+
+fn inp(value: Tensor, trainable: bool) -> Input {
+    Input { value, trainable, cast: true }
+}
+
+/// Run `fused` on the inputs in `dtype` and `reference` on the same (rounded) values in
+/// f32; compare the outputs and every input gradient.
+fn check(
+    name: &str,
+    dtype: DType,
+    inputs: Vec<Input>,
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
+    let (tf, tg) = tol(dtype);
+    let rounded: Vec<Tensor> = inputs
+        .iter()
+        .map(|i| if i.cast { i.value.to_dtype(dtype).unwrap() } else { i.value.clone() })
+        .collect();
+    let build = |to_f32: bool| -> (Vec<Tensor>, Vec<Option<Var>>) {
+        let mut ts = vec![];
+        let mut vars = vec![];
+        for (i, v) in inputs.iter().zip(&rounded) {
+            let v = if to_f32 { v.to_dtype(DType::F32).unwrap() } else { v.clone() };
+            if i.trainable {
+                let var = Var::from_tensor(&v).unwrap();
+                ts.push(var.as_tensor().clone());
+                vars.push(Some(var));
+            } else {
+                ts.push(v);
+                vars.push(None);
+            }
+        }
+        (ts, vars)
+    };
+    let (ft, fv) = build(false);
+    let (rt, rv) = build(true);
+    let fo = fused(&ft).unwrap();
+    let ro = reference(&rt).unwrap();
+    assert_eq!(fo.dims(), ro.dims(), "{name}: output shape");
+    let e = rel_err(&fo, &ro);
+    assert!(e <= tf, "{name} {dtype:?}: forward rel err {e} > {tf}");
+    let proj = randn(ro.dims());
+    let fl = (fo.to_dtype(DType::F32).unwrap() * &proj).unwrap().sum_all().unwrap();
+    let rl = (ro.to_dtype(DType::F32).unwrap() * &proj).unwrap().sum_all().unwrap();
+    let fg = fl.backward().unwrap();
+    let rg = rl.backward().unwrap();
+    for (idx, ((i, fv), (rv, ft))) in inputs.iter().zip(&fv).zip(rv.iter().zip(&ft)).enumerate() {
+        match (fv, rv) {
+            (Some(fv), Some(rv)) => {
+                let g = fg.get(fv.as_tensor()).unwrap_or_else(|| panic!("{name}: input {idx} got no gradient"));
+                let gr = rg.get(rv.as_tensor()).expect("reference gradient");
+                assert_eq!(g.dtype(), fv.dtype(), "{name}: input {idx} gradient dtype");
+                assert!(max_abs(g) > 0.0, "{name}: input {idx} gradient is all zero");
+                let e = rel_err(g, gr);
+                assert!(e <= tg, "{name} {dtype:?}: input {idx} gradient rel err {e} > {tg}");
+            }
+            _ => {
+                assert!(!i.trainable);
+                assert!(fg.get(ft).is_none(), "{name}: frozen input {idx} received a gradient");
+            }
+        }
+    }
+}
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+#[test]
+fn rms_norm_matches_reference() {
+    for dtype in DTYPES {
+        for (shape, train_w) in [(vec![3, 17, 40], false), (vec![2, 5, 64], true), (vec![7, 33], false)] {
+            let d = *shape.last().unwrap();
+            let w = randn(&[d]).affine(0.3, 1.0).unwrap();
+            check(
+                "rms_norm",
+                dtype,
+                vec![inp(randn(&shape), true), inp(w, train_w)],
+                |t| k::rms_norm(&t[0], &t[1], 1e-5),
+                |t| r::rms_norm(&t[0], &t[1], 1e-5),
+            );
+        }
+    }
+}
+
+fn cos_sin(b: usize, t: usize, half: usize) -> (Tensor, Tensor) {
+    let ang = (randn(&[b, t, half]) * 3.0).unwrap();
+    (ang.cos().unwrap(), ang.sin().unwrap())
+}
+
+#[test]
+fn rope_matches_reference() {
+    for dtype in DTYPES {
+        for (b, h, t, d) in [(2, 3, 13, 8), (1, 4, 70, 64), (3, 2, 5, 6)] {
+            let (cos, sin) = cos_sin(b, t, d / 2);
+            check(
+                "rope",
+                dtype,
+                vec![
+                    inp(randn(&[b, h, t, d]), true),
+                    Input { value: cos, trainable: false, cast: false },
+                    Input { value: sin, trainable: false, cast: false },
+                ],
+                |t| k::rope(&t[0], &t[1], &t[2]),
+                |t| r::rope(&t[0], &t[1], &t[2]),
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_accepts_shared_tables_and_strided_input() {
+    let (b, h, t, d) = (2, 3, 9, 8);
+    let (cos, sin) = cos_sin(1, t, d / 2);
+    let x = randn(&[b, t, h, d]).transpose(1, 2).unwrap(); // as the decoder produces it
+    let got = k::rope(&x, &cos.squeeze(0).unwrap(), &sin.squeeze(0).unwrap()).unwrap();
+    let want = r::rope(&x, &cos.expand((b, t, d / 2)).unwrap(), &sin.expand((b, t, d / 2)).unwrap()).unwrap();
+    assert!(rel_err(&got, &want) < 1e-6);
+}
+
+#[test]
+fn softmax_matches_reference() {
+    for dtype in DTYPES {
+        for shape in [vec![4, 7, 19], vec![2, 130], vec![3, 1, 5, 64]] {
+            let x = (randn(&shape) * 3.0).unwrap();
+            check("softmax", dtype, vec![inp(x, true)], |t| k::softmax_last_dim(&t[0]), |t| r::softmax_last_dim(&t[0]));
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    for dtype in DTYPES {
+        for shape in [vec![2, 9, 37], vec![5, 96], vec![1, 3, 1536]] {
+            check(
+                "swiglu",
+                dtype,
+                vec![inp((randn(&shape) * 2.0).unwrap(), true), inp(randn(&shape), true)],
+                |t| k::swiglu(&t[0], &t[1]),
+                |t| r::swiglu(&t[0], &t[1]),
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_linear_matches_reference() {
+    for dtype in DTYPES {
+        for (lead, i, o, bias) in [(vec![2, 13], 24, 40, false), (vec![37], 17, 5, true), (vec![3, 4, 5], 64, 33, true)] {
+            let mut x_shape = lead.clone();
+            x_shape.push(i);
+            let mut inputs = vec![inp(randn(&x_shape), true), inp(randn(&[o, i]), false)];
+            if bias {
+                inputs.push(inp(randn(&[o]), false));
+            }
+            check(
+                "frozen_linear",
+                dtype,
+                inputs,
+                |t| k::frozen_linear(&t[0], &t[1], t.get(2)),
+                |t| r::frozen_linear(&t[0], &t[1], t.get(2)),
+            );
+        }
+    }
+}
+
+#[test]
+fn lora_linear_matches_reference() {
+    for dtype in DTYPES {
+        for (lead, i, o, rank, bias) in [(vec![2, 11], 24, 40, 4, false), (vec![53], 17, 31, 16, true), (vec![3, 2, 5], 64, 18, 8, true)] {
+            let mut x_shape = lead.clone();
+            x_shape.push(i);
+            // A/B stay f32 (master weights) while x/W follow the dtype: the mixed case.
+            let mut inputs = vec![
+                inp(randn(&x_shape), true),
+                inp(randn(&[o, i]), false),
+                Input { value: (randn(&[rank, i]) * 0.2).unwrap(), trainable: true, cast: false },
+                Input { value: (randn(&[o, rank]) * 0.2).unwrap(), trainable: true, cast: false },
+            ];
+            if bias {
+                inputs.push(inp(randn(&[o]), false));
+            }
+            check(
+                "lora_linear",
+                dtype,
+                inputs,
+                |t| k::lora_linear(&t[0], &t[1], t.get(4), &t[2], &t[3], 2.0),
+                |t| r::lora_linear(&t[0], &t[1], t.get(4), &t[2], &t[3], 2.0),
+            );
+        }
+    }
+}
+
+#[test]
+fn lora_linear_with_frozen_input_gives_adapter_grads_only() {
+    let x = randn(&[6, 10]);
+    let w = randn(&[7, 10]);
+    let a = Var::from_tensor(&randn(&[4, 10])).unwrap();
+    let b = Var::from_tensor(&randn(&[7, 4])).unwrap();
+    let y = k::lora_linear(&x, &w, None, a.as_tensor(), b.as_tensor(), 0.5).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&x).is_none() && g.get(&w).is_none());
+    assert!(max_abs(g.get(a.as_tensor()).unwrap()) > 0.0);
+    assert!(max_abs(g.get(b.as_tensor()).unwrap()) > 0.0);
+}
+
+#[test]
+fn causal_attention_matches_reference() {
+    for dtype in DTYPES {
+        // (b, hq, hkv, tq, tk, d, packed)
+        for (b, hq, hkv, tq, tk, d, packed) in [
+            (2, 4, 2, 37, 37, 16, false),
+            (1, 3, 1, 130, 130, 8, false),
+            (2, 2, 2, 70, 70, 12, true),
+            (2, 4, 1, 5, 69, 16, false),
+        ] {
+            let seg = packed.then(|| {
+                let ids: Vec<u32> = (0..b * tk).map(|i| ((i % tk) as u32 * 3) / tk as u32 + (i / tk) as u32).collect();
+                Tensor::from_vec(ids, (b, tk), &CPU).unwrap()
+            });
+            let scale = 1.0 / (d as f64).sqrt();
+            let s1 = seg.clone();
+            check(
+                "causal_attention",
+                dtype,
+                vec![inp(randn(&[b, hq, tq, d]), true), inp(randn(&[b, hkv, tk, d]), true), inp(randn(&[b, hkv, tk, d]), true)],
+                move |t| k::causal_attention(&t[0], &t[1], &t[2], s1.as_ref(), scale),
+                |t| r::causal_attention(&t[0], &t[1], &t[2], seg.as_ref(), scale),
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_with_bias_has_gradients() {
+    for dtype in DTYPES {
+        let (b, h, t, d) = (2, 3, 21, 8);
+        let mask = r::causal_mask(b, t, t, None, &CPU).unwrap();
+        let m2 = mask.clone();
+        check(
+            "attention",
+            dtype,
+            vec![inp(randn(&[b, h, t, d]), true), inp(randn(&[b, h, t, d]), true), inp(randn(&[b, h, t, d]), true)],
+            move |x| k::attention(&x[0], &x[1], &x[2], Some(&mask), 0.3),
+            |x| r::attention(&x[0], &x[1], &x[2], Some(&m2), 0.3),
+        );
+    }
+}
+
+#[test]
+fn linear_cross_entropy_matches_reference() {
+    for dtype in DTYPES {
+        for (n, h, v) in [(37, 24, 101), (64, 16, 2000), (5, 8, 33)] {
+            let targets: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % v) as u32).collect();
+            let targets = Tensor::from_vec(targets, n, &CPU).unwrap();
+            let weights: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { 0.5 + (i % 2) as f32 }).collect();
+            let weights = Tensor::from_vec(weights, n, &CPU).unwrap();
+            let (t1, w1) = (targets.clone(), weights.clone());
+            check(
+                "linear_cross_entropy",
+                dtype,
+                vec![inp(randn(&[n, h]), true), inp(randn(&[v, h]), false)],
+                move |x| k::linear_cross_entropy(&x[0], &x[1], &t1, &w1),
+                |x| r::linear_cross_entropy(&x[0], &x[1], &targets, &weights),
+            );
+            let t2 = Tensor::from_vec((0..n as u32).map(|i| i % v as u32).collect::<Vec<_>>(), n, &CPU).unwrap();
+            let t3 = t2.clone();
+            check(
+                "linear_cross_entropy_rows",
+                dtype,
+                vec![inp(randn(&[n, h]), true), inp(randn(&[v, h]), false)],
+                move |x| k::linear_cross_entropy_rows(&x[0], &x[1], &t2),
+                |x| r::linear_cross_entropy_rows(&x[0], &x[1], &t3),
+            );
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_without_grad_needs_no_backward_state() {
+    let h = randn(&[9, 8]);
+    let lm = randn(&[50, 8]);
+    let t = Tensor::from_vec((0..9u32).collect::<Vec<_>>(), 9, &CPU).unwrap();
+    let w = Tensor::ones(9, DType::F32, &CPU).unwrap();
+    let got = k::linear_cross_entropy(&h, &lm, &t, &w).unwrap().to_scalar::<f32>().unwrap();
+    let want = r::linear_cross_entropy(&h, &lm, &t, &w).unwrap().to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() <= 1e-4 * want.abs());
+}
