@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Recreate every committed golden under tests/golden/ (see scripts/golden/README.md).
+#
+#   scripts/golden/make_all.sh            # tiny models + goldens, eval goldens, SmolLM2 goldens
+#   SKIP_SMOLLM2=1 scripts/golden/make_all.sh   # no GGUF needed (tiny models + eval only)
+#   NO_BENCH=1 scripts/golden/make_all.sh       # keep the committed generate timing in smollm2.json
+#
+# Python: $GOLDEN_PYTHON if set, else the venv $GOLDEN_VENV (default ~/.venvs/golden), created
+# from scripts/golden/requirements.txt when it does not exist.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+here=scripts/golden
+
+if [ -n "${GOLDEN_PYTHON:-}" ]; then
+  py="$GOLDEN_PYTHON"
+else
+  venv="${GOLDEN_VENV:-$HOME/.venvs/golden}"
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "creating $venv from $here/requirements.txt" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q -r "$here/requirements.txt"
+  fi
+  py="$venv/bin/python"
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" TOKENIZERS_PARALLELISM=false
+
+echo "== tiny models, PEFT goldens, tokenizer goldens" >&2
+"$py" "$here/make_tiny_models.py"
+
+if [ -z "${SKIP_SMOLLM2:-}" ]; then
+  export LORA_TRAIN_SMOLLM2_GGUF="${LORA_TRAIN_SMOLLM2_GGUF:-$(bash scripts/fetch_smollm2.sh)}"
+  echo "== SmolLM2 goldens ($LORA_TRAIN_SMOLLM2_GGUF)" >&2
+  "$py" "$here/make_smollm2_golden.py" --gguf "$LORA_TRAIN_SMOLLM2_GGUF" ${NO_BENCH:+--no-bench}
+fi
+
+echo "== eval goldens" >&2
+"$py" "$here/make_eval_golden.py"
+
+echo "== PEFT reloads the golden adapters" >&2
+for m in llama-tiny qwen2-tiny qwen3-tiny; do
+  "$py" "$here/check_peft_load.py" "tests/golden/adapters/$m" "$m"
+done
+du -sh tests/golden/models/* tests/golden/adapters >&2
