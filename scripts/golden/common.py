@@ -109,41 +109,47 @@ def load_model_and_tokenizer(model_ref: str, dtype=None, attn_implementation: st
     return model, tok, info
 
 
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+SPAN_OPEN, SPAN_CLOSE = "\ue000", "\ue001"  # private-use sentinels marking assistant contents
+
+
+def trainable(message) -> bool:
+    return message.get("role") == "assistant" and message.get("weight", 1) != 0 and bool(message.get("content"))
 
 
 def chat_loss_mask(tokenizer, messages, max_length: int | None = None):
     """Tokenize a chat sample and build its loss mask (DESIGN.md section 3).
 
-    The conversation is rendered once with the tokenizer's chat template
-    (`add_generation_prompt=False`), tokenized once without adding special tokens, and each
-    token is assigned to a message by its offsets: a token belongs to a message when its
-    first character lies inside the message's content. Loss tokens are the tokens of every
-    assistant message's content (unless the message has `"weight": 0`) plus the first token
-    after that content when it is the end-of-turn token (`<|im_end|>` for ChatML, or the
-    tokenizer's eos token). Returns (text, ids, offsets, mask) with mask[i] == 1 when token i
-    is a target of the loss (predicted from position i - 1).
+    The same rule as the datasets crate (datasets/src/mask.rs) and its Python reference
+    (scripts/golden/datasets/make_golden.py `reference_mask`): the conversation is rendered once
+    with the tokenizer's chat template (`add_generation_prompt=False`, `weight` keys dropped)
+    and tokenized once without adding special tokens. A token is a loss token when its first
+    character lies inside the content of a trainable assistant message (role assistant,
+    `weight` != 0, non-empty), or when it is the end-of-turn token closing that content: the
+    first non-whitespace token at or after the content's end, counted when it is a special
+    token (`<|im_end|>` for ChatML). Content spans come from re-rendering with sentinel
+    characters around each trainable content (falling back to a left-to-right search of the
+    content, or its stripped form). Returns (text, ids, offsets, mask); mask[i] == 1 when
+    token i is a target of the loss (predicted from position i - 1). max_length cuts all four
+    token lists to their first max_length entries.
     """
     text = render_chat(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    spans = content_spans(text, messages)
-    eot = set(END_OF_TURN_TOKENS)
-    if tokenizer.eos_token:
-        eot.add(tokenizer.eos_token)
+    special_ids = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     mask = [0] * len(ids)
-    for msg, (start, end) in zip(messages, spans):
-        if msg.get("role") != "assistant" or msg.get("weight", 1) == 0 or start is None:
-            continue
-        after = None
-        for i, (s, _e) in enumerate(offsets):
-            if start <= s < end:
-                mask[i] = 1
-            elif s >= end and after is None:
-                after = i
-        if after is not None and tokenizer.convert_ids_to_tokens(ids[after]) in eot:
-            mask[after] = 1
+    for start, end in content_spans(tokenizer, messages, text):
+        for t, (a, b) in enumerate(offsets):
+            if start <= a < end and b > a:
+                mask[t] = 1
+        for t, (a, b) in enumerate(offsets):
+            if a < end:
+                continue
+            if b > a and text[a:b].strip() == "":
+                continue  # whitespace between the content and the end-of-turn token
+            if ids[t] in special_ids:
+                mask[t] = 1
+            break
     if max_length is not None:
         ids, offsets, mask = ids[:max_length], offsets[:max_length], mask[:max_length]
     return text, ids, offsets, mask
@@ -154,24 +160,40 @@ def render_chat(tokenizer, messages) -> str:
     return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=False)
 
 
-def content_spans(text: str, messages):
-    """Character span of each message's content in the rendered text, found left to right."""
-    spans = []
-    cursor = 0
+def content_spans(tokenizer, messages, rendered: str):
+    """Character spans of the trainable assistant contents inside `rendered`."""
+    marked = [dict(m) for m in messages]
+    for m in marked:
+        if trainable(m):
+            m["content"] = SPAN_OPEN + m["content"] + SPAN_CLOSE
+    marked_render = render_chat(tokenizer, marked)
+    plain = marked_render.replace(SPAN_OPEN, "").replace(SPAN_CLOSE, "")
+    wanted = sum(1 for m in messages if trainable(m))
+    if plain == rendered and marked_render.count(SPAN_OPEN) == wanted == marked_render.count(SPAN_CLOSE):
+        spans, removed, start = [], 0, None
+        for i, ch in enumerate(marked_render):
+            if ch == SPAN_OPEN:
+                start = i - removed
+                removed += 1
+            elif ch == SPAN_CLOSE:
+                spans.append((start, i - removed))
+                removed += 1
+        return spans
+    spans, cursor = [], 0
     for m in messages:
         content = m.get("content") or ""
-        if not content:
-            spans.append((None, None))
+        found = None
+        for candidate in (content, content.strip()):
+            if candidate:
+                pos = rendered.find(candidate, cursor)
+                if pos >= 0:
+                    found = (pos, pos + len(candidate))
+                    break
+        if found is None:
+            if trainable(m):
+                print(f"warning: assistant content not found in the render: {content[:40]!r}", file=sys.stderr)
             continue
-        i = text.find(content, cursor)
-        if i < 0:  # a template may strip the content
-            stripped = content.strip()
-            i = text.find(stripped, cursor) if stripped else -1
-            content = stripped
-        if i < 0:
-            print(f"warning: message content not found in the rendered chat: {content[:40]!r}", file=sys.stderr)
-            spans.append((None, None))
-            continue
-        spans.append((i, i + len(content)))
-        cursor = i + len(content)
+        cursor = found[1]
+        if trainable(m):
+            spans.append(found)
     return spans
