@@ -1,6 +1,6 @@
 // RMSNorm over the last dim, f32 statistics: y = x * rstd * w, rstd = 1/sqrt(mean(x^2)+eps).
 // One block (128 threads) per row; 16-byte vector loads when d % 8 == 0 (VEC flag).
-// The forward keeps rstd [rows] (f32) for the backward:
+// The forward can keep rstd [rows] (f32, for dw); the backward recomputes it:
 //   g = dy * w,  dx = rstd * (g - xhat * mean(g * xhat)),  dw = sum_rows dy * xhat.
 
 template <typename T>
@@ -37,25 +37,31 @@ __device__ __forceinline__ void rms_fwd(const T* __restrict__ x, const T* __rest
 
 template <typename T>
 __device__ __forceinline__ void rms_bwd(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
-                                        const float* __restrict__ rstd, T* __restrict__ dx, int d, int vec) {
+                                        T* __restrict__ dx, int d, float eps, int vec) {
+  // rstd is recomputed in the same pass as sum(g * x), so the forward keeps nothing.
   __shared__ float sh[32];
   const i64 row = blockIdx.x;
   const T* xr = x + row * d;
   const T* gr = dy + row * d;
   T* dxr = dx + row * d;
-  const float rs = rstd[row];
-  float dot = 0.f;  // sum g * xhat
+  float ss = 0.f, gwx = 0.f;
   if (vec) {
     for (int j = threadIdx.x * 8; j < d; j += blockDim.x * 8) {
       float xv[8], gv[8], wv[8];
       load8<T>(xr + j, xv); load8<T>(gr + j, gv); load8<T>(w + j, wv);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) dot += gv[i] * wv[i] * xv[i] * rs;
+      for (int i = 0; i < 8; ++i) { ss += xv[i] * xv[i]; gwx += gv[i] * wv[i] * xv[i]; }
     }
   } else {
-    for (int j = threadIdx.x; j < d; j += blockDim.x) dot += to_f32(gr[j]) * to_f32(w[j]) * to_f32(xr[j]) * rs;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+      const float xv = to_f32(xr[j]);
+      ss += xv * xv; gwx += to_f32(gr[j]) * to_f32(w[j]) * xv;
+    }
   }
-  const float mean = block_sum(dot, sh) / (float)d;
+  ss = block_sum(ss, sh);
+  gwx = block_sum(gwx, sh);
+  const float rs = rsqrtf(ss / (float)d + eps);
+  const float mean = gwx * rs / (float)d;  // mean(g * w * xhat)
   if (vec) {
     for (int j = threadIdx.x * 8; j < d; j += blockDim.x * 8) {
       float xv[8], gv[8], wv[8];
@@ -92,8 +98,8 @@ __device__ __forceinline__ void rms_bwd_dw(const T* __restrict__ dy, const T* __
     rms_fwd<T>(x, w, y, rstd, d, eps, vec);                                                                  \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__(1024) rms_norm_bwd_##T(const T *dy, const T *x, const T *w,   \
-                                                                      const float *rstd, T *dx, int d, int vec) { \
-    rms_bwd<T>(dy, x, w, rstd, dx, d, vec);                                                                  \
+                                                                      T *dx, int d, float eps, int vec) {   \
+    rms_bwd<T>(dy, x, w, dx, d, eps, vec);                                                                  \
   }                                                                                                          \
   extern "C" __global__ void rms_norm_bwd_dw_##T(const T *dy, const T *x, const float *rstd, float *dw,      \
                                                  int rows, int d, int rchunk) {                              \

@@ -1,0 +1,55 @@
+//! `lora-train devices [--json]`: every GPU with name, compute capability, total and
+//! free memory, or one clear line saying why there is none. Always exits 0 (listing
+//! nothing is an answer, not an error).
+use crate::device;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn gib(b: usize) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let gpus = device::list_gpus();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if args.json {
+        let (list, reason) = match &gpus {
+            Ok(g) => (g.clone(), if g.is_empty() { Some("no CUDA GPU found".to_string()) } else { None }),
+            Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        let obj = serde_json::json!({
+            "cuda_feature": device::CUDA_BUILT,
+            "cpu_threads": cpus,
+            "gpus": list.iter().map(|g| serde_json::json!({
+                "index": g.index,
+                "device": format!("cuda:{}", g.index),
+                "name": g.name,
+                "compute_capability": format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+                "total_memory_bytes": g.total_memory,
+                "free_memory_bytes": g.free_memory,
+            })).collect::<Vec<_>>(),
+            "no_gpu_reason": reason,
+        });
+        println!("{obj}");
+        return Ok(());
+    }
+    println!("cpu: {cpus} threads");
+    match gpus {
+        Ok(g) if g.is_empty() => println!("no CUDA GPU found"),
+        Ok(g) => {
+            for d in g {
+                println!(
+                    "cuda:{}  {}  compute {}.{}  memory {:.1} GiB total, {:.1} GiB free",
+                    d.index, d.name, d.compute_capability.0, d.compute_capability.1, gib(d.total_memory), gib(d.free_memory)
+                );
+            }
+        }
+        Err(e) => println!("no GPU: {e}"),
+    }
+    Ok(())
+}

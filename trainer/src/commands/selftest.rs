@@ -1,0 +1,319 @@
+//! `lora-train selftest --device cuda:0`: every CUDA kernel against the CPU
+//! implementation on fresh random inputs of several shapes (forward and every gradient,
+//! relative L2 error with a per-dtype threshold, pass/fail), then the fused LoRA linear
+//! timed against the unfused (cuBLAS) path. The one command a GPU user runs to trust the
+//! build. Without a GPU (or without the `cuda` feature) it says so and exits non-zero.
+use crate::device;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The GPU to test.
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the timing part.
+    #[arg(long)]
+    pub no_bench: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match device::parse_spec(&args.device)? {
+        device::DeviceSpec::Cuda(_) | device::DeviceSpec::Auto => {}
+        device::DeviceSpec::Cpu => anyhow::bail!("selftest checks the CUDA kernels: give --device cuda:N"),
+    }
+    if !device::CUDA_BUILT {
+        anyhow::bail!("selftest needs a GPU: {}", device::NOT_BUILT);
+    }
+    let n = device::cuda_device_count().map_err(|e| anyhow::anyhow!("selftest needs a GPU: {e}"))?;
+    if n == 0 {
+        anyhow::bail!("selftest needs a GPU: no CUDA GPU found on this machine");
+    }
+    let dev = device::parse_device(&args.device)?;
+    if !dev.is_cuda() {
+        anyhow::bail!("selftest needs a GPU: --device {} resolved to the CPU", args.device);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        gpu::run(&dev, &args)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        unreachable!("CUDA_BUILT is false without the cuda feature")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::Args;
+    use anyhow::Result;
+    use candle_core::{DType, Device, Tensor, Var};
+    use lora_kernels::cuda::ops as cu;
+    use std::time::Instant;
+
+    struct Check {
+        op: String,
+        shape: String,
+        dtype: DType,
+        what: String,
+        rel_err: f64,
+        tol: f64,
+    }
+
+    fn tol(dt: DType) -> f64 {
+        match dt {
+            DType::F32 => 1e-4,
+            DType::F16 => 5e-3,
+            _ => 3e-2,
+        }
+    }
+
+    fn rel_err(got: &Tensor, want: &Tensor) -> Result<f64> {
+        let g = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?;
+        let w = want.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?;
+        let num = (&g - &w)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+        let den = w.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt().max(1e-12);
+        let e = num / den;
+        Ok(if e.is_finite() { e } else { f64::INFINITY })
+    }
+
+    type OpFn<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+    /// Run `cpu` on f32 CPU inputs and `gpu` on the same inputs cast to `dt` on `dev`;
+    /// compare the output and the gradients of inputs flagged in `grad`, through a
+    /// random projection of the output (so every gradient element matters).
+    #[allow(clippy::too_many_arguments)]
+    fn compare(
+        out: &mut Vec<Check>, dev: &Device, op: &str, shape: &str, dt: DType, inputs: &[Tensor], grad: &[bool],
+        cpu: OpFn, gpu: OpFn,
+    ) -> Result<()> {
+        let mk = |t: &Tensor, d: &Device, dt: DType, g: bool| -> Result<Tensor> {
+            let t = t.to_device(d)?.to_dtype(dt)?;
+            Ok(if g { Var::from_tensor(&t)?.as_tensor().clone() } else { t })
+        };
+        let ci: Vec<Tensor> = inputs.iter().zip(grad).map(|(t, g)| mk(t, &Device::Cpu, t.dtype(), *g)).collect::<Result<_>>()?;
+        let gi: Vec<Tensor> = inputs
+            .iter()
+            .zip(grad)
+            .map(|(t, g)| mk(t, dev, if t.dtype() == DType::F32 && *g || t.dtype() == DType::F32 && t.rank() > 1 { dt } else { t.dtype() }, *g))
+            .collect::<Result<_>>()?;
+        let co = cpu(&ci)?;
+        let go = gpu(&gi)?;
+        let probe = Tensor::randn(0f32, 1f32, co.shape(), &Device::Cpu)?;
+        let cl = (&co * &probe)?.sum_all()?;
+        let gl = (go.to_dtype(DType::F32)? * probe.to_device(dev)?)?.sum_all()?;
+        out.push(Check { op: op.into(), shape: shape.into(), dtype: dt, what: "forward".into(), rel_err: rel_err(&go, &co)?, tol: tol(dt) });
+        if grad.iter().any(|g| *g) {
+            let cg = cl.backward()?;
+            let gg = gl.backward()?;
+            for (i, g) in grad.iter().enumerate() {
+                if !*g {
+                    continue;
+                }
+                let (Some(a), Some(b)) = (gg.get(&gi[i]), cg.get(&ci[i])) else {
+                    out.push(Check { op: op.into(), shape: shape.into(), dtype: dt, what: format!("grad {i} missing"), rel_err: f64::INFINITY, tol: tol(dt) });
+                    continue;
+                };
+                out.push(Check { op: op.into(), shape: shape.into(), dtype: dt, what: format!("grad input {i}"), rel_err: rel_err(a, b)?, tol: tol(dt) });
+            }
+        }
+        Ok(())
+    }
+
+    fn randn(shape: &[usize], std: f32) -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, std, shape, &Device::Cpu)?)
+    }
+
+    fn checks(dev: &Device) -> Result<Vec<Check>> {
+        let mut out = Vec::new();
+        for &dt in &[DType::BF16, DType::F16, DType::F32] {
+            for &(rows, d) in &[(37usize, 64usize), (128, 576), (9, 100)] {
+                let x = randn(&[rows, d], 1.0)?;
+                let w = (randn(&[d], 0.1)? + 1.0)?;
+                compare(&mut out, dev, "rms_norm", &format!("[{rows},{d}]"), dt, &[x, w], &[true, false],
+                    &|t| lora_kernels::rms_norm(&t[0], &t[1], 1e-6),
+                    &|t| cu::rms_norm(&t[0], &t[1], 1e-6))?;
+            }
+            for &(b, h, t, d) in &[(2usize, 3usize, 17usize, 64usize), (1, 4, 33, 128), (2, 2, 5, 24)] {
+                let x = randn(&[b, h, t, d], 1.0)?;
+                let ang = randn(&[b, t, d / 2], 3.0)?;
+                let (c, s) = (ang.cos()?, ang.sin()?);
+                compare(&mut out, dev, "rope", &format!("[{b},{h},{t},{d}]"), dt, &[x, c, s], &[true, false, false],
+                    &|t| lora_kernels::rope(&t[0], &t[1], &t[2]),
+                    &|t| cu::rope(&t[0], &t[1].to_dtype(DType::F32)?, &t[2].to_dtype(DType::F32)?))?;
+            }
+            for &(rows, cols) in &[(48usize, 64usize), (16, 1000), (7, 333)] {
+                let x = randn(&[rows, cols], 2.0)?;
+                compare(&mut out, dev, "softmax", &format!("[{rows},{cols}]"), dt, &[x], &[true],
+                    &|t| lora_kernels::softmax_last_dim(&t[0]),
+                    &|t| cu::softmax_last_dim(&t[0]))?;
+            }
+            for &(rows, cols) in &[(33usize, 256usize), (5, 77)] {
+                let g = randn(&[rows, cols], 2.0)?;
+                let u = randn(&[rows, cols], 1.0)?;
+                compare(&mut out, dev, "swiglu", &format!("[{rows},{cols}]"), dt, &[g, u], &[true, true],
+                    &|t| lora_kernels::swiglu(&t[0], &t[1]),
+                    &|t| cu::swiglu(&t[0], &t[1]))?;
+            }
+        }
+        for &dt in &[DType::BF16, DType::F16] {
+            for &(m, k, n, r) in &[(37usize, 96usize, 80usize, 8usize), (256, 512, 384, 16), (130, 200, 72, 64), (64, 100, 50, 4)] {
+                let x = randn(&[m, k], 1.0)?;
+                let w = randn(&[n, k], 1.0 / (k as f32).sqrt())?;
+                let a = randn(&[r, k], 1.0 / (k as f32).sqrt())?;
+                let b = randn(&[n, r], 0.5)?;
+                let shape = format!("M{m} K{k} N{n} r{r}");
+                compare(&mut out, dev, "lora_linear", &shape, dt, &[x.clone(), w.clone(), a, b], &[true, false, true, true],
+                    &|t| lora_kernels::lora_linear(&t[0], &t[1], None, &t[2], &t[3], 2.0),
+                    &|t| cu::lora_linear(&t[0], &t[1], None, &t[2], &t[3], 2.0))?;
+                let bias = randn(&[n], 1.0)?;
+                compare(&mut out, dev, "frozen_linear", &shape, dt, &[x, w, bias], &[true, false, false],
+                    &|t| lora_kernels::frozen_linear(&t[0], &t[1], Some(&t[2])),
+                    &|t| cu::frozen_linear(&t[0], &t[1], Some(&t[2])))?;
+            }
+            for &(n, h, v) in &[(50usize, 64usize, 1000usize), (300, 128, 5003)] {
+                let hid = randn(&[n, h], 1.0)?;
+                let lm = randn(&[v, h], 0.2)?;
+                let tg: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+                let wt: Vec<f32> = (0..n).map(|i| if i % 5 == 0 { 0.0 } else { 1.0 }).collect();
+                let tgc = Tensor::new(tg.as_slice(), &Device::Cpu)?;
+                let wtc = Tensor::new(wt.as_slice(), &Device::Cpu)?;
+                let (tgg, wtg) = (tgc.to_device(dev)?, wtc.to_device(dev)?);
+                compare(&mut out, dev, "linear_cross_entropy", &format!("n{n} h{h} v{v}"), dt, &[hid, lm], &[true, false],
+                    &|t| lora_kernels::linear_cross_entropy(&t[0], &t[1], &tgc, &wtc),
+                    &|t| cu::linear_cross_entropy(&t[0], &t[1], &tgg, &wtg))?;
+            }
+        }
+        adamw_check(dev, &mut out)?;
+        Ok(out)
+    }
+
+    fn adamw_check(dev: &Device, out: &mut Vec<Check>) -> Result<()> {
+        let sizes = [16 * 576usize, 576 * 16, 1001, 3];
+        let (lr, b1, b2, eps, wd) = (1e-3f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
+        let mut opt = cu::AdamW { lr, beta1: b1, beta2: b2, eps, weight_decay: wd, step: 0 };
+        let mut cpu_state = Vec::new();
+        let mut gpu_state = Vec::new();
+        for &n in &sizes {
+            let p = randn(&[n], 1.0)?;
+            let g = randn(&[n], 1.0)?;
+            let m = randn(&[n], 0.1)?;
+            let v = randn(&[n], 0.1)?.abs()?;
+            cpu_state.push([p.to_vec1::<f32>()?, g.to_vec1::<f32>()?, m.to_vec1::<f32>()?, v.to_vec1::<f32>()?]);
+            gpu_state.push([p.to_device(dev)?, g.to_device(dev)?, m.to_device(dev)?, v.to_device(dev)?]);
+        }
+        for step in 1..=3 {
+            let refs: Vec<(&Tensor, &Tensor, &Tensor, &Tensor)> = gpu_state.iter().map(|s| (&s[0], &s[1], &s[2], &s[3])).collect();
+            opt.step(&refs, 0.5)?;
+            let (bc1, bc2) = (1.0 - b1.powi(step), 1.0 - b2.powi(step));
+            for s in cpu_state.iter_mut() {
+                for i in 0..s[0].len() {
+                    let g = 0.5 * s[1][i] as f64;
+                    let m = b1 * s[2][i] as f64 + (1.0 - b1) * g;
+                    let v = b2 * s[3][i] as f64 + (1.0 - b2) * g * g;
+                    let p = s[0][i] as f64 * (1.0 - lr * wd) - lr * (m / bc1) / ((v / bc2).sqrt() + eps);
+                    s[0][i] = p as f32;
+                    s[2][i] = m as f32;
+                    s[3][i] = v as f32;
+                }
+            }
+        }
+        for (k, (c, g)) in cpu_state.iter().zip(&gpu_state).enumerate() {
+            for (slot, name) in [(0, "param"), (2, "m"), (3, "v")] {
+                let want = Tensor::new(c[slot].as_slice(), &Device::Cpu)?;
+                out.push(Check { op: "adamw".into(), shape: format!("tensor {k} [{}]", sizes[k]), dtype: DType::F32, what: name.into(), rel_err: rel_err(&g[slot], &want)?, tol: 1e-5 });
+            }
+        }
+        Ok(())
+    }
+
+    fn time_it(dev: &Device, iters: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
+        for _ in 0..3 {
+            f()?;
+        }
+        dev.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        dev.synchronize()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3 / iters as f64)
+    }
+
+    struct Bench {
+        shape: String,
+        fused_ms: f64,
+        unfused_ms: f64,
+    }
+
+    fn bench(dev: &Device) -> Result<Vec<Bench>> {
+        let mut out = Vec::new();
+        for &(m, k, n, r) in &[(4096usize, 2048usize, 2048usize, 16usize), (4096, 4096, 4096, 16), (8192, 2048, 8192, 64)] {
+            let dt = DType::BF16;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), dev)?.to_dtype(dt)?)?;
+            let w = Tensor::randn(0f32, 0.02, (n, k), dev)?.to_dtype(dt)?;
+            let a = Var::from_tensor(&Tensor::randn(0f32, 0.02, (r, k), dev)?.to_dtype(dt)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.02, (n, r), dev)?.to_dtype(dt)?)?;
+            let step = |fused: bool| -> Result<()> {
+                let y = if fused {
+                    cu::lora_linear(x.as_tensor(), &w, None, a.as_tensor(), b.as_tensor(), 2.0)?
+                } else {
+                    lora_kernels::reference::lora_linear(x.as_tensor(), &w, None, a.as_tensor(), b.as_tensor(), 2.0)?
+                };
+                let _ = y.sum_all()?.backward()?;
+                Ok(())
+            };
+            let fused_ms = time_it(dev, 10, &|| step(true))?;
+            let unfused_ms = time_it(dev, 10, &|| step(false))?;
+            out.push(Bench { shape: format!("M{m} K{k} N{n} r{r} bf16 fwd+bwd"), fused_ms, unfused_ms });
+        }
+        Ok(out)
+    }
+
+    pub fn run(dev: &Device, args: &Args) -> Result<()> {
+        let gpus = crate::device::list_gpus().unwrap_or_default();
+        let idx = match dev.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+            _ => 0,
+        };
+        let name = gpus.get(idx).map(|g| format!("{} (sm_{}{})", g.name, g.compute_capability.0, g.compute_capability.1)).unwrap_or_default();
+        if !args.json {
+            eprintln!("selftest on cuda:{idx} {name}: kernels vs CPU on random inputs");
+        }
+        let checks = checks(dev)?;
+        let failed = checks.iter().filter(|c| !(c.rel_err <= c.tol)).count();
+        let benches = if args.no_bench { Vec::new() } else { bench(dev)? };
+        if args.json {
+            let obj = serde_json::json!({
+                "device": format!("cuda:{idx}"),
+                "gpu": name,
+                "passed": failed == 0,
+                "failed": failed,
+                "checks": checks.iter().map(|c| serde_json::json!({
+                    "op": c.op, "shape": c.shape, "dtype": format!("{:?}", c.dtype).to_lowercase(),
+                    "what": c.what, "rel_err": c.rel_err, "tol": c.tol, "pass": c.rel_err <= c.tol,
+                })).collect::<Vec<_>>(),
+                "bench": benches.iter().map(|b| serde_json::json!({
+                    "shape": b.shape, "fused_ms": b.fused_ms, "unfused_ms": b.unfused_ms,
+                    "speedup": b.unfused_ms / b.fused_ms,
+                })).collect::<Vec<_>>(),
+            });
+            println!("{obj}");
+        } else {
+            println!("{:<22} {:<22} {:<5} {:<14} {:>10} {:>8}  result", "op", "shape", "dtype", "check", "rel err", "tol");
+            for c in &checks {
+                println!("{:<22} {:<22} {:<5} {:<14} {:>10.2e} {:>8.0e}  {}", c.op, c.shape, format!("{:?}", c.dtype).to_lowercase(), c.what, c.rel_err, c.tol,
+                    if c.rel_err <= c.tol { "pass" } else { "FAIL" });
+            }
+            println!("\n{} checks, {} failed", checks.len(), failed);
+            for b in &benches {
+                println!("fused LoRA linear {}: fused {:.3} ms, unfused {:.3} ms, speed-up {:.2}x", b.shape, b.fused_ms, b.unfused_ms, b.unfused_ms / b.fused_ms);
+            }
+        }
+        if failed > 0 {
+            anyhow::bail!("selftest: {failed} check(s) failed");
+        }
+        Ok(())
+    }
+}
