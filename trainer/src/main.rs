@@ -27,6 +27,10 @@ enum Command {
     Merge(commands::merge::Args),
     /// Validate a dataset and print its statistics.
     Inspect(commands::inspect::Args),
+    /// List the GPUs this build can use (name, compute capability, memory).
+    Devices(commands::devices::Args),
+    /// Check every CUDA kernel against the CPU implementation, then time the fused LoRA linear.
+    Selftest(commands::selftest::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +42,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Merge(args) => commands::merge::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Devices(args) => commands::devices::run(args),
+        Command::Selftest(args) => commands::selftest::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

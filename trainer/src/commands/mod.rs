@@ -4,3 +4,5 @@ pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod sft;
+pub mod devices;
+pub mod selftest;
