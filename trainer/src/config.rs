@@ -88,10 +88,14 @@ pub struct SftOptions {
     /// crosses sample boundaries). [default: off]
     #[arg(long, help_heading = "Data and model", num_args = 0..=1, default_missing_value = "true")]
     pub packing: Option<bool>,
+    /// Without packing, put samples of similar length in the same batch to waste less
+    /// padding (transformers' group_by_length). [default: off]
+    #[arg(long, help_heading = "Data and model", num_args = 0..=1, default_missing_value = "true")]
+    pub group_by_length: Option<bool>,
     /// Model dtype: f32 or bf16 (LoRA weights and optimizer state stay f32). [default: f32]
     #[arg(long, help_heading = "Data and model", value_enum)]
     pub dtype: Option<DTypeArg>,
-    /// Device: cpu, cuda or cuda:N. [default: cpu]
+    /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). [default: auto]
     #[arg(long, help_heading = "Data and model")]
     pub device: Option<String>,
 
@@ -190,7 +194,7 @@ impl SftOptions {
             lower.eval_split = None;
         }
         merge_fields!(
-            self, lower, model, dataset, eval_dataset, eval_split, output, max_sequence_length, packing, dtype, device,
+            self, lower, model, dataset, eval_dataset, eval_split, output, max_sequence_length, packing, group_by_length, dtype, device,
             steps, epochs, batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler, warmup_ratio,
             weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, target_modules, use_rslora,
             checkpoint_interval, save_total_limit, eval_interval,
@@ -217,17 +221,14 @@ impl SftOptions {
         let rank = self.lora_rank.unwrap_or(8);
         let target_modules: Vec<String> = match self.target_modules {
             None => ALL_TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
-            Some(v) if v.len() == 1 && (v[0] == "all-linear" || v[0] == "all") => ALL_TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
-            Some(v) => v,
+            Some(v) => match lora_models::LoraConfig::parse_targets(&v.join(",")) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(format!("--target-modules: {e:#}"));
+                    Vec::new()
+                }
+            },
         };
-        for m in &target_modules {
-            if !ALL_TARGET_MODULES.contains(&m.as_str()) {
-                errors.push(format!("--target-modules: unknown module `{m}` (known: {}, or all-linear)", ALL_TARGET_MODULES.join(", ")));
-            }
-        }
-        if target_modules.is_empty() {
-            errors.push("--target-modules: no module given".into());
-        }
         let cfg = SftConfig {
             model: self.model.unwrap_or_default(),
             dataset: self.dataset.unwrap_or_default(),
@@ -236,8 +237,9 @@ impl SftOptions {
             output: self.output.unwrap_or_default(),
             max_sequence_length: self.max_sequence_length.unwrap_or(2048),
             packing: self.packing.unwrap_or(false),
+            group_by_length: self.group_by_length.unwrap_or(false),
             dtype: self.dtype.unwrap_or(DTypeArg::F32),
-            device: self.device.unwrap_or_else(|| "cpu".into()),
+            device: self.device.unwrap_or_else(|| "auto".into()),
             steps: self.steps,
             epochs: self.epochs,
             batch_size: self.batch_size.unwrap_or(4),
@@ -298,6 +300,7 @@ pub struct SftConfig {
     pub output: PathBuf,
     pub max_sequence_length: usize,
     pub packing: bool,
+    pub group_by_length: bool,
     pub dtype: DTypeArg,
     pub device: String,
     pub steps: Option<usize>,
@@ -373,7 +376,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_all_reported() {
-        let cli = Cli::try_parse_from(["x", "--lora-dropout", "1.5", "--target-modules", "q_proj,qkv", "--lr", "-1"]).unwrap().o;
+        let cli = Cli::try_parse_from(["x", "--lora-dropout", "1.5", "--target-modules", "q_proj,qkv", "--lr=-1"]).unwrap().o;
         let err = format!("{:#}", cli.resolve().unwrap_err());
         for needle in ["missing --model", "missing --dataset", "missing --output", "lora-dropout", "`qkv`", "learning-rate"] {
             assert!(err.contains(needle), "{needle} not in {err}");

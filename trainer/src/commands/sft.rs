@@ -1,7 +1,39 @@
-//! `lora-train sft` (not implemented yet).
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+//! `lora-train sft`: supervised fine-tuning of a LoRA adapter (see `recipes/sft.rs`).
+use std::path::PathBuf;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`lora-train sft` is not implemented yet")
+use anyhow::Result;
+
+use crate::config::SftOptions;
+use crate::recipes::sft::{self, RunOptions};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Every option can also be set in a TOML file given with --config (keys are the flag \
+names with underscores, e.g. learning_rate = 2e-4); flags on the command line win. The resolved \
+configuration is written to OUTPUT/run.json.")]
+pub struct Args {
+    #[command(flatten)]
+    pub options: SftOptions,
+    /// TOML file with any of the options below (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Continue the run in --output from its latest complete checkpoint (give the same
+    /// options as the original run).
+    #[arg(long)]
+    pub resume: bool,
+    /// Print one JSON object with the run summary on stdout (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => SftOptions::from_toml_file(path)?,
+        None => SftOptions::default(),
+    };
+    let cfg = args.options.over(file).resolve()?;
+    let summary = sft::run(&cfg, &RunOptions { resume: args.resume, quiet: args.json })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(())
 }

@@ -1,0 +1,72 @@
+//! Pieces every training recipe shares: gradients of LoRA parameters, deterministic
+//! per-step dropout seeds, and checkpoints of (adapter, optimizer, trainer state).
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+use lora_models::Model;
+
+use crate::checkpoint::{self, TrainerState};
+use crate::optim::AdamW;
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// SplitMix64 finaliser: a well-mixed seed from (run seed, step, micro-batch), so dropout
+/// masks are a pure function of the position in training (resume needs no RNG state).
+pub fn derive_seed(seed: u64, step: u64, micro: u64) -> u64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Gradients summed over the micro-batches of one optimizer step, one slot per parameter.
+pub struct GradAccumulator {
+    grads: Vec<Option<Tensor>>,
+}
+
+impl GradAccumulator {
+    pub fn new(n_params: usize) -> Self {
+        Self { grads: vec![None; n_params] }
+    }
+
+    /// Back-propagate `loss` and add the gradient of every parameter. Fails when no
+    /// parameter got a gradient at all (a broken graph must not train silently).
+    pub fn backward(&mut self, loss: &Tensor, params: &[(String, Var)]) -> Result<()> {
+        let store = loss.backward()?;
+        let mut reached = 0usize;
+        for ((_, var), slot) in params.iter().zip(self.grads.iter_mut()) {
+            if let Some(g) = store.get(var.as_tensor()) {
+                reached += 1;
+                *slot = Some(match slot.take() {
+                    None => g.clone(),
+                    Some(acc) => (acc + g)?,
+                });
+            }
+        }
+        if reached == 0 && !params.is_empty() {
+            bail!("no gradient reached the LoRA parameters (the model's backward pass is broken)");
+        }
+        Ok(())
+    }
+
+    /// The summed gradients (zeros for parameters that got none).
+    pub fn finish(self, params: &[(String, Var)]) -> Result<Vec<Tensor>> {
+        self.grads
+            .into_iter()
+            .zip(params)
+            .map(|(g, (_, var))| match g {
+                Some(g) => Ok(g),
+                None => Ok(var.as_tensor().zeros_like()?),
+            })
+            .collect()
+    }
+}
+
+/// Write `checkpoints/step-N/` (adapter in PEFT layout + optimizer + trainer state).
+pub fn save_checkpoint(run_dir: &Path, model: &Model, opt: &AdamW, state: &TrainerState, base_model: &str) -> Result<PathBuf> {
+    checkpoint::save_checkpoint(run_dir, state, |dir| {
+        model.save_adapter(dir, base_model)?;
+        opt.save(&dir.join(OPTIMIZER_FILE))
+    })
+}
