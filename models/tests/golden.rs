@@ -141,6 +141,14 @@ fn check_model(name: &str) -> Result<()> {
     reloaded.model.load_adapter(&out)?;
     let again = logits_of(&reloaded, &g)?;
     assert_eq!(again.flatten_all()?.to_vec1::<f32>()?, lora.flatten_all()?.to_vec1::<f32>()?);
+
+    // 6. `merge` folds the adapter in: the merged HF directory gives the LoRA logits.
+    let merged_dir = tempfile::tempdir()?;
+    lora_models::merge::write_merged(&m.model, &m.tokenizer, merged_dir.path())?;
+    let merged = load_model(merged_dir.path().to_str().unwrap(), &Device::Cpu, DType::F32)?;
+    let err = rel_err_valid(&logits_of(&merged, &g)?, g.get("lora_logits"), &valid)?;
+    println!("{name}: merged model logits rel err {err:.2e}");
+    assert!(err < 1e-4, "{name}: merged logits rel err {err}");
     Ok(())
 }
 

@@ -1,7 +1,113 @@
-//! `lora-train generate` (not implemented yet).
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+//! `lora-train generate`: KV-cached decoding from a base model, optionally with an adapter.
+use anyhow::{bail, Result};
+use clap::Args as ClapArgs;
+use lora_models::{load_model, SamplingParams};
+use std::path::PathBuf;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`lora-train generate` is not implemented yet")
+use crate::chat;
+use crate::config::DTypeArg;
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Model: a Hugging Face directory, a .gguf file, or a hub id in the local HF cache.
+    #[arg(long)]
+    pub model: String,
+    /// A PEFT adapter directory to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Raw text prompt (no chat template). Repeat for a batch.
+    #[arg(long, conflicts_with = "chat")]
+    pub prompt: Vec<String>,
+    /// A user message, rendered with the model's chat template. Repeat for a batch.
+    #[arg(long)]
+    pub chat: Vec<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// cpu, cuda:N, or auto (first GPU, else CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.prompt.is_empty() && args.chat.is_empty() {
+        bail!("give --prompt TEXT or --chat TEXT");
+    }
+    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    if args.temperature < 0.0 {
+        bail!("--temperature must be >= 0, got {}", args.temperature);
+    }
+    let device = crate::device::parse_device(&args.device)?;
+    let mut loaded = load_model(&args.model, &device, args.dtype.to_candle())?;
+    if let Some(dir) = &args.adapter {
+        loaded.model.load_adapter(dir)?;
+    }
+    let bundle = &loaded.tokenizer;
+    let prompts: Vec<Vec<u32>> = if args.chat.is_empty() {
+        args.prompt.iter().map(|p| bundle.encode(p)).collect::<Result<_>>()?
+    } else {
+        let template = chat::template_for(bundle)?;
+        args.chat.iter().map(|c| chat::user_prompt_ids(bundle, &template, c)).collect::<Result<_>>()?
+    };
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let (outputs, stats) = loaded.model.generate_with_stats(&prompts, &params, &bundle.eos_token_ids)?;
+    let texts: Vec<String> = outputs.iter().map(|o| bundle.decode(&o.tokens, true)).collect::<Result<_>>()?;
+    if args.json {
+        let rows: Vec<_> = outputs
+            .iter()
+            .zip(&texts)
+            .map(|(o, t)| {
+                serde_json::json!({
+                    "text": t,
+                    "tokens": o.tokens,
+                    "finish_reason": match o.finish_reason { lora_models::FinishReason::Stop => "stop", _ => "length" },
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "outputs": rows,
+            "prompt_tokens": stats.prompt_tokens,
+            "generated_tokens": stats.generated_tokens,
+            "prefill_s": stats.prefill_s,
+            "decode_s": stats.decode_s,
+            "tokens_per_s": stats.decode_tokens_per_s(),
+        });
+        println!("{out}");
+    } else {
+        for t in &texts {
+            println!("{t}");
+        }
+        eprintln!(
+            "{} new tokens in {:.2}s ({:.1} tokens/s decoding, prefill {:.2}s for {} prompt tokens)",
+            stats.generated_tokens,
+            stats.decode_s,
+            stats.decode_tokens_per_s(),
+            stats.prefill_s,
+            stats.prompt_tokens
+        );
+    }
+    Ok(())
 }

@@ -1,7 +1,41 @@
-//! `lora-train merge` (not implemented yet).
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+//! `lora-train merge`: fold a PEFT adapter into the base weights, write an HF directory.
+use anyhow::{bail, Result};
+use clap::Args as ClapArgs;
+use candle_core::Device;
+use lora_models::load_model;
+use std::path::PathBuf;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`lora-train merge` is not implemented yet")
+use crate::config::DTypeArg;
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Base model: a Hugging Face directory, a .gguf file, or a hub id in the local HF cache.
+    #[arg(long)]
+    pub model: String,
+    /// The PEFT adapter directory to fold in.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Where to write the merged model (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// dtype of the written weights.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.output.join("model.safetensors").exists() {
+        bail!("{}: already holds a model; choose an empty directory", args.output.display());
+    }
+    let mut loaded = load_model(&args.model, &Device::Cpu, args.dtype.to_candle())?;
+    let cfg = loaded.model.load_adapter(&args.adapter)?;
+    lora_models::merge::write_merged(&loaded.model, &loaded.tokenizer, &args.output)?;
+    if args.json {
+        println!("{}", serde_json::json!({"output": args.output, "rank": cfg.rank, "target_modules": cfg.target_modules}));
+    } else {
+        eprintln!("merged {} (rank {}) into {}", args.adapter.display(), cfg.rank, args.output.display());
+    }
+    Ok(())
 }
