@@ -24,7 +24,7 @@ pub fn resolve(model_ref: &str) -> Result<ModelSource> {
     }
     let looks_like_hub_id = model_ref.split('/').count() == 2 && !model_ref.starts_with('.') && !model_ref.starts_with('/');
     if looks_like_hub_id {
-        let repo = hf_hub::Cache::from_env().model(model_ref.to_string());
+        let repo = hf_cache().model(model_ref.to_string());
         if let Some(config) = repo.get("config.json") {
             if let Some(dir) = config.parent() {
                 return Ok(ModelSource::HfDir(dir.to_path_buf()));
@@ -32,8 +32,17 @@ pub fn resolve(model_ref: &str) -> Result<ModelSource> {
         }
         bail!(
             "{model_ref}: not a local path, and not found in the Hugging Face cache ({}); download it first (e.g. `huggingface-cli download {model_ref}`)",
-            hf_hub::Cache::from_env().path().display()
+            hf_cache().path().display()
         );
     }
     bail!("{model_ref}: no such file or directory")
+}
+
+/// The hub cache as huggingface_hub finds it: HF_HUB_CACHE, else HF_HOME/hub, else
+/// ~/.cache/huggingface/hub.
+fn hf_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
+        None => hf_hub::Cache::from_env(),
+    }
 }

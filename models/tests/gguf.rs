@@ -1,0 +1,138 @@
+//! GGUF loading: a llama.cpp-style export of the tiny Llama (q/k rows permuted as
+//! llama.cpp's converter does, llama.cpp tensor names and metadata keys) must give
+//! the Hugging Face model's logits; every supported quantization type dequantizes.
+use anyhow::Result;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use lora_models::weights::{GgufSource, WeightSource};
+use std::path::{Path, PathBuf};
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
+}
+
+/// llama.cpp `permute`: HF [n_head, 2, d/2, in] -> [n_head, d/2, 2, in].
+fn permute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    Ok(w.reshape((n_head, 2, out / n_head / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+}
+
+fn gguf_name(hf: &str) -> String {
+    let map = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (layer, rest) = rest.split_once('.').unwrap();
+    let module = rest.strip_suffix(".weight").unwrap();
+    let g = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        other => panic!("unexpected {other}"),
+    };
+    format!("blk.{layer}.{g}.weight")
+}
+
+/// Write llama-tiny as an F32 GGUF the way convert_hf_to_gguf.py lays it out.
+fn write_llama_tiny_gguf(path: &Path) -> Result<()> {
+    let dir = golden_dir().join("models/llama-tiny");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+    let (nh, nkv) = (cfg["num_attention_heads"].as_u64().unwrap() as usize, cfg["num_key_value_heads"].as_u64().unwrap() as usize);
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    let mut tensors = Vec::new();
+    for (name, t) in &weights {
+        let t = if name.ends_with("q_proj.weight") {
+            permute(t, nh)?
+        } else if name.ends_with("k_proj.weight") {
+            permute(t, nkv)?
+        } else {
+            t.clone()
+        };
+        tensors.push((gguf_name(name), QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F32)?));
+    }
+    let u = |k: &str| Value::U32(cfg[k].as_u64().unwrap() as u32);
+    let meta: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", u("num_hidden_layers")),
+        ("llama.embedding_length", u("hidden_size")),
+        ("llama.feed_forward_length", u("intermediate_size")),
+        ("llama.attention.head_count", u("num_attention_heads")),
+        ("llama.attention.head_count_kv", u("num_key_value_heads")),
+        ("llama.vocab_size", u("vocab_size")),
+        ("llama.rope.freq_base", Value::F32(cfg["rope_theta"].as_f64().unwrap() as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32)),
+    ];
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path)?;
+    gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+    Ok(())
+}
+
+#[test]
+fn llama_cpp_layout_gives_the_hf_logits() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("llama-tiny.f32.gguf");
+    write_llama_tiny_gguf(&path)?;
+    let hf = lora_models::load_model(golden_dir().join("models/llama-tiny").to_str().unwrap(), &Device::Cpu, DType::F32)?;
+    let mut src = GgufSource::open(&path)?;
+    let cfg = lora_models::gguf::config_from_gguf(src.content())?;
+    assert_eq!(cfg.num_key_value_heads, 2);
+    assert!(!cfg.tie_word_embeddings);
+    src.set_unpermute_qk(Some((cfg.num_attention_heads, cfg.num_key_value_heads)));
+    let decoder = lora_models::decoder::Decoder::load(cfg, &src, &Device::Cpu, DType::F32)?;
+    let gguf_model = lora_models::Model::new(decoder);
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu)?;
+    let pos = Tensor::arange(0u32, 8, &Device::Cpu)?.unsqueeze(0)?;
+    let a = hf.model.logits(&hf.model.forward_hidden(&ids, &pos, None)?)?;
+    let b = gguf_model.logits(&gguf_model.forward_hidden(&ids, &pos, None)?)?;
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "GGUF (unpermuted) vs HF logits differ by {diff}");
+    Ok(())
+}
+
+#[test]
+fn every_supported_quantization_dequantizes() -> Result<()> {
+    // 256-wide rows so the k-quants' super-blocks fit.
+    let n = 4 * 256;
+    let values: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+    let original = Tensor::from_vec(values, (4, 256), &Device::Cpu)?;
+    let types = [
+        (GgmlDType::F32, 1e-6),
+        (GgmlDType::F16, 1e-3),
+        (GgmlDType::Q8_0, 1e-2),
+        (GgmlDType::Q4_0, 0.15),
+        (GgmlDType::Q4_1, 0.15),
+        (GgmlDType::Q4K, 0.15),
+        (GgmlDType::Q6K, 0.04),
+    ];
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("types.gguf");
+    let qs: Vec<(String, QTensor)> = types
+        .iter()
+        .enumerate()
+        .map(|(i, (ty, _))| Ok((format!("blk.{i}.ffn_up.weight"), QTensor::quantize(&original, *ty)?)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path)?, &[("general.architecture", &Value::String("llama".into()))], &refs)?;
+    let src = GgufSource::open(&path)?;
+    for (i, (ty, tol)) in types.iter().enumerate() {
+        let t = src.try_get(&format!("model.layers.{i}.mlp.up_proj.weight"), &Device::Cpu)?.expect("tensor present");
+        assert_eq!(t.dims(), &[4, 256]);
+        let err = (t - &original)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < *tol as f32, "{ty:?}: max error {err}");
+    }
+    Ok(())
+}
