@@ -199,3 +199,45 @@ fn errors_name_the_problem() {
     let err = format!("{:#}", load_model(dir.path().to_str().unwrap(), &Device::Cpu, DType::F32).err().unwrap());
     assert!(err.contains("gate_proj.weight") && err.contains("expected [96, 64]"), "{err}");
 }
+
+/// cosine similarity of two tensors, flattened.
+fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let (a, b) = (a.to_dtype(DType::F32)?.flatten_all()?, b.to_dtype(DType::F32)?.flatten_all()?);
+    let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()?;
+    let na = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    let nb = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    Ok(dot / (na * nb))
+}
+
+#[test]
+fn bf16_compute_tracks_f32_and_every_lora_tensor_gets_a_gradient() -> Result<()> {
+    let name = "qwen3-tiny";
+    let g = Golden::load(name)?;
+    let valid = g.attention_mask()?;
+    let mut m = load_model(golden_dir().join("models").join(name).to_str().unwrap(), &Device::Cpu, DType::BF16)?;
+    m.model.load_adapter(&golden_dir().join("adapters").join(name))?;
+    let lora = logits_of(&m, &g)?;
+    let err = rel_err_valid(&lora, g.get("lora_logits"), &valid)?;
+    println!("{name} bf16: LoRA logits rel err {err:.2e}");
+    assert!(err < 3e-2, "bf16 logits rel err {err}");
+    let (seg, pos) = g.segments_positions()?;
+    let ids = g.input_ids()?;
+    let mask = g.our_loss_mask()?;
+    let hidden = m.model.forward_hidden(&ids, &pos, Some(&seg))?;
+    let n = mask.sum_all()?.to_scalar::<f32>()?;
+    let loss = (m.model.loss_sum(&hidden, &ids, &mask)? / n as f64)?;
+    let grads = loss.backward()?;
+    let mut worst = 1f32;
+    for (key, var) in m.model.lora_parameters() {
+        assert_eq!(var.dtype(), DType::F32, "LoRA master weights stay f32");
+        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("bf16: no gradient for {key}"));
+        assert!(grad.abs()?.max_all()?.to_scalar::<f32>()? > 0.0, "bf16: zero gradient for {key}");
+        worst = worst.min(cosine(grad, g.get(&format!("grad.{key}")))?);
+    }
+    println!("{name} bf16: worst gradient cosine similarity to f32 autograd {worst:.4}");
+    assert!(worst > 0.98, "bf16 gradients drift: cosine {worst}");
+    for (key, t) in m.model.base_tensors() {
+        assert!(grads.get(&t).is_none(), "bf16: frozen base tensor {key} received a gradient");
+    }
+    Ok(())
+}
