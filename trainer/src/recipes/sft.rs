@@ -156,6 +156,10 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     tracing::info!("LoRA r={} alpha={} on {}: {} trainable parameters", cfg.lora_rank, cfg.lora_alpha, cfg.target_modules.join(","), n_params);
 
+    // Model and data are good: the run directory is ours now.
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    checkpoint::remove_stale_temporaries(&out)?;
+    write_run_json(&out, cfg, "running", None)?;
     let metrics_path = out.join(METRICS_FILE);
     let mut metrics = if resume_from.is_some() { MetricsWriter::resume(&metrics_path, state.step)? } else { MetricsWriter::create(&metrics_path)? };
     let elapsed_before = state.elapsed_s;
@@ -328,6 +332,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
 
 /// A fresh run needs an output directory without a previous run in it; `--resume` needs
 /// the same configuration as the run it continues. Returns the checkpoint to resume from.
+/// Writes nothing: the directory is only touched once model and data have loaded, so a run
+/// that fails to start leaves no trace.
 fn prepare_run_dir(out: &Path, cfg: &SftConfig, resume: bool) -> Result<Option<(PathBuf, TrainerState)>> {
     let run_json = out.join(RUN_FILE);
     if !resume {
@@ -337,8 +343,6 @@ fn prepare_run_dir(out: &Path, cfg: &SftConfig, resume: bool) -> Result<Option<(
                 out.display()
             );
         }
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        write_run_json(out, cfg, "running", None)?;
         return Ok(None);
     }
     let prev: serde_json::Value = serde_json::from_slice(
@@ -359,13 +363,11 @@ fn prepare_run_dir(out: &Path, cfg: &SftConfig, resume: bool) -> Result<Option<(
         }
         bail!("--resume needs the command line of the run it continues; these differ:\n  {}", diffs.join("\n  "));
     }
-    checkpoint::remove_stale_temporaries(out)?;
     let latest = checkpoint::latest_checkpoint(out)?;
     match &latest {
         Some((dir, st)) => tracing::info!("resuming from {} (step {})", dir.display(), st.step),
         None => tracing::warn!("--resume: no complete checkpoint in {}; starting from step 0", out.display()),
     }
-    write_run_json(out, cfg, "running", None)?;
     Ok(latest)
 }
 
