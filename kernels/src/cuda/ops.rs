@@ -29,6 +29,13 @@ macro_rules! dispatch16 {
     };
 }
 
+fn as_cuda(s: &candle_core::Storage) -> Result<&CudaStorage> {
+    match s {
+        candle_core::Storage::Cuda(c) => Ok(c),
+        _ => bail!("lora-kernels CUDA: tensor is not on a CUDA device"),
+    }
+}
+
 fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
     let dims = l.shape().dims();
     let cols = *dims.last().ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
@@ -458,12 +465,9 @@ pub fn lora_linear_bwd(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f3
     let (ag, la) = a.storage_and_layout();
     let (bg, lb) = b.storage_and_layout();
     let (gg, lg) = g.storage_and_layout();
-    let st = |s: &candle_core::Storage| -> Result<CudaStorage> {
-        match s { candle_core::Storage::Cuda(c) => Ok(c.clone()), _ => bail!("lora bwd: not CUDA") }
-    };
-    let (xs, ws, as_, bs, gs) = (st(&xg)?, st(&wg)?, st(&ag)?, st(&bg)?, st(&gg)?);
+    let (xs, ws, as_, bs, gs) = (as_cuda(&xg)?, as_cuda(&wg)?, as_cuda(&ag)?, as_cuda(&bg)?, as_cuda(&gg)?);
     let (dx, da, db) = dispatch16!(x.dtype(), T => {
-        let (xv, wv, av, bv, gv) = (view::<T>(&xs, lx)?, view::<T>(&ws, lw)?, view::<T>(&as_, la)?, view::<T>(&bs, lb)?, view::<T>(&gs, lg)?);
+        let (xv, wv, av, bv, gv) = (view::<T>(xs, lx)?, view::<T>(ws, lw)?, view::<T>(as_, la)?, view::<T>(bs, lb)?, view::<T>(gs, lg)?);
         let sfx = rt::suffix(x.dtype())?;
         // Z = X A^T  [M, r] f32
         let (_, z) = lora_main::<T, T>(&dev, &format!("lora_fwd_{sfx}"), &xv, None, Some(&av), None, None, 1.0, m, 0, k, r, false, true)?;
@@ -588,13 +592,10 @@ pub fn linear_cross_entropy(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor,
         let (wg, lw) = w.storage_and_layout();
         let (tg, lt) = targets.storage_and_layout();
         let (eg, le) = weights.storage_and_layout();
-        let st = |s: &candle_core::Storage| -> Result<CudaStorage> {
-            match s { candle_core::Storage::Cuda(c) => Ok(c.clone()), _ => bail!("lce: not CUDA") }
-        };
-        let (hs, ws, ts, es) = (st(&hg)?, st(&wg)?, st(&tg)?, st(&eg)?);
+        let (hs, ws, ts, es) = (as_cuda(&hg)?, as_cuda(&wg)?, as_cuda(&tg)?, as_cuda(&eg)?);
         dispatch16!(dt, T => {
             let sfx = rt::suffix(dt)?;
-            let (hv, wv, tv, ev) = (view::<T>(&hs, lh)?, view::<T>(&ws, lw)?, view::<u32>(&ts, lt)?, view::<f32>(&es, le)?);
+            let (hv, wv, tv, ev) = (view::<T>(hs, lh)?, view::<T>(ws, lw)?, view::<u32>(ts, lt)?, view::<f32>(es, le)?);
             let mut loss_s = dev.alloc_zeros::<f32>(n)?;
             let mut dh_s = if want_grad { Some(dev.alloc_zeros::<T>(n * h)?) } else { None };
             let ce = rt::func(&dev, "cross_entropy", &format!("ce_rows_{sfx}"))?;
