@@ -110,7 +110,12 @@ fn decode_line(line: usize, raw: &[u8]) -> Result<JsonLine, Problem> {
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(object)) => Ok(JsonLine { line, object }),
         Ok(other) => Err(problem(format!("a line must be a JSON object, got {}", kind(&other)))),
-        Err(e) => Err(problem(format!("invalid JSON: {e}"))),
+        Err(e) => {
+            // serde_json says "at line 1 column N"; within one JSONL line only the column means anything.
+            let text = e.to_string();
+            let reason = text.rsplit_once(" at line ").map_or(text.as_str(), |(reason, _)| reason);
+            Err(problem(format!("invalid JSON at column {}: {reason}", e.column())))
+        }
     }
 }
 
