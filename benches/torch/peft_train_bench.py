@@ -13,13 +13,18 @@ base weights in bf16; PEFT keeps the adapter weights (and so AdamW state) in f32
 (autocast_adapter_dtype=True, its default). A `.gguf` model is dequantized by transformers.
 
 Prints ONE JSON line on stdout: tokens_per_s (batch*seq / mean measured step time), step_s,
-step_s_each, peak_rss_mb (resource.getrusage ru_maxrss, the whole process including model
-load), torch_threads, and the configuration. The first --warmup steps are not timed.
+step_s_each, peak_rss_mb (resource.getrusage ru_maxrss: the whole process, model loading
+included; a GGUF's dequantization peak can dominate it), peak_rss_train_mb (the kernel's VmHWM
+reset after loading via /proc/self/clear_refs, so the peak during the warm-up and timed steps),
+torch_threads, and the configuration. The first --warmup steps are not timed. On a
+shared machine also look at cpu_share (process CPU time / (wall time x threads) over the timed
+steps; 1.0 = it had its threads' cores to itself) and tokens_per_cpu_s.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -46,6 +51,27 @@ def load_model(ref: str, dtype, attn: str):
         d, f = os.path.split(os.path.abspath(ref))
         return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, attn_implementation=attn)
     return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation=attn)
+
+
+def vm_kb(field: str) -> float:
+    """A kB field of /proc/self/status (VmRSS, VmHWM); 0 when unavailable."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so that it covers only the training steps."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def cpu_name():
@@ -106,8 +132,13 @@ def main():
                   * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) * cfg.num_hidden_layers)
     flops_est = 4 * matmul_params * tokens + attn_flops
 
+    gc.collect()
+    rss_after_load_mb = vm_kb("VmRSS") / 1024.0
+    hwm_reset = reset_peak_rss()
     times, losses = [], []
+    cpu_timed = 0.0
     for step in range(args.warmup + args.steps):
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
         s = time.perf_counter()
         out = model(input_ids=ids, labels=ids)
@@ -116,11 +147,14 @@ def main():
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - s
         losses.append(float(out.loss.detach()))
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
         if step >= args.warmup:
             times.append(dt)
+            cpu_timed += (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
 
     step_s = statistics.mean(times)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak_rss_train_mb = vm_kb("VmHWM") / 1024.0 if hwm_reset else None
     result = {
         "bench": "pytorch+peft lora train step",
         "model": args.model,
@@ -141,6 +175,11 @@ def main():
         "step_s_min": min(times),
         "step_s_each": [round(t, 4) for t in times],
         "peak_rss_mb": round(peak_rss_mb, 1),
+        "peak_rss_train_mb": round(peak_rss_train_mb, 1) if peak_rss_train_mb else None,
+        "rss_after_load_mb": round(rss_after_load_mb, 1),
+        "cpu_s_per_step": round(cpu_timed / len(times), 3),
+        "cpu_share": round(cpu_timed / sum(times) / torch.get_num_threads(), 3),
+        "tokens_per_cpu_s": tokens / (cpu_timed / len(times)),
         "torch_threads": torch.get_num_threads(),
         "trainable_params": n_trainable,
         "total_params": n_total,
