@@ -35,6 +35,9 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     pub last_loss: Option<f64>,
     pub last_eval_loss: Option<f64>,
+    /// Hash of the training tokens and loss masks: resuming on changed data is refused.
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
 }
 
 /// fsync a file or directory (directories: so a rename inside them is durable).

@@ -76,6 +76,26 @@ pub fn tokenize_dataset(bundle: &TokenizerBundle, ds: &Dataset, max_sequence_len
     Ok(TokenizedSet { truncated: prepared.truncated, dropped: prepared.dropped.len(), samples: prepared.samples, tokens, loss_tokens })
 }
 
+impl TokenizedSet {
+    /// FNV-1a over every token id and mask bit, in order (identifies the training data).
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |x: u64| {
+            for b in x.to_le_bytes() {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        for s in &self.samples {
+            eat(s.input_ids.len() as u64);
+            for (&id, &m) in s.input_ids.iter().zip(&s.loss_mask) {
+                eat(((id as u64) << 1) | (m != 0) as u64);
+            }
+        }
+        format!("{h:016x}")
+    }
+}
+
 pub fn pad_token_id(bundle: &TokenizerBundle) -> u32 {
     bundle.eos_token_ids.first().copied().unwrap_or(0)
 }

@@ -70,3 +70,14 @@ pub fn save_checkpoint(run_dir: &Path, model: &Model, opt: &AdamW, state: &Train
         opt.save(&dir.join(OPTIMIZER_FILE))
     })
 }
+
+/// True when every parameter value is finite (checked before a checkpoint is written).
+pub fn all_finite(params: &[(String, Var)]) -> Result<bool> {
+    for (_, v) in params {
+        let s = v.as_tensor().abs()?.sum_all()?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        if !s.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}

@@ -307,6 +307,12 @@ fn bad_flags_and_bad_data_give_clear_errors() {
     args2.extend(["--resume", "--learning-rate", "0.5"]);
     let e = stderr(&args2);
     assert!(e.contains("learning_rate"), "{e}");
+    // Same flags, but the dataset changed under the run.
+    write_dataset(tmp.path(), "train.jsonl", 5);
+    let mut args3 = args.clone();
+    args3.push("--resume");
+    let e = stderr(&args3);
+    assert!(e.contains("training data changed"), "{e}");
     let e = stderr(&["sft", "--model", &m, "--dataset", &d, "--output", &tmp.path().join("none").display().to_string(), "--resume", "--device", "cpu"]);
     assert!(e.contains("nothing to resume"), "{e}");
 }

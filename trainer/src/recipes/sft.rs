@@ -139,8 +139,12 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
         target_modules: cfg.target_modules.clone(),
     };
     model.add_lora(&lora_cfg, cfg.seed)?;
-    let mut state = TrainerState { seed: cfg.seed, ..Default::default() };
+    let fingerprint = train.fingerprint();
+    let mut state = TrainerState { seed: cfg.seed, data_fingerprint: Some(fingerprint.clone()), ..Default::default() };
     if let Some((dir, saved)) = &resume_from {
+        if saved.data_fingerprint.as_deref().is_some_and(|f| f != fingerprint) {
+            bail!("--resume: the training data changed since {} was written ({} tokenizes differently)", dir.display(), cfg.dataset.display());
+        }
         model.load_adapter(dir).with_context(|| format!("loading the adapter of {}", dir.display()))?;
         state = saved.clone();
     }
@@ -164,7 +168,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
     let mut metrics = if resume_from.is_some() { MetricsWriter::resume(&metrics_path, state.step)? } else { MetricsWriter::create(&metrics_path)? };
     let elapsed_before = state.elapsed_s;
     let segment_start = Instant::now();
-    let elapsed = |st: &TrainerState| -> f64 { let _ = st; elapsed_before + segment_start.elapsed().as_secs_f64() };
+    let elapsed = || elapsed_before + segment_start.elapsed().as_secs_f64();
     let run_eval = |model: &lora_models::Model| -> Result<Option<EvalResult>> {
         eval_loader.as_ref().map(|l| data::evaluate(model, l)).transpose()
     };
@@ -181,7 +185,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
                 step: 0,
                 epoch: Some(0.0),
                 tokens: 0,
-                elapsed_s: elapsed(&state),
+                elapsed_s: elapsed(),
                 eval_loss: Some(ev.eval_loss),
                 eval_perplexity: Some(ev.perplexity),
                 eval_tokens: Some(ev.loss_tokens as u64),
@@ -218,23 +222,14 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             progress.finish();
-            let last = checkpoint::latest_checkpoint(&out)?;
-            write_run_json(&out, cfg, "diverged", None)?;
-            let rows = metrics::read_metrics(&metrics_path).unwrap_or_default();
-            report::write_report(&out, "SFT run (diverged)", &[], &serde_json::to_value(cfg)?, &rows)?;
-            bail!(
-                "training diverged at step {}: loss {loss}, gradient norm {grad_norm}. Stopped before the update; {}. \
-                 Try a lower --learning-rate (now {}) or --max-grad-norm.",
-                step + 1,
-                match last {
-                    Some((dir, st)) => format!("the last good checkpoint is {} (step {}); no newer checkpoint or adapter was written", dir.display(), st.step),
-                    None => "no checkpoint was written yet".to_string(),
-                },
-                cfg.learning_rate
-            );
+            return Err(diverged(&out, cfg, &metrics_path, step + 1, &format!("loss {loss}, gradient norm {grad_norm}")));
         }
         let lr = schedule.lr_at(step);
         opt.step(&grads, lr)?;
+        if !training::all_finite(&params)? {
+            progress.finish();
+            return Err(diverged(&out, cfg, &metrics_path, step + 1, &format!("the update at lr {lr:.3e} made LoRA weights non-finite (loss was {loss})")));
+        }
 
         state.step = step + 1;
         state.epoch = (step + 1) / steps_per_epoch;
@@ -263,7 +258,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
                 row.eval_tokens = Some(ev.loss_tokens as u64);
             }
         }
-        state.elapsed_s = elapsed(&state);
+        state.elapsed_s = elapsed();
         row.elapsed_s = state.elapsed_s;
         metrics.write(&row)?;
         if state.step % cfg.checkpoint_interval == 0 || last_step {
@@ -369,6 +364,26 @@ fn prepare_run_dir(out: &Path, cfg: &SftConfig, resume: bool) -> Result<Option<(
         None => tracing::warn!("--resume: no complete checkpoint in {}; starting from step 0", out.display()),
     }
     Ok(latest)
+}
+
+/// Stop after a NaN/Inf: mark the run, keep the checkpoints (all written before this step,
+/// so the newest is the last good one), and say where to go from here.
+fn diverged(out: &Path, cfg: &SftConfig, metrics_path: &Path, step: usize, what: &str) -> anyhow::Error {
+    let last = checkpoint::latest_checkpoint(out).ok().flatten();
+    let _ = write_run_json(out, cfg, "diverged", None);
+    let rows = metrics::read_metrics(metrics_path).unwrap_or_default();
+    if let Ok(config) = serde_json::to_value(cfg) {
+        let _ = report::write_report(out, "SFT run (diverged)", &[], &config, &rows);
+    }
+    anyhow::anyhow!(
+        "training diverged at step {step}: {what}. Stopped before saving anything from this step; {}. \
+         Try a lower --learning-rate (now {}) or a --max-grad-norm.",
+        match last {
+            Some((dir, st)) => format!("the last good checkpoint is {} (step {}); no newer checkpoint or final adapter was written", dir.display(), st.step),
+            None => "no checkpoint was written yet".to_string(),
+        },
+        cfg.learning_rate
+    )
 }
 
 fn write_run_json(out: &Path, cfg: &SftConfig, status: &str, summary: Option<&SftSummary>) -> Result<()> {
