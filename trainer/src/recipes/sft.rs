@@ -70,13 +70,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
     // ---- 1. Run directory: fresh or resumed -------------------------------------------
     let resume_from = prepare_run_dir(&out, cfg, opts.resume)?;
 
-    // ---- 2. Model, data ---------------------------------------------------------------
-    let device = crate::device::parse_device(&cfg.device)?;
-    tracing::info!("loading {} ({:?}, {:?})", cfg.model, device, cfg.dtype);
-    let loaded = lora_models::load_model(&cfg.model, &device, cfg.dtype.to_candle())
-        .with_context(|| format!("loading model {}", cfg.model))?;
-    let (mut model, bundle, base_source) = (loaded.model, loaded.tokenizer, loaded.source);
-
+    // ---- 2. Data (validated first: cheaper than a model load), model, tokens ------------
     let full = data::load_chat_dataset(&cfg.dataset)?;
     let (train_ds, eval_ds) = match (&cfg.eval_dataset, cfg.eval_split) {
         (Some(path), _) => (full, Some(data::load_chat_dataset(path)?)),
@@ -90,6 +84,11 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
         }
         (None, None) => (full, None),
     };
+    let device = crate::device::parse_device(&cfg.device)?;
+    tracing::info!("loading {} ({:?}, {:?})", cfg.model, device, cfg.dtype);
+    let loaded = lora_models::load_model(&cfg.model, &device, cfg.dtype.to_candle())
+        .with_context(|| format!("loading model {}", cfg.model))?;
+    let (mut model, bundle, base_source) = (loaded.model, loaded.tokenizer, loaded.source);
     let train = data::tokenize_dataset(&bundle, &train_ds, cfg.max_sequence_length)?;
     let eval = eval_ds.as_ref().map(|d| data::tokenize_dataset(&bundle, d, cfg.max_sequence_length)).transpose()?;
     let pad = data::pad_token_id(&bundle);
