@@ -250,3 +250,79 @@ macro_rules! bind_f32 {
     };
 }
 pub(crate) use bind_f32;
+
+/// exp(x) to ~2 ulp (Cephes polynomial), branch-free so loops over it vectorise;
+/// inputs below -87.3 (including -inf) give exactly 0.
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let xc = x.clamp(-87.3, 88.7);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let p = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Sum with 16 independent accumulators (vectorises; no fast-math needed).
+#[inline]
+pub(crate) fn sum_f32(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    let mut s: f32 = chunks.remainder().iter().sum();
+    s += acc.iter().sum::<f32>();
+    s
+}
+
+/// Max with 16 independent lanes.
+#[inline]
+pub(crate) fn max_f32(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    acc.iter().fold(m, |a, &b| a.max(b))
+}
+
+/// `v[i] = exp(v[i] - m)` in place, returning the sum.
+#[inline]
+pub(crate) fn exp_shift_sum(v: &mut [f32], m: f32) -> f32 {
+    v.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+    sum_f32(v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fast_exp_is_accurate() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.0437;
+            let (got, want) = (super::fast_exp(x), x.exp());
+            assert!((got - want).abs() <= 3e-7 * want, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(super::fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(super::fast_exp(-100.0), 0.0);
+    }
+}

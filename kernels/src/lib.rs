@@ -14,6 +14,7 @@ use candle_core::{DType, Result, Tensor};
 pub mod cpu;
 pub mod cuda;
 pub mod ops;
+pub mod profile;
 pub mod reference;
 
 /// Whether the fused op path serves this device.

@@ -9,7 +9,7 @@
 //! only over the visible key range; nothing of size [hq, tq, tk] is ever held. The
 //! forward saves the per-row log-sum-exp; the backward recomputes the probabilities
 //! block by block.
-use crate::cpu::{bind_f32, f32_view, matmul, matmul_ld, storage_from_f32, tensor_from_f32, Mat, Par};
+use crate::cpu::{bind_f32, exp_shift_sum, f32_view, fast_exp, max_f32, matmul, matmul_ld, storage_from_f32, tensor_from_f32, Mat, Par};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -79,16 +79,12 @@ fn probs_row(s: &mut [f32], k0: usize, lo: usize, hi: usize, lse: Option<f32>) -
     let row = &mut s[a..e];
     match lse {
         Some(l) => {
-            row.iter_mut().for_each(|v| *v = (*v - l).exp());
+            row.iter_mut().for_each(|v| *v = fast_exp(*v - l));
             l
         }
         None => {
-            let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0f32;
-            row.iter_mut().for_each(|v| {
-                *v = (*v - m).exp();
-                sum += *v;
-            });
+            let m = max_f32(row);
+            let sum = exp_shift_sum(row, m);
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|v| *v *= inv);
             m + sum.ln()
@@ -110,6 +106,7 @@ impl CustomOp3 for CausalAttention {
         sv: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let op = self.name();
         let Dims { b, hq, hkv, tq, tk, d } = Self::dims(lq.dims(), lk.dims(), lv.dims())?;
         let q = f32_view(sq, lq, op)?;
@@ -169,6 +166,7 @@ impl CustomOp3 for CausalAttention {
             return Ok((None, None, None));
         }
         let op = "causal-attention-bwd";
+        let _p = crate::profile::scope(op);
         let Dims { b, hq, hkv, tq, tk, d } = Self::dims(q.dims(), k.dims(), v.dims())?;
         let lse = match self.lse.lock().unwrap().take() {
             Some(l) => l,

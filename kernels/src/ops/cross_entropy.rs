@@ -6,7 +6,7 @@
 //! that is turned into d(loss_i)/d(logits) in place and multiplied back through
 //! `lm_head`, so the forward already holds d(loss_i)/d(h_i) [n, h]. The backward
 //! only scales those rows by the incoming gradient. Rows with weight 0 are skipped.
-use crate::cpu::{bind_f32, f32_view, matmul, tensor_from_f32, Mat, Par};
+use crate::cpu::{bind_f32, exp_shift_sum, f32_view, matmul, max_f32, tensor_from_f32, Mat, Par};
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -34,6 +34,7 @@ impl CustomOp1 for LinearCrossEntropy {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let op = self.name();
         let (n, h) = l.shape().dims2()?;
         let (v, lh) = self.lm_head.dims2()?;
@@ -69,13 +70,15 @@ impl CustomOp1 for LinearCrossEntropy {
                 .zip(rows.par_iter())
                 .map(|(row, &i)| {
                     let t = self.targets[i] as usize;
-                    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+                    let mx = max_f32(row);
+                    let picked = row[t];
+                    let sum = exp_shift_sum(row, mx);
                     let lse = mx + sum.ln();
                     let w = weight(i);
-                    let nll = w * (lse - row[t]);
+                    let nll = w * (lse - picked);
                     if want_grad {
-                        row.iter_mut().for_each(|x| *x = w * (*x - lse).exp());
+                        let c = w / sum;
+                        row.iter_mut().for_each(|x| *x *= c);
                         row[t] -= w;
                     }
                     nll
@@ -107,6 +110,7 @@ impl CustomOp1 for LinearCrossEntropy {
             Some(t) => t,
             None => bail!("linear-cross-entropy: no saved gradient (built with want_grad = false, or backward ran twice)"),
         };
+        let _p = crate::profile::scope("linear-cross-entropy-bwd");
         let g = grad.to_dtype(DType::F32)?.reshape((grad.elem_count(), 1))?;
         Ok(Some(dh.broadcast_mul(&g)?.to_dtype(hidden.dtype())?))
     }

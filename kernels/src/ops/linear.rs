@@ -50,6 +50,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let op = self.name();
         let k = *l.dims().last().unwrap_or(&1);
         let n = l.shape().elem_count() / k.max(1);
@@ -87,6 +88,7 @@ impl CustomOp1 for FrozenLinearBwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let op = self.name();
         let (out, in_) = self.w.dims2()?;
         let n = l.shape().elem_count() / out.max(1);
@@ -127,6 +129,7 @@ impl CustomOp3 for LoraLinear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let op = self.name();
         let k = *lx.dims().last().unwrap_or(&1);
         let n = lx.shape().elem_count() / k.max(1);
@@ -176,6 +179,7 @@ impl LoraLinear {
         xa: Option<Tensor>,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = "lora-linear-bwd";
+        let _p = crate::profile::scope(op);
         let s = self.scale as f32;
         let (r, k) = a.dims2()?;
         let (out, _) = b.dims2()?;

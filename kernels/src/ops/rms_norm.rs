@@ -36,6 +36,7 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sw: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let op = self.name();
         let d = *lx.dims().last().unwrap_or(&1);
         let w = weight_f32(sw, lw, d, op)?;
@@ -98,6 +99,7 @@ impl CustomOp3 for RmsNormBwd {
         sg: &CpuStorage,
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let op = self.name();
         let d = *lx.dims().last().unwrap_or(&1);
         let n = lx.shape().elem_count() / d.max(1);

@@ -29,6 +29,7 @@ impl CustomOp3 for Rope {
         ss: &CpuStorage,
         ls: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let op = self.name();
         let (b, h, t, d) = lx.shape().dims4()?;
         if d % 2 != 0 {

@@ -1,5 +1,5 @@
 //! Softmax over the last dim with backward `dx = y (dy - sum(dy y))`.
-use crate::cpu::{f32_view, with_float_slice, Elem};
+use crate::cpu::{exp_shift_sum, f32_view, max_f32, sum_f32, with_float_slice, Elem};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -11,6 +11,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let d = *l.dims().last().unwrap_or(&1);
         fn run<T: Elem>(x: &[T], d: usize) -> CpuStorage {
             let mut y: Vec<T> = vec![T::from_f32(0.0); x.len()];
@@ -18,13 +19,9 @@ impl CustomOp1 for Softmax {
             y.par_chunks_mut(d * rows).zip(x.par_chunks(d * rows)).for_each(|(yc, xc)| {
                 let mut buf = vec![0f32; d];
                 for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                    let m = xr.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v.to_f32()));
-                    let mut sum = 0f32;
-                    for (b, v) in buf.iter_mut().zip(xr) {
-                        *b = (v.to_f32() - m).exp();
-                        sum += *b;
-                    }
-                    let inv = 1.0 / sum;
+                    buf.iter_mut().zip(xr).for_each(|(b, v)| *b = v.to_f32());
+                    let m = max_f32(&buf);
+                    let inv = 1.0 / exp_shift_sum(&mut buf, m);
                     for (o, b) in yr.iter_mut().zip(&buf) {
                         *o = T::from_f32(b * inv);
                     }
@@ -57,6 +54,7 @@ impl CustomOp2 for SoftmaxBwd {
     }
 
     fn cpu_fwd(&self, sy: &CpuStorage, ly: &Layout, sg: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let d = *ly.dims().last().unwrap_or(&1);
         let g = f32_view(sg, lg, self.name())?;
         fn run<T: Elem>(y: &[T], g: &[f32], d: usize) -> CpuStorage {
@@ -65,7 +63,13 @@ impl CustomOp2 for SoftmaxBwd {
             dx.par_chunks_mut(d * rows).zip(y.par_chunks(d * rows)).zip(g.par_chunks(d * rows)).for_each(
                 |((dc, yc), gc)| {
                     for ((dr, yr), gr) in dc.chunks_exact_mut(d).zip(yc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
-                        let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y.to_f32() * g).sum();
+                        let mut prod = [0f32; 256];
+                        let mut dot = 0f32;
+                        for (yc, gc) in yr.chunks(256).zip(gr.chunks(256)) {
+                            let p = &mut prod[..yc.len()];
+                            p.iter_mut().zip(yc).zip(gc).for_each(|((p, y), g)| *p = y.to_f32() * g);
+                            dot += sum_f32(p);
+                        }
                         for ((o, y), g) in dr.iter_mut().zip(yr).zip(gr) {
                             *o = T::from_f32(y.to_f32() * (g - dot));
                         }

@@ -8,7 +8,7 @@ pub struct Swiglu;
 
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + crate::cpu::fast_exp(-x))
 }
 
 impl CustomOp2 for Swiglu {
@@ -17,6 +17,7 @@ impl CustomOp2 for Swiglu {
     }
 
     fn cpu_fwd(&self, sg: &CpuStorage, lg: &Layout, su: &CpuStorage, lu: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         if lg.dims() != lu.dims() {
             bail!("swiglu: gate {:?} and up {:?} differ", lg.dims(), lu.dims());
         }
@@ -69,6 +70,7 @@ impl CustomOp3 for SwigluBwd {
         sd: &CpuStorage,
         ld: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
         let up = f32_view(su, lu, self.name())?;
         let dy = f32_view(sd, ld, self.name())?;
         fn run<T: Elem>(g: &[T], u: &[f32], dy: &[f32]) -> CpuStorage {

@@ -1,0 +1,88 @@
+//! Shared helpers of the benchmark binaries: peak RSS, the machine's GEMM ceiling,
+//! FLOP counts of a LoRA training step.
+use std::time::Instant;
+
+/// Peak resident set size of this process in MiB (VmHWM).
+pub fn peak_rss_mb() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Best-of-`reps` f32 GEMM throughput (GFLOP/s) of an n^3 product through the
+/// `gemm` crate on all rayon threads: this machine's practical FLOP ceiling.
+pub fn gemm_ceiling_gflops(n: usize, reps: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| ((i * 7 % 13) as f32) * 0.01).collect();
+    let b = a.clone();
+    let mut c = vec![0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        unsafe {
+            gemm::gemm(
+                n, n, n, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, n as isize, b.as_ptr(), 1, n as isize, 0.0, 1.0,
+                false, false, false, par,
+            );
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    2.0 * (n as f64).powi(3) / best / 1e9
+}
+
+/// Shapes needed to count the FLOPs of a step.
+pub struct StepShape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub rank: usize,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl StepShape {
+    /// (in, out) of the seven projections of one layer.
+    pub fn projections(&self) -> [(usize, usize); 7] {
+        let (h, i) = (self.hidden, self.intermediate);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    }
+
+    /// Model FLOPs of one LoRA training step (frozen base): every base matmul runs
+    /// forward (2 P) and input-gradient (2 P) per token, no weight gradient; LoRA
+    /// paths cost ~6 r (in + out) per token; causal attention 6 T^2 d per head and
+    /// sequence (forward QK^T, PV on the lower triangle; backward dV, dP, dQ, dK).
+    /// Recomputation (attention scores in backward) is not counted.
+    pub fn flops(&self) -> f64 {
+        let tokens = (self.batch * self.seq) as f64;
+        let proj = self.projections();
+        let p_layer: usize = proj.iter().map(|(i, o)| i * o).sum();
+        let lora_layer: usize = proj.iter().map(|(i, o)| i + o).sum::<usize>() * self.rank;
+        let p = (p_layer * self.layers + self.hidden * self.vocab) as f64;
+        let lora = (lora_layer * self.layers) as f64;
+        let attn = 6.0 * (self.seq as f64).powi(2) * (self.head_dim * self.heads) as f64 * (self.batch * self.layers) as f64;
+        4.0 * p * tokens + 6.0 * lora * tokens + attn
+    }
+}
+
+/// Seconds of `f` (best of `reps` after one warm-up call).
+pub fn time_best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
