@@ -6,7 +6,6 @@
 //! end-of-turn token that closes that content: the first non-whitespace token at or
 //! after the content's end, when it is a special token (`<|im_end|>`, `<|eot_id|>`).
 //! `scripts/golden/datasets/make_golden.py` holds the Python reference of this rule.
-use std::collections::HashSet;
 use std::ops::Range;
 
 use tokenizers::Tokenizer;
@@ -66,7 +65,6 @@ pub fn tokenize_chat_with_tools(
     let encoding = tokenizer.encode(rendered.as_str(), false).map_err(|e| MaskError::Tokenizer(e.to_string()))?;
     let offsets = encoding.get_offsets();
     let ids = encoding.get_ids();
-    let special = special_token_ids(tokenizer);
 
     let mut loss_mask = vec![0u8; ids.len()];
     for span in spans {
@@ -83,7 +81,7 @@ pub fn tokenize_chat_with_tools(
             !(end > start && rendered.get(start..end).is_some_and(|s| s.trim().is_empty()))
         });
         if let Some(t) = closing {
-            if special.contains(&ids[t]) {
+            if is_special_token(tokenizer, ids[t]) {
                 loss_mask[t] = 1;
             }
         }
@@ -126,8 +124,11 @@ pub fn tokenize_prompt(
     Ok(encoding.get_ids().to_vec())
 }
 
-fn special_token_ids(tokenizer: &Tokenizer) -> HashSet<u32> {
-    tokenizer.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect()
+/// An added token marked special (`<|im_end|>`, `<|eot_id|>`), as opposed to ordinary
+/// vocabulary or non-special added tokens such as Qwen's `<tool_call>`.
+fn is_special_token(tokenizer: &Tokenizer, id: u32) -> bool {
+    let added = tokenizer.get_added_vocabulary();
+    added.simple_id_to_token(id).is_some_and(|token| added.is_special_token(&token))
 }
 
 // Private-use characters no tokenizer or template gives meaning to.
