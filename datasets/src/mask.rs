@@ -5,7 +5,8 @@
 //! inside the content of a trainable assistant message (not `weight: 0`), and so is the
 //! end-of-turn token that closes that content: the first non-whitespace token at or
 //! after the content's end, when it is a special token (`<|im_end|>`, `<|eot_id|>`).
-//! `scripts/golden/datasets/make_golden.py` holds the Python reference of this rule.
+//! `scripts/golden/datasets/make_golden.py` holds the Python reference of this rule
+//! (`reference_mask`, `content_spans`, `thinking_span`), kept in step with this file.
 use std::ops::Range;
 
 use tokenizers::Tokenizer;
@@ -142,7 +143,7 @@ const SPAN_CLOSE: char = '\u{E001}';
 /// short or repetitive the content (a one-letter answer also occurs inside
 /// `<|im_start|>`). When the template transforms the content (`| trim`, thinking
 /// removal), fall back to finding each message's content, or its stripped form, left to
-/// right.
+/// right (see `thinking_span` for reasoning templates).
 fn trainable_content_spans(
     template: &ChatTemplate,
     messages: &[Message],
@@ -190,7 +191,8 @@ fn spans_by_search(messages: &[Message], rendered: &str) -> Result<Vec<Range<usi
         let found = [message.content.as_str(), message.content.trim()]
             .into_iter()
             .filter(|candidate| !candidate.is_empty())
-            .find_map(|candidate| rendered[cursor..].find(candidate).map(|at| cursor + at..cursor + at + candidate.len()));
+            .find_map(|candidate| rendered[cursor..].find(candidate).map(|at| cursor + at..cursor + at + candidate.len()))
+            .or_else(|| thinking_span(&message.content, rendered, cursor));
         match found {
             Some(span) => {
                 cursor = span.end;
@@ -204,4 +206,19 @@ fn spans_by_search(messages: &[Message], rendered: &str) -> Result<Vec<Range<usi
         }
     }
     Ok(spans)
+}
+
+/// Reasoning templates (Qwen3) rewrite `<think>R</think>A`: they re-space the reasoning,
+/// or drop it from earlier turns. The span then runs from the `<think>` tag written for
+/// this turn (when it comes before the answer) to the end of the answer `A`.
+fn thinking_span(content: &str, rendered: &str, cursor: usize) -> Option<Range<usize>> {
+    let (_, answer) = content.rsplit_once("</think>")?;
+    let answer = answer.trim();
+    if answer.is_empty() {
+        return None;
+    }
+    let answer_at = cursor + rendered[cursor..].find(answer)?;
+    let think_at = rendered[cursor..].find("<think>").map(|t| cursor + t);
+    let start = think_at.filter(|&t| t < answer_at).unwrap_or(answer_at);
+    Some(start..answer_at + answer.len())
 }

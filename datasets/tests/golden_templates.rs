@@ -17,6 +17,11 @@ fn renders_match_transformers_byte_for_byte() {
         let template = ChatTemplate::new(&template_source(name), opt_str(&case["bos_token"]), opt_str(&case["eos_token"]))
             .unwrap()
             .with_fixed_now(fixed_now);
+        // Extra apply_chat_template kwargs of the case (e.g. enable_thinking).
+        let template = match case["context"].as_object() {
+            Some(context) => context.iter().fold(template, |t, (name, value)| t.with_context(name, value.clone())),
+            None => template,
+        };
         let messages = messages_of(&case["messages"]);
         let tools = (!case["tools"].is_null()).then_some(&case["tools"]);
         let add_generation_prompt = case["add_generation_prompt"].as_bool().unwrap();

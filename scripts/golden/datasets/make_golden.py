@@ -61,6 +61,7 @@ TEMPLATE_TOKENS = {
     # template name -> (bos_token, eos_token) passed to the template, as a tokenizer would
     "smollm2": ("<|im_start|>", "<|im_end|>"),
     "qwen2.5": (None, "<|im_end|>"),
+    "qwen3": (None, "<|im_end|>"),
     "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
     "chatml": (None, None),
 }
@@ -132,18 +133,31 @@ CONVERSATIONS = {
         {"role": "tool", "content": "{\"temperature\": 21}", "tool_call_id": "call_1"},
         {"role": "assistant", "content": "It is 21 degrees in Paris."},
     ],
+    "thinking": [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "<think>\nTwo plus two.\n</think>\n\nIt is 4."},
+    ],
+    "thinking_multi_turn": [
+        {"role": "system", "content": "Think first."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "<think>\nTwo plus two.\n</think>\n\nIt is 4."},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "<think>\nThree plus three.\n</think>\n\nIt is 6."},
+    ],
 }
+THINKING = ("thinking", "thinking_multi_turn")
 
-# (template, conversation, add_generation_prompt, with_tools) cases rendered for renders.json
+# (template, conversation, add_generation_prompt, with_tools[, extra template context]) cases for renders.json
 RENDER_CASES = []
-for template in ["smollm2", "qwen2.5", "llama3", "chatml"]:
+for template in ["smollm2", "qwen2.5", "llama3", "chatml", "qwen3"]:
     for name in CONVERSATIONS:
-        if name == "tool_call":
+        if name == "tool_call" or (name in THINKING and template != "qwen3"):
             continue
         RENDER_CASES.append((template, name, False, False))
     RENDER_CASES.append((template, "prompt_only", True, False))
     RENDER_CASES.append((template, "single_turn", True, False))
-for template in ["qwen2.5", "llama3"]:
+RENDER_CASES.append(("qwen3", "prompt_only", True, False, {"enable_thinking": False}))
+for template in ["qwen2.5", "llama3", "qwen3"]:
     RENDER_CASES.append((template, "tool_call", False, True))
     RENDER_CASES.append((template, "prompt_only", True, True))
     RENDER_CASES.append((template, "single_turn", False, True))
@@ -151,9 +165,11 @@ for template in ["qwen2.5", "llama3"]:
 # (template, conversation) cases tokenized for masks.json (conversations with an assistant turn)
 MASK_CASES = [
     (template, name)
-    for template in ["smollm2", "qwen2.5", "llama3"]
+    for template in ["smollm2", "qwen2.5", "llama3", "qwen3"]
     for name in CONVERSATIONS
-    if name not in ("prompt_only",) and not (template == "smollm2" and name == "tool_call")
+    if name not in ("prompt_only",)
+    and not (template == "smollm2" and name == "tool_call")
+    and (name not in THINKING or template == "qwen3")
 ]
 
 
@@ -163,10 +179,10 @@ def template_messages(messages):
     return [{k: v for k, v in m.items() if k != "weight"} for m in messages]
 
 
-def render(template_name, messages, add_generation_prompt, tools):
+def render(template_name, messages, add_generation_prompt, tools, context=None):
     source = (TEMPLATES / f"{template_name}.jinja").read_text()
     bos, eos = TEMPLATE_TOKENS[template_name]
-    kwargs = {}
+    kwargs = dict(context or {})
     if bos is not None:
         kwargs["bos_token"] = bos
     if eos is not None:
@@ -224,6 +240,8 @@ def content_spans(template_name, messages, rendered):
                     found = (pos, pos + len(candidate))
                     break
         if found is None:
+            found = thinking_span(content, rendered, cursor)
+        if found is None:
             if trainable(m):
                 raise ValueError(f"assistant content not found in the render: {content!r}")
             continue
@@ -231,6 +249,23 @@ def content_spans(template_name, messages, rendered):
         if trainable(m):
             spans.append(found)
     return spans
+
+
+def thinking_span(content, rendered, cursor):
+    """Reasoning templates (Qwen3) rewrite `<think>R</think>A`: they re-space the
+    reasoning, or drop it from earlier turns. The span then runs from the `<think>` tag
+    written for this turn (when it comes before the answer) to the end of the answer."""
+    if "</think>" not in content:
+        return None
+    answer = content.split("</think>")[-1].strip()
+    if not answer:
+        return None
+    a = rendered.find(answer, cursor)
+    if a < 0:
+        return None
+    t = rendered.find("<think>", cursor)
+    start = t if 0 <= t < a else a
+    return (start, a + len(answer))
 
 
 def reference_mask(tokenizer, template_name, messages):
@@ -296,7 +331,8 @@ def main():
         smollm2_tokenizer_from_gguf().save(str(tokenizer_path), pretty=False)
 
     renders = []
-    for template, name, add_generation_prompt, with_tools in RENDER_CASES:
+    for template, name, add_generation_prompt, with_tools, *rest in RENDER_CASES:
+        context = rest[0] if rest else {}
         messages = CONVERSATIONS[name]
         tools = [WEATHER_TOOL] if with_tools else None
         renders.append(
@@ -308,7 +344,8 @@ def main():
                 "tools": tools,
                 "bos_token": TEMPLATE_TOKENS[template][0],
                 "eos_token": TEMPLATE_TOKENS[template][1],
-                "expected": render(template, messages, add_generation_prompt, tools),
+                "context": context,
+                "expected": render(template, messages, add_generation_prompt, tools, context),
             }
         )
 
