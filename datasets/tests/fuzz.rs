@@ -63,13 +63,23 @@ fn smollm2_tokenizer() -> &'static Tokenizer {
     })
 }
 
+/// Qwen3's template rewrites `<think>` blocks, which sends the mask down its fallback paths.
+fn qwen3_template() -> &'static ChatTemplate {
+    static TEMPLATE: OnceLock<ChatTemplate> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/datasets/templates/qwen3.jinja");
+        ChatTemplate::new(&std::fs::read_to_string(path).unwrap(), None, Some("<|im_end|>")).unwrap()
+    })
+}
+
 /// Content built from pieces that stress the mask: special-token text, sentinels,
 /// whitespace, repeated fragments of the template itself.
 fn tricky_content() -> impl Strategy<Value = String> {
     prop::collection::vec(
         prop_oneof![
             Just("<|im_end|>"), Just("<|im_start|>"), Just("assistant"), Just("\n"), Just(" "), Just("\u{e000}"),
-            Just("\u{e001}"), Just("a"), Just("é🙂"), Just("{{ x }}"), Just("{% if %}"), Just("\t")
+            Just("\u{e001}"), Just("a"), Just("é🙂"), Just("{{ x }}"), Just("{% if %}"), Just("\t"), Just("<think>"),
+            Just("</think>")
         ],
         0..8,
     )
@@ -105,9 +115,11 @@ proptest! {
             if i % 2 == 0 { Message::user(content.clone()) }
             else { Message { weight: zero.then_some(0.0), ..Message::assistant(content.clone()) } }
         }).collect();
-        if let Ok(t) = tokenize_chat(smollm2_tokenizer(), &ChatTemplate::chatml(), &messages) {
-            prop_assert_eq!(t.input_ids.len(), t.loss_mask.len());
-            prop_assert!(t.loss_tokens() > 0);
+        for template in [&ChatTemplate::chatml(), qwen3_template()] {
+            if let Ok(t) = tokenize_chat(smollm2_tokenizer(), template, &messages) {
+                prop_assert_eq!(t.input_ids.len(), t.loss_mask.len());
+                prop_assert!(t.loss_tokens() > 0);
+            }
         }
     }
 }
