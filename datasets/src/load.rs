@@ -70,6 +70,8 @@ pub fn parse_jsonl(path: &Path, bytes: &[u8], format: Option<Format>) -> Result<
         .zip(shapes.par_iter())
         .map(|(l, &shape)| {
             let mut line_problems = LineProblems::default();
+            // With --format every line is checked as that format (its field errors say
+            // more than "mixed formats"); detection reports the odd lines out instead.
             let mixed = if explicit_format { None } else { mixed_format_problem(shape, format) };
             if let Some(message) = mixed {
                 return (l.line, Err(vec![message]));
