@@ -326,3 +326,13 @@ mod tests {
         assert_eq!(super::fast_exp(-100.0), 0.0);
     }
 }
+
+/// A buffer of `n` elements for outputs that are fully overwritten before being read
+/// (gemm with `accumulate = false`, element-wise maps): skips the zero-fill pass.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn uninit<T: Copy>(n: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: callers write every element before reading any (plain float data).
+    unsafe { v.set_len(n) };
+    v
+}

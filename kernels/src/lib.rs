@@ -33,6 +33,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Rotary embedding, Hugging Face "rotate_half" layout.
 /// `x`: [b, h, t, d]; `cos`, `sin`: [b, t, d/2] (per-row positions, so packed
 /// samples can restart at 0), or [t, d/2] shared by all rows. Output contiguous.
+/// `x` need not be contiguous: pass `y.reshape((b, t, h, d))?.transpose(1, 2)?`
+/// directly (no `.contiguous()` copy, which the graph would also keep alive).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fused(x) {
         let (cos, sin) = if cos.rank() == 2 {
@@ -44,7 +46,9 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         };
         return reference::rope(x, &cos, &sin);
     }
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, ops::rope::Rope { inverse: false })
+    // A strided view (e.g. [b, t, h, d].transpose(1, 2)) is read in place.
+    let x = if x.rank() == 4 && x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
+    x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, ops::rope::Rope { inverse: false })
 }
 
 /// Numerically stable softmax over the last dim.

@@ -328,3 +328,23 @@ fn cross_entropy_without_grad_needs_no_backward_state() {
     let want = r::linear_cross_entropy(&h, &lm, &t, &w).unwrap().to_scalar::<f32>().unwrap();
     assert!((got - want).abs() <= 1e-4 * want.abs());
 }
+
+#[test]
+fn rope_strided_input_gradient() {
+    for dtype in DTYPES {
+        let (b, h, t, d) = (2, 3, 11, 16);
+        let (cos, sin) = cos_sin(b, t, d / 2);
+        let (c2, s2) = (cos.clone(), sin.clone());
+        check(
+            "rope_strided",
+            dtype,
+            vec![
+                inp(randn(&[b, t, h, d]), true),
+                Input { value: cos, trainable: false, cast: false },
+                Input { value: sin, trainable: false, cast: false },
+            ],
+            |x| k::rope(&x[0].transpose(1, 2)?, &x[1], &x[2]),
+            move |x| r::rope(&x[0].transpose(1, 2)?.contiguous()?, &c2, &s2),
+        );
+    }
+}

@@ -114,7 +114,7 @@ impl CustomOp3 for CausalAttention {
         let v = f32_view(sv, lv, op)?;
         let starts = self.segment_starts(b, tk)?;
         let (rep, off, scale) = (hq / hkv, tk - tq, self.scale);
-        let mut out = vec![0f32; b * hq * tq * d];
+        let mut out = crate::cpu::uninit::<f32>(b * hq * tq * d);
         let mut lse = vec![0f32; b * hq * tq];
         out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
             let (bi, hi) = (bh / hq, bh % hq);
@@ -179,7 +179,7 @@ impl CustomOp3 for CausalAttention {
         bind_f32!(gv = grad, op);
         let starts = self.segment_starts(b, tk)?;
         let (rep, off, scale) = (hq / hkv, tk - tq, self.scale);
-        let mut dq = vec![0f32; b * hq * tq * d];
+        let mut dq = crate::cpu::uninit::<f32>(b * hq * tq * d);
         let mut dk = vec![0f32; b * hkv * tk * d];
         let mut dv = vec![0f32; b * hkv * tk * d];
         // One task per (batch, kv head): it owns dK/dV of that head and dQ of its query heads.

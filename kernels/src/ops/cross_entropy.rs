@@ -54,7 +54,7 @@ impl CustomOp1 for LinearCrossEntropy {
         let mut loss = vec![0f32; n];
         let mut dh = if self.want_grad { vec![0f32; n * h] } else { Vec::new() };
         let c = chunk_rows(v);
-        let mut logits = vec![0f32; c.min(active.len().max(1)) * v];
+        let mut logits = crate::cpu::uninit::<f32>(c.min(active.len().max(1)) * v);
         let mut hc = vec![0f32; c * h];
         let mut dhc = vec![0f32; c * h];
         for rows in active.chunks(c) {

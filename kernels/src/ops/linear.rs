@@ -21,7 +21,7 @@ fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Option<&Tensor>
     if in_ != k {
         bail!("{op}: x has {k} features but the weight expects {in_}");
     }
-    let mut y = vec![0f32; n * out];
+    let mut y = crate::cpu::uninit::<f32>(n * out);
     let acc = match bias {
         Some(b) => {
             bind_f32!(bv = b, op);
@@ -93,7 +93,7 @@ impl CustomOp1 for FrozenLinearBwd {
         let (out, in_) = self.w.dims2()?;
         let n = l.shape().elem_count() / out.max(1);
         let g = f32_view(s, l, op)?;
-        let mut dx = vec![0f32; n * in_];
+        let mut dx = crate::cpu::uninit::<f32>(n * in_);
         bind_f32!(wv = self.w, op);
         matmul(&mut dx, false, Mat::new(&g, n, out), Mat::new(&wv, out, in_), 1.0, Par::All);
         Ok((storage_from_f32(dx, self.dtype)?, out_shape(l, in_)))
@@ -142,7 +142,7 @@ impl CustomOp3 for LoraLinear {
         let a = f32_view(sa, la, op)?;
         let b = f32_view(sb, lb, op)?;
         let mut y = base_forward(&x, n, k, &self.w, self.bias.as_ref(), op)?;
-        let mut xa = vec![0f32; n * r];
+        let mut xa = crate::cpu::uninit::<f32>(n * r);
         matmul(&mut xa, false, Mat::new(&x, n, k), Mat::new(&a, r, k).t(), 1.0, Par::All);
         matmul(&mut y, true, Mat::new(&xa, n, r), Mat::new(&b, out, r).t(), self.scale as f32, Par::All);
         *self.xa.lock().unwrap() = Some(tensor_from_f32(xa, (n, r), candle_core::DType::F32)?);
@@ -190,7 +190,7 @@ impl LoraLinear {
         bind_f32!(bv = b, op);
         let g = Mat::new(&g, n, out);
         // gx = s * dY B  [n, r]: the gradient reaching x A^T.
-        let mut gx = vec![0f32; n * r];
+        let mut gx = crate::cpu::uninit::<f32>(n * r);
         matmul(&mut gx, false, g, Mat::new(&bv, out, r), s, Par::All);
         let db = if b.track_op() {
             let xa = match xa {
@@ -202,21 +202,21 @@ impl LoraLinear {
                 }
             };
             bind_f32!(xav = xa, op);
-            let mut db = vec![0f32; out * r];
+            let mut db = crate::cpu::uninit::<f32>(out * r);
             matmul(&mut db, false, g.t(), Mat::new(&xav, n, r), s, Par::All);
             Some(tensor_from_f32(db, (out, r), b.dtype())?)
         } else {
             None
         };
         let da = if a.track_op() {
-            let mut da = vec![0f32; r * k];
+            let mut da = crate::cpu::uninit::<f32>(r * k);
             matmul(&mut da, false, Mat::new(&gx, n, r).t(), Mat::new(&xv, n, k), 1.0, Par::All);
             Some(tensor_from_f32(da, (r, k), a.dtype())?)
         } else {
             None
         };
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; n * k];
+            let mut dx = crate::cpu::uninit::<f32>(n * k);
             {
                 bind_f32!(wv = self.w, op);
                 matmul(&mut dx, false, g, Mat::new(&wv, out, k), 1.0, Par::All);

@@ -42,7 +42,7 @@ impl CustomOp2 for RmsNorm {
         let w = weight_f32(sw, lw, d, op)?;
         let eps = self.eps;
         fn run<T: Elem>(x: &[T], w: &[f32], d: usize, eps: f32) -> CpuStorage {
-            let mut y: Vec<T> = vec![T::from_f32(0.0); x.len()];
+            let mut y: Vec<T> = crate::cpu::uninit(x.len());
             y.par_chunks_mut(d * ROWS).zip(x.par_chunks(d * ROWS)).for_each(|(yc, xc)| {
                 for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
                     let r = inv_rms(xr, eps);

@@ -1,10 +1,24 @@
 //! Rotary embedding, Hugging Face rotate_half layout, with its backward (the same
 //! rotation by the negated angle).
 //!
-//! x: [b, h, t, d] contiguous; cos/sin: [b, t, d/2] (per-row positions) or [t, d/2].
-use crate::cpu::{f32_view, with_float_slice, Elem};
+//! x: [b, h, t, d], any strides with a contiguous last dim (e.g. the
+//! `[b, t, h, d] -> transpose(1, 2)` view, read without a copy); output contiguous; cos/sin: [b, t, d/2] (per-row positions) or [t, d/2].
+use crate::cpu::{f32_view, Elem};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+/// Geometry of a strided x [b, h, t, d] (last dim contiguous).
+#[derive(Clone, Copy)]
+struct Geo {
+    b: usize,
+    h: usize,
+    t: usize,
+    d: usize,
+    s0: usize,
+    s1: usize,
+    s2: usize,
+    off: usize,
+}
 
 pub struct Rope {
     /// Rotate by -angle (the backward of the forward rotation).
@@ -47,24 +61,25 @@ impl CustomOp3 for Rope {
             bail!("{op}: cos {:?} and sin {:?} differ", lc.dims(), ls.dims());
         }
         let sign = if self.inverse { -1f32 } else { 1f32 };
-        fn run<T: Elem>(
-            x: &[T],
-            cos: &[f32],
-            sin: &[f32],
-            (h, t, d): (usize, usize, usize),
-            per_batch: bool,
-            sign: f32,
-        ) -> CpuStorage {
+        let st = lx.stride();
+        if st[3] != 1 {
+            bail!("{op}: the head dim of x must be contiguous (strides {st:?})");
+        }
+        let geo = Geo { b, h, t, d, s0: st[0], s1: st[1], s2: st[2], off: lx.start_offset() };
+        fn run<T: Elem>(x: &[T], cos: &[f32], sin: &[f32], g: Geo, per_batch: bool, sign: f32) -> CpuStorage {
+            let (h, t, d) = (g.h, g.t, g.d);
             let half = d / 2;
-            let mut y: Vec<T> = vec![T::from_f32(0.0); x.len()];
-            // One task per (batch, head) plane of t*d elements.
-            y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).enumerate().for_each(|(bh, (yp, xp))| {
-                let bi = bh / h;
+            let b = g.b;
+            let mut y: Vec<T> = crate::cpu::uninit(b * h * t * d);
+            // One task per (batch, head) plane of t*d output elements.
+            y.par_chunks_mut(t * d).enumerate().for_each(|(bh, yp)| {
+                let (bi, hi) = (bh / h, bh % h);
                 let off = if per_batch { bi * t * half } else { 0 };
                 for ti in 0..t {
                     let c = &cos[off + ti * half..off + (ti + 1) * half];
                     let s = &sin[off + ti * half..off + (ti + 1) * half];
-                    let xr = &xp[ti * d..(ti + 1) * d];
+                    let xo = g.off + bi * g.s0 + hi * g.s1 + ti * g.s2;
+                    let xr = &x[xo..xo + d];
                     let yr = &mut yp[ti * d..(ti + 1) * d];
                     let (y1, y2) = yr.split_at_mut(half);
                     let (x1, x2) = xr.split_at(half);
@@ -78,8 +93,12 @@ impl CustomOp3 for Rope {
             });
             T::wrap(y)
         }
-        let (_, h, t, d) = (b, h, t, d);
-        let out = with_float_slice!(sx, lx, op, |x| run(x, &cos, &sin, (h, t, d), per_batch, sign));
+        let out = match sx {
+            CpuStorage::F32(x) => run(x, &cos, &sin, geo, per_batch, sign),
+            CpuStorage::BF16(x) => run(x, &cos, &sin, geo, per_batch, sign),
+            CpuStorage::F16(x) => run(x, &cos, &sin, geo, per_batch, sign),
+            _ => bail!("{op}: unsupported dtype"),
+        };
         Ok((out, lx.shape().clone()))
     }
 

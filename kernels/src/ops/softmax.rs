@@ -14,7 +14,7 @@ impl CustomOp1 for Softmax {
         let _p = crate::profile::scope(self.name());
         let d = *l.dims().last().unwrap_or(&1);
         fn run<T: Elem>(x: &[T], d: usize) -> CpuStorage {
-            let mut y: Vec<T> = vec![T::from_f32(0.0); x.len()];
+            let mut y: Vec<T> = crate::cpu::uninit(x.len());
             let rows = (crate::cpu::PAR_CHUNK / d.max(1)).max(1);
             y.par_chunks_mut(d * rows).zip(x.par_chunks(d * rows)).for_each(|(yc, xc)| {
                 let mut buf = vec![0f32; d];
@@ -58,7 +58,7 @@ impl CustomOp2 for SoftmaxBwd {
         let d = *ly.dims().last().unwrap_or(&1);
         let g = f32_view(sg, lg, self.name())?;
         fn run<T: Elem>(y: &[T], g: &[f32], d: usize) -> CpuStorage {
-            let mut dx: Vec<T> = vec![T::from_f32(0.0); y.len()];
+            let mut dx: Vec<T> = crate::cpu::uninit(y.len());
             let rows = (crate::cpu::PAR_CHUNK / d.max(1)).max(1);
             dx.par_chunks_mut(d * rows).zip(y.par_chunks(d * rows)).zip(g.par_chunks(d * rows)).for_each(
                 |((dc, yc), gc)| {

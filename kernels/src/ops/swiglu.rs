@@ -23,7 +23,7 @@ impl CustomOp2 for Swiglu {
         }
         let up = f32_view(su, lu, self.name())?;
         fn run<T: Elem>(g: &[T], u: &[f32]) -> CpuStorage {
-            let mut y: Vec<T> = vec![T::from_f32(0.0); g.len()];
+            let mut y: Vec<T> = crate::cpu::uninit(g.len());
             y.par_chunks_mut(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)).zip(u.par_chunks(PAR_CHUNK)).for_each(
                 |((yc, gc), uc)| {
                     for ((o, g), u) in yc.iter_mut().zip(gc).zip(uc) {
@@ -75,7 +75,7 @@ impl CustomOp3 for SwigluBwd {
         let dy = f32_view(sd, ld, self.name())?;
         fn run<T: Elem>(g: &[T], u: &[f32], dy: &[f32]) -> CpuStorage {
             let n = g.len();
-            let mut out: Vec<T> = vec![T::from_f32(0.0); 2 * n];
+            let mut out: Vec<T> = crate::cpu::uninit(2 * n);
             let (dg, du) = out.split_at_mut(n);
             dg.par_chunks_mut(PAR_CHUNK)
                 .zip(du.par_chunks_mut(PAR_CHUNK))
