@@ -40,13 +40,13 @@ show_generations() { # $1 = label, rest = extra args for generate
 import json, sys
 label, qs = sys.argv[1], sys.argv[2:]
 for q, o in zip(qs, json.load(sys.stdin)["outputs"]):
-    print(f"  [{label}] Q: {q}\n  [{label}] A: {o[\"text\"].strip()!r}")
+    print("  [%s] Q: %s\n  [%s] A: %s" % (label, q, label, o["text"].strip()))
 ' "$label" "${questions[@]}"
 }
 
 eval_loss() { # extra args for eval
   "$bin" eval --model "$gguf" --dataset "$eval" --device cpu --json "$@" 2>/dev/null |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"eval_loss {r[\"eval_loss\"]:.4f}  perplexity {r[\"perplexity\"]:.2f}  ({r[\"loss_tokens\"]} loss tokens)")'
+    python3 -c 'import json,sys; r=json.load(sys.stdin); print("eval_loss %.4f  perplexity %.2f  (%d loss tokens)" % (r["eval_loss"], r["perplexity"], r["loss_tokens"]))'
 }
 
 echo "== 3. before fine-tuning (held-out questions, greedy)" >&2
