@@ -32,7 +32,7 @@ impl DTypeArg {
 
 fn parse_eval_split(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if !(v > 0.0) || (v >= 1.0 && v.fract() != 0.0) {
+    if v.is_nan() || v <= 0.0 || (v >= 1.0 && v.fract() != 0.0) {
         return Err(format!("`{s}`: give a fraction in (0, 1) or a whole number of samples >= 1"));
     }
     Ok(v)
@@ -268,13 +268,13 @@ impl SftOptions {
         if !(0.0..1.0).contains(&cfg.lora_dropout) {
             errors.push(format!("--lora-dropout must be in [0, 1), got {}", cfg.lora_dropout));
         }
-        if !(cfg.weight_decay >= 0.0) {
+        if cfg.weight_decay.is_nan() || cfg.weight_decay < 0.0 {
             errors.push(format!("--weight-decay must be >= 0, got {}", cfg.weight_decay));
         }
-        if !(cfg.max_grad_norm >= 0.0) {
+        if cfg.max_grad_norm.is_nan() || cfg.max_grad_norm < 0.0 {
             errors.push(format!("--max-grad-norm must be >= 0 (0 disables clipping), got {}", cfg.max_grad_norm));
         }
-        if !(cfg.lora_alpha > 0.0) {
+        if cfg.lora_alpha.is_nan() || cfg.lora_alpha <= 0.0 {
             errors.push(format!("--lora-alpha must be positive, got {}", cfg.lora_alpha));
         }
         if cfg.max_sequence_length < 2 {

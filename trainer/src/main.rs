@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Supervised fine-tuning of a LoRA adapter on a chat dataset.
-    Sft(commands::sft::Args),
+    Sft(Box<commands::sft::Args>),
     /// Mean loss / perplexity of a model (optionally with an adapter) on a dataset.
     Eval(commands::eval::Args),
     /// Generate text from a prompt or a chat message.
@@ -37,7 +37,7 @@ fn main() -> std::process::ExitCode {
     lora_train::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Sft(args) => commands::sft::run(args),
+        Command::Sft(args) => commands::sft::run(*args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Merge(args) => commands::merge::run(args),

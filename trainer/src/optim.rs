@@ -195,8 +195,8 @@ mod tests {
         // Uninterrupted.
         let a = mk()?;
         let mut oa = AdamW::new(vec![("p".into(), a.clone())], cfg)?;
-        oa.step(&[g1.clone()], 1e-2)?;
-        oa.step(&[g2.clone()], 1e-2)?;
+        oa.step(std::slice::from_ref(&g1), 1e-2)?;
+        oa.step(std::slice::from_ref(&g2), 1e-2)?;
         // Interrupted after one step, state through a file.
         let dir = tempfile::tempdir()?;
         let b = mk()?;

@@ -12,7 +12,7 @@ pub const REPORT_FILE: &str = "report.md";
 
 fn nice_step(range: f64, target_ticks: usize) -> f64 {
     let raw = range / target_ticks.max(1) as f64;
-    if !(raw > 0.0) || !raw.is_finite() {
+    if raw.is_nan() || raw <= 0.0 || !raw.is_finite() {
         return 1.0;
     }
     let mag = 10f64.powf(raw.log10().floor());
