@@ -59,7 +59,7 @@ rm -rf "$out"
 t_train=$(date +%s)
 "$bin" sft --model "$gguf" --dataset "$train" --eval-dataset "$eval" --output "$out" \
   --epochs 1 --batch-size 8 --learning-rate 1e-3 --lora-rank 16 --lora-alpha 32 \
-  --eval-interval 10 --checkpoint-interval 20 --device cpu
+  --eval-interval 20 --checkpoint-interval 20 --device cpu
 t_trained=$(date +%s)
 
 echo "== 5. after fine-tuning" >&2
