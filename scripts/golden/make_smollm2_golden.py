@@ -198,6 +198,17 @@ def bench_generate(gguf_path: str, prompt_ids):
             times.append(time.perf_counter() - t0)
             assert out.shape[1] - p.shape[1] == BENCH_NEW_TOKENS
     best = min(times)
+    # The same with 1 thread: on an oversubscribed machine 2 OpenMP threads can be far slower
+    # than 1 (every parallel region waits for the descheduled thread), which shows here.
+    torch.set_num_threads(1)
+    times1 = []
+    with torch.no_grad():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model.generate(p, attention_mask=torch.ones_like(p), do_sample=False,
+                           max_new_tokens=BENCH_NEW_TOKENS, min_new_tokens=BENCH_NEW_TOKENS, pad_token_id=2)
+            times1.append(time.perf_counter() - t0)
+    torch.set_num_threads(2)
     load_after = round(os.getloadavg()[0], 2)
     return {
         "load_average_1m_after": load_after,
@@ -210,6 +221,8 @@ def bench_generate(gguf_path: str, prompt_ids):
         "seconds_each": [round(t, 4) for t in times],
         "best_seconds": round(best, 4),
         "tokens_per_s": round(BENCH_NEW_TOKENS / best, 2),
+        "one_thread": {"seconds_each": [round(t, 4) for t in times1],
+                       "tokens_per_s": round(BENCH_NEW_TOKENS / min(times1), 2)},
         "machine": m,
     }
 
