@@ -38,6 +38,7 @@ fn fwd(reps: usize, f: impl Fn() -> candle_core::Result<Tensor>) -> f64 {
 }
 
 fn main() -> Result<()> {
+    lora_benches::init_threads();
     let mut dtype = DType::F32;
     let mut reps = 5usize;
     let args: Vec<String> = std::env::args().collect();
