@@ -6,7 +6,8 @@
 #
 #   bash benches/run.sh [--model PATH] [--dtypes "f32 bf16"] [--steps 5] [--batch 4] [--seq 256] [--rank 16] [--ops]
 #
-# Env: PYTHON (default /root/.venvs/golden/bin/python), OUT (default target/bench-results).
+# Env: PYTHON (default /root/.venvs/golden/bin/python), OUT (default target/bench-results),
+#      EXTRA_BIN (optional second train_step binary, e.g. built from a patched model, run too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=/root/.cache/lora-train/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -29,6 +30,12 @@ for dt in $DTYPES; do
   "$PYTHON" benches/torch/peft_train_bench.py "${COMMON[@]}" --dtype "$dt" | tail -n 1 > "$OUT/torch_$dt.json"
   echo "== $dt: lora-train" >&2
   "$BIN/train_step" "${COMMON[@]}" --dtype "$dt" --profile > "$OUT/ours_$dt.json"
+  if [ -n "${EXTRA_BIN:-}" ]; then
+    echo "== $dt: $EXTRA_BIN" >&2
+    "$EXTRA_BIN" "${COMMON[@]}" --dtype "$dt" --profile > "$OUT/extra_$dt.json"
+  else
+    rm -f "$OUT/extra_$dt.json"
+  fi
 done
 if [ "$OPS" = 1 ]; then
   for dt in $DTYPES; do "$BIN/ops_bench" --dtype "$dt" > "$OUT/ops_$dt.json"; done
@@ -38,12 +45,17 @@ import json, os, sys
 out, dtypes = sys.argv[1], sys.argv[2:]
 targets = {"f32": (2.5, 0.5), "bf16": (2.0, None)}
 print(f"machine: {os.cpu_count()} logical CPUs, load avg {os.getloadavg()[0]:.2f}")
+runs = []
 for dt in dtypes:
-    t = json.load(open(f"{out}/torch_{dt}.json")); o = json.load(open(f"{out}/ours_{dt}.json"))
+    runs.append((dt, "lora-train", f"{out}/ours_{dt}.json"))
+    if os.path.exists(f"{out}/extra_{dt}.json"):
+        runs.append((dt, "lora-train (EXTRA_BIN)", f"{out}/extra_{dt}.json"))
+for dt, label, path in runs:
+    t = json.load(open(f"{out}/torch_{dt}.json")); o = json.load(open(path))
     sp = o["tokens_per_s"] / t["tokens_per_s"]; rss = o["peak_rss_mb"] / t["peak_rss_mb"]
-    print(f"\n[{dt}] batch {o['batch']}x{o['seq']}, LoRA r={o['rank']} on 7 projections, AdamW")
+    print(f"\n[{dt}] {label}: batch {o['batch']}x{o['seq']}, LoRA r={o['rank']} on 7 projections, AdamW")
     print(f"  PyTorch+PEFT : {t['tokens_per_s']:8.1f} tokens/s  step {t['step_s']:.3f}s  peak RSS {t['peak_rss_mb']:8.1f} MB")
-    print(f"  lora-train   : {o['tokens_per_s']:8.1f} tokens/s  step {o['step_s']:.3f}s  peak RSS {o['peak_rss_mb']:8.1f} MB"
+    print(f"  ours         : {o['tokens_per_s']:8.1f} tokens/s  step {o['step_s']:.3f}s  peak RSS {o['peak_rss_mb']:8.1f} MB"
           f"  (fwd {o['fwd_s']:.3f}s bwd {o['bwd_s']:.3f}s opt {o['opt_s']:.3f}s)")
     tgt_sp, tgt_rss = targets.get(dt, (None, None))
     print(f"  ratio        : {sp:.2f}x tokens/s" + (f" (target >= {tgt_sp}x)" if tgt_sp else "")

@@ -2,15 +2,9 @@
 //! FLOP counts of a LoRA training step.
 use std::time::Instant;
 
-/// Run candle's element-wise ops on the calling thread (`CANDLE_NUM_THREADS=1`)
-/// unless the user set it: candle 0.11.1 runs them on its own spin-waiting barrier
-/// pool, which competes with rayon (our fused ops, gemm) for the same cores; on this
-/// 2-core machine under load the spinning cost ~2 s of an ~8 s step. Must run before
-/// the first candle op.
+/// See [`lora_kernels::configure_cpu_threads`].
 pub fn init_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    lora_kernels::configure_cpu_threads();
 }
 
 /// Peak resident set size of this process in MiB (VmHWM).
