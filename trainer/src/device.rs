@@ -114,6 +114,11 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 tracing::info!("--device auto: no GPU found, using the CPU");
                 Ok(Device::Cpu)
             }
+            // A CPU-only build choosing the CPU is the expected case: not worth a log line.
+            Err(e) if !cfg!(feature = "cuda") => {
+                tracing::debug!("--device auto: using the CPU ({e})");
+                Ok(Device::Cpu)
+            }
             Err(e) => {
                 tracing::info!("--device auto: using the CPU ({e})");
                 Ok(Device::Cpu)
