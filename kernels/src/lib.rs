@@ -35,6 +35,10 @@ fn fused(t: &Tensor) -> bool {
 
 /// RMSNorm over the last dim: `x / sqrt(mean(x^2) + eps) * weight`, computed in f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::ops::rms_norm(x, weight, eps);
+    }
     if !fused(x) {
         return reference::rms_norm(x, weight, eps);
     }
@@ -47,6 +51,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `x` need not be contiguous: pass `y.reshape((b, t, h, d))?.transpose(1, 2)?`
 /// directly (no `.contiguous()` copy, which the graph would also keep alive).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::ops::rope(x, cos, sin);
+    }
     if !fused(x) {
         let (cos, sin) = if cos.rank() == 2 {
             let b = x.dim(0)?;
@@ -64,6 +72,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// Numerically stable softmax over the last dim.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::ops::softmax_last_dim(x);
+    }
     if !fused(x) {
         return reference::softmax_last_dim(x);
     }
@@ -72,6 +84,10 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() {
+        return cuda::ops::swiglu(gate, up);
+    }
     if !fused(gate) {
         return reference::swiglu(gate, up);
     }
@@ -82,6 +98,10 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// returns dX only (and nothing when `x` needs no gradient). `w` and `bias` may be
 /// bf16 while `x` is f32 or the reverse; the output has `x`'s dtype.
 pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::ops::frozen_linear(x, w, bias);
+    }
     if !fused(x) {
         return reference::frozen_linear(x, w, bias);
     }
@@ -94,8 +114,13 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
 /// master `A`/`B`): compute is f32, the output has `x`'s dtype and each gradient
 /// its input's dtype.
 pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::ops::lora_linear(x, w, bias, a, b, scale);
+    }
     if !fused(x) {
-        return reference::lora_linear(x, w, bias, a, b, scale);
+        // The composite path needs one dtype; the casts are differentiable.
+        return reference::lora_linear(x, w, bias, &a.to_dtype(x.dtype())?, &b.to_dtype(x.dtype())?, scale);
     }
     let op = ops::linear::LoraLinear::new(w.detach(), bias.map(|b| b.detach()), scale);
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
@@ -136,6 +161,10 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: Option<&Te
 /// weighted SUM, so callers can normalise over an accumulated batch).
 /// Never materialises [n, v] logits; rows with weight 0 cost nothing.
 pub fn linear_cross_entropy(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() {
+        return cuda::ops::linear_cross_entropy(hidden, lm_head, targets, weights);
+    }
     if !fused(hidden) {
         return reference::linear_cross_entropy(hidden, lm_head, targets, weights);
     }

@@ -137,13 +137,16 @@ impl Decoder {
 
     /// Hidden states after the final norm, [b, tq, hidden].
     /// `positions`: [b*tq] rotary positions of the new tokens; `segments`: [b*total]
-    /// segment ids of every position (cached + new), see `mask::attention_bias`.
+    /// segment ids of every position (cached + new): a query attends earlier keys of
+    /// its own contiguous run of equal ids (causal + padding + packing in one rule).
     pub fn forward(&self, input_ids: &Tensor, positions: &[u32], segments: &[u32], cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
         let (b, tq) = input_ids.dims2()?;
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let total = past + tq;
         let (cos, sin) = self.rotary.tables(positions, b, tq, &self.device)?;
-        let bias = crate::mask::attention_bias(segments, b, total, past, tq, &self.device)?;
+        // Segment ids of every key position (0 = padding, packed samples 1, 2, ..): the
+        // fused attention lets a query see only earlier keys of its own segment.
+        let segment_ids = Tensor::from_slice(segments, (b, total), &self.device)?;
         let mut h = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, tq, self.cfg.hidden_size))?;
         let mut cache = cache;
         if let Some(c) = cache.as_deref_mut() {
@@ -153,7 +156,7 @@ impl Decoder {
             let residual = h.clone();
             let x = lora_kernels::rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let attn = self.attention(&layer.self_attn, &x, &cos, &sin, &bias, slot)?;
+            let attn = self.attention(&layer.self_attn, &x, &cos, &sin, &segment_ids, slot)?;
             h = (residual + attn)?;
             let residual = h.clone();
             let x = lora_kernels::rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
@@ -170,12 +173,12 @@ impl Decoder {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        bias: &Tensor,
+        segment_ids: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
         let mut q = heads(attn.q_proj.forward(x)?, nh)?;
         let mut k = heads(attn.k_proj.forward(x)?, nkv)?;
         let v = heads(attn.v_proj.forward(x)?, nkv)?;
@@ -196,18 +199,8 @@ impl Decoder {
             }
             None => (k, v),
         };
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let y = lora_kernels::attention(&q, &k, &v, Some(bias), 1.0 / (hd as f64).sqrt())?;
+        let y = lora_kernels::causal_attention(&q, &k, &v, Some(segment_ids), 1.0 / (hd as f64).sqrt())?;
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         attn.o_proj.forward(&y)
     }
-}
-
-/// [b, kv, T, d] -> [b, kv*rep, T, d] (each kv head serves `rep` query heads).
-fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))
 }

@@ -5,7 +5,6 @@ pub mod decoder;
 pub mod generate;
 pub mod gguf;
 pub mod lora;
-pub mod mask;
 pub mod merge;
 pub mod model;
 pub mod rope;

@@ -141,11 +141,13 @@ impl Linear {
         let Some(lora) = self.lora.as_ref().filter(|_| self.switch.enabled()) else {
             return lora_kernels::frozen_linear(x, &self.weight, bias);
         };
-        let a = lora.a.as_tensor().to_dtype(x.dtype())?;
-        let b = lora.b.as_tensor().to_dtype(x.dtype())?;
         match self.switch.dropout_seed().filter(|_| lora.dropout > 0.0) {
-            None => lora_kernels::lora_linear(x, &self.weight, bias, &a, &b, lora.scale),
+            // The fused op takes f32 A/B next to bf16 x/W and returns f32 gradients,
+            // so the master weights are never cast on the hot path.
+            None => lora_kernels::lora_linear(x, &self.weight, bias, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale),
             Some(seed) => {
+                let a = lora.a.as_tensor().to_dtype(x.dtype())?;
+                let b = lora.b.as_tensor().to_dtype(x.dtype())?;
                 // PEFT: base(x) + B(A(dropout(x))) * scale; dropout only on the LoRA path.
                 let base = lora_kernels::frozen_linear(x, &self.weight, bias)?;
                 let dropped = dropout(x, lora.dropout, seed ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))?;

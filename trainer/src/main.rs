@@ -34,6 +34,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any candle op starts its thread pool (see the function's comment).
+    lora_kernels::configure_cpu_threads();
     lora_train::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {

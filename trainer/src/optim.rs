@@ -76,6 +76,10 @@ impl AdamW {
         if grads.len() != self.params.len() {
             bail!("AdamW::step: {} gradients for {} parameters", grads.len(), self.params.len());
         }
+        #[cfg(feature = "cuda")]
+        if self.params.first().is_some_and(|p| p.var.device().is_cuda()) {
+            return self.step_cuda(grads, lr);
+        }
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
@@ -94,6 +98,19 @@ impl AdamW {
             let theta = (theta - update)?;
             p.var.set(&theta.to_dtype(p.var.dtype())?)?;
         }
+        Ok(())
+    }
+
+    /// The same update as one fused kernel launch over every tensor (kernels/src/cuda,
+    /// `adamw_multi`), updating parameters and moments in place.
+    #[cfg(feature = "cuda")]
+    fn step_cuda(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let grads = grads.iter().map(|g| g.to_dtype(DType::F32)?.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+        let mut kernel = lora_kernels::cuda::ops::AdamW { lr, beta1, beta2, eps, weight_decay, step: self.step };
+        let tuples: Vec<_> = self.params.iter().zip(&grads).map(|(p, g)| (p.var.as_tensor(), g, &p.m, &p.v)).collect();
+        kernel.step(&tuples, 1.0)?;
+        self.step = kernel.step;
         Ok(())
     }
 
