@@ -120,7 +120,9 @@ impl Model {
 
     /// [.., vocab] f32 logits of hidden states.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        hidden.broadcast_matmul(&self.decoder.lm_head_weight().t()?)?.to_dtype(DType::F32)
+        // The frozen-linear op: no gradient for the (frozen) head, and a memory-bound
+        // fast path for decode steps.
+        lora_kernels::frozen_linear(hidden, self.decoder.lm_head_weight(), None)?.to_dtype(DType::F32)
     }
 
     /// Sum over t >= 1 of `loss_mask[b, t] * CE(logits[b, t-1], input_ids[b, t])`, a

@@ -4,6 +4,7 @@
 //! so candle's backprop never asks for (or computes) their gradient. The LoRA op
 //! computes `y = x W^T + b + s (x A^T) B^T` without forming `W + s B A`, keeps
 //! `x A^T` for backward, and returns dX, dA, dB from one backward call.
+use super::gemv;
 use crate::cpu::{bind_f32, f32_view, matmul, storage_from_f32, tensor_from_f32, Mat, Par};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
@@ -33,6 +34,14 @@ fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Option<&Tensor>
         }
         None => false,
     };
+    if n <= gemv::MAX_ROWS {
+        let wc = w.contiguous()?;
+        let (ws, wl) = wc.storage_and_layout();
+        if let Some(weights) = gemv::Weights::from_storage(crate::cpu::cpu_storage(&ws, op)?, wl) {
+            gemv::gemv_rows(x, n, k, &weights, out, &mut y, acc);
+            return Ok(y);
+        }
+    }
     bind_f32!(wv = w, op);
     matmul(&mut y, acc, Mat::new(x, n, k), Mat::new(&wv, out, k).t(), 1.0, Par::All);
     Ok(y)

@@ -5,6 +5,7 @@
 //! gradients of inputs that are tracked (`Tensor::track_op`).
 pub mod attention;
 pub mod cross_entropy;
+pub mod gemv;
 pub mod linear;
 pub mod rms_norm;
 pub mod rope;
