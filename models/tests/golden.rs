@@ -74,6 +74,16 @@ fn rel_err(ours: &Tensor, golden: &Tensor) -> Result<f32> {
     Ok(diff / scale)
 }
 
+/// The golden loss: mean token cross-entropy over the golden loss mask.
+fn mean_loss(m: &LoadedModel, g: &Golden) -> Result<Tensor> {
+    let (seg, pos) = g.segments_positions()?;
+    let ids = g.input_ids()?;
+    let mask = g.our_loss_mask()?;
+    let hidden = m.model.forward_hidden(&ids, &pos, Some(&seg))?;
+    let n = mask.sum_all()?.to_scalar::<f32>()?;
+    Ok((m.model.loss_sum(&hidden, &ids, &mask)? / n as f64)?)
+}
+
 fn logits_of(m: &LoadedModel, g: &Golden) -> Result<Tensor> {
     let (seg, pos) = g.segments_positions()?;
     let hidden = m.model.forward_hidden(&g.input_ids()?, &pos, Some(&seg))?;
@@ -106,12 +116,7 @@ fn check_model(name: &str) -> Result<()> {
     assert!(err < 1e-4, "{name}: LoRA logits rel err {err}");
 
     // 4. Loss and every LoRA gradient against PyTorch autograd.
-    let (seg, pos) = g.segments_positions()?;
-    let ids = g.input_ids()?;
-    let mask = g.our_loss_mask()?;
-    let hidden = m.model.forward_hidden(&ids, &pos, Some(&seg))?;
-    let n = mask.sum_all()?.to_scalar::<f32>()?;
-    let loss = (m.model.loss_sum(&hidden, &ids, &mask)? / n as f64)?;
+    let loss = mean_loss(&m, &g)?;
     let golden_loss = g.get("loss").to_scalar::<f32>()?;
     let loss_v = loss.to_scalar::<f32>()?;
     println!("{name}: loss {loss_v} vs {golden_loss}");
@@ -220,12 +225,7 @@ fn bf16_compute_tracks_f32_and_every_lora_tensor_gets_a_gradient() -> Result<()>
     let err = rel_err_valid(&lora, g.get("lora_logits"), &valid)?;
     println!("{name} bf16: LoRA logits rel err {err:.2e}");
     assert!(err < 3e-2, "bf16 logits rel err {err}");
-    let (seg, pos) = g.segments_positions()?;
-    let ids = g.input_ids()?;
-    let mask = g.our_loss_mask()?;
-    let hidden = m.model.forward_hidden(&ids, &pos, Some(&seg))?;
-    let n = mask.sum_all()?.to_scalar::<f32>()?;
-    let loss = (m.model.loss_sum(&hidden, &ids, &mask)? / n as f64)?;
+    let loss = mean_loss(&m, &g)?;
     let grads = loss.backward()?;
     let mut worst = 1f32;
     for (key, var) in m.model.lora_parameters() {
