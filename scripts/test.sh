@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI). Fetches the SmolLM2 GGUF used by the
-# real-model tests first (cached outside the clone).
+# real-model tests first (cached outside the clone), runs every test of the workspace,
+# and ends with one summary line over all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LORA_TRAIN_SMOLLM2_GGUF="${LORA_TRAIN_SMOLLM2_GGUF:-$(bash scripts/fetch_smollm2.sh)}"
-cargo test --workspace --no-fail-fast "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# cargo prints one "test result:" line per test binary; sum them.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
