@@ -32,8 +32,8 @@ impl DTypeArg {
 
 fn parse_eval_split(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if v.is_nan() || v <= 0.0 || (v >= 1.0 && v.fract() != 0.0) {
-        return Err(format!("`{s}`: give a fraction in (0, 1) or a whole number of samples >= 1"));
+    if v.is_nan() || v < 0.0 || (v >= 1.0 && v.fract() != 0.0) {
+        return Err(format!("`{s}`: give a fraction in (0, 1), a whole number of samples >= 1, or 0 for no evaluation"));
     }
     Ok(v)
 }
@@ -74,8 +74,8 @@ pub struct SftOptions {
     /// Held-out data for evaluation (chat JSONL). Mutually exclusive with --eval-split.
     #[arg(long, help_heading = "Data and model", conflicts_with = "eval_split")]
     pub eval_dataset: Option<PathBuf>,
-    /// Hold out part of --dataset for evaluation: a fraction in (0, 1) or a number of
-    /// samples. [default: no evaluation set]
+    /// Hold out part of --dataset for evaluation: a fraction in (0, 1), a number of
+    /// samples, or 0 for no evaluation. [default: 0.2 when no --eval-dataset is given]
     #[arg(long, help_heading = "Data and model", value_parser = parse_eval_split)]
     pub eval_split: Option<f64>,
     /// Run directory: final adapter, checkpoints/, metrics.jsonl, run.json, report.md.
@@ -229,11 +229,18 @@ impl SftOptions {
                 }
             },
         };
+        // Managed fine-tuning services hold out 20% when no eval file is given; so do we.
+        let eval_split = match (self.eval_dataset.as_ref(), self.eval_split) {
+            (Some(_), _) => None,
+            (None, Some(v)) if v == 0.0 => None,
+            (None, Some(v)) => Some(v),
+            (None, None) => Some(lora_datasets::DEFAULT_EVAL_FRACTION),
+        };
         let cfg = SftConfig {
             model: self.model.unwrap_or_default(),
             dataset: self.dataset.unwrap_or_default(),
             eval_dataset: self.eval_dataset,
-            eval_split: self.eval_split,
+            eval_split,
             output: self.output.unwrap_or_default(),
             max_sequence_length: self.max_sequence_length.unwrap_or(2048),
             packing: self.packing.unwrap_or(false),

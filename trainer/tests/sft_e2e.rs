@@ -131,7 +131,8 @@ fn batch_4_equals_batch_2_times_accumulation_2() {
         let out = tmp.path().join(name);
         let o = out.display().to_string();
         let mut args = base_args(&m, &d, &o);
-        args.extend(["--steps", "6", "--learning-rate", "1e-2", "--lora-dropout", "0", "--warmup-ratio", "0"]);
+        // No held-out split: all 16 samples train, so the three runs see the same data.
+        args.extend(["--steps", "6", "--learning-rate", "1e-2", "--lora-dropout", "0", "--warmup-ratio", "0", "--eval-split", "0"]);
         args.extend(extra);
         ok(&args);
         out
@@ -338,6 +339,9 @@ fn config_file_is_merged_under_flags_and_written_to_run_json() {
     assert_eq!(run_json["config"]["learning_rate"], 2e-3);
     assert_eq!(run_json["config"]["lora_rank"], 4);
     assert_eq!(run_json["config"]["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    // Neither --eval-dataset nor --eval-split: 20% of the data is held out and evaluated.
+    assert_eq!(run_json["config"]["eval_split"], 0.2);
+    assert!(metrics(&tmp.path().join("run")).iter().any(|r| r.get("eval_loss").is_some()), "no eval rows");
     let adapter = read_adapter(&tmp.path().join("run"));
     assert!(adapter.keys().all(|k| k.contains("q_proj") || k.contains("v_proj")));
 }

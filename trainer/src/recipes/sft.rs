@@ -80,7 +80,12 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
                 bail!("--eval-split {split} leaves no training data ({} has {} samples)", cfg.dataset.display(), full.len());
             }
             let (tr, ev) = full.split_eval(fraction, cfg.seed);
-            (tr, Some(ev))
+            if ev.is_empty() {
+                tracing::warn!("--eval-split {split}: {} has too few samples to hold any out; training without evaluation", cfg.dataset.display());
+                (tr, None)
+            } else {
+                (tr, Some(ev))
+            }
         }
         (None, None) => (full, None),
     };
