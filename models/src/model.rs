@@ -171,7 +171,13 @@ impl Model {
         for (key, var) in self.lora_parameters() {
             let t = tensors.remove(&key).with_context(|| format!("{}: missing tensor `{key}`", weights_path.display()))?;
             if t.dims() != var.dims() {
-                bail!("{}: tensor `{key}` has shape {:?}, expected {:?} (rank {})", weights_path.display(), t.dims(), var.dims(), cfg.rank);
+                bail!(
+                    "{}: tensor `{key}` has shape {:?}, expected {:?} (rank {}); was this adapter trained on another base model?",
+                    weights_path.display(),
+                    t.dims(),
+                    var.dims(),
+                    cfg.rank
+                );
             }
             var.set(&t.to_dtype(DType::F32)?)?;
         }
