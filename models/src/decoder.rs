@@ -68,11 +68,15 @@ pub struct Decoder {
     pub rotary: RotaryTables,
     pub switch: Arc<LoraSwitch>,
     pub device: Device,
+    /// Storage dtype of the frozen weights.
     pub dtype: DType,
+    /// dtype of activations (f32 compute over bf16-stored weights halves weight memory).
+    pub compute_dtype: DType,
 }
 
 impl Decoder {
-    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, device: &Device, dtype: DType) -> Result<Self> {
+    /// `dtype`: how the frozen weights are stored; `compute_dtype`: the activations'.
+    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, device: &Device, dtype: DType, compute_dtype: DType) -> Result<Self> {
         let switch = Arc::new(LoraSwitch::default());
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -128,6 +132,7 @@ impl Decoder {
             switch,
             device: device.clone(),
             dtype,
+            compute_dtype,
         })
     }
 
@@ -147,7 +152,11 @@ impl Decoder {
         // Segment ids of every key position (0 = padding, packed samples 1, 2, ..): the
         // fused attention lets a query see only earlier keys of its own segment.
         let segment_ids = Tensor::from_slice(segments, (b, total), &self.device)?;
-        let mut h = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, tq, self.cfg.hidden_size))?;
+        let mut h = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, tq, self.cfg.hidden_size))?
+            .to_dtype(self.compute_dtype)?;
         let mut cache = cache;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);

@@ -30,13 +30,21 @@ pub struct LoadedModel {
     pub source: String,
 }
 
-/// Load weights, config and tokenizer from a HF directory, a .gguf file or a hub id.
+/// Load weights, config and tokenizer from a HF directory, a .gguf file or a hub id;
+/// weights stored and computed in `dtype`.
 pub fn load_model(model_ref: &str, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    load_model_mixed(model_ref, device, dtype, dtype)
+}
+
+/// As [`load_model`], with the frozen weights stored in `weight_dtype` and the
+/// activations in `compute_dtype` (e.g. bf16 weights under f32 compute: half the
+/// weight memory, f32 numerics everywhere else).
+pub fn load_model_mixed(model_ref: &str, device: &Device, compute_dtype: DType, weight_dtype: DType) -> Result<LoadedModel> {
     let (decoder, tokenizer) = match source::resolve(model_ref)? {
         ModelSource::HfDir(dir) => {
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
             let src = weights::SafetensorsSource::open_dir(&dir)?;
-            let decoder = decoder::Decoder::load(cfg, &src, device, dtype)?;
+            let decoder = decoder::Decoder::load(cfg, &src, device, weight_dtype, compute_dtype)?;
             (decoder, tokenizer::load_from_hf_dir(&dir)?)
         }
         ModelSource::Gguf(path) => {
@@ -46,7 +54,7 @@ pub fn load_model(model_ref: &str, device: &Device, dtype: DType) -> Result<Load
                 src.set_unpermute_qk(Some((cfg.num_attention_heads, cfg.num_key_value_heads)));
             }
             let tokenizer = gguf::tokenizer_from_gguf(src.content()).with_context(|| format!("{}", path.display()))?;
-            (decoder::Decoder::load(cfg, &src, device, dtype)?, tokenizer)
+            (decoder::Decoder::load(cfg, &src, device, weight_dtype, compute_dtype)?, tokenizer)
         }
     };
     Ok(LoadedModel { model: Model::new(decoder), tokenizer, source: model_ref.to_string() })

@@ -23,8 +23,13 @@ impl Model {
     pub fn device(&self) -> &Device {
         &self.decoder.device
     }
+    /// Storage dtype of the frozen weights.
     pub fn dtype(&self) -> DType {
         self.decoder.dtype
+    }
+    /// dtype of the activations.
+    pub fn compute_dtype(&self) -> DType {
+        self.decoder.compute_dtype
     }
     pub fn lora_config(&self) -> Option<&LoraConfig> {
         self.lora_config.as_ref()

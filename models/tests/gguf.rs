@@ -92,7 +92,7 @@ fn llama_cpp_layout_gives_the_hf_logits() -> Result<()> {
     assert_eq!(cfg.num_key_value_heads, 2);
     assert!(!cfg.tie_word_embeddings);
     src.set_unpermute_qk(Some((cfg.num_attention_heads, cfg.num_key_value_heads)));
-    let decoder = lora_models::decoder::Decoder::load(cfg, &src, &Device::Cpu, DType::F32)?;
+    let decoder = lora_models::decoder::Decoder::load(cfg, &src, &Device::Cpu, DType::F32, DType::F32)?;
     let gguf_model = lora_models::Model::new(decoder);
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu)?;
     let pos = Tensor::arange(0u32, 8, &Device::Cpu)?.unsqueeze(0)?;

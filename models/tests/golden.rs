@@ -241,3 +241,32 @@ fn bf16_compute_tracks_f32_and_every_lora_tensor_gets_a_gradient() -> Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn f32_compute_over_bf16_stored_weights() -> Result<()> {
+    // The frozen base in bf16 (half the weight memory), activations and LoRA in f32.
+    let name = "llama-tiny";
+    let g = Golden::load(name)?;
+    let valid = g.attention_mask()?;
+    let dir = golden_dir().join("models").join(name);
+    let mut m = lora_models::load_model_mixed(dir.to_str().unwrap(), &Device::Cpu, DType::F32, DType::BF16)?;
+    assert_eq!((m.model.dtype(), m.model.compute_dtype()), (DType::BF16, DType::F32));
+    assert!(m.model.base_tensors().iter().all(|(_, t)| t.dtype() == DType::BF16));
+    m.model.load_adapter(&golden_dir().join("adapters").join(name))?;
+    let lora = logits_of(&m, &g)?;
+    assert_eq!(lora.dtype(), DType::F32);
+    // Only the weights were rounded to bf16: closer to f32 than full bf16 compute.
+    let err = rel_err_valid(&lora, g.get("lora_logits"), &valid)?;
+    println!("{name} bf16 weights / f32 compute: LoRA logits rel err {err:.2e}");
+    assert!(err < 1e-2, "rel err {err}");
+    let grads = mean_loss(&m, &g)?.backward()?;
+    for (key, var) in m.model.lora_parameters() {
+        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+        assert!(grad.abs()?.max_all()?.to_scalar::<f32>()? > 0.0, "zero gradient for {key}");
+        assert!(cosine(grad, g.get(&format!("grad.{key}")))? > 0.99, "{key} drifts");
+    }
+    for (key, t) in m.model.base_tensors() {
+        assert!(grads.get(&t).is_none(), "frozen base tensor {key} received a gradient");
+    }
+    Ok(())
+}

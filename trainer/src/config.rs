@@ -95,6 +95,10 @@ pub struct SftOptions {
     /// Model dtype: f32 or bf16 (LoRA weights and optimizer state stay f32). [default: f32]
     #[arg(long, help_heading = "Data and model", value_enum)]
     pub dtype: Option<DTypeArg>,
+    /// Storage dtype of the frozen base weights: bf16 halves their memory while compute
+    /// stays in --dtype. [default: --dtype]
+    #[arg(long, help_heading = "Data and model", value_enum)]
+    pub base_dtype: Option<DTypeArg>,
     /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). [default: auto]
     #[arg(long, help_heading = "Data and model")]
     pub device: Option<String>,
@@ -194,7 +198,7 @@ impl SftOptions {
             lower.eval_split = None;
         }
         merge_fields!(
-            self, lower, model, dataset, eval_dataset, eval_split, output, max_sequence_length, packing, group_by_length, dtype, device,
+            self, lower, model, dataset, eval_dataset, eval_split, output, max_sequence_length, packing, group_by_length, dtype, base_dtype, device,
             steps, epochs, batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler, warmup_ratio,
             weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, target_modules, use_rslora,
             checkpoint_interval, save_total_limit, eval_interval,
@@ -246,6 +250,7 @@ impl SftOptions {
             packing: self.packing.unwrap_or(false),
             group_by_length: self.group_by_length.unwrap_or(false),
             dtype: self.dtype.unwrap_or(DTypeArg::F32),
+            base_dtype: self.base_dtype.or(self.dtype).unwrap_or(DTypeArg::F32),
             device: self.device.unwrap_or_else(|| "auto".into()),
             steps: self.steps,
             epochs: self.epochs,
@@ -309,6 +314,8 @@ pub struct SftConfig {
     pub packing: bool,
     pub group_by_length: bool,
     pub dtype: DTypeArg,
+    /// Storage dtype of the frozen base weights.
+    pub base_dtype: DTypeArg,
     pub device: String,
     pub steps: Option<usize>,
     pub epochs: Option<usize>,

@@ -26,6 +26,9 @@ pub struct Args {
     pub batch_size: usize,
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
+    /// Storage dtype of the frozen base weights (bf16 halves their memory). [default: --dtype]
+    #[arg(long, value_enum)]
+    pub base_dtype: Option<DTypeArg>,
     /// cpu, cuda, cuda:N, or auto (the first GPU if there is one).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -50,7 +53,7 @@ pub fn evaluate(args: &Args) -> Result<data::EvalResult> {
     // Data problems first: they are cheaper to find than loading a model.
     let ds = data::load_chat_dataset(&args.dataset)?;
     let device = crate::device::parse_device(&args.device)?;
-    let mut loaded = lora_models::load_model(&args.model, &device, args.dtype.to_candle())
+    let mut loaded = lora_models::load_model_mixed(&args.model, &device, args.dtype.to_candle(), args.base_dtype.unwrap_or(args.dtype).to_candle())
         .with_context(|| format!("loading model {}", args.model))?;
     if let Some(dir) = &args.adapter {
         loaded.model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?;

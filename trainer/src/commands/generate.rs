@@ -1,7 +1,7 @@
 //! `lora-train generate`: KV-cached decoding from a base model, optionally with an adapter.
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use lora_models::{load_model, SamplingParams};
+use lora_models::{load_model_mixed, SamplingParams};
 use std::path::PathBuf;
 
 use crate::chat;
@@ -36,6 +36,9 @@ pub struct Args {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
+    /// Storage dtype of the frozen base weights (bf16 halves their memory). [default: --dtype]
+    #[arg(long, value_enum)]
+    pub base_dtype: Option<DTypeArg>,
     /// cpu, cuda:N, or auto (first GPU, else CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -55,7 +58,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--temperature must be >= 0, got {}", args.temperature);
     }
     let device = crate::device::parse_device(&args.device)?;
-    let mut loaded = load_model(&args.model, &device, args.dtype.to_candle())?;
+    let mut loaded = load_model_mixed(&args.model, &device, args.dtype.to_candle(), args.base_dtype.unwrap_or(args.dtype).to_candle())?;
     if let Some(dir) = &args.adapter {
         loaded.model.load_adapter(dir)?;
     }

@@ -90,8 +90,8 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
         (None, None) => (full, None),
     };
     let device = crate::device::parse_device(&cfg.device)?;
-    tracing::info!("loading {} ({:?}, {:?})", cfg.model, device, cfg.dtype);
-    let loaded = lora_models::load_model(&cfg.model, &device, cfg.dtype.to_candle())
+    tracing::info!("loading {} ({:?}, compute {:?}, base weights {:?})", cfg.model, device, cfg.dtype, cfg.base_dtype);
+    let loaded = lora_models::load_model_mixed(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle())
         .with_context(|| format!("loading model {}", cfg.model))?;
     let (mut model, bundle, base_source) = (loaded.model, loaded.tokenizer, loaded.source);
     let train = data::tokenize_dataset(&bundle, &train_ds, cfg.max_sequence_length)?;
