@@ -2,36 +2,24 @@
 //! loss-token count of a model, optionally with a PEFT adapter, over a chat dataset.
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use crate::config::DTypeArg;
+use super::model_args::ModelArgs;
 use crate::data;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Base model: a Hugging Face model directory, a .gguf file, or a hub id.
-    #[arg(long)]
-    pub model: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Chat JSONL to evaluate on.
     #[arg(long)]
     pub dataset: PathBuf,
-    /// PEFT adapter directory (ours or PEFT's) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
     /// Cut every sample to its first N tokens.
     #[arg(long, default_value_t = 2048)]
     pub max_sequence_length: usize,
     /// Samples per forward pass (does not change the result).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-    pub dtype: DTypeArg,
-    /// Storage dtype of the frozen base weights (bf16 halves their memory). [default: --dtype]
-    #[arg(long, value_enum)]
-    pub base_dtype: Option<DTypeArg>,
-    /// cpu, cuda, cuda:N, or auto (the first GPU if there is one).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
     /// Print {"eval_loss", "perplexity", "loss_tokens"} as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -52,12 +40,7 @@ pub fn evaluate(args: &Args) -> Result<data::EvalResult> {
     anyhow::ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     // Data problems first: they are cheaper to find than loading a model.
     let ds = data::load_chat_dataset(&args.dataset)?;
-    let device = crate::device::parse_device(&args.device)?;
-    let mut loaded = lora_models::load_model_mixed(&args.model, &device, args.dtype.to_candle(), args.base_dtype.unwrap_or(args.dtype).to_candle())
-        .with_context(|| format!("loading model {}", args.model))?;
-    if let Some(dir) = &args.adapter {
-        loaded.model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?;
-    }
+    let loaded = args.model.load()?;
     let set = data::tokenize_dataset(&loaded.tokenizer, &ds, args.max_sequence_length)?;
     let loader = data::eval_loader(&set, args.batch_size, args.max_sequence_length, data::pad_token_id(&loaded.tokenizer));
     data::evaluate(&loaded.model, &loader)

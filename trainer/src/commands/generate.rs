@@ -1,20 +1,15 @@
 //! `lora-train generate`: KV-cached decoding from a base model, optionally with an adapter.
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
-use lora_models::{load_model_mixed, SamplingParams};
-use std::path::PathBuf;
+use lora_models::SamplingParams;
 
+use super::model_args::ModelArgs;
 use crate::chat;
-use crate::config::DTypeArg;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Model: a Hugging Face directory, a .gguf file, or a hub id in the local HF cache.
-    #[arg(long)]
-    pub model: String,
-    /// A PEFT adapter directory to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Raw text prompt (no chat template). Repeat for a batch.
     #[arg(long, conflicts_with = "chat")]
     pub prompt: Vec<String>,
@@ -34,14 +29,6 @@ pub struct Args {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-    pub dtype: DTypeArg,
-    /// Storage dtype of the frozen base weights (bf16 halves their memory). [default: --dtype]
-    #[arg(long, value_enum)]
-    pub base_dtype: Option<DTypeArg>,
-    /// cpu, cuda:N, or auto (first GPU, else CPU).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -57,11 +44,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.temperature < 0.0 {
         bail!("--temperature must be >= 0, got {}", args.temperature);
     }
-    let device = crate::device::parse_device(&args.device)?;
-    let mut loaded = load_model_mixed(&args.model, &device, args.dtype.to_candle(), args.base_dtype.unwrap_or(args.dtype).to_candle())?;
-    if let Some(dir) = &args.adapter {
-        loaded.model.load_adapter(dir)?;
-    }
+    let loaded = args.model.load()?;
     let bundle = &loaded.tokenizer;
     let prompts: Vec<Vec<u32>> = if args.chat.is_empty() {
         args.prompt.iter().map(|p| bundle.encode(p)).collect::<Result<_>>()?

@@ -3,6 +3,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod model_args;
 pub mod sft;
 pub mod devices;
 pub mod selftest;

@@ -1,0 +1,41 @@
+//! The model flags shared by `eval` and `generate` (`--model`, `--adapter`, dtypes,
+//! `--device`) and loading what they name.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use lora_models::LoadedModel;
+
+use crate::config::DTypeArg;
+
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Base model: a Hugging Face model directory, a .gguf file, or a hub id in the local HF cache.
+    #[arg(long)]
+    pub model: String,
+    /// PEFT adapter directory (ours or PEFT's) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// Storage dtype of the frozen base weights (bf16 halves their memory). [default: --dtype]
+    #[arg(long, value_enum)]
+    pub base_dtype: Option<DTypeArg>,
+    /// cpu, cuda, cuda:N, or auto (the first GPU if there is one).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    /// The model on the chosen device, with the adapter applied when one was given.
+    pub fn load(&self) -> Result<LoadedModel> {
+        let device = crate::device::parse_device(&self.device)?;
+        let weights = self.base_dtype.unwrap_or(self.dtype);
+        let mut loaded = lora_models::load_model_mixed(&self.model, &device, self.dtype.to_candle(), weights.to_candle())
+            .with_context(|| format!("loading model {}", self.model))?;
+        if let Some(dir) = &self.adapter {
+            loaded.model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?;
+        }
+        Ok(loaded)
+    }
+}
