@@ -131,13 +131,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b:
 /// broadcastable to [b, h, tq, tk] (0 or -inf). Returns [b, h, tq, d].
 /// Holds the full [b, h, tq, tk] scores; prefer [`causal_attention`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = match bias {
-        Some(bias) => scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?,
-        None => scores,
-    };
-    let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-    probs.matmul(v)
+    reference::attention_with_softmax(q, k, v, bias, scale, softmax_last_dim)
 }
 
 /// Fused causal attention, memory-bounded (never holds [h, tq, tk] scores).

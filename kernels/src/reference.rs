@@ -67,12 +67,25 @@ pub fn lora_linear(
 /// (already repeated for grouped-query attention), `bias`: additive mask
 /// broadcastable to [b, h, tq, tk] (0 or -inf). Returns [b, h, tq, d].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    attention_with_softmax(q, k, v, bias, scale, softmax_last_dim)
+}
+
+/// [`attention`] with the softmax supplied by the caller (the public API passes the
+/// fused one; this module its composite one).
+pub fn attention_with_softmax(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+    softmax: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = match bias {
         Some(bias) => scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    let probs = softmax(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
     probs.matmul(v)
 }
 
