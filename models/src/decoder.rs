@@ -86,7 +86,7 @@ impl Decoder {
             let weight = get(&format!("{name}.weight"), &[out, inp])?;
             let bias = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
             index += 1;
-            Ok(Linear { name, index, weight, bias, lora: None, switch: switch.clone() })
+            Ok(Linear { name, index, weight, bias, adapters: Vec::new(), switch: switch.clone() })
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {

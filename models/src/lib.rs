@@ -16,7 +16,7 @@ pub use config::{Architecture, ModelConfig};
 pub use decoder::KvCache;
 pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
 pub use lora::{LoraConfig, ALL_TARGETS};
-pub use model::Model;
+pub use model::{InferenceGuard, Model, Route, RoutingGuard, DEFAULT_ADAPTER};
 pub use tokenizer::TokenizerBundle;
 
 use anyhow::{Context, Result};
@@ -58,6 +58,17 @@ pub fn load_model_mixed(model_ref: &str, device: &Device, compute_dtype: DType, 
         }
     };
     Ok(LoadedModel { model: Model::new(decoder), tokenizer, source: model_ref.to_string() })
+}
+
+/// Only the configuration (fast: no weights), e.g. for memory estimates.
+pub fn load_model_config(model_ref: &str) -> Result<ModelConfig> {
+    match source::resolve(model_ref)? {
+        ModelSource::HfDir(dir) => ModelConfig::from_hf_file(&dir.join("config.json")),
+        ModelSource::Gguf(path) => {
+            let src = weights::GgufSource::open(&path)?;
+            gguf::config_from_gguf(src.content()).with_context(|| format!("{}", path.display()))
+        }
+    }
 }
 
 /// Only the tokenizer side (fast: no weights), for `inspect` and dataset tooling.

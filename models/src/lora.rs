@@ -3,8 +3,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// The seven projections PEFT users target; `--target-modules` defaults to all.
 pub const ALL_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -76,13 +76,48 @@ impl LoraConfig {
     }
 }
 
-/// State shared by every LoRA layer of a model: on/off switch (the DPO/GRPO
-/// reference model is the base with adapters off) and the dropout seed.
+/// A contiguous block of batch rows and the adapter they go through (`None` = the frozen
+/// base alone: the DPO/GRPO reference rows), with the dropout seed of that adapter's
+/// training step (`None` = no dropout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowRoute {
+    pub rows: usize,
+    pub adapter: Option<usize>,
+    pub dropout_seed: Option<u64>,
+}
+
+/// How the rows of a batch reach the adapters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Every row, whatever the batch size, through one adapter (or none).
+    AllRows { adapter: Option<usize>, dropout_seed: Option<u64> },
+    /// Contiguous blocks that must cover the batch exactly.
+    Blocks(Vec<RowRoute>),
+}
+
+/// State shared by every LoRA layer of a model: how batch rows are routed to adapters,
+/// the dropout seed of the default route, and inference mode. Changed only through the
+/// guards of [`crate::Model`], which restore the previous state on drop.
 #[derive(Debug, Default)]
 pub struct LoraSwitch {
     disabled: AtomicBool,
     /// 0 = eval mode (no dropout); otherwise seed + 1.
     dropout_seed: AtomicU64,
+    /// No autograd graph: LoRA weights enter the forward detached, dropout is off.
+    inference: AtomicBool,
+    /// How many adapters the model holds (the default route needs exactly one).
+    adapters: AtomicUsize,
+    /// Explicit routing; None = every row through the model's only adapter.
+    routes: RwLock<Option<Routing>>,
+}
+
+/// A contiguous run of flattened rows (of `x` as [n, in]) through one adapter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ResolvedSegment {
+    start: usize,
+    len: usize,
+    adapter: usize,
+    dropout_seed: Option<u64>,
 }
 
 impl LoraSwitch {
@@ -101,6 +136,56 @@ impl LoraSwitch {
             s => Some(s - 1),
         }
     }
+    pub fn set_inference(&self, on: bool) {
+        self.inference.store(on, Ordering::Relaxed)
+    }
+    pub fn inference(&self) -> bool {
+        self.inference.load(Ordering::Relaxed)
+    }
+    pub(crate) fn set_adapter_count(&self, n: usize) {
+        self.adapters.store(n, Ordering::Relaxed)
+    }
+    pub fn routes(&self) -> Option<Routing> {
+        self.routes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn set_routes(&self, routes: Option<Routing>) {
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
+    }
+
+    /// The adapter segments of a batch of `batch_rows` rows, each row `row_len` flattened
+    /// rows long (`t` for [b, t, in] activations).
+    fn segments(&self, batch_rows: usize, row_len: usize) -> candle_core::Result<Vec<ResolvedSegment>> {
+        if !self.enabled() {
+            return Ok(Vec::new());
+        }
+        let training = !self.inference();
+        let all_rows = |adapter: usize, seed: Option<u64>| {
+            vec![ResolvedSegment { start: 0, len: batch_rows * row_len, adapter, dropout_seed: seed.filter(|_| training) }]
+        };
+        let routes = match self.routes() {
+            Some(Routing::Blocks(routes)) => routes,
+            Some(Routing::AllRows { adapter: None, .. }) => return Ok(Vec::new()),
+            Some(Routing::AllRows { adapter: Some(a), dropout_seed }) => return Ok(all_rows(a, dropout_seed)),
+            None => return match self.adapters.load(Ordering::Relaxed) {
+                0 => Ok(Vec::new()),
+                1 => Ok(all_rows(0, self.dropout_seed())),
+                n => candle_core::bail!("the model holds {n} adapters but no row routing was set (Model::route)"),
+            },
+        };
+        let total: usize = routes.iter().map(|r| r.rows).sum();
+        if total != batch_rows {
+            candle_core::bail!("row routing covers {total} rows but the batch has {batch_rows}");
+        }
+        let mut out = Vec::new();
+        let mut row = 0;
+        for r in &routes {
+            if let Some(adapter) = r.adapter {
+                out.push(ResolvedSegment { start: row * row_len, len: r.rows * row_len, adapter, dropout_seed: r.dropout_seed.filter(|_| training) });
+            }
+            row += r.rows;
+        }
+        Ok(out)
+    }
 }
 
 pub struct LoraAdapter {
@@ -112,7 +197,20 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
-/// A frozen projection, optionally with a LoRA adapter.
+impl LoraAdapter {
+    /// A and B as the forward should see them: the trainable variables, or detached
+    /// views of the same storage in inference mode (no graph is recorded through them).
+    fn weights(&self, inference: bool) -> (Tensor, Tensor) {
+        if inference {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        } else {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        }
+    }
+}
+
+/// A frozen projection with zero or more LoRA adapters (one per adapter of the model
+/// that targets this module; indexed like the model's adapter list).
 pub struct Linear {
     /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
@@ -120,7 +218,7 @@ pub struct Linear {
     pub index: usize,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    pub lora: Option<LoraAdapter>,
+    pub adapters: Vec<Option<LoraAdapter>>,
     pub switch: Arc<LoraSwitch>,
 }
 
@@ -135,42 +233,81 @@ impl Linear {
     pub fn module(&self) -> &str {
         self.name.rsplit('.').next().unwrap_or(&self.name)
     }
+    /// The adapter with index `i`, when it targets this module.
+    pub fn adapter(&self, i: usize) -> Option<&LoraAdapter> {
+        self.adapters.get(i).and_then(Option::as_ref)
+    }
 
+    /// `x W^T (+ bias)` for every row, plus each routed adapter's LoRA term on its rows.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let bias = self.bias.as_ref();
-        let Some(lora) = self.lora.as_ref().filter(|_| self.switch.enabled()) else {
-            return lora_kernels::frozen_linear(x, &self.weight, bias);
-        };
-        match self.switch.dropout_seed().filter(|_| lora.dropout > 0.0) {
-            // The fused op takes f32 A/B next to bf16 x/W and returns f32 gradients,
-            // so the master weights are never cast on the hot path.
-            None => lora_kernels::lora_linear(x, &self.weight, bias, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale),
-            Some(seed) => {
-                let a = lora.a.as_tensor().to_dtype(x.dtype())?;
-                let b = lora.b.as_tensor().to_dtype(x.dtype())?;
-                // PEFT: base(x) + B(A(dropout(x))) * scale; dropout only on the LoRA path.
-                let base = lora_kernels::frozen_linear(x, &self.weight, bias)?;
-                let dropped = dropout(x, lora.dropout, seed ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
-                let lora_out = (dropped.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * lora.scale)?;
-                base + lora_out
+        let batch_rows = x.dim(0)?;
+        let row_len = x.elem_count() / (batch_rows.max(1) * self.in_features().max(1));
+        let mut segments = self.switch.segments(batch_rows, row_len)?;
+        segments.retain(|s| self.adapter(s.adapter).is_some() && s.len > 0);
+        let inference = self.switch.inference();
+        let n_rows = batch_rows * row_len;
+        let dropout_on = |s: &ResolvedSegment| s.dropout_seed.is_some() && self.adapter(s.adapter).is_some_and(|l| l.dropout > 0.0);
+        match segments.as_slice() {
+            [] => lora_kernels::frozen_linear(x, &self.weight, bias),
+            // One adapter over every row: the fused op. It takes f32 A/B next to bf16 x/W
+            // and returns f32 gradients, so the master weights are never cast.
+            [s] if s.len == n_rows && !dropout_on(s) => {
+                let (a, b) = self.adapter(s.adapter).map(|l| l.weights(inference)).expect("retained above");
+                let scale = self.adapter(s.adapter).map_or(1.0, |l| l.scale);
+                lora_kernels::lora_linear(x, &self.weight, bias, &a, &b, scale)
             }
+            segs if segs.iter().any(dropout_on) => self.forward_composite(x, segs, n_rows, inference),
+            segs => self.forward_composite(x, segs, n_rows, inference),
         }
     }
 
+    /// Base GEMM once over all rows, then each segment's LoRA term (with PEFT's dropout on
+    /// the LoRA input) from candle ops, stitched back in row order with zeros between.
+    /// With one segment over all rows this is exactly the single-adapter dropout path.
+    fn forward_composite(&self, x: &Tensor, segs: &[ResolvedSegment], n_rows: usize, inference: bool) -> candle_core::Result<Tensor> {
+        let base = lora_kernels::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+        let out = self.out_features();
+        let flat = x.reshape((n_rows, self.in_features()))?;
+        let zeros = |rows: usize| Tensor::zeros((rows, out), x.dtype(), x.device());
+        let mut pieces = Vec::new();
+        let mut row = 0;
+        for s in segs {
+            if s.start > row {
+                pieces.push(zeros(s.start - row)?);
+            }
+            let lora = self.adapter(s.adapter).expect("segments name adapters of this module");
+            let (a, b) = lora.weights(inference);
+            let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+            let xs = flat.narrow(0, s.start, s.len)?;
+            // PEFT: base(x) + B(A(dropout(x))) * scale; dropout only on the LoRA path.
+            let xs = match s.dropout_seed.filter(|_| lora.dropout > 0.0) {
+                Some(seed) => dropout(&xs, lora.dropout, seed ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))?,
+                None => xs,
+            };
+            pieces.push((xs.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?);
+            row = s.start + s.len;
+        }
+        if row < n_rows {
+            pieces.push(zeros(n_rows - row)?);
+        }
+        let delta = Tensor::cat(&pieces, 0)?.reshape(base.shape())?;
+        base + delta
+    }
+
     /// PEFT init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
-    pub fn attach_lora(&mut self, cfg: &LoraConfig, rng: &mut impl Rng, device: &Device) -> Result<()> {
+    pub fn new_adapter(&self, cfg: &LoraConfig, rng: &mut impl Rng, device: &Device) -> Result<LoraAdapter> {
         let (out, inp, r) = (self.out_features(), self.in_features(), cfg.rank);
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
         let a = Tensor::from_vec(a, (r, inp), device)?;
         let b = Tensor::zeros((out, r), DType::F32, device)?;
-        self.lora = Some(LoraAdapter { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale: cfg.scale(), dropout: cfg.dropout });
-        Ok(())
+        Ok(LoraAdapter { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale: cfg.scale(), dropout: cfg.dropout })
     }
 
-    /// W + scale * B A, in the weight's dtype (for `merge`).
-    pub fn merged_weight(&self) -> Result<Tensor> {
-        match &self.lora {
+    /// W + scale * B A of adapter `i`, in the weight's dtype (for `merge`).
+    pub fn merged_weight(&self, i: usize) -> Result<Tensor> {
+        match self.adapter(i) {
             None => Ok(self.weight.clone()),
             Some(l) => {
                 let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;

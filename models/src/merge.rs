@@ -15,7 +15,7 @@ pub fn write_merged(model: &Model, tokenizer: &TokenizerBundle, out: &Path) -> R
     }
     for layer in &model.decoder().layers {
         for lin in layer.linears() {
-            tensors.insert(format!("{}.weight", lin.name), lin.merged_weight()?);
+            tensors.insert(format!("{}.weight", lin.name), lin.merged_weight(0)?);
         }
     }
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)), None)?;

@@ -10,12 +10,55 @@ use std::path::Path;
 
 pub struct Model {
     pub(crate) decoder: Decoder,
-    lora_config: Option<LoraConfig>,
+    /// Named adapters in the order their index is used by the layers and the routing.
+    adapters: Vec<(String, LoraConfig)>,
+}
+
+/// The name `add_lora` / `load_adapter` give the single adapter of a plain run.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// One block of batch rows for [`Model::route`]: `rows` rows through adapter `adapter`
+/// (`None` = the frozen base alone), with that adapter's dropout seed for this step.
+#[derive(Clone, Debug)]
+pub struct Route<'a> {
+    pub rows: usize,
+    pub adapter: Option<&'a str>,
+    pub dropout_seed: Option<u64>,
+}
+
+/// Restores the routing (or adapter on/off state) it replaced when dropped, so an early
+/// `?` return can never leave the model routed for somebody else's batch.
+#[must_use = "the routing is undone when the guard drops"]
+pub struct RoutingGuard {
+    switch: std::sync::Arc<lora::LoraSwitch>,
+    routes: Option<lora::Routing>,
+    enabled: bool,
+}
+
+impl Drop for RoutingGuard {
+    fn drop(&mut self) {
+        self.switch.set_routes(self.routes.take());
+        self.switch.set_enabled(self.enabled);
+    }
+}
+
+/// Inference mode (no autograd graph through the LoRA weights, no dropout) until dropped;
+/// then the previous mode is back.
+#[must_use = "inference mode ends when the guard drops"]
+pub struct InferenceGuard {
+    switch: std::sync::Arc<lora::LoraSwitch>,
+    previous: bool,
+}
+
+impl Drop for InferenceGuard {
+    fn drop(&mut self) {
+        self.switch.set_inference(self.previous);
+    }
 }
 
 impl Model {
     pub fn new(decoder: Decoder) -> Self {
-        Self { decoder, lora_config: None }
+        Self { decoder, adapters: Vec::new() }
     }
     pub fn config(&self) -> &ModelConfig {
         &self.decoder.cfg
@@ -31,37 +74,77 @@ impl Model {
     pub fn compute_dtype(&self) -> DType {
         self.decoder.compute_dtype
     }
+    /// The configuration of the model's first (in a plain run: only) adapter.
     pub fn lora_config(&self) -> Option<&LoraConfig> {
-        self.lora_config.as_ref()
+        self.adapters.first().map(|(_, c)| c)
+    }
+    pub fn adapter_names(&self) -> impl Iterator<Item = &str> {
+        self.adapters.iter().map(|(n, _)| n.as_str())
+    }
+    pub fn adapter_config(&self, name: &str) -> Option<&LoraConfig> {
+        self.adapters.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+    fn adapter_index(&self, name: &str) -> Result<usize> {
+        self.adapters.iter().position(|(n, _)| n == name).with_context(|| {
+            format!("no adapter named `{name}` (the model holds: {})", self.adapter_names().collect::<Vec<_>>().join(", "))
+        })
     }
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
     }
 
-    /// Attach fresh adapters (PEFT init) to the configured projections of every layer.
+    /// Replace every adapter with one fresh adapter named [`DEFAULT_ADAPTER`] (PEFT init).
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
-        cfg.validate()?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let device = self.decoder.device.clone();
-        for layer in self.decoder.layers.iter_mut() {
-            for lin in layer.linears_mut() {
-                if cfg.target_modules.iter().any(|t| t == lin.module()) {
-                    lin.attach_lora(cfg, &mut rng, &device)?;
-                } else {
-                    lin.lora = None;
-                }
-            }
-        }
-        self.lora_config = Some(cfg.clone());
-        Ok(())
+        self.remove_adapters();
+        self.add_adapter(DEFAULT_ADAPTER, cfg, seed).map(|_| ())
     }
 
-    /// Every trainable tensor under its PEFT key, layer by layer, A before B.
-    pub fn lora_parameters(&self) -> Vec<(String, Var)> {
+    /// Attach one more adapter (PEFT init from `seed`) to the configured projections of
+    /// every layer; returns its index. Its init does not depend on the other adapters, so
+    /// a sweep candidate starts exactly where the same `sft` run starts.
+    pub fn add_adapter(&mut self, name: &str, cfg: &LoraConfig, seed: u64) -> Result<usize> {
+        cfg.validate()?;
+        if self.adapter_config(name).is_some() {
+            bail!("the model already holds an adapter named `{name}`");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let device = self.decoder.device.clone();
+        let index = self.adapters.len();
+        for layer in self.decoder.layers.iter_mut() {
+            for lin in layer.linears_mut() {
+                let adapter = if cfg.target_modules.iter().any(|t| t == lin.module()) { Some(lin.new_adapter(cfg, &mut rng, &device)?) } else { None };
+                lin.adapters.resize_with(index, || None);
+                lin.adapters.push(adapter);
+            }
+        }
+        self.adapters.push((name.to_string(), cfg.clone()));
+        self.decoder.switch.set_adapter_count(self.adapters.len());
+        Ok(index)
+    }
+
+    fn remove_adapters(&mut self) {
+        for layer in self.decoder.layers.iter_mut() {
+            for lin in layer.linears_mut() {
+                lin.adapters.clear();
+            }
+        }
+        self.adapters.clear();
+        self.decoder.switch.set_adapter_count(0);
+        self.decoder.switch.set_routes(None);
+    }
+
+    /// The trainable tensors of one adapter under their PEFT keys, layer by layer, A
+    /// before B.
+    pub fn adapter_parameters(&self, name: &str) -> Result<Vec<(String, Var)>> {
+        let i = self.adapter_index(name)?;
+        Ok(self.parameters_of(i))
+    }
+
+    fn parameters_of(&self, i: usize) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for layer in &self.decoder.layers {
             for lin in layer.linears() {
-                if let Some(l) = &lin.lora {
+                if let Some(l) = lin.adapter(i) {
                     let (ka, kb) = lora::peft_keys(&lin.name);
                     out.push((ka, l.a.clone()));
                     out.push((kb, l.b.clone()));
@@ -69,6 +152,17 @@ impl Model {
             }
         }
         out
+    }
+
+    /// Every trainable tensor: under its PEFT key when the model holds one adapter, as
+    /// `NAME/KEY` when it holds several.
+    pub fn lora_parameters(&self) -> Vec<(String, Var)> {
+        if self.adapters.len() == 1 {
+            return self.parameters_of(0);
+        }
+        (0..self.adapters.len())
+            .flat_map(|i| self.parameters_of(i).into_iter().map(move |(k, v)| (format!("{}/{k}", self.adapters[i].0), v)))
+            .collect()
     }
 
     /// Every frozen base tensor (for tests asserting none of them gets a gradient).
@@ -97,11 +191,59 @@ impl Model {
         out
     }
 
-    /// Adapters off = the base model (the DPO/GRPO reference, no second copy).
-    pub fn set_adapter_enabled(&self, on: bool) {
-        self.decoder.switch.set_enabled(on)
+    /// Route blocks of batch rows to adapters until the guard drops. The blocks cover
+    /// the batch in order; rows with `adapter: None` see the frozen base alone, which is
+    /// how a reference model shares the base GEMM with the policy rows.
+    pub fn route(&self, routes: &[Route]) -> Result<RoutingGuard> {
+        let resolved = routes
+            .iter()
+            .map(|r| Ok(lora::RowRoute { rows: r.rows, adapter: r.adapter.map(|n| self.adapter_index(n)).transpose()?, dropout_seed: r.dropout_seed }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.set_routing(lora::Routing::Blocks(resolved)))
     }
-    /// Some(seed): training mode, LoRA dropout masks drawn from `seed`.
+
+    /// Every row of every batch through adapter `name` until the guard drops (evaluating
+    /// or sampling one candidate of a sweep, for example).
+    pub fn route_all(&self, name: &str) -> Result<RoutingGuard> {
+        let adapter = Some(self.adapter_index(name)?);
+        Ok(self.set_routing(lora::Routing::AllRows { adapter, dropout_seed: None }))
+    }
+
+    fn set_routing(&self, routing: lora::Routing) -> RoutingGuard {
+        let guard = self.routing_guard();
+        self.decoder.switch.set_routes(Some(routing));
+        self.decoder.switch.set_enabled(true);
+        guard
+    }
+
+    /// Adapters off (= the base model, the DPO/GRPO reference) until the guard drops.
+    pub fn adapters_off(&self) -> RoutingGuard {
+        let guard = self.routing_guard();
+        self.decoder.switch.set_enabled(false);
+        guard
+    }
+
+    fn routing_guard(&self) -> RoutingGuard {
+        let switch = self.decoder.switch.clone();
+        RoutingGuard { routes: switch.routes(), enabled: switch.enabled(), switch }
+    }
+
+    /// Inference mode until the guard drops: the forward records no autograd graph
+    /// through the LoRA weights (they enter detached) and dropout is off.
+    pub fn inference(&self) -> InferenceGuard {
+        let switch = self.decoder.switch.clone();
+        let previous = switch.inference();
+        switch.set_inference(true);
+        InferenceGuard { switch, previous }
+    }
+
+    /// Set inference mode without a guard (prefer [`Model::inference`]).
+    pub fn set_inference(&self, on: bool) {
+        self.decoder.switch.set_inference(on)
+    }
+
+    /// Some(seed): training mode, LoRA dropout masks drawn from `seed` (for the default
+    /// route; explicit routes carry their own seeds).
     pub fn set_dropout_seed(&self, seed: Option<u64>) {
         self.decoder.switch.set_dropout_seed(seed)
     }
@@ -144,25 +286,41 @@ impl Model {
         lora_kernels::linear_cross_entropy(&prev, self.decoder.lm_head_weight(), &targets, &weights)
     }
 
-    /// Write `adapter_config.json` + `adapter_model.safetensors` (PEFT layout).
-    /// Each file goes through a temporary name + rename; the weights land first so a
-    /// config never points at missing weights.
+    /// Write the model's only adapter as `adapter_config.json` +
+    /// `adapter_model.safetensors` (PEFT layout).
     pub fn save_adapter(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
-        let cfg = self.lora_config.as_ref().context("the model has no LoRA adapter to save")?;
+        match self.adapters.as_slice() {
+            [] => bail!("the model has no LoRA adapter to save"),
+            [(name, _)] => self.save_named_adapter(&name.clone(), dir, base_model_name_or_path),
+            _ => bail!("the model holds {} adapters; save one by name", self.adapters.len()),
+        }
+    }
+
+    /// Write adapter `name` in PEFT layout (keys without the adapter name, as PEFT and
+    /// vLLM expect). Each file goes through a temporary name + rename; the weights land
+    /// first so a config never points at missing weights.
+    pub fn save_named_adapter(&self, name: &str, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
+        let i = self.adapter_index(name)?;
         let tensors: HashMap<String, Tensor> = self
-            .lora_parameters()
+            .parameters_of(i)
             .into_iter()
             .map(|(k, v)| v.as_tensor().to_dtype(DType::F32).map(|t| (k, t)))
             .collect::<candle_core::Result<_>>()?;
         let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)), None)?;
         lora::write_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
-        let json = serde_json::to_vec_pretty(&lora::adapter_config_json(cfg, base_model_name_or_path))?;
+        let json = serde_json::to_vec_pretty(&lora::adapter_config_json(&self.adapters[i].1, base_model_name_or_path))?;
         lora::write_atomic(&dir.join("adapter_config.json"), &json)?;
         Ok(())
     }
 
-    /// Load a PEFT adapter directory (ours or PEFT's) onto this model.
+    /// Load a PEFT adapter directory (ours or PEFT's) as the model's only adapter.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig> {
+        self.remove_adapters();
+        self.load_named_adapter(DEFAULT_ADAPTER, dir)
+    }
+
+    /// Load a PEFT adapter directory as one more adapter named `name`.
+    pub fn load_named_adapter(&mut self, name: &str, dir: &Path) -> Result<LoraConfig> {
         let cfg = lora::parse_adapter_config(&dir.join("adapter_config.json"))?;
         let weights_path = dir.join("adapter_model.safetensors");
         if !weights_path.exists() {
@@ -172,8 +330,27 @@ impl Model {
             .with_context(|| format!("{}: cannot read", weights_path.display()))?;
         // PEFT sometimes writes the adapter name into keys (`lora_A.default.weight`).
         tensors = tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
-        self.add_lora(&cfg, 0)?;
-        for (key, var) in self.lora_parameters() {
+        let i = self.add_adapter(name, &cfg, 0)?;
+        let filled = self.fill_adapter(i, &mut tensors, &weights_path, &cfg);
+        if filled.is_err() {
+            self.pop_adapter();
+        }
+        filled.map(|()| cfg)
+    }
+
+    /// Undo the last `add_adapter` (a load that failed half-way).
+    fn pop_adapter(&mut self) {
+        for layer in self.decoder.layers.iter_mut() {
+            for lin in layer.linears_mut() {
+                lin.adapters.truncate(self.adapters.len() - 1);
+            }
+        }
+        self.adapters.pop();
+        self.decoder.switch.set_adapter_count(self.adapters.len());
+    }
+
+    fn fill_adapter(&self, i: usize, tensors: &mut HashMap<String, Tensor>, weights_path: &Path, cfg: &LoraConfig) -> Result<()> {
+        for (key, var) in self.parameters_of(i) {
             let t = tensors.remove(&key).with_context(|| format!("{}: missing tensor `{key}`", weights_path.display()))?;
             if t.dims() != var.dims() {
                 bail!(
@@ -189,6 +366,6 @@ impl Model {
         if let Some(extra) = tensors.keys().next() {
             bail!("{}: unexpected tensor `{extra}` (not a LoRA weight of this model and config)", weights_path.display());
         }
-        Ok(cfg)
+        Ok(())
     }
 }

@@ -1,7 +1,10 @@
-//! SFT configuration: command-line flags over an optional TOML file (`--config FILE`) over
-//! built-in defaults. Every option is `Option<T>` in [`SftOptions`] so that "not given" is
-//! visible and the three layers merge field by field; [`SftConfig`] is the resolved result,
-//! written to `RUN/run.json`.
+//! The shared training configuration of every method (`sft`, `sweep`, and the methods
+//! built on the engine): command-line flags over an optional TOML file (`--config FILE`)
+//! over built-in defaults. Every option is `Option<T>` in [`TrainOptions`] so that "not
+//! given" is visible and the three layers merge key by key; [`TrainConfig`] is the resolved
+//! result, written to `RUN/run.json`. Adding a flag touches two places: its field in
+//! [`TrainOptions`] (flag, doc, TOML key) and its field + default in [`TrainConfig`] /
+//! [`TrainOptions::resolve`].
 //!
 //! TOML keys are the flag names with underscores: `learning_rate = 2e-4`, `lora_rank = 16`,
 //! `target_modules = ["q_proj", "v_proj"]` (or a comma-separated string).
@@ -61,10 +64,11 @@ fn de_modules<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<Strin
     })
 }
 
-/// Every tunable of `lora-train sft`. Defaults are applied in [`SftOptions::resolve`].
+/// Every shared training flag, flattened into each method's arguments. Defaults are
+/// applied in [`TrainOptions::resolve`].
 #[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SftOptions {
+pub struct TrainOptions {
     /// Base model: a Hugging Face model directory, a .gguf file, or a hub id (Org/Name).
     #[arg(long, help_heading = "Data and model")]
     pub model: Option<String>,
@@ -78,6 +82,10 @@ pub struct SftOptions {
     /// samples, or 0 for no evaluation. [default: 0.2 when no --eval-dataset is given]
     #[arg(long, help_heading = "Data and model", value_parser = parse_eval_split)]
     pub eval_split: Option<f64>,
+    /// Train on a random subsample of this many training samples (drawn with --seed after
+    /// the held-out split). [default: all]
+    #[arg(long, help_heading = "Data and model", value_parser = parse_positive)]
+    pub max_train_samples: Option<usize>,
     /// Run directory: final adapter, checkpoints/, metrics.jsonl, run.json, report.md.
     #[arg(long, short = 'o', help_heading = "Data and model")]
     pub output: Option<PathBuf>,
@@ -167,23 +175,33 @@ pub struct SftOptions {
     pub eval_interval: Option<usize>,
 }
 
-macro_rules! merge_fields {
-    ($hi:expr, $lo:expr, $($f:ident),* $(,)?) => { SftOptions { $($f: $hi.$f.or($lo.$f)),* } };
+/// `hi`'s given keys over `lo`'s, through serde (every field is an `Option`, skipped
+/// when None), so a new flag needs no entry in a merge list.
+fn overlay<T: Serialize + serde::de::DeserializeOwned>(hi: T, lo: T) -> T {
+    let (Ok(serde_json::Value::Object(hi_map)), Ok(serde_json::Value::Object(mut merged))) = (serde_json::to_value(&hi), serde_json::to_value(&lo)) else {
+        return hi;
+    };
+    for (k, v) in hi_map {
+        if !v.is_null() {
+            merged.insert(k, v);
+        }
+    }
+    serde_json::from_value(serde_json::Value::Object(merged)).unwrap_or(hi)
 }
 
-impl SftOptions {
+impl TrainOptions {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let opts: SftOptions = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let opts: TrainOptions = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         // Relative paths in a config file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { base.join(p) } else { p });
-        Ok(SftOptions { dataset: rel(opts.dataset.clone()), eval_dataset: rel(opts.eval_dataset.clone()), output: rel(opts.output.clone()), ..opts })
+        Ok(TrainOptions { dataset: rel(opts.dataset.clone()), eval_dataset: rel(opts.eval_dataset.clone()), output: rel(opts.output.clone()), ..opts })
     }
 
     /// `self` (the command line) wins over `lower` (the config file). `--steps` on the
     /// command line also removes `epochs` from the file, and vice versa.
-    pub fn over(self, lower: SftOptions) -> SftOptions {
+    pub fn over(self, lower: TrainOptions) -> TrainOptions {
         let mut lower = lower;
         if self.steps.is_some() {
             lower.epochs = None;
@@ -197,16 +215,11 @@ impl SftOptions {
         if self.eval_dataset.is_some() {
             lower.eval_split = None;
         }
-        merge_fields!(
-            self, lower, model, dataset, eval_dataset, eval_split, output, max_sequence_length, packing, group_by_length, dtype, base_dtype, device,
-            steps, epochs, batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler, warmup_ratio,
-            weight_decay, max_grad_norm, seed, lora_rank, lora_alpha, lora_dropout, target_modules, use_rslora,
-            checkpoint_interval, save_total_limit, eval_interval,
-        )
+        overlay(self, lower)
     }
 
     /// Apply defaults and check ranges. Every problem is reported, not only the first.
-    pub fn resolve(self) -> Result<SftConfig> {
+    pub fn resolve(self) -> Result<TrainConfig> {
         let mut errors = Vec::new();
         let mut need = |name: &str, present: bool| {
             if !present {
@@ -240,11 +253,12 @@ impl SftOptions {
             (None, Some(v)) => Some(v),
             (None, None) => Some(lora_datasets::DEFAULT_EVAL_FRACTION),
         };
-        let cfg = SftConfig {
+        let cfg = TrainConfig {
             model: self.model.unwrap_or_default(),
             dataset: self.dataset.unwrap_or_default(),
             eval_dataset: self.eval_dataset,
             eval_split,
+            max_train_samples: self.max_train_samples,
             output: self.output.unwrap_or_default(),
             max_sequence_length: self.max_sequence_length.unwrap_or(2048),
             packing: self.packing.unwrap_or(false),
@@ -304,11 +318,13 @@ impl SftOptions {
 
 /// The resolved SFT configuration (`RUN/run.json` holds it under `"config"`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SftConfig {
+pub struct TrainConfig {
     pub model: String,
     pub dataset: PathBuf,
     pub eval_dataset: Option<PathBuf>,
     pub eval_split: Option<f64>,
+    #[serde(default)]
+    pub max_train_samples: Option<usize>,
     pub output: PathBuf,
     pub max_sequence_length: usize,
     pub packing: bool,
@@ -337,7 +353,7 @@ pub struct SftConfig {
     pub eval_interval: Option<usize>,
 }
 
-impl SftConfig {
+impl TrainConfig {
     /// Default epochs for a dataset size: min(5, ceil(2500 / samples)).
     pub fn default_epochs(train_samples: usize) -> usize {
         (2500usize.div_ceil(train_samples.max(1))).clamp(1, 5)
@@ -364,7 +380,7 @@ mod tests {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
-        o: SftOptions,
+        o: TrainOptions,
     }
 
     #[test]
@@ -372,7 +388,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("run.toml");
         std::fs::write(&file, "model = \"m\"\ndataset = \"d.jsonl\"\nepochs = 3\nlearning_rate = 1e-3\nlora_rank = 16\ntarget_modules = \"q_proj, v_proj\"\n")?;
-        let toml = SftOptions::from_toml_file(&file)?;
+        let toml = TrainOptions::from_toml_file(&file)?;
         let cli = Cli::try_parse_from(["x", "--steps", "7", "--rank", "4", "-o", "out", "--packing"])?.o;
         let cfg = cli.over(toml).resolve()?;
         assert_eq!(cfg.steps, Some(7));
@@ -401,15 +417,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "lerning_rate = 1\n").unwrap();
-        let err = format!("{:#}", SftOptions::from_toml_file(&f).unwrap_err());
+        let err = format!("{:#}", TrainOptions::from_toml_file(&f).unwrap_err());
         assert!(err.contains("lerning_rate"), "{err}");
     }
 
     #[test]
     fn default_epochs_rule() {
-        assert_eq!(SftConfig::default_epochs(100), 5);
-        assert_eq!(SftConfig::default_epochs(1000), 3);
-        assert_eq!(SftConfig::default_epochs(2500), 1);
-        assert_eq!(SftConfig::default_epochs(100_000), 1);
+        assert_eq!(TrainConfig::default_epochs(100), 5);
+        assert_eq!(TrainConfig::default_epochs(1000), 3);
+        assert_eq!(TrainConfig::default_epochs(2500), 1);
+        assert_eq!(TrainConfig::default_epochs(100_000), 1);
     }
 }

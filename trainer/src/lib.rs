@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod engine;
 pub mod logging;
 pub mod metrics;
 pub mod optim;

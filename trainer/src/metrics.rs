@@ -33,6 +33,10 @@ pub struct MetricsRow {
     pub eval_perplexity: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_tokens: Option<u64>,
+    /// Method-specific fields (DPO's `rewards_margin`, GRPO's `reward`, their `eval_`
+    /// forms), flattened into the row so the engine needs no change for a new method.
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 pub struct MetricsWriter {

@@ -46,6 +46,11 @@ impl TrainProgress {
         }
     }
 
+    /// The label in front of the bar (the method, or a sweep candidate's name).
+    pub fn set_prefix(&mut self, prefix: &str) {
+        self.bar.set_prefix(prefix.to_string());
+    }
+
     /// Record a finished optimizer step.
     pub fn step(&mut self, step: usize, loss: f64, lr: f64, step_tokens: u64) {
         self.tokens_since_start += step_tokens;

@@ -33,7 +33,12 @@ impl GradAccumulator {
     /// Back-propagate `loss` and add the gradient of every parameter. Fails when no
     /// parameter got a gradient at all (a broken graph must not train silently).
     pub fn backward(&mut self, loss: &Tensor, params: &[(String, Var)]) -> Result<()> {
-        let store = loss.backward()?;
+        self.add(&loss.backward()?, params)
+    }
+
+    /// Add the gradients `store` holds for `params` (one backward pass may serve several
+    /// runs, each with its own parameters). Fails when none of them got a gradient.
+    pub fn add(&mut self, store: &candle_core::backprop::GradStore, params: &[(String, Var)]) -> Result<()> {
         let mut reached = 0usize;
         for ((_, var), slot) in params.iter().zip(self.grads.iter_mut()) {
             if let Some(g) = store.get(var.as_tensor()) {

@@ -3,8 +3,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::config::SftOptions;
-use crate::recipes::sft::{self, RunOptions};
+use crate::config::TrainOptions;
+use crate::engine::RunOptions;
+use crate::recipes::sft;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Every option can also be set in a TOML file given with --config (keys are the flag \
@@ -12,7 +13,7 @@ names with underscores, e.g. learning_rate = 2e-4); flags on the command line wi
 configuration is written to OUTPUT/run.json.")]
 pub struct Args {
     #[command(flatten)]
-    pub options: SftOptions,
+    pub options: TrainOptions,
     /// TOML file with any of the options below (flags override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -27,8 +28,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let file = match &args.config {
-        Some(path) => SftOptions::from_toml_file(path)?,
-        None => SftOptions::default(),
+        Some(path) => TrainOptions::from_toml_file(path)?,
+        None => TrainOptions::default(),
     };
     let cfg = args.options.over(file).resolve()?;
     let summary = sft::run(&cfg, &RunOptions { resume: args.resume, quiet: args.json })?;

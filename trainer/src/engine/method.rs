@@ -1,0 +1,81 @@
+//! What a training method (SFT, DPO, ORPO, GRPO) tells the engine, and nothing more:
+//! its micro-batches, the token rows they put through the model, its loss on the hidden
+//! states of those rows, and its evaluation. Everything else (optimizer, schedule,
+//! clipping, accumulation, checkpoints, metrics, reports) is the engine's.
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use candle_core::Tensor;
+use lora_models::Model;
+
+/// Token rows of one micro-batch, row-major `[batch_size, seq_len]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputRows {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub input_ids: Vec<u32>,
+    /// Rotary positions (restart at 0 for each packed sample).
+    pub position_ids: Vec<u32>,
+    /// 0 = padding; attention stays within a run of equal ids.
+    pub segment_ids: Vec<u32>,
+    /// Through the run's adapter (the policy), or through the frozen base alone (a
+    /// reference model sharing the base GEMM with the policy rows).
+    pub through_adapter: bool,
+}
+
+/// A method's loss on one micro-batch.
+pub struct MicroLoss {
+    /// Scalar f32 with the autograd graph attached: the SUM over the micro-batch of what
+    /// the method's loss adds up. The engine divides by [`Method::denominator`] of the
+    /// whole accumulated step, so accumulation never changes the update.
+    pub sum: Tensor,
+    /// Method-specific numbers for `metrics.jsonl` (e.g. DPO's `rewards_margin`),
+    /// averaged over the micro-batches of the step.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The outcome of an evaluation pass.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvalOutput {
+    /// What the winner of a sweep is chosen by (lower is better).
+    pub loss: f64,
+    pub perplexity: Option<f64>,
+    pub tokens: u64,
+    /// Extra numbers, written as `eval_<name>` in `metrics.jsonl`.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Counts of one micro-batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchTokens {
+    /// Non-padding tokens.
+    pub tokens: usize,
+    /// Tokens the loss counts.
+    pub loss_tokens: usize,
+}
+
+pub trait Method {
+    type Batch;
+
+    /// The command that runs this method (`sft`, ...), written to `run.json`.
+    fn name(&self) -> &'static str;
+    /// Training samples and held-out samples (for the summary).
+    fn sample_counts(&self) -> (usize, usize);
+    /// Optimizer steps per pass over the training data.
+    fn steps_per_epoch(&self) -> usize;
+    /// The micro-batches of optimizer step `step` (0-based): a pure function of the step,
+    /// which is what makes a resumed run bit-identical.
+    fn step_batches(&self, step: usize) -> Result<Vec<Self::Batch>>;
+    /// The rows `batch` puts through the model, in the order `loss` receives them.
+    fn inputs(&self, batch: &Self::Batch) -> Vec<InputRows>;
+    fn batch_tokens(&self, batch: &Self::Batch) -> BatchTokens;
+    /// What the summed micro-losses of one optimizer step are divided by (SFT: the loss
+    /// tokens of all its micro-batches; DPO: its pairs).
+    fn denominator(&self, batches: &[Self::Batch]) -> f64;
+    /// The loss of `batch` from the hidden states of its rows (`hidden[i]` is
+    /// `[rows_i, seq_len_i, hidden]` for `inputs(batch)[i]`).
+    fn loss(&self, model: &Model, batch: &Self::Batch, hidden: &[Tensor]) -> Result<MicroLoss>;
+    /// Evaluate the model as routed now (the engine routes every row through the run's
+    /// adapter and turns inference mode on); None when there is no held-out data.
+    fn evaluate(&self, model: &Model) -> Result<Option<EvalOutput>>;
+}

@@ -1,0 +1,166 @@
+//! The training engine: the loop machinery every method shares, written once.
+//!
+//! A method (`recipes/sft.rs`, ...) implements [`Method`]: its micro-batches, the rows
+//! they put through the model, its loss, its evaluation. A [`Run`] is one adapter being
+//! trained by a method, with its own configuration, AdamW, schedule, clipping, dropout
+//! seed, step count, metrics, checkpoints and report. [`train`] drives one run (`sft`) or
+//! several over ONE model (`sweep`): at each tick every active run contributes its next
+//! micro-batch, their rows are concatenated into one forward pass routed per contiguous
+//! row block (frozen base GEMM once over all rows, each adapter's LoRA on its own rows,
+//! reference rows through the base alone), and one backward pass gives every run the
+//! gradient of its own loss. A run that diverges is retired; the others go on.
+pub mod method;
+pub mod run;
+pub mod run_dir;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use lora_models::{Model, Route};
+
+pub use method::{BatchTokens, EvalOutput, InputRows, Method, MicroLoss};
+pub use run::{lora_config, Run, RunOptions, RunSummary};
+pub use run_dir::{prepare_run_dir, read_status, write_run_json, RunStatus, METRICS_FILE, RUN_FILE};
+
+use crate::training::derive_seed;
+
+/// Train every run to its last step (or until it diverges). Errors that are not a run's
+/// own divergence (I/O, a failed forward) stop all runs: they share the forward pass.
+pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
+    for run in runs.iter_mut().filter(|r| r.is_active()) {
+        run.initial_eval(model)?;
+    }
+    loop {
+        let active: Vec<usize> = (0..runs.len()).filter(|&i| runs[i].is_active()).collect();
+        if active.is_empty() {
+            return Ok(());
+        }
+        let batches: Vec<Vec<M::Batch>> = active.iter().map(|&i| runs[i].method.step_batches(runs[i].step())).collect::<Result<_>>()?;
+        let denominators: Vec<f64> = active.iter().zip(&batches).map(|(&i, b)| runs[i].method.denominator(b).max(f64::MIN_POSITIVE)).collect();
+        let mut sums: Vec<_> = active.iter().map(|&i| runs[i].new_sums()).collect();
+        let micro_batches = batches.iter().map(Vec::len).max().unwrap_or(0);
+        for m in 0..micro_batches {
+            // Runs with fewer micro-batches this step (other accumulation) sit this one out.
+            let members: Vec<usize> = (0..active.len()).filter(|&k| batches[k].len() > m).collect();
+            let inputs: Vec<Vec<InputRows>> = members.iter().map(|&k| runs[active[k]].method.inputs(&batches[k][m])).collect();
+            let packed = PackedRows::new(&inputs);
+            let routes: Vec<Route> = members
+                .iter()
+                .zip(&inputs)
+                .flat_map(|(&k, rows)| {
+                    let run = &runs[active[k]];
+                    let seed = derive_seed(run.cfg.seed, run.step() as u64, m as u64);
+                    rows.iter().map(move |r| Route {
+                        rows: r.batch_size,
+                        adapter: r.through_adapter.then_some(run.name.as_str()),
+                        dropout_seed: Some(seed),
+                    })
+                })
+                .collect();
+            let _routing = model.route(&routes)?;
+            let hidden = packed.forward(model)?;
+            let mut total: Option<Tensor> = None;
+            let mut row = 0;
+            for (&k, rows) in members.iter().zip(&inputs) {
+                let run = &runs[active[k]];
+                let mut own = Vec::with_capacity(rows.len());
+                for r in rows {
+                    own.push(hidden.narrow(0, row, r.batch_size)?.narrow(1, 0, r.seq_len)?);
+                    row += r.batch_size;
+                }
+                let batch = &batches[k][m];
+                let loss = run.method.loss(model, batch, &own).with_context(|| format!("{}: loss", run.name))?;
+                let s = &mut sums[k];
+                s.loss_sum += loss.sum.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+                for (name, v) in loss.metrics {
+                    *s.metric_sums.entry(name).or_default() += v;
+                }
+                let counts = run.method.batch_tokens(batch);
+                s.tokens += counts.tokens;
+                s.loss_tokens += counts.loss_tokens;
+                s.micro_batches += 1;
+                let scaled = (loss.sum / denominators[k])?;
+                total = Some(match total {
+                    None => scaled,
+                    Some(t) => (t + scaled)?,
+                });
+            }
+            let Some(total) = total else { continue };
+            let grads = total.backward()?;
+            for &k in &members {
+                sums[k].grads.add(&grads, runs[active[k]].params()).with_context(|| format!("{}: gradients", runs[active[k]].name))?;
+            }
+        }
+        for ((k, &i), s) in active.iter().enumerate().zip(sums) {
+            runs[i].finish_step(model, s, denominators[k])?;
+        }
+    }
+}
+
+/// The rows of several runs' micro-batches as one `[rows, seq_len]` batch, shorter rows
+/// padded at the end (segment 0: attention and loss never see the padding, and causal
+/// attention keeps a row's real positions independent of what follows them).
+struct PackedRows {
+    rows: usize,
+    seq_len: usize,
+    input_ids: Vec<u32>,
+    position_ids: Vec<u32>,
+    segment_ids: Vec<u32>,
+}
+
+impl PackedRows {
+    fn new(inputs: &[Vec<InputRows>]) -> Self {
+        let all: Vec<&InputRows> = inputs.iter().flatten().collect();
+        let seq_len = all.iter().map(|r| r.seq_len).max().unwrap_or(0);
+        let rows = all.iter().map(|r| r.batch_size).sum();
+        let mut p = PackedRows { rows, seq_len, input_ids: Vec::with_capacity(rows * seq_len), position_ids: Vec::new(), segment_ids: Vec::new() };
+        for r in all {
+            for b in 0..r.batch_size {
+                let span = b * r.seq_len..(b + 1) * r.seq_len;
+                let pad = seq_len - r.seq_len;
+                let pad_id = r.input_ids[span.clone()].last().copied().unwrap_or(0);
+                p.input_ids.extend_from_slice(&r.input_ids[span.clone()]);
+                p.input_ids.extend(std::iter::repeat_n(pad_id, pad));
+                p.position_ids.extend_from_slice(&r.position_ids[span.clone()]);
+                p.position_ids.extend(std::iter::repeat_n(0, pad));
+                p.segment_ids.extend_from_slice(&r.segment_ids[span]);
+                p.segment_ids.extend(std::iter::repeat_n(0, pad));
+            }
+        }
+        p
+    }
+
+    fn forward(&self, model: &Model) -> Result<Tensor> {
+        let shape = (self.rows, self.seq_len);
+        let dev = model.device();
+        let ids = Tensor::from_slice(&self.input_ids, shape, dev)?;
+        let pos = Tensor::from_slice(&self.position_ids, shape, dev)?;
+        let seg = Tensor::from_slice(&self.segment_ids, shape, dev)?;
+        Ok(model.forward_hidden(&ids, &pos, Some(&seg))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(b: usize, t: usize, base: u32) -> InputRows {
+        let n = b * t;
+        InputRows {
+            batch_size: b,
+            seq_len: t,
+            input_ids: (0..n as u32).map(|i| base + i).collect(),
+            position_ids: (0..n).map(|i| (i % t) as u32).collect(),
+            segment_ids: vec![1; n],
+            through_adapter: true,
+        }
+    }
+
+    #[test]
+    fn packed_rows_pad_shorter_rows_at_the_end_with_segment_zero() {
+        let p = PackedRows::new(&[vec![rows(1, 3, 10)], vec![rows(2, 2, 20)]]);
+        assert_eq!((p.rows, p.seq_len), (3, 3));
+        assert_eq!(p.input_ids, vec![10, 11, 12, 20, 21, 21, 22, 23, 23]);
+        assert_eq!(p.segment_ids, vec![1, 1, 1, 1, 1, 0, 1, 1, 0]);
+        assert_eq!(p.position_ids, vec![0, 1, 2, 0, 1, 0, 0, 1, 0]);
+    }
+}
