@@ -16,4 +16,5 @@ pub mod progress;
 pub mod recipes;
 pub mod report;
 pub mod schedule;
+pub mod sweep;
 pub mod training;

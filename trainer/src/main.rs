@@ -19,6 +19,11 @@ struct Cli {
 enum Command {
     /// Supervised fine-tuning of a LoRA adapter on a chat dataset.
     Sft(Box<commands::sft::Args>),
+    /// Train several candidate configurations over one base and pick the best by eval loss.
+    Sweep(Box<commands::sweep::Args>),
+    /// One group of a sweep's candidates (started by `sweep`, not by hand).
+    #[command(hide = true)]
+    SweepWorker(commands::sweep::WorkerArgs),
     /// Mean loss / perplexity of a model (optionally with an adapter) on a dataset.
     Eval(commands::eval::Args),
     /// Generate text from a prompt or a chat message.
@@ -40,6 +45,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sft(args) => commands::sft::run(*args),
+        Command::Sweep(args) => commands::sweep::run(*args),
+        Command::SweepWorker(args) => commands::sweep::run_worker(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Merge(args) => commands::merge::run(args),

@@ -26,17 +26,38 @@ fn fmt_tick(v: f64, step: f64) -> String {
     format!("{v:.decimals$}")
 }
 
+/// One line of a chart.
+pub struct Series {
+    pub label: String,
+    pub color: String,
+    pub points: Vec<(f64, f64)>,
+    /// Dots at the points (sparse series such as evaluations).
+    pub markers: bool,
+}
+
+/// Distinct colors for many series (the Tableau 10 palette).
+pub const PALETTE: [&str; 10] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+
 /// An SVG line chart of train loss (every logged step) and eval loss (eval points).
 pub fn loss_curve_svg(rows: &[MetricsRow]) -> String {
+    let train = rows.iter().filter_map(|r| r.loss.filter(|l| l.is_finite()).map(|l| (r.step as f64, l))).collect();
+    let eval = rows.iter().filter_map(|r| r.eval_loss.filter(|l| l.is_finite()).map(|l| (r.step as f64, l))).collect();
+    line_chart_svg(
+        "Loss per loss token",
+        "loss",
+        &[
+            Series { label: "train loss".into(), color: PALETTE[0].into(), points: train, markers: false },
+            Series { label: "eval loss".into(), color: PALETTE[1].into(), points: eval, markers: true },
+        ],
+    )
+}
+
+/// A line chart of several series against step, drawn by hand (no plotting dependency).
+pub fn line_chart_svg(title: &str, y_label: &str, series: &[Series]) -> String {
     let (w, h) = (720.0f64, 400.0f64);
     let (ml, mr, mt, mb) = (64.0, 20.0, 36.0, 48.0);
-    let train: Vec<(f64, f64)> =
-        rows.iter().filter_map(|r| r.loss.filter(|l| l.is_finite()).map(|l| (r.step as f64, l))).collect();
-    let eval: Vec<(f64, f64)> =
-        rows.iter().filter_map(|r| r.eval_loss.filter(|l| l.is_finite()).map(|l| (r.step as f64, l))).collect();
-    let all = train.iter().chain(&eval);
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in all {
+    for &(x, y) in series.iter().flat_map(|s| &s.points) {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
@@ -48,7 +69,7 @@ pub fn loss_curve_svg(rows: &[MetricsRow]) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{}" y="20" text-anchor="middle" font-size="14">Loss per loss token</text>"#, w / 2.0);
+    let _ = writeln!(s, r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#, w / 2.0, xml_escape(title));
     if x0 > x1 {
         let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">no data</text></svg>"#, w / 2.0, h / 2.0);
         return s;
@@ -82,27 +103,34 @@ pub fn loss_curve_svg(rows: &[MetricsRow]) -> String {
     }
     let _ = writeln!(s, r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##);
     let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#, ml + pw / 2.0, h - 8.0);
-    let _ = writeln!(s, r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">loss</text>"#, mt + ph / 2.0, mt + ph / 2.0);
+    let _ = writeln!(s, r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{y_label}</text>"#, mt + ph / 2.0, mt + ph / 2.0);
     // Series.
     let poly = |pts: &[(f64, f64)]| pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect::<Vec<_>>().join(" ");
-    if !train.is_empty() {
-        let _ = writeln!(s, r##"<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{}"/>"##, poly(&train));
-    }
-    if !eval.is_empty() {
-        let _ = writeln!(s, r##"<polyline fill="none" stroke="#ff7f0e" stroke-width="2" points="{}"/>"##, poly(&eval));
-        for &(x, y) in &eval {
-            let _ = writeln!(s, r##"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="#ff7f0e"/>"##, px(x), py(y));
+    for sr in series.iter().filter(|sr| !sr.points.is_empty()) {
+        let width = if sr.markers { 2.0 } else { 1.5 };
+        let _ = writeln!(s, r#"<polyline fill="none" stroke="{}" stroke-width="{width}" points="{}"/>"#, sr.color, poly(&sr.points));
+        if sr.markers {
+            for &(x, y) in &sr.points {
+                let _ = writeln!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"/>"#, px(x), py(y), sr.color);
+            }
         }
     }
     // Legend.
-    let lx = ml + pw - 130.0;
-    let _ = writeln!(s, r##"<rect x="{lx}" y="{}" width="122" height="44" fill="white" stroke="#999"/>"##, mt + 6.0);
-    let _ = writeln!(s, r##"<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="#1f77b4" stroke-width="2"/>"##, lx + 8.0, lx + 32.0, mt + 20.0, mt + 20.0);
-    let _ = writeln!(s, r#"<text x="{}" y="{}">train loss</text>"#, lx + 38.0, mt + 24.0);
-    let _ = writeln!(s, r##"<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="#ff7f0e" stroke-width="2"/>"##, lx + 8.0, lx + 32.0, mt + 38.0, mt + 38.0);
-    let _ = writeln!(s, r#"<text x="{}" y="{}">eval loss</text>"#, lx + 38.0, mt + 42.0);
+    let longest = series.iter().map(|sr| sr.label.chars().count()).max().unwrap_or(0) as f64;
+    let lw = 46.0 + 7.0 * longest;
+    let lx = ml + pw - lw - 8.0;
+    let _ = writeln!(s, r##"<rect x="{lx}" y="{}" width="{lw}" height="{}" fill="white" stroke="#999"/>"##, mt + 6.0, 8.0 + 18.0 * series.len() as f64);
+    for (i, sr) in series.iter().enumerate() {
+        let ly = mt + 20.0 + 18.0 * i as f64;
+        let _ = writeln!(s, r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{}" stroke-width="2"/>"#, lx + 8.0, lx + 32.0, sr.color);
+        let _ = writeln!(s, r#"<text x="{}" y="{}">{}</text>"#, lx + 38.0, ly + 4.0, xml_escape(&sr.label));
+    }
     s.push_str("</svg>\n");
     s
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 fn json_scalar(v: &serde_json::Value) -> String {

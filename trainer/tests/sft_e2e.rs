@@ -1,63 +1,12 @@
 //! End-to-end tests of `lora-train sft` / `lora-train eval` on the tiny golden models
 //! (tests/golden/models, random weights, ChatML tokenizer). Each run takes about a second.
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lora-train")
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn tiny(arch: &str) -> String {
-    repo().join("tests/golden/models").join(format!("{arch}-tiny")).display().to_string()
-}
-
-/// A small chat dataset with a fixed answer per question (easy to over-fit).
-fn write_dataset(dir: &Path, name: &str, n: usize) -> PathBuf {
-    let words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"];
-    let mut text = String::new();
-    for i in 0..n {
-        let w = words[i % words.len()];
-        let q = format!("Say the code word number {i}.");
-        let a = format!("The code word is {w} {w} {w}.");
-        text.push_str(&serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string());
-        text.push('\n');
-    }
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("LORA_TRAIN_LOG", "warn").output().expect("spawn lora-train")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = run(args);
-    assert!(out.status.success(), "lora-train {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn stdout_json(out: &Output) -> serde_json::Value {
-    let s = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "--json must print exactly one line on stdout, got {s:?}");
-    serde_json::from_str(lines[0]).unwrap()
-}
-
-fn read_adapter(dir: &Path) -> HashMap<String, Vec<f32>> {
-    let t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    t.into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
-}
-
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
+use common::*;
 
 /// Common flags for a fast, deterministic CPU run.
 fn base_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {

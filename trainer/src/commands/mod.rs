@@ -5,5 +5,6 @@ pub mod inspect;
 pub mod merge;
 pub mod model_args;
 pub mod sft;
+pub mod sweep;
 pub mod devices;
 pub mod selftest;

@@ -78,6 +78,7 @@ pub fn build(base: &TrainOptions, explicit: &[String], grid: &[String]) -> Resul
             product = product
                 .into_iter()
                 .flat_map(|set| {
+                    let key = &key;
                     values.iter().map(move |v| {
                         let mut s = set.clone();
                         s.insert(key.clone(), v.clone());

@@ -1,0 +1,126 @@
+//! `lora-train sweep`: train several candidate configurations (packed over one base where
+//! they share it) and pick the one with the lowest eval loss (see `sweep/`).
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+use crate::config::TrainOptions;
+use crate::sweep::{self, SweepOptions};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PackMode {
+    /// Candidates that share model, data settings, sequence length and dtypes train
+    /// together in one process over one copy of the base.
+    Auto,
+    /// One process per candidate.
+    Off,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Each candidate is the shared flags with its own keys on top, trained exactly as \
+`lora-train sft` would train it, into OUTPUT/candidates/<name>/ (an sft run directory). \
+OUTPUT/sweep.json and OUTPUT/report.md hold the scoreboard; the winner has the lowest eval loss.")]
+pub struct Args {
+    #[command(flatten)]
+    pub options: TrainOptions,
+    /// TOML file with any of the training options (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A candidate as key=value pairs over the shared flags, e.g. `rank=8,lr=1.5e-4`
+    /// (any training flag; `lr`, `rank`, `alpha` as short names). Repeatable.
+    #[arg(long, value_name = "K=V,..", help_heading = "Sweep")]
+    pub candidate: Vec<String>,
+    /// One axis of a grid, e.g. `--grid rank=8,16 --grid lr=1e-4,5e-5` (Cartesian product).
+    /// Without --candidate and --grid: (rank 8, lr 1.5e-4), (16, 1e-4), (32, 5e-5).
+    #[arg(long, value_name = "K=V1,V2", help_heading = "Sweep")]
+    pub grid: Vec<String>,
+    /// Above this many training samples, candidates train on a subsample of this size
+    /// (drawn with --seed); 0 = all.
+    #[arg(long, default_value_t = 1000, help_heading = "Sweep")]
+    pub tuning_samples: usize,
+    /// Share one base between candidates that can (auto) or not (off).
+    #[arg(long, value_enum, default_value_t = PackMode::Auto, help_heading = "Sweep")]
+    pub pack: PackMode,
+    /// Devices to place candidate groups on: auto (every GPU found, else cpu), or a list
+    /// such as cpu or cuda:0,cuda:1.
+    #[arg(long, default_value = "auto", help_heading = "Sweep")]
+    pub devices: String,
+    /// At most this many candidates train at the same time.
+    #[arg(long, default_value_t = 6, help_heading = "Sweep")]
+    pub max_parallel: usize,
+    /// Print the plan (placement, memory, time) and stop.
+    #[arg(long, help_heading = "Sweep")]
+    pub dry_run: bool,
+    /// Plan for made-up devices, e.g. "cuda:0=24GiB,cuda:1=80GiB@150TFLOPS" (with --dry-run).
+    #[arg(long, value_name = "SPEC", help_heading = "Sweep")]
+    pub simulate_devices: Option<String>,
+    /// Continue a killed sweep in --output: finished candidates are kept, the others resume
+    /// from their latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Print one JSON object (candidates, winner; the plan with --dry-run) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => TrainOptions::from_toml_file(path)?,
+        None => TrainOptions::default(),
+    };
+    let mut options = args.options.over(file);
+    let devices = match options.device.take() {
+        Some(d) if args.devices == "auto" => d,
+        _ => args.devices.clone(),
+    };
+    if args.max_parallel == 0 {
+        bail!("--max-parallel must be at least 1");
+    }
+    let opts = SweepOptions {
+        candidates: args.candidate,
+        grid: args.grid,
+        tuning_samples: args.tuning_samples,
+        pack: args.pack == PackMode::Auto,
+        devices,
+        simulate_devices: args.simulate_devices,
+        max_parallel: args.max_parallel,
+        dry_run: args.dry_run,
+        resume: args.resume,
+        quiet: args.json,
+    };
+    let record = sweep::run(options, &opts)?;
+    if args.json {
+        let out = if opts.dry_run {
+            serde_json::json!({ "plan": record.plan, "candidates": record.candidates.iter().map(|c| serde_json::json!({
+                "name": c.name, "config": c.overrides, "device": c.device, "group": c.group,
+                "est_memory_bytes": c.est_memory_bytes, "est_seconds": c.est_seconds, "total_steps": c.total_steps,
+            })).collect::<Vec<_>>() })
+        } else {
+            serde_json::json!({
+                "candidates": record.candidates.iter().map(|c| serde_json::json!({
+                    "name": c.name, "config": c.overrides, "status": c.status, "eval_loss": c.eval_loss, "output": c.output,
+                })).collect::<Vec<_>>(),
+                "winner": record.winner,
+            })
+        };
+        println!("{out}");
+    } else if !opts.dry_run {
+        eprintln!("{}", sweep::report::render(&record).lines().take(4).collect::<Vec<_>>().join("\n"));
+        eprintln!("report: {}", record.candidates.first().and_then(|c| c.output.parent()).and_then(|p| p.parent()).map_or(String::new(), |d| d.join("report.md").display().to_string()));
+    }
+    if !opts.dry_run && !record.candidates.iter().any(|c| c.status == crate::engine::RunStatus::Completed) {
+        bail!("no candidate completed (see {})", record.candidates.first().and_then(|c| c.output.parent()).and_then(|p| p.parent()).map_or(String::new(), |d| d.join("sweep.json").display().to_string()));
+    }
+    Ok(())
+}
+
+/// `lora-train sweep-worker --spec FILE`: one group of a sweep (started by `sweep`).
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub spec: PathBuf,
+}
+
+pub fn run_worker(args: WorkerArgs) -> Result<()> {
+    sweep::worker::run_group(&sweep::worker::read_spec(&args.spec)?)
+}

@@ -1,0 +1,90 @@
+//! A sweep worker: one child process per group of candidates on one device. It loads the
+//! base once, attaches every candidate's adapter, and lets the engine train them packed
+//! in one forward pass. A crash here (OOM, panic, kill -9) takes only this group down;
+//! the parent marks its unfinished candidates failed and the other groups go on.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::engine::{self, Run, RunOptions};
+use crate::recipes::sft::{self, Sft, SftData};
+
+/// What the parent hands a worker (written to `DIR/groups/group-K.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupSpec {
+    pub device: String,
+    pub members: Vec<GroupMember>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupMember {
+    pub name: String,
+    pub config: TrainConfig,
+    /// Continue the run in `config.output` from its latest checkpoint.
+    pub resume: bool,
+}
+
+pub fn read_spec(path: &Path) -> Result<GroupSpec> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not a sweep group spec", path.display()))
+}
+
+/// Train one group to the end. A candidate that cannot start is reported and left out;
+/// the others train.
+pub fn run_group(spec: &GroupSpec) -> Result<()> {
+    let Some(first) = spec.members.first() else { bail!("empty group") };
+    let base = &first.config;
+    let device = crate::device::parse_device(&spec.device)?;
+    let loaded = lora_models::load_model_mixed(&base.model, &device, base.dtype.to_candle(), base.base_dtype.to_candle())
+        .with_context(|| format!("loading model {}", base.model))?;
+    let (mut model, bundle, source) = (loaded.model, loaded.tokenizer, loaded.source);
+    // Candidates with the same data settings share the tokenized sets.
+    let mut data: HashMap<String, std::rc::Rc<SftData>> = HashMap::new();
+    let mut runs = Vec::new();
+    for m in &spec.members {
+        let mut cfg = m.config.clone();
+        cfg.device = spec.device.clone();
+        let started = (|| -> Result<Run<Sft>> {
+            let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, m.resume)?;
+            let key = data_key(&cfg);
+            let set = match data.get(&key) {
+                Some(d) => d.clone(),
+                None => {
+                    let (train, eval) = sft::load_split(&cfg)?;
+                    let d = std::rc::Rc::new(SftData::tokenize(&bundle, &train, eval.as_ref(), &cfg)?);
+                    data.insert(key, d.clone());
+                    d
+                }
+            };
+            let method = Sft::new(&set, &cfg);
+            Run::start(&mut model, &m.name, cfg.clone(), method, set.train.fingerprint(), resume_from, &source, &RunOptions { resume: m.resume, quiet: false })
+        })();
+        match started {
+            Ok(run) => runs.push(run),
+            Err(e) => eprintln!("error: candidate {} could not start: {e:#}", m.name),
+        }
+    }
+    if runs.is_empty() {
+        bail!("no candidate of this group could start");
+    }
+    engine::train(&model, &mut runs)
+}
+
+/// The settings that decide a candidate's tokenized data.
+fn data_key(cfg: &TrainConfig) -> String {
+    format!(
+        "{:?}|{:?}|{:?}|{:?}|{}|{}",
+        cfg.dataset, cfg.eval_dataset, cfg.eval_split, cfg.max_train_samples, cfg.seed, cfg.max_sequence_length
+    )
+}
+
+/// `DIR/groups/group-K.json` and its log.
+pub fn spec_path(dir: &Path, k: usize) -> PathBuf {
+    dir.join("groups").join(format!("group-{k}.json"))
+}
+pub fn log_path(dir: &Path, k: usize) -> PathBuf {
+    dir.join("groups").join(format!("group-{k}.log"))
+}
