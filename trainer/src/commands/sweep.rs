@@ -27,7 +27,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// A candidate as key=value pairs over the shared flags, e.g. `rank=8,lr=1.5e-4`
-    /// (any training flag; `lr`, `rank`, `alpha` as short names). Repeatable.
+    /// (any training flag; `lr`, `rank`, `alpha` as short names; list values join with +,
+    /// as in target_modules=q+v). Repeatable.
     #[arg(long, value_name = "K=V,..", help_heading = "Sweep")]
     pub candidate: Vec<String>,
     /// One axis of a grid, e.g. `--grid rank=8,16 --grid lr=1e-4,5e-5` (Cartesian product).

@@ -126,6 +126,8 @@ pub fn apply(base: &TrainOptions, overrides: &BTreeMap<String, String>) -> Resul
         if !map.contains_key(k) {
             bail!("unknown candidate key `{k}` (use a training flag name such as lr, rank, alpha, epochs, batch_size, warmup_ratio)");
         }
+        // Commas separate a candidate's keys, so a list value joins with `+`.
+        let raw = &if k == "target_modules" { raw.replace('+', ",") } else { raw.clone() };
         let value = serde_json::from_str::<serde_json::Value>(raw).ok().filter(|j| j.is_number() || j.is_boolean()).unwrap_or(serde_json::Value::String(raw.clone()));
         map.insert(k.clone(), value);
     }
@@ -160,8 +162,10 @@ mod tests {
 
     #[test]
     fn any_training_flag_is_a_key_and_mistakes_are_errors() {
-        let o = apply(&base(), &parse_candidate("epochs=2,warmup-ratio=0.1,target_modules=q,lr_scheduler=linear").unwrap());
-        assert!(o.is_err(), "q alone splits the candidate spec at the comma");
+        assert!(parse_candidate("target_modules=q,v").is_err(), "a comma separates keys; modules join with +");
+        let o = apply(&base(), &parse_candidate("target_modules=q+v").unwrap()).unwrap().resolve().unwrap();
+        assert_eq!(o.target_modules, ["q_proj", "v_proj"]);
+        assert_eq!(apply(&base(), &parse_candidate("lr=1e+3").unwrap()).unwrap().learning_rate, Some(1e3));
         let o = apply(&base(), &parse_candidate("epochs=2,warmup-ratio=0.1,lr_scheduler=linear").unwrap()).unwrap().resolve().unwrap();
         assert_eq!((o.epochs, o.warmup_ratio), (Some(2), 0.1));
         assert!(format!("{:#}", build(&base(), &["lerning_rate=1".into()], &[]).unwrap_err()).contains("lerning_rate"));

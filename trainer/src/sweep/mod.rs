@@ -65,6 +65,9 @@ pub struct CandidateRecord {
     pub elapsed_s: Option<f64>,
     pub est_memory_bytes: u64,
     pub est_seconds: f64,
+    /// Measured peak RSS of the worker process that trained this candidate (its group).
+    #[serde(default)]
+    pub group_peak_rss_bytes: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -79,6 +82,9 @@ pub struct SweepRecord {
     pub criterion: String,
     pub plan: serde_json::Value,
     pub wall_s: f64,
+    /// Peak RSS of the planning/monitoring parent process.
+    #[serde(default)]
+    pub parent_peak_rss_bytes: Option<u64>,
 }
 
 /// Plan (and unless `--dry-run`, run) the sweep. Returns the record; the caller prints it.
@@ -142,6 +148,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
             elapsed_s: None,
             est_memory_bytes: estimate.base_bytes + estimate.own_bytes,
             est_seconds: 0.0,
+            group_peak_rss_bytes: None,
             error: None,
         });
     }
@@ -167,6 +174,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
         criterion: "eval_loss".into(),
         plan: serde_json::to_value(&plan)?,
         wall_s: 0.0,
+        parent_peak_rss_bytes: None,
     };
     if !opts.quiet {
         eprint!("{}", report::plan_table(&plan, &record.candidates));
@@ -194,6 +202,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     choose_winner(&mut record);
     record.status = if record.candidates.iter().any(|c| c.status == RunStatus::Completed) { "completed".into() } else { "failed".into() };
     record.wall_s = wall.elapsed().as_secs_f64();
+    record.parent_peak_rss_bytes = worker::peak_rss_bytes();
     save(&dir, &record)?;
     report::write(&dir, &record)?;
     Ok(record)
@@ -261,6 +270,7 @@ fn execute(dir: &Path, plan: &Plan, record: &mut SweepRecord, opts: &SweepOption
             }
             let k = queue.remove(i);
             let spec = GroupSpec {
+                result_file: Some(worker::result_path(dir, k)),
                 device: g.device.clone(),
                 members: todo
                     .iter()
@@ -286,9 +296,11 @@ fn execute(dir: &Path, plan: &Plan, record: &mut SweepRecord, opts: &SweepOption
             match r.child.try_wait()? {
                 None => still.push(r),
                 Some(status) => {
+                    let peak = worker::read_peak_rss(&worker::result_path(dir, r.group));
                     for name in &r.members {
                         if let Some(c) = record.candidates.iter_mut().find(|c| &c.name == name) {
                             refresh(c);
+                            c.group_peak_rss_bytes = peak;
                             if !finished(c.status) {
                                 c.status = RunStatus::Failed;
                                 c.error = Some(format!("its worker process exited ({status}); see {}: {}", worker::log_path(dir, r.group).display(), last_error(&worker::log_path(dir, r.group), name)));

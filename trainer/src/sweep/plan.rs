@@ -12,7 +12,7 @@ use crate::config::TrainConfig;
 pub const GIB: f64 = (1u64 << 30) as f64;
 
 /// A device the planner places groups on.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct DeviceSlot {
     /// `cpu` or `cuda:N` (what `--device` of a run takes).
     pub name: String,
@@ -90,7 +90,7 @@ fn dtype_bytes(d: crate::config::DTypeArg) -> f64 {
 /// A candidate's cost.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Estimate {
-    /// The frozen base weights (shared by a packed group).
+    /// The frozen base weights and the process around them (shared by a packed group).
     pub base_bytes: u64,
     /// LoRA weights + gradients + AdamW moments (f32) and activations of one micro-batch.
     pub own_bytes: u64,
@@ -118,7 +118,7 @@ pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64) -> Estimate {
     let per_layer_matmul = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
     let vocab = m.vocab_size as f64 * h;
     let base_params = l * (per_layer_matmul + 2.0 * h) + vocab * if m.tie_word_embeddings { 1.0 } else { 2.0 } + h;
-    let base_bytes = base_params * dtype_bytes(cfg.base_dtype);
+    let base_bytes = base_params * dtype_bytes(cfg.base_dtype) + PROCESS_OVERHEAD;
 
     let r = cfg.lora_rank as f64;
     let dims = |module: &str| -> (f64, f64) {
@@ -135,7 +135,7 @@ pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64) -> Estimate {
     let micro_tokens = (cfg.batch_size * cfg.max_sequence_length) as f64;
     let act_values_per_token = l * (6.0 * h + 2.0 * q + 2.0 * kv + 3.0 * i);
     let activations = micro_tokens * act_values_per_token * dtype_bytes(cfg.dtype);
-    let own_bytes = lora_params * 16.0 + activations + PROCESS_OVERHEAD;
+    let own_bytes = lora_params * 16.0 + activations;
 
     // Forward 2 and backward-to-input 2 FLOPs per frozen matmul weight and token, 6 for
     // LoRA weights; attention 2 x 2 t d per token and layer forward (half of it causal),
@@ -156,7 +156,7 @@ pub struct Item {
 }
 
 /// Candidates that train together in one process on one device.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Group {
     pub device: String,
     pub candidates: Vec<String>,
@@ -164,7 +164,7 @@ pub struct Group {
     pub est_seconds: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Plan {
     pub devices: Vec<DeviceSlot>,
     /// In launch order; a device runs its groups one after another.
@@ -369,7 +369,8 @@ mod tests {
         let e = estimate(&m, &cfg, 20 * 4 * 256);
         let total = (e.base_bytes + e.own_bytes) as f64 / GIB;
         assert!((1.6..2.6).contains(&total), "{total} GiB");
-        assert!((135e6..140e6).contains(&(e.base_bytes as f64 / 4.0)), "{} base params", e.base_bytes / 4);
+        let base_params = (e.base_bytes as f64 - PROCESS_OVERHEAD) / 4.0;
+        assert!((134e6..136e6).contains(&base_params), "{base_params} base params");
         assert_eq!(e.lora_parameters, 30 * 16 * (576 + 576 + 2 * (576 + 192) + 576 + 576 + 3 * (576 + 1536)));
     }
 }

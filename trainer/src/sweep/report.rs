@@ -117,6 +117,22 @@ pub fn render(record: &SweepRecord) -> String {
         }
     }
     let _ = writeln!(s, "\n## Curves\n\n![eval loss per candidate]({CURVES_FILE})\n");
+    let _ = writeln!(s, "## Memory: planned against measured\n");
+    let _ = writeln!(s, "| group | device | candidates | planned GiB | measured peak RSS GiB |\n| ---: | --- | --- | ---: | ---: |");
+    if let Ok(plan) = serde_json::from_value::<Plan>(record.plan.clone()) {
+        for (k, g) in plan.groups.iter().enumerate() {
+            let measured = record.candidates.iter().find(|c| c.group == Some(k)).and_then(|c| c.group_peak_rss_bytes);
+            let _ = writeln!(
+                s,
+                "| {k} | {} | {} | {:.2} | {} |",
+                g.device,
+                g.candidates.join(", "),
+                g.memory_bytes as f64 / GIB,
+                measured.map_or("-".into(), |b| format!("{:.2}", b as f64 / GIB))
+            );
+        }
+    }
+    s.push('\n');
     let _ = writeln!(s, "## Candidates\n");
     for c in &record.candidates {
         let keys: Vec<String> = c.overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -17,6 +17,9 @@ use crate::recipes::sft::{self, Sft, SftData};
 pub struct GroupSpec {
     pub device: String,
     pub members: Vec<GroupMember>,
+    /// Where the worker writes its measured peak RSS when it finishes.
+    #[serde(default)]
+    pub result_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -70,7 +73,28 @@ pub fn run_group(spec: &GroupSpec) -> Result<()> {
     if runs.is_empty() {
         bail!("no candidate of this group could start");
     }
-    engine::train(&model, &mut runs)
+    engine::train(&model, &mut runs)?;
+    // What the group really took, next to the planner's estimate in sweep.json.
+    if let Some(bytes) = peak_rss_bytes() {
+        eprintln!("peak RSS of this group: {:.2} GiB", bytes as f64 / super::plan::GIB);
+        if let Some(path) = &spec.result_file {
+            crate::checkpoint::write_atomic(path, &serde_json::to_vec(&serde_json::json!({ "peak_rss_bytes": bytes }))?)?;
+        }
+    }
+    Ok(())
+}
+
+/// This process's peak resident set size (VmHWM), where /proc has it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The peak RSS a finished worker reported, if any.
+pub fn read_peak_rss(result_file: &Path) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(result_file).ok()?).ok()?;
+    v.get("peak_rss_bytes")?.as_u64()
 }
 
 /// The settings that decide a candidate's tokenized data.
@@ -84,6 +108,9 @@ fn data_key(cfg: &TrainConfig) -> String {
 /// `DIR/groups/group-K.json` and its log.
 pub fn spec_path(dir: &Path, k: usize) -> PathBuf {
     dir.join("groups").join(format!("group-{k}.json"))
+}
+pub fn result_path(dir: &Path, k: usize) -> PathBuf {
+    dir.join("groups").join(format!("group-{k}.result.json"))
 }
 pub fn log_path(dir: &Path, k: usize) -> PathBuf {
     dir.join("groups").join(format!("group-{k}.log"))
