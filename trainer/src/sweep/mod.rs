@@ -111,18 +111,19 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     // ---- estimates: real token counts of each candidate's data -------------------------
     let model_cfg = lora_models::load_model_config(&base_cfg.model).with_context(|| format!("reading the configuration of {}", base_cfg.model))?;
     let bundle = lora_models::load_tokenizer_bundle(&base_cfg.model)?;
-    let mut data_cache: BTreeMap<String, (usize, usize, u64)> = BTreeMap::new();
+    let mut data_cache: BTreeMap<String, (usize, usize, u64, usize)> = BTreeMap::new();
     let mut records = Vec::new();
     let mut items = Vec::new();
     for (c, cfg) in cands.iter().zip(&configs) {
         let key = format!("{:?}|{:?}|{:?}|{}|{}|{}|{}", cfg.eval_dataset, cfg.eval_split, cfg.max_train_samples, cfg.seed, cfg.max_sequence_length, cfg.batch_size, cfg.gradient_accumulation_steps);
-        let (steps_per_epoch, train_samples, tokens_per_epoch) = match data_cache.get(&key) {
+        let (steps_per_epoch, train_samples, tokens_per_epoch, longest) = match data_cache.get(&key) {
             Some(v) => *v,
             None => {
                 let (train, eval) = sft::load_split(cfg)?;
                 let data = SftData::tokenize(&bundle, &train, eval.as_ref(), cfg)?;
                 let m = Sft::new(&data, cfg);
-                let v = (m.steps_per_epoch(), m.sample_counts().0, data.train.tokens as u64);
+                let longest = data.train.samples.iter().map(|s| s.len()).max().unwrap_or(1);
+                let v = (m.steps_per_epoch(), m.sample_counts().0, data.train.tokens as u64, longest);
                 data_cache.insert(key, v);
                 v
             }
@@ -130,7 +131,8 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
         let epochs = cfg.epochs.unwrap_or_else(|| TrainConfig::default_epochs(train_samples));
         let total_steps = cfg.steps.unwrap_or(epochs * steps_per_epoch);
         let tokens = tokens_per_epoch * total_steps as u64 / steps_per_epoch.max(1) as u64;
-        let estimate = plan::estimate(&model_cfg, cfg, tokens);
+        let row_len = if cfg.packing { cfg.max_sequence_length } else { longest };
+        let estimate = plan::estimate(&model_cfg, cfg, tokens, row_len);
         items.push(Item { name: c.name.clone(), pack_key: pack_key(cfg), estimate: estimate.clone() });
         records.push(CandidateRecord {
             name: c.name.clone(),

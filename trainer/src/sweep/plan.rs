@@ -103,15 +103,15 @@ pub struct Estimate {
 /// Process overhead (allocator arenas, tokenizer, CUDA context) on top of tensors.
 const PROCESS_OVERHEAD: f64 = 0.35 * GIB;
 
-/// Memory and FLOPs of training `cfg` on `tokens` training tokens (padding included) in
-/// `steps` optimizer steps.
+/// Memory and FLOPs of training `cfg` on `tokens` training tokens, with micro-batch rows
+/// of `row_len` tokens (the sequence length with packing, else the longest sample).
 ///
 /// Activations kept for the backward per token and layer, in compute-dtype values: the
 /// two normed inputs, residual and attention/MLP outputs (6 hidden), q and attention
 /// output (2 x heads*head_dim), k and v (2 x kv_heads*head_dim), gate, up and their
 /// product (3 x intermediate). On SmolLM2 at 4 x 256 (f32) this gives 1.2 GB for
 /// activations and 2.0 GB in all; `sft` measured 2.2 GB peak RSS (BENCHMARKS.md).
-pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64) -> Estimate {
+pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64, row_len: usize) -> Estimate {
     let (h, i, l) = (m.hidden_size as f64, m.intermediate_size as f64, m.num_hidden_layers as f64);
     let q = (m.num_attention_heads * m.head_dim) as f64;
     let kv = (m.num_key_value_heads * m.head_dim) as f64;
@@ -132,7 +132,7 @@ pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64) -> Estimate {
         }
     };
     let lora_params: f64 = l * cfg.target_modules.iter().map(|t| dims(t)).map(|(a, b)| r * (a + b)).sum::<f64>();
-    let micro_tokens = (cfg.batch_size * cfg.max_sequence_length) as f64;
+    let micro_tokens = (cfg.batch_size * row_len.min(cfg.max_sequence_length)) as f64;
     let act_values_per_token = l * (6.0 * h + 2.0 * q + 2.0 * kv + 3.0 * i);
     let activations = micro_tokens * act_values_per_token * dtype_bytes(cfg.dtype);
     let own_bytes = lora_params * 16.0 + activations;
@@ -140,7 +140,7 @@ pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64) -> Estimate {
     // Forward 2 and backward-to-input 2 FLOPs per frozen matmul weight and token, 6 for
     // LoRA weights; attention 2 x 2 t d per token and layer forward (half of it causal),
     // three times that with the backward.
-    let seq = cfg.max_sequence_length.min(2048) as f64;
+    let seq = row_len.min(cfg.max_sequence_length) as f64;
     let t = tokens as f64;
     let flops = t * (4.0 * (l * per_layer_matmul + vocab) + 6.0 * lora_params + l * 6.0 * seq * q);
     Estimate { base_bytes: base_bytes as u64, own_bytes: own_bytes as u64, lora_parameters: lora_params as u64, flops, tokens }
@@ -366,7 +366,7 @@ mod tests {
         };
         let opts = crate::config::TrainOptions { model: Some("m".into()), dataset: Some("d".into()), output: Some("o".into()), lora_rank: Some(16), max_sequence_length: Some(256), ..Default::default() };
         let cfg = opts.resolve().unwrap();
-        let e = estimate(&m, &cfg, 20 * 4 * 256);
+        let e = estimate(&m, &cfg, 20 * 4 * 256, 256);
         let total = (e.base_bytes + e.own_bytes) as f64 / GIB;
         assert!((1.6..2.6).contains(&total), "{total} GiB");
         let base_params = (e.base_bytes as f64 - PROCESS_OVERHEAD) / 4.0;
