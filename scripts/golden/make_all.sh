@@ -41,4 +41,21 @@ echo "== PEFT reloads the golden adapters" >&2
 for m in llama-tiny qwen2-tiny qwen3-tiny; do
   "$py" "$here/check_peft_load.py" "tests/golden/adapters/$m" "$m"
 done
+echo "== PEFT loads every candidate of a sweep and gets our eval loss" >&2
+cargo build -q -p lora-train
+sweep_dir="$(mktemp -d)"
+python3 - "$sweep_dir/train.jsonl" <<'PY'
+import json, sys
+words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]
+with open(sys.argv[1], "w") as f:
+    for i in range(24):
+        w = words[i % 6]
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"Say the code word number {i}."},
+                                         {"role": "assistant", "content": f"The code word is {w} {w} {w}."}]}) + "\n")
+PY
+target/debug/lora-train sweep --model tests/golden/models/qwen2-tiny --dataset "$sweep_dir/train.jsonl" -o "$sweep_dir/sweep" \
+  --steps 8 --lr 1e-3 --devices cpu --candidate rank=4 --candidate rank=8,use_rslora=true --candidate rank=16,target_modules=q+v --json >/dev/null
+"$py" "$here/check_peft_sweep.py" "$sweep_dir/sweep" --dataset "$sweep_dir/train.jsonl" --lora-train target/debug/lora-train \
+  | tee tests/golden/peft_sweep_check.jsonl
+rm -rf "$sweep_dir"
 du -sh tests/golden/models/* tests/golden/adapters >&2
