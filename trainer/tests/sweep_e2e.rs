@@ -128,7 +128,7 @@ fn a_killed_worker_fails_only_its_group_and_divergence_retires_only_its_candidat
         "--pack", "off", "--max-parallel", "1", "--warmup-ratio", "0", "--max-grad-norm", "0",
         "--candidate", "rank=32,steps=100000", "--candidate", "rank=4,steps=3", "--candidate", "rank=8,steps=3,lr=1e30",
     ]);
-    let mut child = Command::new(bin()).args(&args).env("LORA_TRAIN_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = Command::new(bin()).args(&args).env("LORA_TRAIN_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let spec = out.join("groups").join("group-0.json").display().to_string();
     let t0 = Instant::now();
     let victim = loop {
