@@ -39,6 +39,7 @@ pub fn read_spec(path: &Path) -> Result<GroupSpec> {
 /// the others train.
 pub fn run_group(spec: &GroupSpec) -> Result<()> {
     let Some(first) = spec.members.first() else { bail!("empty group") };
+    exit_with_parent();
     let base = &first.config;
     let device = crate::device::parse_device(&spec.device)?;
     let loaded = lora_models::load_model_mixed(&base.model, &device, base.dtype.to_candle(), base.base_dtype.to_candle())
@@ -95,6 +96,20 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn read_peak_rss(result_file: &Path) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(result_file).ok()?).ok()?;
     v.get("peak_rss_bytes")?.as_u64()
+}
+
+/// Stop when the sweep process that started us is gone (killed with -9, say): an orphaned
+/// worker would otherwise keep writing into candidate directories that `sweep --resume`
+/// hands to a new worker. The candidates resume from their newest checkpoint.
+fn exit_with_parent() {
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        if std::os::unix::process::parent_id() != parent {
+            eprintln!("error: the sweep process exited; stopping this worker (resume the sweep with --resume)");
+            std::process::exit(3);
+        }
+    });
 }
 
 /// The settings that decide a candidate's tokenized data.
