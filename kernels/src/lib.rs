@@ -126,6 +126,55 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b:
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
+/// One adapter's LoRA weights for [`segmented_lora_linear`].
+#[derive(Clone, Copy)]
+pub struct AdapterWeights<'a> {
+    /// [r_j, in]
+    pub a: &'a Tensor,
+    /// [out, r_j]
+    pub b: &'a Tensor,
+    pub scale: f64,
+}
+
+/// Rows `start..start + len` (of x flattened to [n, in]) go through adapter `adapter`
+/// (an index into the adapters slice).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowSegment {
+    pub start: usize,
+    pub len: usize,
+    pub adapter: usize,
+}
+
+/// Several adapters over one frozen base (mLoRA's BatchLoRA, Punica's SGMV):
+/// `y = x W^T (+ bias)` over all rows once, then each segment's rows get
+/// `+ scale_j * (x A_j^T) B_j^T` of its adapter only. Rows in no segment get the base
+/// alone (the frozen reference model of DPO/GRPO). Segments must lie inside the rows
+/// and must not overlap (an Err otherwise); several may name one adapter; ranks and
+/// scales may differ per adapter. dtypes as in [`lora_linear`]. `W`/`bias` are frozen;
+/// adapter j's gradients come from its own rows only (zeros when it has none).
+pub fn segmented_lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    adapters: &[AdapterWeights],
+    segments: &[RowSegment],
+) -> Result<Tensor> {
+    let plan = ops::segmented::Plan::new(x, w, adapters, segments)?;
+    if adapters.is_empty() {
+        return frozen_linear(x, w, bias);
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::segmented::segmented_lora_linear(x, w, bias, adapters, plan);
+    }
+    if !fused(x) {
+        return reference::segmented_lora_linear(x, w, bias, adapters, segments);
+    }
+    let (a_all, b_all) = ops::segmented::concat_adapters(adapters)?;
+    let op = ops::segmented::SegmentedLora::new(w.detach(), bias.map(|b| b.detach()), plan);
+    x.contiguous()?.apply_op3(&a_all, &b_all, op)
+}
+
 /// Scaled dot-product attention. `q`: [b, h, tq, d], `k`/`v`: [b, h, tk, d]
 /// (already repeated for grouped-query attention), `bias`: additive mask
 /// broadcastable to [b, h, tq, tk] (0 or -inf). Returns [b, h, tq, d].

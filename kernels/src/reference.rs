@@ -63,6 +63,33 @@ pub fn lora_linear(
     base + lora
 }
 
+/// [`crate::segmented_lora_linear`] from candle ops: the base over all rows plus, per
+/// segment, its adapter's `scale * (x A^T) B^T` on its rows (narrow / matmul / cat).
+/// A and B are cast to x's dtype (differentiable) so mixed dtypes work.
+pub fn segmented_lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    adapters: &[crate::AdapterWeights],
+    segments: &[crate::RowSegment],
+) -> Result<Tensor> {
+    let plan = crate::ops::segmented::Plan::new(x, w, adapters, segments)?;
+    let (n, k) = (plan.n, plan.k);
+    let x2 = x.reshape((n, k))?;
+    let mut blocks = Vec::with_capacity(plan.segments.len());
+    for s in &plan.segments {
+        let ad = &adapters[s.adapter];
+        let xs = x2.narrow(0, s.start, s.len)?;
+        let xa = xs.matmul(&ad.a.to_dtype(x.dtype())?.t()?)?;
+        blocks.push((s.start, (xa.matmul(&ad.b.to_dtype(x.dtype())?.t()?)? * ad.scale)?));
+    }
+    let lora = crate::ops::segmented::scatter_rows(n, plan.out, blocks, x.device())?.to_dtype(x.dtype())?;
+    let y = (frozen_linear(&x2, w, bias)? + lora)?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().unwrap() = plan.out;
+    y.reshape(dims)
+}
+
 /// Scaled dot-product attention. `q`: [b, h, tq, d], `k`/`v`: [b, h, tk, d]
 /// (already repeated for grouped-query attention), `bias`: additive mask
 /// broadcastable to [b, h, tq, tk] (0 or -inf). Returns [b, h, tq, d].

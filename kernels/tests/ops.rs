@@ -3,29 +3,12 @@
 //! the forward and the gradient of every input. The loss is `sum(out * R)` with a
 //! random R so every output element matters. Trainable inputs are `Var`s and must
 //! get a non-zero gradient; frozen inputs are plain tensors and must get none.
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use lora_kernels as k;
 use lora_kernels::reference as r;
 
-const CPU: Device = Device::Cpu;
-
-fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 1f32, shape, &CPU).unwrap()
-}
-
-/// max |a - b| / max |b| (f32 views).
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let diff = (&a - &b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
-    diff / scale
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
+mod common;
+use common::{max_abs, randn, rel_err, CPU};
 
 /// Thresholds (forward, gradients) by compute dtype.
 fn tol(dtype: DType) -> (f32, f32) {

@@ -15,6 +15,7 @@
 //! | [`ops::softmax_last_dim`], [`ops::causal_softmax`] | `softmax_fwd_*`, `softmax_bwd_*` |
 //! | [`ops::swiglu`] | `swiglu_fwd_*`, `swiglu_bwd_*` |
 //! | [`ops::linear_cross_entropy`] | `lora_fwd_f32out_*` + `ce_rows_*` + `lora_bwd_dx_*` per chunk |
+//! | [`segmented::segmented_lora_linear`] | `lora_fwd_f32out_*` (base) + `sgmv_shrink_*`, `sgmv_expand` (composite backward) |
 //! | [`ops::AdamW`] | `adamw_multi`, `sqnorm_multi` (one launch for all LoRA tensors) |
 pub mod sources;
 
@@ -22,3 +23,5 @@ pub mod sources;
 pub mod ops;
 #[cfg(feature = "cuda")]
 pub mod runtime;
+#[cfg(feature = "cuda")]
+pub mod segmented;

@@ -28,15 +28,16 @@ macro_rules! dispatch16 {
         }
     };
 }
+pub(super) use dispatch16;
 
-fn as_cuda(s: &candle_core::Storage) -> Result<&CudaStorage> {
+pub(super) fn as_cuda(s: &candle_core::Storage) -> Result<&CudaStorage> {
     match s {
         candle_core::Storage::Cuda(c) => Ok(c),
         _ => bail!("lora-kernels CUDA: tensor is not on a CUDA device"),
     }
 }
 
-fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
+pub(super) fn rows_cols(l: &Layout) -> Result<(usize, usize)> {
     let dims = l.shape().dims();
     let cols = *dims.last().ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
     Ok((l.shape().elem_count() / cols.max(1), cols))
@@ -329,7 +330,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// Launch `lora_fwd*` / `lora_bwd_dx` on raw views. Returns (Y, Z).
 #[allow(clippy::too_many_arguments)]
-fn lora_main<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr, O: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+pub(super) fn lora_main<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr, O: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &candle_core::cuda_backend::CudaDevice,
     kernel: &str,
     x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,

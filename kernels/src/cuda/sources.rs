@@ -48,6 +48,11 @@ pub const MODULES: &[KernelModule] = &[
         source: include_str!("src/cross_entropy.cu"),
         kernels: &["ce_rows_bf16", "ce_rows_f16", "ce_rows_float"],
     },
+    KernelModule {
+        name: "sgmv",
+        source: include_str!("src/sgmv.cu"),
+        kernels: &["sgmv_shrink_bf16", "sgmv_shrink_f16", "sgmv_shrink_float", "sgmv_expand"],
+    },
     KernelModule { name: "adamw", source: include_str!("src/adamw.cu"), kernels: &["adamw_multi", "sqnorm_multi"] },
 ];
 

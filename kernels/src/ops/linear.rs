@@ -10,14 +10,14 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
-fn out_shape(x: &Layout, out: usize) -> Shape {
+pub(crate) fn out_shape(x: &Layout, out: usize) -> Shape {
     let mut dims = x.dims().to_vec();
     *dims.last_mut().unwrap() = out;
     Shape::from(dims)
 }
 
 /// `y = x W^T + bias` into a fresh f32 buffer (bias broadcast first, then gemm accumulates).
-fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Option<&Tensor>, op: &str) -> Result<Vec<f32>> {
+pub(crate) fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Option<&Tensor>, op: &str) -> Result<Vec<f32>> {
     let (out, in_) = w.dims2()?;
     if in_ != k {
         bail!("{op}: x has {k} features but the weight expects {in_}");

@@ -9,5 +9,6 @@ pub mod gemv;
 pub mod linear;
 pub mod rms_norm;
 pub mod rope;
+pub mod segmented;
 pub mod softmax;
 pub mod swiglu;
