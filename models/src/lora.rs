@@ -258,7 +258,23 @@ impl Linear {
                 lora_kernels::lora_linear(x, &self.weight, bias, &a, &b, scale)
             }
             segs if segs.iter().any(dropout_on) => self.forward_composite(x, segs, n_rows, inference),
-            segs => self.forward_composite(x, segs, n_rows, inference),
+            // Several adapters (or one on part of the rows): the base GEMM once over all
+            // rows, each adapter's LoRA on its own rows, in one op.
+            segs => {
+                let weights: Vec<(Tensor, Tensor, f64)> = segs
+                    .iter()
+                    .map(|s| {
+                        let l = self.adapter(s.adapter).expect("retained above");
+                        let (a, b) = l.weights(inference);
+                        (a, b, l.scale)
+                    })
+                    .collect();
+                let adapters: Vec<lora_kernels::AdapterWeights> =
+                    weights.iter().map(|(a, b, scale)| lora_kernels::AdapterWeights { a, b, scale: *scale }).collect();
+                let rows: Vec<lora_kernels::RowSegment> =
+                    segs.iter().enumerate().map(|(i, s)| lora_kernels::RowSegment { start: s.start, len: s.len, adapter: i }).collect();
+                lora_kernels::segmented_lora_linear(x, &self.weight, bias, &adapters, &rows)
+            }
         }
     }
 
