@@ -189,14 +189,7 @@ fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
     let threshold = ((1.0 - p) * (1u64 << 24) as f64) as u64;
     let mut state = seed;
     let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            if (z >> 40) < threshold { keep_scale } else { 0.0 }
-        })
+        .map(|_| if (crate::rng::splitmix64(&mut state) >> 40) < threshold { keep_scale } else { 0.0 })
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
@@ -261,21 +254,7 @@ pub fn parse_adapter_config(path: &std::path::Path) -> Result<LoraConfig> {
     })
 }
 
-/// Write `bytes` to `path` through a temporary file + rename, so readers never see
-/// a half-written file.
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().context("path has no parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(&bytes).with_context(|| format!("{}: write failed", tmp.display()))?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
-}
+pub use crate::io::write_atomic;
 
 #[cfg(test)]
 mod tests {
@@ -292,6 +271,17 @@ mod tests {
         assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
         let c = dropout(&x, 0.25, 43)?.flatten_all()?.to_vec1::<f32>()?;
         assert_ne!(a, c);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_mask_is_pinned() -> candle_core::Result<()> {
+        // Masks are part of a run's identity (resume replays them): these 64 keep/drop
+        // decisions for seed 42, p = 0.25 must never change.
+        let x = Tensor::ones(64, DType::F32, &Device::Cpu)?;
+        let kept = dropout(&x, 0.25, 42)?.to_vec1::<f32>()?;
+        let bits = kept.iter().enumerate().fold(0u64, |acc, (i, v)| if *v > 0.0 { acc | 1 << i } else { acc });
+        assert_eq!(bits, 0xdb7d_f7bd_27ef_ff5f);
         Ok(())
     }
 }
