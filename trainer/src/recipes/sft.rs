@@ -18,7 +18,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lora_datasets::{BatchConfig, DataLoader};
-use lora_models::LoraConfig;
 use serde::Serialize;
 
 use crate::checkpoint::{self, TrainerState};
@@ -135,13 +134,7 @@ pub fn run(cfg: &SftConfig, opts: &RunOptions) -> Result<SftSummary> {
     );
 
     // ---- 3. LoRA, optimizer, schedule (or their state from the checkpoint) -------------
-    let lora_cfg = LoraConfig {
-        rank: cfg.lora_rank,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout,
-        use_rslora: cfg.use_rslora,
-        target_modules: cfg.target_modules.clone(),
-    };
+    let lora_cfg = cfg.lora_config();
     model.add_lora(&lora_cfg, cfg.seed)?;
     let fingerprint = train.fingerprint();
     let mut state = TrainerState { seed: cfg.seed, data_fingerprint: Some(fingerprint.clone()), ..Default::default() };
