@@ -118,7 +118,8 @@ impl Decoder {
         } else {
             match src.try_get("lm_head.weight", device)? {
                 Some(_) => Some(get("lm_head.weight", &[cfg.vocab_size, h])?),
-                // Some exports omit lm_head although the config says untied: treat as tied.
+                // Some exports omit lm_head although the config says untied: treat as
+                // tied (`load_model_mixed` warns, naming the model).
                 None => None,
             }
         };

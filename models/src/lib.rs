@@ -60,6 +60,12 @@ pub fn load_model_mixed(model_ref: &str, device: &Device, compute_dtype: DType, 
             (decoder::Decoder::load(cfg, &src, device, weight_dtype, compute_dtype)?, tokenizer)
         }
     };
+    if !decoder.cfg.tie_word_embeddings && decoder.lm_head.is_none() {
+        tracing::warn!(
+            "{model_ref}: the config says the output layer is untied (tie_word_embeddings: false) but the weights have \
+             no `lm_head.weight`; using the input embeddings as the output layer (tied)"
+        );
+    }
     Ok(LoadedModel { model: Model::new(decoder), tokenizer, source: model_ref.to_string() })
 }
 

@@ -233,6 +233,7 @@ pub fn parse_adapter_config(path: &std::path::Path) -> Result<LoraConfig> {
             bail!("{}: peft_type `{t}` is not LORA", path.display());
         }
     }
+    reject_unsupported_peft_features(&v).with_context(|| format!("{}", path.display()))?;
     let rank = field("r")?.as_u64().with_context(|| format!("{}: field `r` is not an integer", path.display()))? as usize;
     let alpha = field("lora_alpha")?.as_f64().with_context(|| format!("{}: field `lora_alpha` is not a number", path.display()))?;
     let targets = match field("target_modules")? {
@@ -254,6 +255,31 @@ pub fn parse_adapter_config(path: &std::path::Path) -> Result<LoraConfig> {
     })
 }
 
+/// PEFT options that change what the adapter computes or which weights it holds. We
+/// load plain LoRA only; anything else must fail here, not later as a shape mismatch or
+/// as an adapter that silently computes something else than it did under PEFT.
+fn reject_unsupported_peft_features(v: &serde_json::Value) -> Result<()> {
+    use serde_json::Value;
+    let set = |k: &str| match v.get(k) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    };
+    let unsupported = [
+        ("use_dora", "DoRA (`use_dora: true`)"),
+        ("rank_pattern", "per-module ranks (`rank_pattern`)"),
+        ("alpha_pattern", "per-module alphas (`alpha_pattern`)"),
+        ("layers_to_transform", "adapting only some layers (`layers_to_transform`)"),
+        ("modules_to_save", "fully trained extra modules (`modules_to_save`)"),
+    ];
+    let found: Vec<&str> = unsupported.iter().filter(|(k, _)| set(k)).map(|(_, what)| *what).collect();
+    if !found.is_empty() {
+        bail!("this adapter uses {}, which lora-train does not support (plain LoRA only)", found.join(", "));
+    }
+    Ok(())
+}
+
 pub use crate::io::write_atomic;
 
 #[cfg(test)]
@@ -272,6 +298,35 @@ mod tests {
         let c = dropout(&x, 0.25, 43)?.flatten_all()?.to_vec1::<f32>()?;
         assert_ne!(a, c);
         Ok(())
+    }
+
+    fn parse(json: &str) -> Result<LoraConfig> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("adapter_config.json");
+        std::fs::write(&path, json)?;
+        parse_adapter_config(&path)
+    }
+
+    #[test]
+    fn adapter_configs_with_unsupported_peft_features_are_refused() {
+        let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]"#;
+        // What PEFT itself writes for a plain LoRA (the features present but off) loads.
+        let plain = parse(&format!(
+            r#"{{{base}, "use_dora": false, "rank_pattern": {{}}, "alpha_pattern": {{}}, "layers_to_transform": null, "modules_to_save": null}}"#
+        ))
+        .unwrap();
+        assert_eq!((plain.rank, plain.alpha), (8, 16.0));
+        for (extra, needle) in [
+            (r#""use_dora": true"#, "DoRA"),
+            (r#""rank_pattern": {"q_proj": 16}"#, "rank_pattern"),
+            (r#""alpha_pattern": {"v_proj": 4}"#, "alpha_pattern"),
+            (r#""layers_to_transform": [0, 1]"#, "layers_to_transform"),
+            (r#""layers_to_transform": 3"#, "layers_to_transform"),
+            (r#""modules_to_save": ["lm_head"]"#, "modules_to_save"),
+        ] {
+            let err = format!("{:#}", parse(&format!("{{{base}, {extra}}}")).unwrap_err());
+            assert!(err.contains(needle) && err.contains("not support") && err.contains("adapter_config.json"), "{extra}: {err}");
+        }
     }
 
     #[test]
