@@ -5,9 +5,10 @@
 //! `backward()` still returns Ok (DESIGN.md s4), so the model must only use these.
 //!
 //! On CPU each function runs a fused candle custom op from [`ops`] (f32 compute,
-//! bf16/f16 storage widened on the fly; matmuls through the `gemm` crate). On other
-//! devices it falls back to the composite version in [`reference`] until the op has
-//! a `cuda_fwd` (issue 6). Frozen tensors (base weights, biases, lm_head, norm
+//! bf16/f16 storage widened on the fly; matmuls through the `gemm` crate). On CUDA
+//! (`cuda` feature) most call the NVRTC-compiled kernels of [`cuda::ops`]; the rest
+//! (`causal_attention`, `linear_cross_entropy_rows`), and every op on other devices,
+//! run the composite version in [`reference`]. Frozen tensors (base weights, biases, lm_head, norm
 //! weights that are not `Var`s) never receive a gradient.
 use candle_core::{DType, Result, Tensor};
 
