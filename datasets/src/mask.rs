@@ -112,8 +112,8 @@ pub fn tokenize_preference(
     Ok((chosen, rejected))
 }
 
-/// Token ids of a prompt ready for generation (`add_generation_prompt`), for GRPO and
-/// `generate`.
+/// Token ids of a prompt ready for generation (`add_generation_prompt`); `inspect` uses
+/// it to count the tokens of prompt datasets.
 pub fn tokenize_prompt(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,

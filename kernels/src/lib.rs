@@ -168,7 +168,8 @@ pub fn linear_cross_entropy(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor,
 }
 
 /// Per-row cross-entropies [n] f32 (= minus the target log-probabilities) of
-/// `hidden @ lm_head^T`, differentiable w.r.t. `hidden` (for DPO/GRPO log-probs).
+/// `hidden @ lm_head^T`, differentiable w.r.t. `hidden` (per-token log-probs, as preference and RL
+/// methods need; no command uses it yet).
 pub fn linear_cross_entropy_rows(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !fused(hidden) {
         return reference::linear_cross_entropy_rows(hidden, lm_head, targets);
