@@ -1,4 +1,4 @@
-//! Token ids and loss masks (DESIGN.md s3).
+//! Token ids and loss masks (the rule: ARCHITECTURE.md, Loss mask).
 //!
 //! The conversation is rendered once and tokenized once without adding special tokens
 //! (the template already wrote them). A token is a loss token when its first byte lies

@@ -2,7 +2,7 @@
 //!
 //! Every function here has a forward AND a backward. candle's stock
 //! `softmax_last_dim`, `rms_norm` and `rope` have no backward at all and
-//! `backward()` still returns Ok (DESIGN.md s4), so the model must only use these.
+//! `backward()` still returns Ok (ARCHITECTURE.md, Pitfalls), so the model must only use these.
 //!
 //! On CPU each function runs a fused candle custom op from [`ops`] (f32 compute,
 //! bf16/f16 storage widened on the fly; matmuls through the `gemm` crate). On CUDA

@@ -1,7 +1,7 @@
 //! The decoder: Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm,
 //! free head_dim), grouped-query attention, LoRA on any projection.
 //! Written here rather than reused from candle-transformers, whose models have
-//! private Linear fields, last-token-only logits and no-backward ops (DESIGN.md s4).
+//! private Linear fields, last-token-only logits and no-backward ops (ARCHITECTURE.md, Pitfalls).
 use crate::config::{Architecture, ModelConfig};
 use crate::lora::{Linear, LoraSwitch};
 use crate::rope::RotaryTables;

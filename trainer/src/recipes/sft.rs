@@ -1,7 +1,7 @@
 //! Supervised fine-tuning of a LoRA adapter, top to bottom:
 //!
 //! 1. run directory: fresh, or `--resume` from its latest complete checkpoint
-//! 2. model + tokenizer, dataset -> tokens (loss mask of DESIGN.md s3), held-out split
+//! 2. model + tokenizer, dataset -> tokens (loss mask: ARCHITECTURE.md), held-out split
 //! 3. LoRA (PEFT init) + AdamW on the LoRA parameters only + LR schedule
 //! 4. the loop: each optimizer step takes `gradient_accumulation_steps` micro-batches and
 //!    back-propagates sum(token losses) / (loss tokens of ALL those micro-batches), so
