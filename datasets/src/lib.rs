@@ -5,7 +5,7 @@
 //! - `load` (+ `format`, `parse`, `problems`): reading, format detection, validation that
 //!   reports every problem as `FILE:LINE: message`
 //! - `template` (+ `pyjson`, `strftime`): chat templates rendered as transformers does
-//! - `mask`: tokenization and the loss-mask rule of DESIGN.md s3
+//! - `mask`: tokenization and the loss-mask rule (ARCHITECTURE.md)
 //! - `batch`: truncation, padding, length grouping, packing, resumable batch order
 //! - `split`: held-out splits, subsampling, stratified splits
 //! - `stats`: what `lora-train inspect` prints

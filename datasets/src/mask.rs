@@ -1,4 +1,4 @@
-//! Token ids and loss masks (DESIGN.md s3).
+//! Token ids and loss masks (the rule: ARCHITECTURE.md, Loss mask).
 //!
 //! The conversation is rendered once and tokenized once without adding special tokens
 //! (the template already wrote them). A token is a loss token when its first byte lies
@@ -112,8 +112,8 @@ pub fn tokenize_preference(
     Ok((chosen, rejected))
 }
 
-/// Token ids of a prompt ready for generation (`add_generation_prompt`), for GRPO and
-/// `generate`.
+/// Token ids of a prompt ready for generation (`add_generation_prompt`); `inspect` uses
+/// it to count the tokens of prompt datasets.
 pub fn tokenize_prompt(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,

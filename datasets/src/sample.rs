@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-/// The dataset format of a whole file (DESIGN.md s3).
+/// The dataset format of a whole file (ARCHITECTURE.md, Datasets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -12,7 +12,8 @@ pub enum Format {
     Chat,
     /// Chosen/rejected completions (Fireworks or TRL form).
     Preference,
-    /// System/user messages only, plus extra fields kept for evaluators (GRPO).
+    /// System/user messages only, plus extra fields kept for an evaluator
+    /// (`inspect` validates it; no training command reads it yet).
     Prompts,
 }
 

@@ -2,12 +2,13 @@
 //!
 //! Every function here has a forward AND a backward. candle's stock
 //! `softmax_last_dim`, `rms_norm` and `rope` have no backward at all and
-//! `backward()` still returns Ok (DESIGN.md s4), so the model must only use these.
+//! `backward()` still returns Ok (ARCHITECTURE.md, Pitfalls), so the model must only use these.
 //!
 //! On CPU each function runs a fused candle custom op from [`ops`] (f32 compute,
-//! bf16/f16 storage widened on the fly; matmuls through the `gemm` crate). On other
-//! devices it falls back to the composite version in [`reference`] until the op has
-//! a `cuda_fwd` (issue 6). Frozen tensors (base weights, biases, lm_head, norm
+//! bf16/f16 storage widened on the fly; matmuls through the `gemm` crate). On CUDA
+//! (`cuda` feature) most call the NVRTC-compiled kernels of [`cuda::ops`]; the rest
+//! (`causal_attention`, `linear_cross_entropy_rows`), and every op on other devices,
+//! run the composite version in [`reference`]. Frozen tensors (base weights, biases, lm_head, norm
 //! weights that are not `Var`s) never receive a gradient.
 use candle_core::{DType, Result, Tensor};
 
@@ -216,7 +217,8 @@ pub fn linear_cross_entropy(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor,
 }
 
 /// Per-row cross-entropies [n] f32 (= minus the target log-probabilities) of
-/// `hidden @ lm_head^T`, differentiable w.r.t. `hidden` (for DPO/GRPO log-probs).
+/// `hidden @ lm_head^T`, differentiable w.r.t. `hidden` (per-token log-probs, as preference and RL
+/// methods need; no command uses it yet).
 pub fn linear_cross_entropy_rows(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !fused(hidden) {
         return reference::linear_cross_entropy_rows(hidden, lm_head, targets);

@@ -84,6 +84,19 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// The attention window a config asks for, when it is in effect: Mistral's
+/// `sliding_window` (null in v0.2 and later), or Qwen2's, which only applies with
+/// `use_sliding_window: true`. A window no shorter than the longest sequence the model
+/// supports changes nothing, so it does not count unless the config switches it on.
+fn sliding_window_in_effect(json: &Value, max_positions: usize) -> Option<usize> {
+    let window = get_usize(json, "sliding_window")?;
+    match json.get("use_sliding_window").and_then(Value::as_bool) {
+        Some(false) => None,
+        Some(true) => Some(window),
+        None => (window < max_positions).then_some(window),
+    }
+}
+
 impl ModelConfig {
     pub fn from_hf_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -130,6 +143,18 @@ impl ModelConfig {
             }
             None => None,
         };
+        let max_position_embeddings = get_usize(&json, "max_position_embeddings").unwrap_or(4096);
+        // Sliding-window attention is not implemented; every layer attends causally over
+        // the whole sequence. That is exactly the model's attention for sequences up to
+        // the window (4096 tokens for Mistral-7B-v0.1, longer than most fine-tuning rows),
+        // so such models load with a warning instead of being refused; beyond the window
+        // the outputs differ from the reference implementation.
+        if let Some(w) = sliding_window_in_effect(&json, max_position_embeddings) {
+            tracing::warn!(
+                "{model_type} config: sliding-window attention (window {w} tokens) is not implemented; full causal \
+                 attention is used, which matches this model only for sequences of up to {w} tokens"
+            );
+        }
         let attention_bias = match architecture {
             Architecture::Qwen2 => true,
             _ => json.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
@@ -146,7 +171,7 @@ impl ModelConfig {
             rms_norm_eps: json.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
             rope_theta,
             rope_llama3,
-            max_position_embeddings: get_usize(&json, "max_position_embeddings").unwrap_or(4096),
+            max_position_embeddings,
             tie_word_embeddings: json.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             attention_bias,
             qk_norm: architecture == Architecture::Qwen3,
@@ -188,5 +213,34 @@ impl ModelConfig {
             v["eos_token_id"] = (*e).into();
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_window_counts_only_when_it_limits_attention() {
+        let w = |j: Value| sliding_window_in_effect(&j, 32768);
+        // Mistral-7B-v0.1: a 4096 window under 32k positions.
+        assert_eq!(w(serde_json::json!({"sliding_window": 4096})), Some(4096));
+        // Mistral v0.2+: null. Qwen2: a window that is switched off, or as long as the model.
+        assert_eq!(w(serde_json::json!({"sliding_window": null})), None);
+        assert_eq!(w(serde_json::json!({"sliding_window": 4096, "use_sliding_window": false})), None);
+        assert_eq!(w(serde_json::json!({"sliding_window": 32768})), None);
+        assert_eq!(w(serde_json::json!({"sliding_window": 131072, "use_sliding_window": true})), Some(131072));
+        assert_eq!(w(serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn a_mistral_config_with_a_window_still_loads() {
+        let cfg = ModelConfig::from_hf_json(serde_json::json!({
+            "model_type": "mistral", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32768, "sliding_window": 4096,
+        }))
+        .unwrap();
+        assert_eq!(cfg.architecture, Architecture::Llama);
+        assert_eq!(cfg.max_position_embeddings, 32768);
     }
 }

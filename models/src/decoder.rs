@@ -1,7 +1,7 @@
 //! The decoder: Llama, Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm,
 //! free head_dim), grouped-query attention, LoRA on any projection.
 //! Written here rather than reused from candle-transformers, whose models have
-//! private Linear fields, last-token-only logits and no-backward ops (DESIGN.md s4).
+//! private Linear fields, last-token-only logits and no-backward ops (ARCHITECTURE.md, Pitfalls).
 use crate::config::{Architecture, ModelConfig};
 use crate::lora::{Linear, LoraSwitch};
 use crate::rope::RotaryTables;
@@ -118,7 +118,8 @@ impl Decoder {
         } else {
             match src.try_get("lm_head.weight", device)? {
                 Some(_) => Some(get("lm_head.weight", &[cfg.vocab_size, h])?),
-                // Some exports omit lm_head although the config says untied: treat as tied.
+                // Some exports omit lm_head although the config says untied: treat as
+                // tied (`load_model_mixed` warns, naming the model).
                 None => None,
             }
         };

@@ -91,6 +91,16 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> u32 {
     idx[probs.len() - 1] as u32
 }
 
+/// NaN or infinite logits mean the forward pass broke (overflow, a corrupt weight or
+/// adapter); sampling from them would return an arbitrary token as if it were valid.
+fn check_finite_logits(logits: &[f32], step: usize, row: usize) -> Result<()> {
+    if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
+        let what = if bad.is_nan() { "NaN" } else { "infinite" };
+        bail!("the model produced {what} logits at step {step} for prompt {row} (step 0 = the first generated token)");
+    }
+    Ok(())
+}
+
 impl Model {
     /// Generate for a batch of prompts of different lengths (left-padded internally).
     pub fn generate(&self, prompts: &[Vec<u32>], params: &SamplingParams, stop_ids: &[u32]) -> Result<Vec<Generated>> {
@@ -131,12 +141,15 @@ impl Model {
         let mut hidden = self.forward_cached(&input, &positions, &flat_segments(&segments), &mut cache)?;
         stats.prefill_s = start.elapsed().as_secs_f64();
         let decode_start = std::time::Instant::now();
-        for _step in 0..params.max_new_tokens {
+        for step in 0..params.max_new_tokens {
             let t = hidden.dim(1)?;
             let last = hidden.narrow(1, t - 1, 1)?;
             let logits = self.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             let mut step_ids = Vec::with_capacity(b);
             for row in 0..b {
+                if !done[row] {
+                    check_finite_logits(&logits[row], step, row)?;
+                }
                 let tok = if done[row] { 0 } else { sample(&logits[row], params, &mut rng) };
                 if !done[row] {
                     if stop_ids.contains(&tok) {
@@ -182,5 +195,14 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(sample(&logits, &p, &mut rng), 1);
         }
+    }
+
+    #[test]
+    fn non_finite_logits_are_an_error_naming_step_and_row() {
+        assert!(check_finite_logits(&[0.1, -3.0, 2.0], 0, 0).is_ok());
+        let err = check_finite_logits(&[0.1, f32::NAN, 2.0], 4, 1).unwrap_err().to_string();
+        assert!(err.contains("NaN logits at step 4 for prompt 1"), "{err}");
+        let err = check_finite_logits(&[f32::INFINITY, 0.0], 0, 2).unwrap_err().to_string();
+        assert!(err.contains("infinite logits at step 0 for prompt 2"), "{err}");
     }
 }

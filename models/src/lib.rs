@@ -4,10 +4,12 @@ pub mod config;
 pub mod decoder;
 pub mod generate;
 pub mod gguf;
+pub mod io;
 pub mod lora;
 pub mod merge;
 pub mod model;
 pub mod rope;
+pub mod rng;
 pub mod source;
 pub mod tokenizer;
 pub mod weights;
@@ -15,6 +17,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::KvCache;
 pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
+pub use io::write_atomic;
 pub use lora::{LoraConfig, ALL_TARGETS};
 pub use model::{InferenceGuard, Model, Route, RoutingGuard, DEFAULT_ADAPTER};
 pub use tokenizer::TokenizerBundle;
@@ -57,6 +60,12 @@ pub fn load_model_mixed(model_ref: &str, device: &Device, compute_dtype: DType, 
             (decoder::Decoder::load(cfg, &src, device, weight_dtype, compute_dtype)?, tokenizer)
         }
     };
+    if !decoder.cfg.tie_word_embeddings && decoder.lm_head.is_none() {
+        tracing::warn!(
+            "{model_ref}: the config says the output layer is untied (tie_word_embeddings: false) but the weights have \
+             no `lm_head.weight`; using the input embeddings as the output layer (tied)"
+        );
+    }
     Ok(LoadedModel { model: Model::new(decoder), tokenizer, source: model_ref.to_string() })
 }
 

@@ -342,14 +342,7 @@ fn dropout(x: &Tensor, p: f64, seed: u64) -> candle_core::Result<Tensor> {
     let threshold = ((1.0 - p) * (1u64 << 24) as f64) as u64;
     let mut state = seed;
     let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            if (z >> 40) < threshold { keep_scale } else { 0.0 }
-        })
+        .map(|_| if (crate::rng::splitmix64(&mut state) >> 40) < threshold { keep_scale } else { 0.0 })
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
@@ -393,6 +386,7 @@ pub fn parse_adapter_config(path: &std::path::Path) -> Result<LoraConfig> {
             bail!("{}: peft_type `{t}` is not LORA", path.display());
         }
     }
+    reject_unsupported_peft_features(&v).with_context(|| format!("{}", path.display()))?;
     let rank = field("r")?.as_u64().with_context(|| format!("{}: field `r` is not an integer", path.display()))? as usize;
     let alpha = field("lora_alpha")?.as_f64().with_context(|| format!("{}: field `lora_alpha` is not a number", path.display()))?;
     let targets = match field("target_modules")? {
@@ -414,21 +408,32 @@ pub fn parse_adapter_config(path: &std::path::Path) -> Result<LoraConfig> {
     })
 }
 
-/// Write `bytes` to `path` through a temporary file + rename, so readers never see
-/// a half-written file.
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().context("path has no parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(&bytes).with_context(|| format!("{}: write failed", tmp.display()))?;
-        f.sync_all()?;
+/// PEFT options that change what the adapter computes or which weights it holds. We
+/// load plain LoRA only; anything else must fail here, not later as a shape mismatch or
+/// as an adapter that silently computes something else than it did under PEFT.
+fn reject_unsupported_peft_features(v: &serde_json::Value) -> Result<()> {
+    use serde_json::Value;
+    let set = |k: &str| match v.get(k) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    };
+    let unsupported = [
+        ("use_dora", "DoRA (`use_dora: true`)"),
+        ("rank_pattern", "per-module ranks (`rank_pattern`)"),
+        ("alpha_pattern", "per-module alphas (`alpha_pattern`)"),
+        ("layers_to_transform", "adapting only some layers (`layers_to_transform`)"),
+        ("modules_to_save", "fully trained extra modules (`modules_to_save`)"),
+    ];
+    let found: Vec<&str> = unsupported.iter().filter(|(k, _)| set(k)).map(|(_, what)| *what).collect();
+    if !found.is_empty() {
+        bail!("this adapter uses {}, which lora-train does not support (plain LoRA only)", found.join(", "));
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
+
+pub use crate::io::write_atomic;
 
 #[cfg(test)]
 mod tests {
@@ -445,6 +450,46 @@ mod tests {
         assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
         let c = dropout(&x, 0.25, 43)?.flatten_all()?.to_vec1::<f32>()?;
         assert_ne!(a, c);
+        Ok(())
+    }
+
+    fn parse(json: &str) -> Result<LoraConfig> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("adapter_config.json");
+        std::fs::write(&path, json)?;
+        parse_adapter_config(&path)
+    }
+
+    #[test]
+    fn adapter_configs_with_unsupported_peft_features_are_refused() {
+        let base = r#""peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]"#;
+        // What PEFT itself writes for a plain LoRA (the features present but off) loads.
+        let plain = parse(&format!(
+            r#"{{{base}, "use_dora": false, "rank_pattern": {{}}, "alpha_pattern": {{}}, "layers_to_transform": null, "modules_to_save": null}}"#
+        ))
+        .unwrap();
+        assert_eq!((plain.rank, plain.alpha), (8, 16.0));
+        for (extra, needle) in [
+            (r#""use_dora": true"#, "DoRA"),
+            (r#""rank_pattern": {"q_proj": 16}"#, "rank_pattern"),
+            (r#""alpha_pattern": {"v_proj": 4}"#, "alpha_pattern"),
+            (r#""layers_to_transform": [0, 1]"#, "layers_to_transform"),
+            (r#""layers_to_transform": 3"#, "layers_to_transform"),
+            (r#""modules_to_save": ["lm_head"]"#, "modules_to_save"),
+        ] {
+            let err = format!("{:#}", parse(&format!("{{{base}, {extra}}}")).unwrap_err());
+            assert!(err.contains(needle) && err.contains("not support") && err.contains("adapter_config.json"), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn dropout_mask_is_pinned() -> candle_core::Result<()> {
+        // Masks are part of a run's identity (resume replays them): these 64 keep/drop
+        // decisions for seed 42, p = 0.25 must never change.
+        let x = Tensor::ones(64, DType::F32, &Device::Cpu)?;
+        let kept = dropout(&x, 0.25, 42)?.to_vec1::<f32>()?;
+        let bits = kept.iter().enumerate().fold(0u64, |acc, (i, v)| if *v > 0.0 { acc | 1 << i } else { acc });
+        assert_eq!(bits, 0xdb7d_f7bd_27ef_ff5f);
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU-less CUDA checks of CI (issue 6), timed step by step:
+# The GPU-less CUDA checks of CI, timed step by step:
 #   1. fetch the CUDA 12 pip wheels (NVRTC, ptxas, runtime headers)      [cached]
 #   2. NVRTC -> PTX -> ptxas for sm_80 and sm_90 of every kernel source, with
 #      registers / spills per kernel (CUDA 12.6 and, when unpacked, 11.8)

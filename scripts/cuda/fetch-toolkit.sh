@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download Debian bookworm's CUDA 11.8 toolkit (non-free) with `apt-get download` and
 # unpack it with `dpkg -x` into $CUDA_TK, then lay out $CUDA_TK/bin + nvcc.profile so
-# candle's build.rs (bindgen_cuda -> nvcc) works with no root install (DESIGN.md s4).
+# candle's build.rs (bindgen_cuda -> nvcc) works with no root install.
 # Idempotent: a finished unpack is marked by $CUDA_TK/.complete.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

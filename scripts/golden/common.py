@@ -3,7 +3,7 @@
 - `load_model_and_tokenizer`: a Hugging Face directory or a `.gguf` file (weights dequantized
   by transformers' GGUF loader; tokenizer rebuilt from the GGUF metadata with the `smollm`
   pre-tokenizer restored, see `restore_gguf_pretokenizer`).
-- `chat_loss_mask`: the loss-mask rule of DESIGN.md section 3, written once so that
+- `chat_loss_mask`: the loss-mask rule of ARCHITECTURE.md (Loss mask), written once so that
   `peft_eval.py` and the tokenizer goldens agree.
 """
 
@@ -117,7 +117,7 @@ def trainable(message) -> bool:
 
 
 def chat_loss_mask(tokenizer, messages, max_length: int | None = None):
-    """Tokenize a chat sample and build its loss mask (DESIGN.md section 3).
+    """Tokenize a chat sample and build its loss mask (ARCHITECTURE.md, Loss mask).
 
     The same rule as the datasets crate (datasets/src/mask.rs) and its Python reference
     (scripts/golden/datasets/make_golden.py `reference_mask`): the conversation is rendered once

@@ -102,7 +102,7 @@ def main():
 
     doc = {
         "dataset": dataset,
-        "definition": "peft_eval.py: loss mask of DESIGN.md s3 (assistant contents with weight != 0 + the "
+        "definition": "peft_eval.py: loss mask of ARCHITECTURE.md (assistant contents with weight != 0 + the "
                       "<|im_end|> closing each; token belongs to a message when its first char is inside the "
                       "content), eval_loss = total NLL of loss tokens / loss_tokens, perplexity = exp(eval_loss); "
                       "f32, one sample at a time; max_sequence_length cuts the token sequence to its first N tokens",

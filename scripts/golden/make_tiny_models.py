@@ -270,7 +270,7 @@ def build_model(name: str, spec: dict, out_models: str, tok_json: str):
     if spec["max_shard_size"]:
         kw["max_shard_size"] = spec["max_shard_size"]
     model.save_pretrained(d, **kw)
-    # generation_config.json is optional per DESIGN.md; keep a fixed, minimal one.
+    # generation_config.json is optional (the Rust side does not read it); keep a fixed, minimal one.
     with open(os.path.join(d, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}, f, indent=2)
         f.write("\n")
@@ -547,7 +547,7 @@ def tokenizer_goldens(model_dir: str, out: str):
             "ids": ids,
             "offsets": [list(o) for o in offsets],
             "loss_mask": mask,
-            "loss_mask_rule": "DESIGN.md s3: rendered with apply_chat_template(add_generation_prompt=False) "
+            "loss_mask_rule": "ARCHITECTURE.md (Loss mask): rendered with apply_chat_template(add_generation_prompt=False) "
                               "('weight' keys dropped), tokenized once without special tokens; loss_mask[i]=1 when "
                               "token i's first character lies inside an assistant content with weight != 0, or "
                               "token i is the <|im_end|> right after such a content",

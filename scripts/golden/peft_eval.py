@@ -7,7 +7,7 @@
 Prints exactly one JSON object on stdout: {"eval_loss": .., "perplexity": .., "loss_tokens": ..}
 (details go to stderr). This is the number `lora-train eval --json` must reproduce.
 
-Loss mask (DESIGN.md section 3, common.chat_loss_mask): each sample's `messages` are rendered
+Loss mask (ARCHITECTURE.md, common.chat_loss_mask): each sample's `messages` are rendered
 with the model's chat template (apply_chat_template, add_generation_prompt=False; a message's
 `weight` key is dropped before rendering) and tokenized once without adding special tokens.
 A token is a loss token when its first character lies inside the content of an assistant

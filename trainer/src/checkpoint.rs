@@ -7,7 +7,6 @@
 //! or does not exist, so a run killed at any moment never leaves a half-written one that
 //! `latest_checkpoint` could pick.
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -45,21 +44,9 @@ fn sync_path(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-/// Write `bytes` to `path` through a temporary sibling, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = path.file_name().context("write_atomic: path has no file name")?.to_string_lossy();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    let _ = sync_path(parent);
-    Ok(())
-}
+/// The one atomic file write of the workspace (temporary sibling, fsync, rename, fsync
+/// of the directory), re-exported so trainer code keeps calling `checkpoint::write_atomic`.
+pub use lora_models::write_atomic;
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join(CHECKPOINTS_DIR)
@@ -207,17 +194,6 @@ mod tests {
         prune_checkpoints(run, 1)?;
         assert!(!checkpoint_dir(run, 2).exists());
         assert!(checkpoint_dir(run, 10).exists());
-        Ok(())
-    }
-
-    #[test]
-    fn write_atomic_replaces_whole_file() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let p = dir.path().join("sub/run.json");
-        write_atomic(&p, b"{\"a\":1}")?;
-        write_atomic(&p, b"{}")?;
-        assert_eq!(fs::read(&p)?, b"{}");
-        assert_eq!(fs::read_dir(dir.path().join("sub"))?.count(), 1);
         Ok(())
     }
 }

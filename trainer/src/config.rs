@@ -15,8 +15,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::schedule::SchedulerKind;
 
-pub const ALL_TARGET_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DTypeArg {
@@ -237,7 +235,7 @@ impl TrainOptions {
         }
         let rank = self.lora_rank.unwrap_or(8);
         let target_modules: Vec<String> = match self.target_modules {
-            None => ALL_TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
+            None => lora_models::ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
             Some(v) => match lora_models::LoraConfig::parse_targets(&v.join(",")) {
                 Ok(t) => t,
                 Err(e) => {
@@ -309,8 +307,8 @@ impl TrainOptions {
         if !errors.is_empty() {
             bail!("invalid configuration:\n  {}", errors.join("\n  "));
         }
-        if !(4..=64).contains(&cfg.lora_rank) {
-            tracing::warn!("--lora-rank {} is outside 4..=64, which Fireworks accepts for deployment", cfg.lora_rank);
+        for warning in cfg.lora_config().hosting_warnings() {
+            tracing::warn!("{warning}");
         }
         Ok(cfg)
     }
@@ -354,6 +352,17 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The LoRA part of the configuration, as `lora-models` takes it.
+    pub fn lora_config(&self) -> lora_models::LoraConfig {
+        lora_models::LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            use_rslora: self.use_rslora,
+            target_modules: self.target_modules.clone(),
+        }
+    }
+
     /// Default epochs for a dataset size: min(5, ceil(2500 / samples)).
     pub fn default_epochs(train_samples: usize) -> usize {
         (2500usize.div_ceil(train_samples.max(1))).clamp(1, 5)

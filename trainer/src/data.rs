@@ -1,5 +1,5 @@
 //! From a chat JSONL file to token batches on a device: load + validate, render with the
-//! model's chat template, tokenize with the loss mask of DESIGN.md s3, truncate, batch.
+//! model's chat template, tokenize with the loss mask (ARCHITECTURE.md), truncate, batch.
 //! Shared by `sft` (train and eval sets) and `eval`.
 use std::path::Path;
 

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use lora_train::commands;
 
 // glibc malloc fragments badly under candle's many short-lived buffers
-// (DESIGN.md s4: the prototype only reached its speed after switching).
+// (ARCHITECTURE.md, Pitfalls: the prototype only reached its speed after switching).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -54,7 +54,9 @@ impl MetricsWriter {
     /// Continue a resumed run: keep the rows up to `step` (rows written after the checkpoint
     /// by the killed run are dropped, the resumed run writes them again), then append.
     pub fn resume(path: &Path, step: usize) -> Result<Self> {
-        let kept: Vec<MetricsRow> = read_metrics(path).unwrap_or_default().into_iter().filter(|r| r.step <= step).collect();
+        // No file yet is an empty history; a damaged one is an error, never a silent reset.
+        let rows = if path.exists() { read_metrics(path)? } else { Vec::new() };
+        let kept: Vec<MetricsRow> = rows.into_iter().filter(|r| r.step <= step).collect();
         let mut bytes = Vec::new();
         for r in &kept {
             serde_json::to_writer(&mut bytes, r)?;
@@ -78,14 +80,25 @@ impl MetricsWriter {
     }
 }
 
-/// Read every row (a torn last line from a killed writer is skipped).
+/// Read every row. A run killed in the middle of a write leaves a torn LAST line: that
+/// line is dropped with a warning (the resumed run writes its step again). Any other line
+/// that is not a metrics row means the file was damaged or edited: an error naming
+/// `FILE:LINE`, because dropping it would silently rewrite the run's history on resume.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRow>> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let lines: Vec<String> = BufReader::new(f).lines().collect::<std::io::Result<_>>().with_context(|| format!("reading {}", path.display()))?;
+    let last = lines.iter().rposition(|l| !l.trim().is_empty());
     let mut rows = Vec::new();
-    for line in BufReader::new(f).lines() {
-        let line = line?;
-        if let Ok(row) = serde_json::from_str::<MetricsRow>(&line) {
-            rows.push(row);
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<MetricsRow>(line) {
+            Ok(row) => rows.push(row),
+            Err(e) if Some(i) == last => {
+                tracing::warn!("{}:{}: dropping a torn last line (a killed run was writing it): {e}", path.display(), i + 1);
+            }
+            Err(e) => anyhow::bail!("{}:{}: not a metrics row: {e}", path.display(), i + 1),
         }
     }
     Ok(rows)
@@ -115,6 +128,25 @@ mod tests {
         let rows = read_metrics(&p)?;
         assert_eq!(rows.iter().map(|r| r.step).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
         assert_eq!(rows[4].loss, Some(9.0));
+        Ok(())
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_and_a_corrupt_middle_line_is_an_error() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("metrics.jsonl");
+        let good = |s: usize| serde_json::to_string(&MetricsRow { step: s, loss: Some(1.0), ..Default::default() }).unwrap();
+        // Killed mid-write: the last line is cut off (and has no newline).
+        std::fs::write(&p, format!("{}\n{}\n{}", good(1), good(2), &good(3)[..10]))?;
+        assert_eq!(read_metrics(&p)?.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2]);
+        // Resuming from it keeps the good rows.
+        drop(MetricsWriter::resume(&p, 2)?);
+        assert_eq!(read_metrics(&p)?.len(), 2);
+        // A damaged line in the middle is an error naming FILE:LINE, for reads and resume.
+        std::fs::write(&p, format!("{}\n{{\"step\": oops\n{}\n", good(1), good(3)))?;
+        let err = format!("{:#}", read_metrics(&p).unwrap_err());
+        assert!(err.contains(&format!("{}:2:", p.display())), "{err}");
+        assert!(MetricsWriter::resume(&p, 3).is_err());
         Ok(())
     }
 }

@@ -26,7 +26,7 @@ fn tiny_model_overfits_small_dataset() {
     let after = summary["eval_loss"].as_f64().unwrap();
     // Stated factor: the eval loss on the training samples falls at least 5x.
     assert!(after * 5.0 < before, "eval loss {before} -> {after}: did not fall 5x");
-    // Run directory contract (DESIGN.md s3).
+    // Run directory contract (ARCHITECTURE.md).
     for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "run.json", "report.md", "loss_curve.svg"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }

@@ -1,4 +1,4 @@
-//! CUDA implementations of the lora-kernels ops (issue 6).
+//! CUDA implementations of the lora-kernels ops.
 //!
 //! `sources` (always compiled, no dependencies) lists the CUDA C sources and the NVRTC
 //! options; the GPU-less CI check (`tools/cuda-check`) includes the same file. With the

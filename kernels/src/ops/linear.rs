@@ -69,7 +69,8 @@ impl CustomOp1 for FrozenLinear {
         Ok((storage_from_f32(y, s.dtype())?, out_shape(l, out)))
     }
 
-    // cuda_fwd: issue 6 (tensor-core GEMM with the bias fused into the epilogue).
+    // No cuda_fwd: on CUDA, `lora_kernels::frozen_linear` calls `cuda::ops::frozen_linear`
+    // (the tensor-core kernels of cuda/src/lora_linear.cu with rank 0, bias in the epilogue).
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         if !x.track_op() {
@@ -158,8 +159,9 @@ impl CustomOp3 for LoraLinear {
         Ok((storage_from_f32(y, sx.dtype())?, out_shape(lx, out)))
     }
 
-    // cuda_fwd: issue 6 (base GEMM + down-projection, then up-projection + scale fused
-    // into the epilogue). It should also fill `self.xa` so the backward can reuse it.
+    // No cuda_fwd: on CUDA, `lora_kernels::lora_linear` calls `cuda::ops::lora_linear`
+    // (cuda/src/lora_linear.cu: base GEMM + down-projection, up-projection + scale in the
+    // epilogue), which has its own backward.
 
     fn bwd(
         &self,

@@ -1,5 +1,6 @@
 //! One module per fused op. Each op is a candle `CustomOp{1,2,3}` with a CPU forward
-//! (`cpu_fwd`), a hand-written backward (`bwd`), and room for a `cuda_fwd` (issue 6).
+//! (`cpu_fwd`) and a hand-written backward (`bwd`). None has a `cuda_fwd`: on CUDA the
+//! functions of the crate root call `crate::cuda::ops` (or `reference`) instead.
 //! Frozen tensors (base weights, lm_head) are held by the op instead of being op
 //! inputs, so candle never computes a gradient for them. Backward ops only compute the
 //! gradients of inputs that are tracked (`Tensor::track_op`).

@@ -102,7 +102,7 @@ impl CustomOp3 for Rope {
         Ok((out, lx.shape().clone()))
     }
 
-    // cuda_fwd: issue 6.
+    // No cuda_fwd: on CUDA, `lora_kernels::rope` calls `cuda::ops::rope` (cuda/src/rope.cu) instead.
 
     fn bwd(
         &self,

@@ -13,7 +13,7 @@ It writes, under tests/golden/datasets/:
                             `apply_chat_template(..., tokenize=False)` returns) for every
                             template x conversation x add_generation_prompt x tools case
   masks.json                token ids + loss masks from the Python reference of the mask
-                            rule in DESIGN.md s3 (`reference_mask` below)
+                            rule in ARCHITECTURE.md (`reference_mask` below)
 
 CI has no Python: the Rust tests only read these committed files.
 """
@@ -269,7 +269,7 @@ def thinking_span(content, rendered, cursor):
 
 
 def reference_mask(tokenizer, template_name, messages):
-    """DESIGN.md s3: tokenize the whole render once without special tokens; a token is a
+    """ARCHITECTURE.md (Loss mask): tokenize the whole render once without special tokens; a token is a
     loss token when its first character lies inside a trainable assistant content, plus
     the end-of-turn token that closes that content (the first non-whitespace token at or
     after the content's end, when it is a special token)."""

@@ -1,4 +1,4 @@
-//! `lora-train eval`: mean loss per loss token (DESIGN.md s3 mask), perplexity and the
+//! `lora-train eval`: mean loss per loss token (the training loss mask, ARCHITECTURE.md), perplexity and the
 //! loss-token count of a model, optionally with a PEFT adapter, over a chat dataset.
 use std::path::PathBuf;
 

@@ -18,7 +18,7 @@ use candle_core::Tensor;
 use lora_models::{Model, Route};
 
 pub use method::{BatchTokens, EvalOutput, InputRows, Method, MicroLoss};
-pub use run::{lora_config, Run, RunOptions, RunSummary};
+pub use run::{Run, RunOptions, RunSummary};
 pub use run_dir::{prepare_run_dir, read_status, write_run_json, RunStatus, METRICS_FILE, RUN_FILE};
 
 use crate::training::derive_seed;

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Var;
-use lora_models::{LoraConfig, Model};
+use lora_models::Model;
 use serde::Serialize;
 
 use super::method::{EvalOutput, Method};
@@ -118,7 +118,7 @@ impl<M: Method> Run<M> {
                 state = saved.clone();
             }
             None => {
-                model.add_adapter(name, &lora_config(&cfg), cfg.seed)?;
+                model.add_adapter(name, &cfg.lora_config(), cfg.seed)?;
             }
         }
         let params = model.adapter_parameters(name)?;
@@ -366,17 +366,6 @@ impl<M: Method> Run<M> {
 
     pub fn output(&self) -> &Path {
         &self.cfg.output
-    }
-}
-
-/// The adapter configuration of a run.
-pub fn lora_config(cfg: &TrainConfig) -> LoraConfig {
-    LoraConfig {
-        rank: cfg.lora_rank,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout,
-        use_rslora: cfg.use_rslora,
-        target_modules: cfg.target_modules.clone(),
     }
 }
 
