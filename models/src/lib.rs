@@ -15,7 +15,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::KvCache;
 pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
-pub use lora::{LoraConfig, ALL_TARGETS};
+pub use lora::{InferenceGuard, LoraConfig, ALL_TARGETS};
 pub use model::Model;
 pub use tokenizer::TokenizerBundle;
 

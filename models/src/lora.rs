@@ -77,12 +77,16 @@ impl LoraConfig {
 }
 
 /// State shared by every LoRA layer of a model: on/off switch (the DPO/GRPO
-/// reference model is the base with adapters off) and the dropout seed.
+/// reference model is the base with adapters off), the dropout seed, and whether
+/// the forward is for inference only.
 #[derive(Debug, Default)]
 pub struct LoraSwitch {
     disabled: AtomicBool,
     /// 0 = eval mode (no dropout); otherwise seed + 1.
     dropout_seed: AtomicU64,
+    /// No autograd graph: A/B enter the forward detached, so no op records its
+    /// inputs (which the graph would keep alive until the output is dropped).
+    inference: AtomicBool,
 }
 
 impl LoraSwitch {
@@ -100,6 +104,34 @@ impl LoraSwitch {
             0 => None,
             s => Some(s - 1),
         }
+    }
+    /// Returns the previous state.
+    pub fn set_inference(&self, on: bool) -> bool {
+        self.inference.swap(on, Ordering::Relaxed)
+    }
+    pub fn inference(&self) -> bool {
+        self.inference.load(Ordering::Relaxed)
+    }
+}
+
+/// Inference mode until dropped; then the mode that was set before comes back
+/// (also when the scope is left by `?` or a panic).
+#[must_use = "inference mode ends when the guard is dropped"]
+pub struct InferenceGuard {
+    switch: Arc<LoraSwitch>,
+    previous: bool,
+}
+
+impl InferenceGuard {
+    pub fn new(switch: Arc<LoraSwitch>) -> Self {
+        let previous = switch.set_inference(true);
+        Self { switch, previous }
+    }
+}
+
+impl Drop for InferenceGuard {
+    fn drop(&mut self) {
+        self.switch.set_inference(self.previous);
     }
 }
 
@@ -141,13 +173,15 @@ impl Linear {
         let Some(lora) = self.lora.as_ref().filter(|_| self.switch.enabled()) else {
             return lora_kernels::frozen_linear(x, &self.weight, bias);
         };
-        match self.switch.dropout_seed().filter(|_| lora.dropout > 0.0) {
+        let inference = self.switch.inference();
+        let (a, b) = forward_weights(lora, inference);
+        match self.switch.dropout_seed().filter(|_| lora.dropout > 0.0 && !inference) {
             // The fused op takes f32 A/B next to bf16 x/W and returns f32 gradients,
             // so the master weights are never cast on the hot path.
-            None => lora_kernels::lora_linear(x, &self.weight, bias, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale),
+            None => lora_kernels::lora_linear(x, &self.weight, bias, &a, &b, lora.scale),
             Some(seed) => {
-                let a = lora.a.as_tensor().to_dtype(x.dtype())?;
-                let b = lora.b.as_tensor().to_dtype(x.dtype())?;
+                let a = a.to_dtype(x.dtype())?;
+                let b = b.to_dtype(x.dtype())?;
                 // PEFT: base(x) + B(A(dropout(x))) * scale; dropout only on the LoRA path.
                 let base = lora_kernels::frozen_linear(x, &self.weight, bias)?;
                 let dropped = dropout(x, lora.dropout, seed ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
@@ -177,6 +211,16 @@ impl Linear {
                 Ok((self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight.dtype())?)
             }
         }
+    }
+}
+
+/// A and B as the forward reads them. For inference they are detached: the same
+/// storage (no copy) but untracked, so nothing downstream builds a graph.
+fn forward_weights(lora: &LoraAdapter, inference: bool) -> (Tensor, Tensor) {
+    if inference {
+        (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+    } else {
+        (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
     }
 }
 

@@ -1,7 +1,7 @@
 //! `Model`: the decoder plus what recipes do with it (LoRA, losses, adapters).
 use crate::config::ModelConfig;
 use crate::decoder::{Decoder, KvCache};
-use crate::lora::{self, LoraConfig};
+use crate::lora::{self, InferenceGuard, LoraConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
@@ -104,6 +104,20 @@ impl Model {
     /// Some(seed): training mode, LoRA dropout masks drawn from `seed`.
     pub fn set_dropout_seed(&self, seed: Option<u64>) {
         self.decoder.switch.set_dropout_seed(seed)
+    }
+
+    /// On: forwards build no autograd graph (LoRA weights enter detached, no dropout),
+    /// for generation and evaluation. Prefer [`Model::inference`], which restores
+    /// the previous state.
+    pub fn set_inference(&self, on: bool) {
+        self.decoder.switch.set_inference(on);
+    }
+    pub fn is_inference(&self) -> bool {
+        self.decoder.switch.inference()
+    }
+    /// Inference mode until the returned guard is dropped.
+    pub fn inference(&self) -> InferenceGuard {
+        InferenceGuard::new(self.decoder.switch.clone())
     }
 
     /// [b, t, hidden] after the final norm. `segment_ids` None = every row is one
