@@ -196,7 +196,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: Option<&Te
     }
     let seg = segments.map(ops::attention::segments_vec).transpose()?;
     let op = ops::attention::CausalAttention::new(scale as f32, seg);
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    // A KV-cache view (`narrow` of a preallocated buffer) is read in place, not copied.
+    q.contiguous()?.apply_op3(&ops::attention::kv_operand(k)?, &ops::attention::kv_operand(v)?, op)
 }
 
 /// Sum of token cross-entropies of `hidden @ lm_head^T` against `targets`,

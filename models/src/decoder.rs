@@ -44,18 +44,90 @@ impl Layer {
 }
 
 /// Keys and values of the positions seen so far, per layer: [b, kv_heads, T, d].
+///
+/// [`KvCache::with_capacity`] allocates each layer's buffers once, at the first step,
+/// as [b, kv_heads, capacity, d], writes every step's positions in place and hands
+/// attention a view of the filled part. [`KvCache::new`] grows by concatenation,
+/// which reallocates and copies the whole cache every step.
 #[derive(Default)]
 pub struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+    capacity: Option<usize>,
+}
+
+/// One layer's keys and values; with a capacity, only the first `len` positions
+/// of the buffers are filled.
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
 }
 
 impl KvCache {
+    /// A cache that grows by concatenation (no bound on its length).
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// A cache for at most `capacity` positions, preallocated at the first step.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { layers: Vec::new(), capacity: Some(capacity) }
+    }
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
+    }
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Add layer `layer`'s new keys and values [b, kv_heads, t, d]; returns those of
+    /// every position so far.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize_with(layer + 1, || None);
+        }
+        let slot = &mut self.layers[layer];
+        match self.capacity {
+            Some(capacity) => append_in_place(slot, capacity, k, v),
+            None => append_cat(slot, k, v),
+        }
+    }
+}
+
+fn append_cat(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (k, v) = match slot.take() {
+        Some(past) => (Tensor::cat(&[&past.k, k], 2)?, Tensor::cat(&[&past.v, v], 2)?),
+        None => (k.clone(), v.clone()),
+    };
+    *slot = Some(LayerKv { k: k.clone(), v: v.clone(), len: k.dim(2)? });
+    Ok((k, v))
+}
+
+fn append_in_place(slot: &mut Option<LayerKv>, capacity: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    // The buffers are written in place, which autograd cannot see: gradients would
+    // silently stop at the cache.
+    if k.track_op() || v.track_op() {
+        candle_core::bail!("a preallocated KV cache records no autograd graph: run under Model::inference() or use KvCache::new()");
+    }
+    let (b, h, t, d) = k.dims4()?;
+    let entry = match slot {
+        Some(e) => e,
+        None => {
+            let buffer = || Tensor::zeros((b, h, capacity, d), k.dtype(), k.device());
+            slot.insert(LayerKv { k: buffer()?, v: buffer()?, len: 0 })
+        }
+    };
+    if entry.len + t > capacity {
+        candle_core::bail!("KV cache full: {} cached + {t} new positions exceed its capacity of {capacity}", entry.len);
+    }
+    // slice_set needs contiguous sources; v arrives as a transposed view of the
+    // projection (this copies only the new positions).
+    entry.k.slice_set(&k.contiguous()?, 2, entry.len)?;
+    entry.v.slice_set(&v.contiguous()?, 2, entry.len)?;
+    entry.len += t;
+    Ok((entry.k.narrow(2, 0, entry.len)?, entry.v.narrow(2, 0, entry.len)?))
 }
 
 pub struct Decoder {
@@ -159,13 +231,10 @@ impl Decoder {
             .reshape((b, tq, self.cfg.hidden_size))?
             .to_dtype(self.compute_dtype)?;
         let mut cache = cache;
-        if let Some(c) = cache.as_deref_mut() {
-            c.layers.resize_with(self.layers.len(), || None);
-        }
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = h.clone();
             let x = lora_kernels::rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let slot = cache.as_deref_mut().map(|c| (c, l));
             let attn = self.attention(&layer.self_attn, &x, &cos, &sin, &segment_ids, slot)?;
             h = (residual + attn)?;
             let residual = h.clone();
@@ -184,7 +253,7 @@ impl Decoder {
         cos: &Tensor,
         sin: &Tensor,
         segment_ids: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut KvCache, usize)>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
@@ -199,14 +268,7 @@ impl Decoder {
         let q = lora_kernels::rope(&q, cos, sin)?;
         let k = lora_kernels::rope(&k, cos, sin)?;
         let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                *slot = Some(kv.clone());
-                kv
-            }
+            Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
         let y = lora_kernels::causal_attention(&q, &k, &v, Some(segment_ids), 1.0 / (hd as f64).sqrt())?;

@@ -114,6 +114,8 @@ impl Model {
         if prompts.iter().any(|p| p.is_empty()) {
             bail!("cannot generate from an empty prompt");
         }
+        // Sampling needs no gradients; without a graph each step's activations are freed.
+        let _inference = self.inference();
         let device = self.device().clone();
         let b = prompts.len();
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -129,7 +131,8 @@ impl Model {
             segments.push((0..longest).map(|i| if i < pad { 0 } else { 1 }).collect());
         }
         let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
-        let mut cache = KvCache::default();
+        // Every position this call can reach, so no decode step reallocates the cache.
+        let mut cache = KvCache::with_capacity(longest + params.max_new_tokens);
         let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
         let mut out: Vec<Generated> = (0..b).map(|_| Generated { tokens: vec![], finish_reason: FinishReason::Length }).collect();
         let mut done = vec![false; b];

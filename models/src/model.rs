@@ -248,6 +248,10 @@ impl Model {
         self.decoder.switch.set_dropout_seed(seed)
     }
 
+    pub fn is_inference(&self) -> bool {
+        self.decoder.switch.inference()
+    }
+
     /// [b, t, hidden] after the final norm. `segment_ids` None = every row is one
     /// unpadded sequence.
     pub fn forward_hidden(&self, input_ids: &Tensor, position_ids: &Tensor, segment_ids: Option<&Tensor>) -> candle_core::Result<Tensor> {

@@ -143,6 +143,8 @@ pub fn eval_loader(set: &TokenizedSet, batch_size: usize, max_sequence_length: u
 /// number of loss tokens.
 pub fn evaluate(model: &Model, loader: &DataLoader) -> Result<EvalResult> {
     model.set_dropout_seed(None);
+    // Only the loss value is needed: no graph keeping every activation alive.
+    let _inference = model.inference();
     let mut sum = 0.0f64;
     let mut count = 0usize;
     for batch in loader.epoch(0) {

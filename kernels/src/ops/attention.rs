@@ -9,10 +9,15 @@
 //! only over the visible key range; nothing of size [hq, tq, tk] is ever held. The
 //! forward saves the per-row log-sum-exp; the backward recomputes the probabilities
 //! block by block.
-use crate::cpu::{bind_f32, exp_shift_sum, f32_view, fast_exp, max_f32, matmul, matmul_ld, storage_from_f32, tensor_from_f32, Mat, Par};
+//!
+//! k and v may be strided views whose (batch, head) planes are each contiguous, such
+//! as `narrow(2, 0, len)` of a preallocated KV-cache buffer: the forward reads them
+//! in place, so a decode step does not copy the whole cache.
+use crate::cpu::{bind_f32, exp_shift_sum, f32_view, fast_exp, max_f32, matmul, matmul_ld, storage_from_f32, tensor_from_f32, Elem, Mat, Par};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 /// Query rows per block.
@@ -68,6 +73,79 @@ impl CausalAttention {
     }
 }
 
+/// Whether a [b, h, t, d] layout has every (batch, head) plane of t*d elements
+/// contiguous (the only thing the forward needs of k and v).
+fn planes_contiguous(dims: &[usize], stride: &[usize]) -> bool {
+    matches!((dims, stride), ([_, _, _, d], [_, _, s2, 1]) if s2 == d)
+}
+
+/// `t` as the forward takes k or v: unchanged when its planes are contiguous (a
+/// KV-cache view, read in place), otherwise a contiguous copy.
+pub(crate) fn kv_operand(t: &Tensor) -> Result<Tensor> {
+    if planes_contiguous(t.dims(), t.stride()) {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// Where plane (bi, hi) of a [b, h, t, d] tensor lies: `len` = t*d elements from
+/// `off + bi * s0 + hi * s1`.
+#[derive(Clone, Copy)]
+struct PlaneIndex {
+    off: usize,
+    s0: usize,
+    s1: usize,
+    len: usize,
+}
+
+impl PlaneIndex {
+    fn start(&self, bi: usize, hi: usize) -> usize {
+        self.off + bi * self.s0 + hi * self.s1
+    }
+}
+
+/// k or v as f32 planes.
+struct Planes<'a> {
+    data: Cow<'a, [f32]>,
+    at: PlaneIndex,
+}
+
+impl Planes<'_> {
+    fn plane(&self, bi: usize, hi: usize) -> &[f32] {
+        let o = self.at.start(bi, hi);
+        &self.data[o..o + self.at.len]
+    }
+}
+
+/// f32 storage is borrowed where it lies; bf16/f16 planes are widened into a packed
+/// buffer (that pass copies anyway) holding only the viewed positions.
+fn planes<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Planes<'a>> {
+    let (dims, st) = (l.dims(), l.stride());
+    if !planes_contiguous(dims, st) {
+        bail!("{op}: k/v planes must be contiguous (dims {dims:?}, strides {st:?})");
+    }
+    let (b, h, len) = (dims[0], dims[1], dims[2] * dims[3]);
+    let at = PlaneIndex { off: l.start_offset(), s0: st[0], s1: st[1], len };
+    let packed = PlaneIndex { off: 0, s0: h * len, s1: len, len };
+    Ok(match s {
+        CpuStorage::F32(v) => Planes { data: Cow::Borrowed(v.as_slice()), at },
+        CpuStorage::BF16(v) => Planes { data: Cow::Owned(widen_planes(v, at, b, h)), at: packed },
+        CpuStorage::F16(v) => Planes { data: Cow::Owned(widen_planes(v, at, b, h)), at: packed },
+        other => bail!("{op}: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// The b*h planes of `v` at `at`, widened to f32 and packed one after another.
+fn widen_planes<T: Elem>(v: &[T], at: PlaneIndex, b: usize, h: usize) -> Vec<f32> {
+    let mut out = crate::cpu::uninit::<f32>(b * h * at.len);
+    out.par_chunks_mut(at.len).enumerate().for_each(|(i, o)| {
+        let start = at.start(i / h, i % h);
+        o.iter_mut().zip(&v[start..start + at.len]).for_each(|(o, x)| *o = x.to_f32());
+    });
+    out
+}
+
 /// Fill `s` ([rows, kw], keys from `k0`) with probabilities: scale*qk^T already in `s`,
 /// masked outside [start, pos], normalised with `lse` (backward) or computing it (forward).
 #[inline]
@@ -110,18 +188,17 @@ impl CustomOp3 for CausalAttention {
         let op = self.name();
         let Dims { b, hq, hkv, tq, tk, d } = Self::dims(lq.dims(), lk.dims(), lv.dims())?;
         let q = f32_view(sq, lq, op)?;
-        let k = f32_view(sk, lk, op)?;
-        let v = f32_view(sv, lv, op)?;
+        let k = planes(sk, lk, op)?;
+        let v = planes(sv, lv, op)?;
         let starts = self.segment_starts(b, tk)?;
         let (rep, off, scale) = (hq / hkv, tk - tq, self.scale);
         let mut out = crate::cpu::uninit::<f32>(b * hq * tq * d);
         let mut lse = vec![0f32; b * hq * tq];
         out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
             let (bi, hi) = (bh / hq, bh % hq);
-            let kvh = bi * hkv + hi / rep;
             let qp = &q[bh * tq * d..(bh + 1) * tq * d];
-            let kp = &k[kvh * tk * d..(kvh + 1) * tk * d];
-            let vp = &v[kvh * tk * d..(kvh + 1) * tk * d];
+            let kp = k.plane(bi, hi / rep);
+            let vp = v.plane(bi, hi / rep);
             let st = &starts[bi * tk..(bi + 1) * tk];
             let mut s = vec![0f32; BQ * tk];
             for q0 in (0..tq).step_by(BQ) {
