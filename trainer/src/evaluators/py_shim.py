@@ -42,13 +42,15 @@ def load(path, name):
 
 
 def number(value):
-    """A finite float, or None (bool counts as 0/1; anything else is not a score)."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
+    """A finite float, or None. bool counts as 0/1; numpy and torch scalars convert
+    through __float__; strings, dicts and result objects are not numbers."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        return None
+    try:
         value = float(value)
-        return value if math.isfinite(value) else None
-    return None
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def field(result, key):
@@ -76,7 +78,7 @@ def reply_for(result):
     x = number(result)
     if x is not None:
         return {"score": x}
-    if isinstance(result, (int, float)):
+    if hasattr(result, "__float__") and not hasattr(result, "score"):
         return {"score": None, "reason": f"the function returned {result!r}"}
     score = number(field(result, "score"))
     reply = {"score": score}
