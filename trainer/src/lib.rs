@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod engine;
+pub mod evaluators;
 pub mod logging;
 pub mod metrics;
 pub mod optim;
