@@ -298,7 +298,7 @@ impl Linear {
             let xs = flat.narrow(0, s.start, s.len)?;
             // PEFT: base(x) + B(A(dropout(x))) * scale; dropout only on the LoRA path.
             let xs = match s.dropout_seed.filter(|_| lora.dropout > 0.0) {
-                Some(seed) => dropout(&xs, lora.dropout, seed ^ (self.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))?,
+                Some(seed) => dropout(&xs, lora.dropout, seed ^ (self.index as u64).wrapping_mul(crate::rng::GOLDEN_GAMMA))?,
                 None => xs,
             };
             pieces.push((xs.matmul(&a.t()?)?.matmul(&b.t()?)? * lora.scale)?);
