@@ -183,6 +183,12 @@ fn resume_finishes_a_killed_sweep_to_the_same_adapters() {
     }
     let r16_metrics = std::fs::read_to_string(out.join("candidates/r16-steps2/metrics.jsonl")).unwrap();
 
+    let mut changed = args.clone();
+    changed.extend(["--resume", "--learning-rate", "1e-3"]);
+    let res = run(&changed);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("learning_rate"), "a changed command line is refused with the difference: {err}");
+
     args.push("--resume");
     let res = stdout_json(&ok(&args));
     assert!(res["candidates"].as_array().unwrap().iter().all(|c| c["status"] == "completed"), "{res}");

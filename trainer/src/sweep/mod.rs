@@ -107,6 +107,14 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     if !opts.resume && !opts.dry_run && (dir.join(SWEEP_FILE).exists() || dir.join(CANDIDATES_DIR).exists()) {
         bail!("{} already holds a sweep; pass --resume to continue it, or choose another --output", dir.display());
     }
+    if opts.resume {
+        // Refuse a changed command line here, with the differences, rather than in workers.
+        for (c, cfg) in cands.iter().zip(&configs) {
+            if cfg.output.join(engine::RUN_FILE).exists() {
+                engine::prepare_run_dir(&cfg.output, cfg, true).with_context(|| format!("--resume: candidate {}", c.name))?;
+            }
+        }
+    }
 
     // ---- estimates: real token counts of each candidate's data -------------------------
     let model_cfg = lora_models::load_model_config(&base_cfg.model).with_context(|| format!("reading the configuration of {}", base_cfg.model))?;
