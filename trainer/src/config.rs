@@ -197,6 +197,14 @@ impl TrainOptions {
         Ok(TrainOptions { dataset: rel(opts.dataset.clone()), eval_dataset: rel(opts.eval_dataset.clone()), output: rel(opts.output.clone()), ..opts })
     }
 
+    /// The command line over the TOML file of `--config` (when given).
+    pub fn with_config_file(self, config: Option<&Path>) -> Result<Self> {
+        Ok(match config {
+            Some(path) => self.over(Self::from_toml_file(path)?),
+            None => self,
+        })
+    }
+
     /// `self` (the command line) wins over `lower` (the config file). `--steps` on the
     /// command line also removes `epochs` from the file, and vice versa.
     pub fn over(self, lower: TrainOptions) -> TrainOptions {

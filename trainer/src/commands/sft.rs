@@ -27,11 +27,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let file = match &args.config {
-        Some(path) => TrainOptions::from_toml_file(path)?,
-        None => TrainOptions::default(),
-    };
-    let cfg = args.options.over(file).resolve()?;
+    let cfg = args.options.with_config_file(args.config.as_deref())?.resolve()?;
     let summary = sft::run(&cfg, &RunOptions { resume: args.resume, quiet: args.json })?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);

@@ -65,11 +65,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let file = match &args.config {
-        Some(path) => TrainOptions::from_toml_file(path)?,
-        None => TrainOptions::default(),
-    };
-    let mut options = args.options.over(file);
+    let mut options = args.options.with_config_file(args.config.as_deref())?;
     let devices = match options.device.take() {
         Some(d) if args.devices == "auto" => d,
         _ => args.devices.clone(),
