@@ -82,6 +82,20 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Copy every row `n` times in place of the cache (row r becomes rows r*n..r*n+n):
+    /// a prompt prefilled once then continues as `n` independent samples. The buffers
+    /// keep their capacity.
+    pub fn repeat_rows(&mut self, n: usize) -> candle_core::Result<()> {
+        for entry in self.layers.iter_mut().flatten() {
+            let b = entry.k.dim(0)?;
+            let index: Vec<u32> = (0..b as u32).flat_map(|r| std::iter::repeat_n(r, n)).collect();
+            let index = Tensor::from_vec(index, b * n, entry.k.device())?;
+            entry.k = entry.k.index_select(&index, 0)?;
+            entry.v = entry.v.index_select(&index, 0)?;
+        }
+        Ok(())
+    }
+
     /// Add layer `layer`'s new keys and values [b, kv_heads, t, d]; returns those of
     /// every position so far.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {

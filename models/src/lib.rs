@@ -8,6 +8,7 @@ pub mod io;
 pub mod lora;
 pub mod merge;
 pub mod model;
+pub mod rollout;
 pub mod rope;
 pub mod rng;
 pub mod source;
@@ -19,6 +20,7 @@ pub use decoder::KvCache;
 pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
 pub use io::write_atomic;
 pub use lora::{LoraConfig, ALL_TARGETS};
+pub use rollout::{Completion, RolloutParams};
 pub use model::{InferenceGuard, Model, Route, RoutingGuard, DEFAULT_ADAPTER};
 pub use tokenizer::TokenizerBundle;
 

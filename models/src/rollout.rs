@@ -1,0 +1,285 @@
+//! Rollouts for reinforcement fine-tuning: G sampled completions per prompt, with the
+//! log-probability of every sampled token.
+//!
+//! - Each prompt is prefilled once (all prompts in one left-padded batch); its KV cache
+//!   rows are then copied G times ([`KvCache::repeat_rows`]) and decoding runs over the
+//!   P x G rows. Copying after the prefill (instead of sharing one cache row between G
+//!   queries) keeps the attention kernel unchanged; the prefill, the expensive part for
+//!   long prompts, is still done once per prompt.
+//! - Row (p, g) draws from its own SplitMix64 stream seeded from the prompt's seed and g,
+//!   so a completion depends only on (its seed, the prompt, g, the weights), never on
+//!   which other prompts share the batch.
+//! - The stop token is part of the completion (the policy must learn to emit it).
+//! - top-k keeps the k largest logits with `select_nth_unstable` (linear time); top-p
+//!   sorts only a growing head of the candidates until it holds the requested mass.
+//! - Log-probabilities are those of the full temperature-scaled distribution (as TRL
+//!   computes them at training time), not of the truncated top-k/top-p one.
+//! - Runs under inference mode: no autograd graph.
+use crate::decoder::KvCache;
+use crate::model::Model;
+use crate::rng::{mix64, splitmix64, GOLDEN_GAMMA};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct RolloutParams {
+    /// Completions per prompt (G).
+    pub group: usize,
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1.0 = off.
+    pub top_p: f64,
+}
+
+/// One sampled completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// New tokens, the stop token included when the row stopped.
+    pub tokens: Vec<u32>,
+    /// log p(token) under the temperature-scaled policy, one per token.
+    pub logprobs: Vec<f32>,
+    /// Entropy (nats) of the temperature-scaled distribution at each token.
+    pub entropies: Vec<f32>,
+    /// Ended on a stop token (false = cut at `max_new_tokens`).
+    pub stopped: bool,
+}
+
+/// The random stream of completion `g` of the prompt whose seed is `prompt_seed`.
+pub fn row_seed(prompt_seed: u64, g: usize) -> u64 {
+    mix64(prompt_seed ^ (g as u64 + 1).wrapping_mul(GOLDEN_GAMMA))
+}
+
+impl Model {
+    /// `params.group` completions for every prompt; `prompt_seeds[p]` seeds prompt p's
+    /// rows. Returns `[prompt][g]`.
+    pub fn rollouts(&self, prompts: &[Vec<u32>], prompt_seeds: &[u64], params: &RolloutParams, stop_ids: &[u32]) -> Result<Vec<Vec<Completion>>> {
+        if prompts.len() != prompt_seeds.len() {
+            bail!("{} prompts but {} seeds", prompts.len(), prompt_seeds.len());
+        }
+        if prompts.is_empty() || params.group == 0 {
+            return Ok(prompts.iter().map(|_| Vec::new()).collect());
+        }
+        if prompts.iter().any(Vec::is_empty) {
+            bail!("cannot generate from an empty prompt");
+        }
+        let _inference = self.inference();
+        let device = self.device().clone();
+        let (p, g) = (prompts.len(), params.group);
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(p * longest);
+        let mut positions = Vec::with_capacity(p * longest);
+        let mut segments = Vec::with_capacity(p * longest);
+        for prompt in prompts {
+            let pad = longest - prompt.len();
+            ids.extend(std::iter::repeat_n(0u32, pad).chain(prompt.iter().copied()));
+            positions.extend((0..longest).map(|i| i.saturating_sub(pad) as u32));
+            segments.extend((0..longest).map(|i| u32::from(i >= pad)));
+        }
+        let mut cache = KvCache::with_capacity(longest + params.max_new_tokens);
+        let input = Tensor::from_vec(ids, (p, longest), &device)?;
+        let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
+        let last = hidden.narrow(1, longest - 1, 1)?;
+        // The prompt's next-token logits are the same for its G rows: computed once.
+        let mut logits = self.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        if g > 1 {
+            cache.repeat_rows(g)?;
+            logits = logits.into_iter().flat_map(|row| std::iter::repeat_n(row, g)).collect();
+        }
+
+        let rows = p * g;
+        // Segment ids of every cached position, per row (the prompt's, repeated).
+        let mut row_segments: Vec<Vec<u32>> = (0..rows).map(|r| segments[(r / g) * longest..(r / g + 1) * longest].to_vec()).collect();
+        let mut next_pos: Vec<u32> = (0..rows).map(|r| prompts[r / g].len() as u32).collect();
+        let mut rngs: Vec<u64> = (0..rows).map(|r| row_seed(prompt_seeds[r / g], r % g)).collect();
+        let mut out: Vec<Completion> = (0..rows).map(|_| Completion { tokens: vec![], logprobs: vec![], entropies: vec![], stopped: false }).collect();
+        let mut done = vec![false; rows];
+        let pad_token = stop_ids.first().copied().unwrap_or(0);
+        for step in 0..params.max_new_tokens {
+            let mut step_ids = Vec::with_capacity(rows);
+            for r in 0..rows {
+                if done[r] {
+                    step_ids.push(pad_token);
+                    continue;
+                }
+                let row = &logits[r];
+                if let Some(bad) = row.iter().find(|v| !v.is_finite()) {
+                    bail!("the model produced {bad} logits at completion token {step} of prompt {} (sample {})", r / g, r % g);
+                }
+                let u = unit(splitmix64(&mut rngs[r]));
+                let picked = pick(row, params, u);
+                out[r].tokens.push(picked.token);
+                out[r].logprobs.push(picked.logprob);
+                out[r].entropies.push(picked.entropy);
+                if stop_ids.contains(&picked.token) {
+                    out[r].stopped = true;
+                    done[r] = true;
+                }
+                step_ids.push(picked.token);
+            }
+            if done.iter().all(|d| *d) || step + 1 == params.max_new_tokens {
+                break;
+            }
+            // A finished row keeps a slot in the batch; segment 0 makes it padding.
+            for (r, seg) in row_segments.iter_mut().enumerate() {
+                seg.push(if done[r] { 0 } else { 1 });
+            }
+            let flat: Vec<u32> = row_segments.iter().flatten().copied().collect();
+            let input = Tensor::from_vec(step_ids, (rows, 1), &device)?;
+            let hidden = self.forward_cached(&input, &next_pos, &flat, &mut cache)?;
+            next_pos.iter_mut().for_each(|x| *x += 1);
+            logits = self.logits(&hidden)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        }
+        let mut grouped = Vec::with_capacity(p);
+        let mut it = out.into_iter();
+        for _ in 0..p {
+            grouped.push(it.by_ref().take(g).collect());
+        }
+        Ok(grouped)
+    }
+}
+
+/// A uniform draw in [0, 1) from 53 random bits.
+fn unit(bits: u64) -> f64 {
+    (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// A sampled token with its log-probability and the distribution's entropy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Picked {
+    pub token: u32,
+    pub logprob: f32,
+    pub entropy: f32,
+}
+
+/// Sample one token from `logits` with the uniform draw `u` (greedy when temperature is
+/// 0). The log-probability and entropy are of the full temperature-scaled distribution.
+pub fn pick(logits: &[f32], params: &RolloutParams, u: f64) -> Picked {
+    let t = if params.temperature > 0.0 { params.temperature } else { 1.0 };
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    // Stable log-sum-exp and entropy of softmax(logits / t), in f64.
+    let mut z = 0.0f64;
+    let mut weighted = 0.0f64;
+    for &v in logits {
+        let s = (v as f64 - max) / t;
+        let e = s.exp();
+        z += e;
+        weighted += e * s;
+    }
+    let log_z = z.ln();
+    let entropy = (log_z - weighted / z) as f32;
+    let logprob = |tok: usize| ((logits[tok] as f64 - max) / t - log_z) as f32;
+    let token = if params.temperature <= 0.0 { argmax(logits) } else { sample_truncated(logits, params, max, t, u) };
+    Picked { token: token as u32, logprob: logprob(token), entropy }
+}
+
+fn argmax(logits: &[f32]) -> usize {
+    logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
+}
+
+/// Descending by logit, ties by index (so the order never depends on the sort).
+fn by_logit_desc(logits: &[f32]) -> impl Fn(&usize, &usize) -> std::cmp::Ordering + '_ {
+    move |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
+}
+
+/// Sample from the top-k / top-p truncation of softmax(logits / t).
+fn sample_truncated(logits: &[f32], params: &RolloutParams, max: f64, t: f64, u: f64) -> usize {
+    let cmp = by_logit_desc(logits);
+    let mut candidates: Vec<usize> = (0..logits.len()).collect();
+    if params.top_k > 0 && params.top_k < candidates.len() {
+        candidates.select_nth_unstable_by(params.top_k - 1, &cmp);
+        candidates.truncate(params.top_k);
+    }
+    let weight = |i: usize| ((logits[i] as f64 - max) / t).exp();
+    if params.top_p < 1.0 {
+        let total: f64 = candidates.iter().map(|&i| weight(i)).sum();
+        // Sort a head of the candidates; grow it until it holds top_p of the mass.
+        let mut head = 64.min(candidates.len());
+        loop {
+            if head < candidates.len() {
+                candidates.select_nth_unstable_by(head - 1, &cmp);
+            }
+            candidates[..head].sort_unstable_by(&cmp);
+            let mut acc = 0.0;
+            let keep = candidates[..head].iter().position(|&i| {
+                acc += weight(i) / total;
+                acc >= params.top_p
+            });
+            match keep {
+                Some(n) => {
+                    candidates.truncate(n + 1);
+                    break;
+                }
+                None if head == candidates.len() => break,
+                None => head = (head * 4).min(candidates.len()),
+            }
+        }
+    }
+    candidates.sort_unstable();
+    let total: f64 = candidates.iter().map(|&i| weight(i)).sum();
+    let mut r = u * total;
+    for &i in &candidates {
+        r -= weight(i);
+        if r < 0.0 {
+            return i;
+        }
+    }
+    *candidates.last().unwrap_or(&0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f64, top_k: usize, top_p: f64) -> RolloutParams {
+        RolloutParams { group: 1, max_new_tokens: 1, temperature, top_k, top_p }
+    }
+
+    #[test]
+    fn greedy_logprob_and_entropy_match_softmax() {
+        let logits = [1.0f32, 3.0, 0.5, 2.0];
+        let p = pick(&logits, &params(0.0, 0, 1.0), 0.3);
+        assert_eq!(p.token, 1);
+        let z: f64 = logits.iter().map(|&v| (v as f64).exp()).sum();
+        assert!((p.logprob as f64 - (3.0 - z.ln())).abs() < 1e-6);
+        let h: f64 = -logits.iter().map(|&v| { let q = (v as f64).exp() / z; q * q.ln() }).sum::<f64>();
+        assert!((p.entropy as f64 - h).abs() < 1e-6);
+    }
+
+    #[test]
+    fn temperature_scales_the_logprob() {
+        let logits = [1.0f32, 3.0];
+        let p = pick(&logits, &params(2.0, 0, 1.0), 0.99);
+        assert_eq!(p.token, 1);
+        let expected = 1.5 - (0.5f64.exp() + 1.5f64.exp()).ln();
+        assert!((p.logprob as f64 - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_and_top_p_keep_only_the_head() {
+        // 300 tokens, so top-p has to grow its sorted head past 64.
+        let logits: Vec<f32> = (0..300).map(|i| -(i as f32) * 0.01).collect();
+        for k in 0..50 {
+            let u = k as f64 / 50.0;
+            assert!(pick(&logits, &params(1.0, 3, 1.0), u).token < 3);
+            assert!(pick(&logits, &params(1.0, 0, 0.1), u).token < 300);
+        }
+        let peaked = [0.0f32, 10.0, 9.0, -5.0];
+        for k in 0..20 {
+            let t = pick(&peaked, &params(1.0, 0, 0.5), k as f64 / 20.0).token;
+            assert_eq!(t, 1, "top-p 0.5 keeps only the most likely token");
+        }
+        // The sampled frequencies follow the distribution: u below p(0) picks token 0.
+        let two = [0.0f32, 0.0];
+        assert_eq!(pick(&two, &params(1.0, 0, 1.0), 0.49).token, 0);
+        assert_eq!(pick(&two, &params(1.0, 0, 1.0), 0.51).token, 1);
+    }
+
+    #[test]
+    fn row_streams_differ_per_completion() {
+        assert_ne!(row_seed(7, 0), row_seed(7, 1));
+        assert_eq!(row_seed(7, 3), row_seed(7, 3));
+    }
+}
