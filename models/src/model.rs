@@ -290,6 +290,14 @@ impl Model {
         lora_kernels::linear_cross_entropy(&prev, self.decoder.lm_head_weight(), &targets, &weights)
     }
 
+    /// log p(target) of each row of `hidden` `[n, hidden]` under softmax(logits /
+    /// temperature), `[n]` f32, differentiable w.r.t. `hidden` (the logits are linear in
+    /// the hidden state, so scaling it scales them; never materialises `[n, vocab]`).
+    pub fn token_logprobs(&self, hidden: &Tensor, targets: &Tensor, temperature: f64) -> candle_core::Result<Tensor> {
+        let scaled = if temperature > 0.0 && temperature != 1.0 { hidden.affine(1.0 / temperature, 0.0)? } else { hidden.clone() };
+        lora_kernels::linear_cross_entropy_rows(&scaled, self.decoder.lm_head_weight(), targets)?.neg()
+    }
+
     /// Write the model's only adapter as `adapter_config.json` +
     /// `adapter_model.safetensors` (PEFT layout).
     pub fn save_adapter(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {

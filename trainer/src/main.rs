@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Supervised fine-tuning of a LoRA adapter on a chat dataset.
     Sft(Box<commands::sft::Args>),
+    /// Reinforcement fine-tuning (GRPO) of a LoRA adapter from evaluator rewards on a prompts file.
+    Grpo(Box<commands::grpo::Args>),
     /// Train several candidate configurations over one base and pick the best by eval loss.
     Sweep(Box<commands::sweep::Args>),
     /// One group of a sweep's candidates (started by `sweep`, not by hand).
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sft(args) => commands::sft::run(*args),
+        Command::Grpo(args) => commands::grpo::run(*args),
         Command::Sweep(args) => commands::sweep::run(*args),
         Command::SweepWorker(args) => commands::sweep::run_worker(args),
         Command::Eval(args) => commands::eval::run(args),

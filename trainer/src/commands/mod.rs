@@ -1,6 +1,7 @@
 //! One module per subcommand: clap `Args` + `run`.
 pub mod eval;
 pub mod generate;
+pub mod grpo;
 pub mod inspect;
 pub mod merge;
 pub mod model_args;

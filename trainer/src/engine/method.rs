@@ -63,6 +63,19 @@ pub trait Method {
     fn sample_counts(&self) -> (usize, usize);
     /// Optimizer steps per pass over the training data.
     fn steps_per_epoch(&self) -> usize;
+    /// Model work that must happen before the step's micro-batches exist (GRPO samples
+    /// its rollouts here). The engine calls it once per optimizer step, before
+    /// [`Method::step_batches`], with every row routed through the run's adapter and
+    /// inference mode on (no graph, no dropout). What it computes must be a pure function
+    /// of the step and the adapter's weights, so a resumed run stays bit-identical.
+    fn prepare_step(&mut self, _model: &Model, _step: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Numbers of the whole optimizer step for its `metrics.jsonl` row (rollout
+    /// statistics, the time split), asked once after the update.
+    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
     /// The micro-batches of optimizer step `step` (0-based): a pure function of the step,
     /// which is what makes a resumed run bit-identical.
     fn step_batches(&self, step: usize) -> Result<Vec<Self::Batch>>;

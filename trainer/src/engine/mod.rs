@@ -34,6 +34,13 @@ pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
         if active.is_empty() {
             return Ok(());
         }
+        for &i in &active {
+            let run = &mut runs[i];
+            let step = run.step();
+            let _route = model.route_all(&run.name)?;
+            let _inference = model.inference();
+            run.method.prepare_step(model, step).with_context(|| format!("{}: preparing step {}", run.name, step + 1))?;
+        }
         let batches: Vec<Vec<M::Batch>> = active.iter().map(|&i| runs[i].method.step_batches(runs[i].step())).collect::<Result<_>>()?;
         let denominators: Vec<f64> = active.iter().zip(&batches).map(|(&i, b)| runs[i].method.denominator(b).max(f64::MIN_POSITIVE)).collect();
         let mut sums: Vec<_> = active.iter().map(|&i| runs[i].new_sums()).collect();

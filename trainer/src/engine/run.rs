@@ -251,6 +251,9 @@ impl<M: Method> Run<M> {
             extra: sums.metric_sums.iter().map(|(k, v)| (k.clone(), serde_json::json!(v / micro))).collect(),
             ..Default::default()
         };
+        for (k, v) in self.method.step_metrics() {
+            row.extra.insert(k, serde_json::json!(v));
+        }
         let last_step = self.state.step == self.total_steps;
         if self.state.step % self.eval_interval == 0 || last_step {
             if let Some(ev) = self.evaluate(model)? {

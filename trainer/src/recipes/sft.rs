@@ -50,9 +50,14 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 /// The training set and the held-out set: `--eval-dataset`, or `--eval-split` of
 /// `--dataset` (a fraction or a count; 0 = none), then `--max-train-samples`.
 pub fn load_split(cfg: &TrainConfig) -> Result<(Dataset, Option<Dataset>)> {
-    let full = data::load_chat_dataset(&cfg.dataset)?;
+    load_split_with(cfg, data::load_chat_dataset)
+}
+
+/// [`load_split`] with another loader (GRPO reads prompt files).
+pub fn load_split_with(cfg: &TrainConfig, load: fn(&std::path::Path) -> Result<Dataset>) -> Result<(Dataset, Option<Dataset>)> {
+    let full = load(&cfg.dataset)?;
     let (train, eval) = match (&cfg.eval_dataset, cfg.eval_split) {
-        (Some(path), _) => (full, Some(data::load_chat_dataset(path)?)),
+        (Some(path), _) => (full, Some(load(path)?)),
         (None, Some(split)) => {
             let fraction = if split >= 1.0 { split / full.len() as f64 } else { split };
             if split >= 1.0 && split as usize >= full.len() {

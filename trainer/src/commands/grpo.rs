@@ -1,0 +1,41 @@
+//! `lora-train grpo`: reinforcement fine-tuning of a LoRA adapter from evaluator rewards
+//! (see `recipes/grpo/mod.rs`).
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::config::TrainOptions;
+use crate::engine::RunOptions;
+use crate::evaluators::EvaluatorArgs;
+use crate::recipes::grpo::{self, GrpoOptions};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "--dataset is a prompts file: one {\"messages\": [system/user ...], \"ground_truth\"?: ..., ...} \
+per line; the other fields go to the evaluators. --batch-size is completions per micro-batch (memory only). \
+The shared training options can come from a TOML --config; the GRPO and evaluator flags only from the command line.")]
+pub struct Args {
+    #[command(flatten)]
+    pub options: TrainOptions,
+    #[command(flatten)]
+    pub grpo: GrpoOptions,
+    #[command(flatten)]
+    pub evaluators: EvaluatorArgs,
+    /// TOML file with any of the shared training options (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Continue the run in --output from its latest complete checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Print one JSON object with the run summary on stdout (no progress bar).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = args.options.with_config_file(args.config.as_deref())?.resolve()?;
+    let summary = grpo::run(&cfg, &args.grpo, &args.evaluators, &RunOptions { resume: args.resume, quiet: args.json })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(())
+}

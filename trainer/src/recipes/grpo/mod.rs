@@ -1,0 +1,489 @@
+//! GRPO reinforcement fine-tuning of a LoRA adapter from evaluator rewards, top to
+//! bottom (TRL's GRPOTrainer is the reference for formulas, defaults and metric names):
+//!
+//! 1. run directory: fresh, or `--resume` (the GRPO options must match too)
+//! 2. prompts (training + held-out), model, evaluators
+//! 3. every optimizer step: `prepare_step` samples G completions for each of the step's
+//!    prompts with the current adapter (`rollouts.rs`), scores them, computes group
+//!    advantages (`advantages.rs`); the micro-batches are prompt + completion rows, and
+//!    the loss is TRL's clipped surrogate (+ k3 KL to the adapter-off reference when
+//!    beta > 0, whose rows share the base GEMM) normalised per loss type (`loss.rs`)
+//! 4. the engine does the rest (AdamW, schedule, clipping, eval, checkpoints, metrics)
+//!
+//! Determinism: the prompts of a step are a pure function of (seed, step), each
+//! completion's random stream of (seed, step, prompt, g), and the weights at the step
+//! come from the checkpoint, so `--resume` replays the same rollouts bit for bit. When
+//! one rollout batch serves several steps (`--num-iterations`), it is kept in
+//! `DIR/rollout_cache/` so a run resumed mid-batch reuses it rather than resampling.
+pub mod advantages;
+pub mod loss;
+pub mod prompts;
+pub mod rollouts;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use lora_models::{Model, RolloutParams, TokenizerBundle};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, Run, RunOptions, RunSummary};
+use crate::evaluators::{mean_std, EvaluatorArgs, EvaluatorSet};
+use advantages::ScaleRewards;
+use loss::{LossTerms, LossType, PolicyTokens};
+use prompts::Prompt;
+use rollouts::{Cycle, CycleInputs};
+
+/// Completions per step written to `rollouts.jsonl` (a sample, to read, not a record).
+const LOGGED_ROLLOUTS: usize = 8;
+pub const ROLLOUTS_FILE: &str = "rollouts.jsonl";
+const OPTIONS_FILE: &str = "grpo.json";
+
+/// GRPO's own flags (TRL's names and defaults).
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GrpoOptions {
+    /// Completions sampled per prompt (G).
+    #[arg(long, default_value_t = 8, help_heading = "GRPO")]
+    pub num_generations: usize,
+    /// Most new tokens per completion (a completion cut here is "truncated").
+    #[arg(long, default_value_t = 256, help_heading = "GRPO")]
+    pub max_completion_length: usize,
+    /// Sampling temperature of the rollouts (the log-probs are of logits / temperature).
+    #[arg(long, default_value_t = 1.0, help_heading = "GRPO")]
+    pub temperature: f64,
+    /// Nucleus sampling mass (1.0 = off).
+    #[arg(long, default_value_t = 1.0, help_heading = "GRPO")]
+    pub top_p: f64,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0, help_heading = "GRPO")]
+    pub top_k: usize,
+    /// KL coefficient (k3 estimator, to the adapter-off base); 0 = no reference pass.
+    #[arg(long, default_value_t = 0.0, help_heading = "GRPO")]
+    pub beta: f64,
+    /// Lower clipping bound of the ratio: 1 - epsilon.
+    #[arg(long, default_value_t = 0.2, help_heading = "GRPO")]
+    pub epsilon: f64,
+    /// Upper clipping bound: 1 + epsilon-high [default: --epsilon].
+    #[arg(long, help_heading = "GRPO")]
+    pub epsilon_high: Option<f64>,
+    #[arg(long, value_enum, default_value_t = LossType::Dapo, help_heading = "GRPO")]
+    pub loss_type: LossType,
+    /// Advantage scaling: by the group's reward std, the batch's, or none.
+    #[arg(long, value_enum, default_value_t = ScaleRewards::Group, help_heading = "GRPO")]
+    pub scale_rewards: ScaleRewards,
+    /// Optimizer steps per rollout batch (> 1: PPO-style reuse with rollout-time log-probs).
+    #[arg(long, default_value_t = 1, help_heading = "GRPO")]
+    pub num_iterations: usize,
+    /// Completions cut at --max-completion-length get no loss.
+    #[arg(long, help_heading = "GRPO")]
+    pub mask_truncated_completions: bool,
+    /// Prompts per rollout batch (each sampled G times).
+    #[arg(long, default_value_t = 4, help_heading = "GRPO")]
+    pub prompts_per_step: usize,
+}
+
+impl GrpoOptions {
+    pub fn validate(&self) -> Result<()> {
+        let mut errors = Vec::new();
+        if self.num_generations < 2 {
+            errors.push(format!("--num-generations must be at least 2 (advantages compare completions of one prompt), got {}", self.num_generations));
+        }
+        if self.max_completion_length == 0 {
+            errors.push("--max-completion-length must be at least 1".to_string());
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            errors.push(format!("--temperature must be > 0 for rollouts, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            errors.push(format!("--top-p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.beta >= 0.0 && self.beta.is_finite()) {
+            errors.push(format!("--beta must be >= 0, got {}", self.beta));
+        }
+        for (name, v) in [("--epsilon", Some(self.epsilon)), ("--epsilon-high", self.epsilon_high)] {
+            if v.is_some_and(|e| !(e >= 0.0 && e.is_finite())) {
+                errors.push(format!("{name} must be >= 0"));
+            }
+        }
+        if self.num_iterations == 0 {
+            errors.push("--num-iterations must be at least 1".to_string());
+        }
+        if self.prompts_per_step == 0 {
+            errors.push("--prompts-per-step must be at least 1".to_string());
+        }
+        if !errors.is_empty() {
+            bail!("{}", errors.join("\n"));
+        }
+        Ok(())
+    }
+
+    pub fn loss_terms(&self) -> LossTerms {
+        LossTerms {
+            loss_type: self.loss_type,
+            epsilon_low: self.epsilon,
+            epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
+            beta: self.beta,
+            max_completion_length: self.max_completion_length,
+        }
+    }
+
+    fn rollout_params(&self) -> RolloutParams {
+        RolloutParams {
+            group: self.num_generations,
+            max_new_tokens: self.max_completion_length,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
+    }
+}
+
+/// Train one adapter with GRPO; the summary `grpo --json` prints.
+pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, eval_args: &EvaluatorArgs, opts: &RunOptions) -> Result<RunSummary> {
+    grpo.validate()?;
+    // ---- 1. Run directory ---------------------------------------------------------------
+    let resume_from = engine::prepare_run_dir(&cfg.output, cfg, opts.resume)?;
+    check_options(&cfg.output, grpo, eval_args, opts.resume)?;
+
+    // ---- 2. Prompts, model, evaluators -----------------------------------------------------
+    let (train_ds, eval_ds) = super::sft::load_split_with(cfg, prompts::load_prompt_dataset)?;
+    let mut ctx = eval_args.context()?;
+    let device = crate::device::parse_device(&cfg.device)?;
+    tracing::info!("loading {} ({:?})", cfg.model, device);
+    let loaded = lora_models::load_model_mixed(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle())
+        .with_context(|| format!("loading model {}", cfg.model))?;
+    let (mut model, bundle, base_source) = (loaded.model, loaded.tokenizer, loaded.source);
+    let train = prompts::tokenize_prompts(&bundle, &train_ds)?;
+    let eval = eval_ds.as_ref().map(|d| prompts::tokenize_prompts(&bundle, d)).transpose()?;
+    fill_context(&mut ctx, &bundle, train.iter().chain(eval.iter().flatten()));
+    let evaluators = eval_args.build(&ctx)?;
+    tracing::info!("{} training prompts, {} held-out; evaluators: {}", train.len(), eval.as_ref().map_or(0, Vec::len), eval_args.evaluators.join(", "));
+
+    // ---- 3. The method, 4. the engine ----------------------------------------------------
+    let fingerprint = prompts::fingerprint(&train);
+    let method = Grpo::new(train, eval, bundle, evaluators, grpo.clone(), cfg);
+    let name = lora_models::DEFAULT_ADAPTER;
+    let mut runs = vec![Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?];
+    engine::train(&model, &mut runs)?;
+    let run = runs.pop().context("the run vanished")?;
+    match run.summary {
+        Some(summary) => Ok(summary),
+        None => bail!("{}", run.failure.unwrap_or_else(|| "the run stopped before its last step".into())),
+    }
+}
+
+/// The labels `label` evaluators accept and a token counter for `length`.
+pub fn fill_context<'a>(ctx: &mut crate::evaluators::Context, bundle: &TokenizerBundle, prompts: impl Iterator<Item = &'a Prompt>) {
+    let mut labels: Vec<String> = Vec::new();
+    for p in prompts {
+        let truths = match &p.ground_truth {
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            _ => vec![],
+        };
+        labels.extend(truths);
+    }
+    labels.sort();
+    labels.dedup();
+    ctx.labels = labels;
+    let tokenizer = bundle.tokenizer.clone();
+    ctx.count_tokens = Some(Arc::new(move |s: &str| tokenizer.encode(s, false).map(|e| e.len()).unwrap_or(0)));
+}
+
+/// The GRPO options and evaluators are part of what a resumed run must repeat.
+fn check_options(out: &Path, grpo: &GrpoOptions, eval_args: &EvaluatorArgs, resume: bool) -> Result<()> {
+    let now = serde_json::json!({"grpo": grpo, "evaluators": eval_args.evaluators, "reward_weights": eval_args.reward_weights});
+    let path = out.join(OPTIONS_FILE);
+    if resume && path.exists() {
+        let before: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        if before != now {
+            bail!("--resume needs the GRPO options and evaluators of the run it continues: {before} in the run, {now} now");
+        }
+        return Ok(());
+    }
+    lora_models::write_atomic(&path, &serde_json::to_vec_pretty(&now)?)
+}
+
+/// One micro-batch: prompt + completion rows, right-padded.
+pub struct GrpoBatch {
+    rows: InputRows,
+    /// Per row: where its completion starts (= prompt length) and its loss tokens.
+    starts: Vec<usize>,
+    lengths: Vec<usize>,
+    /// The loss tokens, row by row.
+    targets: Vec<u32>,
+    old_logps: Option<Vec<f32>>,
+    advantages: Vec<f32>,
+}
+
+pub struct Grpo {
+    prompts: Vec<Prompt>,
+    eval_prompts: Option<Vec<Prompt>>,
+    bundle: TokenizerBundle,
+    evaluators: EvaluatorSet,
+    opts: GrpoOptions,
+    terms: LossTerms,
+    seed: u64,
+    batch_size: usize,
+    output: PathBuf,
+    cycle: Option<Cycle>,
+    /// The current step's metrics so far and when its training part began.
+    fresh_cycle: bool,
+    training_started: Option<Instant>,
+    log_checked: bool,
+}
+
+impl Grpo {
+    pub fn new(prompts: Vec<Prompt>, eval_prompts: Option<Vec<Prompt>>, bundle: TokenizerBundle, evaluators: EvaluatorSet, opts: GrpoOptions, cfg: &TrainConfig) -> Self {
+        Grpo {
+            prompts,
+            eval_prompts,
+            bundle,
+            evaluators,
+            terms: opts.loss_terms(),
+            opts,
+            seed: cfg.seed,
+            batch_size: cfg.batch_size.max(1),
+            output: cfg.output.clone(),
+            cycle: None,
+            fresh_cycle: false,
+            training_started: None,
+            log_checked: false,
+        }
+    }
+
+    fn cycles_per_epoch(&self) -> usize {
+        self.prompts.len().div_ceil(self.opts.prompts_per_step).max(1)
+    }
+
+    /// The training prompts of rollout cycle `c`: the next slice of this epoch's order.
+    fn cycle_prompts(&self, c: usize) -> Vec<usize> {
+        let per = self.cycles_per_epoch();
+        let order = rollouts::epoch_order(self.prompts.len(), self.seed, c / per);
+        let first = (c % per) * self.opts.prompts_per_step;
+        order[first.min(order.len())..(first + self.opts.prompts_per_step).min(order.len())].to_vec()
+    }
+
+    fn cache_path(&self, c: usize) -> PathBuf {
+        self.output.join("rollout_cache").join(format!("cycle-{c}.json"))
+    }
+
+    fn sample_cycle(&self, model: &Model, c: usize) -> Result<Cycle> {
+        let params = self.opts.rollout_params();
+        let inputs = CycleInputs {
+            model,
+            bundle: &self.bundle,
+            prompts: &self.prompts,
+            evaluators: &self.evaluators,
+            params: &params,
+            scale_rewards: self.opts.scale_rewards,
+            seed: self.seed,
+            chunk: self.opts.prompts_per_step,
+        };
+        rollouts::run_cycle(&inputs, c, &self.cycle_prompts(c))
+    }
+
+    /// Append a bounded sample of the cycle's completions to `rollouts.jsonl` (rows of
+    /// steps after `step` come from a killed run and are dropped first).
+    fn log_rollouts(&mut self, step: usize, cycle: &Cycle) -> Result<()> {
+        let path = self.output.join(ROLLOUTS_FILE);
+        if !self.log_checked {
+            self.log_checked = true;
+            if path.exists() {
+                let text = std::fs::read_to_string(&path)?;
+                let kept: String = text
+                    .lines()
+                    .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| (s as usize) <= step))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                lora_models::write_atomic(&path, kept.as_bytes())?;
+            }
+        }
+        let n = cycle.rollouts.len();
+        let stride = n.div_ceil(LOGGED_ROLLOUTS).max(1);
+        let mut bytes = Vec::new();
+        for r in cycle.rollouts.iter().step_by(stride) {
+            let row = serde_json::json!({
+                "step": step + 1, "prompt": r.prompt, "g": r.g, "completion": r.text, "tokens": r.tokens.len(),
+                "stopped": r.stopped, "reward": r.reward, "advantage": r.advantage,
+            });
+            serde_json::to_writer(&mut bytes, &row)?;
+            bytes.push(b'\n');
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        f.write_all(&bytes)?;
+        Ok(())
+    }
+
+    fn batch(&self, cycle: &Cycle, members: &[usize]) -> GrpoBatch {
+        let rollouts: Vec<_> = members.iter().map(|&i| &cycle.rollouts[i]).collect();
+        let seq_len = rollouts.iter().map(|r| self.prompts[r.prompt].ids.len() + r.tokens.len()).max().unwrap_or(1);
+        let b = rollouts.len();
+        let pad = self.bundle.eos_token_ids.first().copied().unwrap_or(0);
+        let mut rows = InputRows { batch_size: b, seq_len, input_ids: Vec::new(), position_ids: Vec::new(), segment_ids: Vec::new(), through_adapter: true };
+        let (mut starts, mut lengths, mut targets, mut old, mut advantages) = (vec![], vec![], vec![], vec![], vec![]);
+        for r in rollouts {
+            let prompt = &self.prompts[r.prompt].ids;
+            let len = prompt.len() + r.tokens.len();
+            rows.input_ids.extend(prompt.iter().chain(&r.tokens).copied().chain(std::iter::repeat_n(pad, seq_len - len)));
+            rows.position_ids.extend((0..seq_len as u32).map(|p| if (p as usize) < len { p } else { 0 }));
+            rows.segment_ids.extend((0..seq_len).map(|p| u32::from(p < len)));
+            let masked = self.opts.mask_truncated_completions && !r.stopped;
+            let n = if masked { 0 } else { r.tokens.len() };
+            starts.push(prompt.len());
+            lengths.push(n);
+            targets.extend_from_slice(&r.tokens[..n]);
+            old.extend_from_slice(&r.logprobs[..n]);
+            advantages.push(r.advantage as f32);
+        }
+        GrpoBatch { rows, starts, lengths, targets, old_logps: (self.opts.num_iterations > 1).then_some(old), advantages }
+    }
+
+    /// `hidden` rows at the positions that predict each loss token.
+    fn completion_hidden(&self, b: &GrpoBatch, hidden: &Tensor) -> Result<Tensor> {
+        let (rows, t, h) = hidden.dims3()?;
+        let mut index = Vec::with_capacity(b.targets.len());
+        for (r, (&s, &n)) in b.starts.iter().zip(&b.lengths).enumerate() {
+            index.extend((0..n).map(|j| (r * t + s - 1 + j) as u32));
+        }
+        let index = Tensor::from_vec(index, b.targets.len(), hidden.device())?;
+        Ok(hidden.reshape((rows * t, h))?.index_select(&index, 0)?)
+    }
+
+    /// Greedy completions of the held-out prompts, scored: (mean reward, std, tokens).
+    fn evaluate_prompts(&self, model: &Model, prompts: &[Prompt]) -> Result<(Option<(f64, f64)>, u64)> {
+        let params = RolloutParams { group: 1, temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: self.opts.max_completion_length };
+        let mut samples = Vec::new();
+        let mut tokens = 0u64;
+        for (k, part) in prompts.chunks(self.batch_size.max(self.opts.prompts_per_step)).enumerate() {
+            let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
+            let out = model.rollouts(&ids, &vec![0; ids.len()], &params, &self.bundle.eos_token_ids)?;
+            for (i, (p, group)) in part.iter().zip(out).enumerate() {
+                let c = &group[0];
+                tokens += c.tokens.len() as u64;
+                samples.push(p.sample(format!("eval-{k}-{i}"), self.bundle.decode(&c.tokens, true)?));
+            }
+        }
+        let scores = self.evaluators.score_batch(&samples);
+        Ok((mean_std(scores.rewards).map(|(m, s, _)| (m, s)), tokens))
+    }
+}
+
+impl Method for Grpo {
+    type Batch = GrpoBatch;
+
+    fn name(&self) -> &'static str {
+        "grpo"
+    }
+
+    fn sample_counts(&self) -> (usize, usize) {
+        (self.prompts.len(), self.eval_prompts.as_ref().map_or(0, Vec::len))
+    }
+
+    fn steps_per_epoch(&self) -> usize {
+        self.cycles_per_epoch() * self.opts.num_iterations
+    }
+
+    fn prepare_step(&mut self, model: &Model, step: usize) -> Result<()> {
+        let c = step / self.opts.num_iterations;
+        self.fresh_cycle = false;
+        if self.cycle.as_ref().is_none_or(|cy| cy.index != c) {
+            let cached = self.cache_path(c);
+            let cycle = if step % self.opts.num_iterations != 0 {
+                // Resumed in the middle of a rollout batch: the batch the run sampled.
+                let bytes = std::fs::read(&cached).with_context(|| format!("--resume at step {step}: the rollout batch of this step is missing ({})", cached.display()))?;
+                serde_json::from_slice(&bytes).with_context(|| format!("{}: damaged", cached.display()))?
+            } else {
+                let cycle = self.sample_cycle(model, c)?;
+                if self.opts.num_iterations > 1 {
+                    lora_models::write_atomic(&cached, &serde_json::to_vec(&cycle)?)?;
+                }
+                self.fresh_cycle = true;
+                self.log_rollouts(step, &cycle)?;
+                cycle
+            };
+            self.cycle = Some(cycle);
+        }
+        self.training_started = Some(Instant::now());
+        Ok(())
+    }
+
+    fn step_metrics(&mut self) -> BTreeMap<String, f64> {
+        let mut m = self.cycle.as_ref().map(|c| c.metrics.clone()).unwrap_or_default();
+        if !self.fresh_cycle {
+            m.insert("time_rollout_s".into(), 0.0);
+            m.insert("time_scoring_s".into(), 0.0);
+        }
+        m.insert("evaluator_failures_total".into(), self.evaluators.failure_count() as f64);
+        if let Some(t) = self.training_started.take() {
+            m.insert("time_training_s".into(), t.elapsed().as_secs_f64());
+        }
+        m
+    }
+
+    fn step_batches(&self, step: usize) -> Result<Vec<GrpoBatch>> {
+        let cycle = self.cycle.as_ref().filter(|c| c.index == step / self.opts.num_iterations).context("no rollouts sampled for this step")?;
+        let all: Vec<usize> = (0..cycle.rollouts.len()).collect();
+        Ok(all.chunks(self.batch_size).map(|members| self.batch(cycle, members)).collect())
+    }
+
+    fn inputs(&self, b: &GrpoBatch) -> Vec<InputRows> {
+        let mut rows = vec![b.rows.clone()];
+        if self.terms.beta > 0.0 {
+            rows.push(InputRows { through_adapter: false, ..b.rows.clone() });
+        }
+        rows
+    }
+
+    fn batch_tokens(&self, b: &GrpoBatch) -> BatchTokens {
+        BatchTokens { tokens: b.rows.segment_ids.iter().filter(|&&s| s != 0).count(), loss_tokens: b.targets.len() }
+    }
+
+    fn denominator(&self, batches: &[GrpoBatch]) -> f64 {
+        loss::denominator(self.terms.loss_type, batches.len(), batches.iter().map(|b| b.targets.len()).sum())
+    }
+
+    fn loss(&self, model: &Model, b: &GrpoBatch, hidden: &[Tensor]) -> Result<MicroLoss> {
+        let dev = model.device();
+        if b.targets.is_empty() {
+            // Every completion masked (truncated): no loss, but keep the graph well-formed.
+            return Ok(MicroLoss { sum: (hidden[0].sum_all()?.to_dtype(DType::F32)? * 0.0)?, metrics: BTreeMap::new() });
+        }
+        let targets = Tensor::from_slice(&b.targets, b.targets.len(), dev)?;
+        let logp = model.token_logprobs(&self.completion_hidden(b, &hidden[0])?, &targets, self.opts.temperature)?;
+        let ref_logp = match hidden.get(1) {
+            Some(h) if self.terms.beta > 0.0 => {
+                Some(model.token_logprobs(&self.completion_hidden(b, &h.detach())?, &targets, self.opts.temperature)?.to_vec1::<f32>()?)
+            }
+            _ => None,
+        };
+        let tokens = PolicyTokens { logp: &logp, old_logp: b.old_logps.as_deref(), ref_logp: ref_logp.as_deref(), advantages: &b.advantages, lengths: &b.lengths };
+        let (sum, stats) = loss::micro_loss(&tokens, &self.terms)?;
+        let mut metrics = BTreeMap::from([
+            ("clip_ratio_low".to_string(), stats.clip_ratio_low),
+            ("clip_ratio_high".to_string(), stats.clip_ratio_high),
+            ("clip_ratio_region".to_string(), stats.clip_ratio_region),
+        ]);
+        if self.terms.beta > 0.0 {
+            metrics.insert("kl".to_string(), stats.kl);
+        }
+        Ok(MicroLoss { sum, metrics })
+    }
+
+    /// Held-out prompts, greedy: the loss a sweep minimises is minus the mean reward.
+    fn evaluate(&self, model: &Model) -> Result<Option<EvalOutput>> {
+        let Some(prompts) = &self.eval_prompts else { return Ok(None) };
+        let (stats, tokens) = self.evaluate_prompts(model, prompts)?;
+        let mut metrics = BTreeMap::new();
+        if let Some((mean, std)) = stats {
+            metrics.insert("reward".to_string(), mean);
+            metrics.insert("reward_std".to_string(), std);
+        }
+        Ok(Some(EvalOutput { loss: -stats.map_or(0.0, |s| s.0), perplexity: None, tokens, metrics }))
+    }
+}
