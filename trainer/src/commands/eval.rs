@@ -1,31 +1,66 @@
 //! `lora-train eval`: mean loss per loss token (the training loss mask, ARCHITECTURE.md), perplexity and the
-//! loss-token count of a model, optionally with a PEFT adapter, over a chat dataset.
+//! loss-token count of a model, optionally with a PEFT adapter, over a chat dataset; or, with
+//! `--evaluator`, completions generated for a prompts file, scored.
 use std::path::PathBuf;
 
 use anyhow::Result;
 
 use super::model_args::ModelArgs;
 use crate::data;
+use crate::evaluators::{EvaluatorArgs, Summary};
+use crate::recipes::grpo::{fill_context, prompts, rollouts::prompt_seed};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Chat JSONL to evaluate on.
+    /// Chat JSONL to evaluate on (a prompts JSONL with --evaluator).
     #[arg(long)]
     pub dataset: PathBuf,
+    #[command(flatten)]
+    pub evaluators: EvaluatorArgs,
+    /// With --evaluator: completions per prompt.
+    #[arg(long, default_value_t = 1, help_heading = "Generation (with --evaluator)")]
+    pub samples: usize,
+    /// With --evaluator: 0 = greedy.
+    #[arg(long, default_value_t = 0.0, help_heading = "Generation (with --evaluator)")]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 128, help_heading = "Generation (with --evaluator)")]
+    pub max_new_tokens: usize,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0, help_heading = "Generation (with --evaluator)")]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1.0 = off).
+    #[arg(long, default_value_t = 1.0, help_heading = "Generation (with --evaluator)")]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0, help_heading = "Generation (with --evaluator)")]
+    pub seed: u64,
     /// Cut every sample to its first N tokens.
     #[arg(long, default_value_t = 2048)]
     pub max_sequence_length: usize,
     /// Samples per forward pass (does not change the result).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    /// Print {"eval_loss", "perplexity", "loss_tokens"} as one JSON object on stdout.
+    /// Print {"eval_loss", "perplexity", "loss_tokens"} (with --evaluator: {"prompts",
+    /// "samples", "reward_mean", "reward_std", "failures", ...}) as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if !args.evaluators.evaluators.is_empty() {
+        let summary = score_generations(&args)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&summary)?);
+        } else {
+            let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+            println!("prompts     {}\nsamples     {}\nreward_mean {}\nreward_std  {}\nfailures    {}", summary.prompts, summary.samples, f(summary.reward_mean), f(summary.reward_std), summary.failures);
+            for (k, v) in &summary.per_evaluator {
+                println!("{k} {}", f(*v));
+            }
+        }
+        return Ok(());
+    }
     let result = evaluate(&args)?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
@@ -44,4 +79,40 @@ pub fn evaluate(args: &Args) -> Result<data::EvalResult> {
     let set = data::tokenize_dataset(&loaded.tokenizer, &ds, args.max_sequence_length)?;
     let loader = data::eval_loader(&set, args.batch_size, args.max_sequence_length, data::pad_token_id(&loaded.tokenizer));
     data::evaluate(&loaded.model, &loader)
+}
+
+/// Generate `--samples` completions per prompt (greedy unless `--temperature`), score them.
+pub fn score_generations(args: &Args) -> Result<Summary> {
+    anyhow::ensure!(args.samples >= 1, "--samples must be at least 1");
+    anyhow::ensure!(args.temperature >= 0.0, "--temperature must be >= 0, got {}", args.temperature);
+    anyhow::ensure!(args.top_p > 0.0 && args.top_p <= 1.0, "--top-p must be in (0, 1], got {}", args.top_p);
+    anyhow::ensure!(args.samples == 1 || args.temperature > 0.0, "--samples {} needs a --temperature above 0 (greedy gives one answer)", args.samples);
+    let ds = prompts::load_prompt_dataset(&args.dataset)?;
+    let mut ctx = args.evaluators.context()?;
+    let loaded = args.model.load()?;
+    let bundle = &loaded.tokenizer;
+    let prompts = prompts::tokenize_prompts(bundle, &ds)?;
+    fill_context(&mut ctx, bundle, prompts.iter());
+    let set = args.evaluators.build(&ctx)?;
+    let params = lora_models::RolloutParams {
+        group: args.samples,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+    };
+    let mut samples = Vec::with_capacity(prompts.len() * args.samples);
+    let indexed: Vec<(usize, &prompts::Prompt)> = prompts.iter().enumerate().collect();
+    for part in indexed.chunks(args.batch_size.max(1)) {
+        let ids: Vec<Vec<u32>> = part.iter().map(|(_, p)| p.ids.clone()).collect();
+        let seeds: Vec<u64> = part.iter().map(|(i, _)| prompt_seed(args.seed, 0, *i)).collect();
+        let out = loaded.model.rollouts(&ids, &seeds, &params, &bundle.eos_token_ids)?;
+        for ((i, p), group) in part.iter().zip(out) {
+            for (g, c) in group.into_iter().enumerate() {
+                samples.push(p.sample(format!("{}-{g}", i + 1), bundle.decode(&c.tokens, true)?));
+            }
+        }
+    }
+    let scores = set.score_batch(&samples);
+    Ok(Summary::of(&set, &samples, &scores))
 }
