@@ -37,7 +37,7 @@ fn completions_do_not_depend_on_the_batch_and_logprobs_match_a_forward() -> Resu
     let b = loaded.tokenizer.encode("Once upon a time there was a")?;
     let stop = [loaded.tokenizer.eos_token_ids.clone(), vec![17]].concat();
     let both = m.rollouts(&[a.clone(), b.clone()], &[11, 22], &sampled(3), &stop)?;
-    let alone = m.rollouts(&[b.clone()], &[22], &sampled(3), &stop)?;
+    let alone = m.rollouts(std::slice::from_ref(&b), &[22], &sampled(3), &stop)?;
     assert_eq!(both[1].iter().map(|c| &c.tokens).collect::<Vec<_>>(), alone[0].iter().map(|c| &c.tokens).collect::<Vec<_>>());
     assert_ne!(both[1][0].tokens, both[1][1].tokens, "the G rows of a prompt draw different streams");
     for (prompt, group) in [(&a, &both[0]), (&b, &both[1])] {
