@@ -152,3 +152,20 @@ fn eval_with_an_evaluator_generates_and_scores() {
     assert_eq!(sampled["samples"], 12);
     assert_eq!(sampled, stdout_json(&ok(&sampled_args)), "same seed, same completions");
 }
+
+#[test]
+fn an_evaluator_that_crashes_costs_rewards_not_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_prompts(tmp.path(), "train.jsonl", 4);
+    let out = tmp.path().join("run");
+    let (m, d, o) = (tiny("llama"), data.display().to_string(), out.display().to_string());
+    let args = [
+        "grpo", "--model", &m, "--dataset", &d, "--output", &o, "--json", "--evaluator", "cmd:exit 3", "--evaluator", "regex:a",
+        "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "4", "--steps", "2", "--eval-split", "0",
+        "--evaluator-workers", "1",
+    ];
+    stdout_json(&ok(&args));
+    let last = metrics(&out).pop().unwrap();
+    assert!(last["evaluator_failures"].as_f64().unwrap() >= 4.0, "{last}");
+    assert!(last["rewards_regex"].is_number());
+}
