@@ -286,6 +286,13 @@ impl Model {
         lora_kernels::linear_cross_entropy(&prev, self.decoder.lm_head_weight(), &targets, &weights)
     }
 
+    /// Log-probabilities [n] f32 of `targets` [n] under the next-token distribution of
+    /// `hidden_rows` [n, hidden] (final-norm outputs), differentiable w.r.t. the hidden
+    /// rows: what DPO/ORPO sum into sequence log-probs without building [n, vocab] logits.
+    pub fn token_logps(&self, hidden_rows: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        lora_kernels::linear_cross_entropy_rows(hidden_rows, self.decoder.lm_head_weight(), targets)?.neg()
+    }
+
     /// Write the model's only adapter as `adapter_config.json` +
     /// `adapter_model.safetensors` (PEFT layout).
     pub fn save_adapter(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {

@@ -11,6 +11,7 @@ pub mod device;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
+pub mod pair_data;
 pub mod optim;
 pub mod progress;
 pub mod recipes;

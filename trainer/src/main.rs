@@ -19,6 +19,10 @@ struct Cli {
 enum Command {
     /// Supervised fine-tuning of a LoRA adapter on a chat dataset.
     Sft(Box<commands::sft::Args>),
+    /// Direct Preference Optimization of a LoRA adapter on preference pairs.
+    Dpo(Box<commands::dpo::Args>),
+    /// Odds Ratio Preference Optimization (SFT + preference in one loss, no reference).
+    Orpo(Box<commands::orpo::Args>),
     /// Train several candidate configurations over one base and pick the best by eval loss.
     Sweep(Box<commands::sweep::Args>),
     /// One group of a sweep's candidates (started by `sweep`, not by hand).
@@ -45,6 +49,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sft(args) => commands::sft::run(*args),
+        Command::Dpo(args) => commands::dpo::run(*args),
+        Command::Orpo(args) => commands::orpo::run(*args),
         Command::Sweep(args) => commands::sweep::run(*args),
         Command::SweepWorker(args) => commands::sweep::run_worker(args),
         Command::Eval(args) => commands::eval::run(args),

@@ -3,8 +3,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::config::TrainOptions;
-use crate::engine::RunOptions;
+use crate::config::{TrainConfig, TrainOptions};
+use crate::engine::{RunOptions, RunSummary};
 use crate::recipes::sft;
 
 #[derive(clap::Args, Debug)]
@@ -26,15 +26,30 @@ pub struct Args {
     pub json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let file = match &args.config {
-        Some(path) => TrainOptions::from_toml_file(path)?,
-        None => TrainOptions::default(),
-    };
-    let cfg = args.options.over(file).resolve()?;
-    let summary = sft::run(&cfg, &RunOptions { resume: args.resume, quiet: args.json })?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+impl Args {
+    /// The resolved configuration: flags over `--config` over defaults.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let file = match &self.config {
+            Some(path) => TrainOptions::from_toml_file(path)?,
+            None => TrainOptions::default(),
+        };
+        self.options.clone().over(file).resolve()
     }
-    Ok(())
+
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions { resume: self.resume, quiet: self.json }
+    }
+
+    /// Print the summary on stdout under `--json`.
+    pub fn finish(&self, summary: &RunSummary) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string(summary)?);
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let summary = sft::run(&args.resolve()?, &args.run_options())?;
+    args.finish(&summary)
 }
