@@ -137,7 +137,8 @@ fn eval_on_a_preference_file_prints_pair_statistics() {
     let m = tiny("qwen2");
     // No adapter: policy = reference, so DPO is at ln 2 and the rewards are 0.
     let v = stdout_json(&ok(&["eval", "--model", &m, "--dataset", &data, "--device", "cpu", "--json", "--beta", "0.2"]));
-    let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
     assert_eq!(keys, ["beta", "dpo_loss", "logps_chosen", "logps_rejected", "orpo_loss", "pairs", "rewards_accuracy", "rewards_margin"]);
     assert_eq!((v["pairs"].as_u64(), v["beta"].as_f64()), (Some(5), Some(0.2)));
     assert!((v["dpo_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-9);

@@ -35,7 +35,9 @@ impl PairArgs {
     }
 }
 
+// No argument group of its own: the flattened `sft::Args` already takes the name `Args`.
 #[derive(clap::Args, Debug)]
+#[group(skip)]
 pub struct Args {
     #[command(flatten)]
     pub train: super::sft::Args,

@@ -6,7 +6,9 @@ use super::dpo::PairArgs;
 use crate::recipes::orpo::Orpo;
 use crate::recipes::preference;
 
+// No argument group of its own: the flattened `sft::Args` already takes the name `Args`.
 #[derive(clap::Args, Debug)]
+#[group(skip)]
 pub struct Args {
     #[command(flatten)]
     pub train: super::sft::Args,
