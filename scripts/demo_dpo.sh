@@ -18,36 +18,11 @@ out="${DEMO_OUT:-runs/demo_dpo}"
 train=examples/json_preferences.train.jsonl
 eval=examples/json_preferences.eval.jsonl
 
-echo "== 1. fetch SmolLM2-135M-Instruct (GGUF, cached)" >&2
-gguf="$(bash scripts/fetch_smollm2.sh)"
-echo "   $gguf" >&2
-
-echo "== 2. build (release)" >&2
-if [ -n "${LORA_TRAIN_BIN:-}" ]; then
-  bin="$LORA_TRAIN_BIN"
-else
-  cargo build --release -p lora-train
-  bin=target/release/lora-train
-fi
-t_built=$(date +%s)
-
 questions=(
   "What is the capital of Japan?"
   "Give me the antonym of arrive."
 )
-chat_args=()
-for q in "${questions[@]}"; do chat_args+=(--chat "$q"); done
-
-show_generations() { # $1 = label, rest = extra args for generate
-  local label="$1"; shift
-  "$bin" generate --model "$gguf" "$@" "${chat_args[@]}" --max-new-tokens 30 --device cpu --json 2>/dev/null |
-    python3 -c '
-import json, sys
-label, qs = sys.argv[1], sys.argv[2:]
-for q, o in zip(qs, json.load(sys.stdin)["outputs"]):
-    print("  [%s] Q: %s\n  [%s] A: %s" % (label, q, label, o["text"].strip()))
-' "$label" "${questions[@]}"
-}
+source scripts/demo_lib.sh
 
 pair_eval() { # extra args for eval; prints the held-out pair statistics
   "$bin" eval --model "$gguf" --dataset "$eval" --device cpu --json "$@" 2>/dev/null |

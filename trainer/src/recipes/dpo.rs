@@ -12,10 +12,10 @@
 //! Metrics: rewards = beta * rho (detached), accuracy = reward_w > reward_l strictly,
 //! margin = reward_w - reward_l, and the policy's summed log-probs.
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::preference::{PairLogps, PairLosses, PairObjective};
+use super::preference::{reward_metrics, PairLogps, PairLosses, PairObjective};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -54,11 +54,6 @@ pub fn log_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
     low - ((x.abs()?.neg()?.exp()? + 1.0)?.log()?)
 }
 
-/// 1.0 where a > b, else 0.0.
-pub fn greater(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    a.gt(b)?.to_dtype(DType::F64)
-}
-
 impl PairObjective for Dpo {
     fn name(&self) -> &'static str {
         "dpo"
@@ -91,16 +86,6 @@ impl PairObjective for Dpo {
         };
         let rewards_chosen = (chosen_ratio.detach() * beta)?;
         let rewards_rejected = (rejected_ratio.detach() * beta)?;
-        Ok(PairLosses {
-            losses,
-            metrics: vec![
-                ("rewards_accuracy", greater(&rewards_chosen, &rewards_rejected)?),
-                ("rewards_margin", (&rewards_chosen - &rewards_rejected)?),
-                ("rewards_chosen", rewards_chosen),
-                ("rewards_rejected", rewards_rejected),
-                ("logps_chosen", policy.chosen.detach()),
-                ("logps_rejected", policy.rejected.detach()),
-            ],
-        })
+        Ok(PairLosses { losses, metrics: reward_metrics(rewards_chosen, rewards_rejected, &policy.chosen, &policy.rejected)? })
     }
 }

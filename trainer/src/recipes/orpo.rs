@@ -15,8 +15,8 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::dpo::{greater, log_sigmoid};
-use super::preference::{PairLogps, PairLosses, PairObjective};
+use super::dpo::log_sigmoid;
+use super::preference::{reward_metrics, PairLogps, PairLosses, PairObjective};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Orpo {
@@ -55,19 +55,8 @@ impl PairObjective for Orpo {
         let losses = (&nll - (&ratio * self.beta)?)?;
         let rewards_chosen = (m_w.detach() * self.beta)?;
         let rewards_rejected = (m_l.detach() * self.beta)?;
-        Ok(PairLosses {
-            losses,
-            metrics: vec![
-                ("rewards_accuracy", greater(&rewards_chosen, &rewards_rejected)?),
-                ("rewards_margin", (&rewards_chosen - &rewards_rejected)?),
-                ("rewards_chosen", rewards_chosen),
-                ("rewards_rejected", rewards_rejected),
-                ("logps_chosen", m_w.detach()),
-                ("logps_rejected", m_l.detach()),
-                ("nll_loss", nll.detach()),
-                ("log_odds_ratio", ratio.detach()),
-                ("log_odds_chosen", log_odds.detach()),
-            ],
-        })
+        let mut metrics = reward_metrics(rewards_chosen, rewards_rejected, &m_w, &m_l)?;
+        metrics.extend([("nll_loss", nll.detach()), ("log_odds_ratio", ratio.detach()), ("log_odds_chosen", log_odds.detach())]);
+        Ok(PairLosses { losses, metrics })
     }
 }

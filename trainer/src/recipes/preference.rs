@@ -72,6 +72,19 @@ pub struct PairLosses {
     pub metrics: Vec<(&'static str, Tensor)>,
 }
 
+/// TRL's reward metrics from per-pair rewards and the log-probs the method reports
+/// (accuracy counts a strictly higher chosen reward).
+pub fn reward_metrics(rewards_chosen: Tensor, rewards_rejected: Tensor, logps_chosen: &Tensor, logps_rejected: &Tensor) -> Result<Vec<(&'static str, Tensor)>> {
+    Ok(vec![
+        ("rewards_accuracy", rewards_chosen.gt(&rewards_rejected)?.to_dtype(DType::F64)?),
+        ("rewards_margin", (&rewards_chosen - &rewards_rejected)?),
+        ("rewards_chosen", rewards_chosen),
+        ("rewards_rejected", rewards_rejected),
+        ("logps_chosen", logps_chosen.detach()),
+        ("logps_rejected", logps_rejected.detach()),
+    ])
+}
+
 /// What distinguishes DPO from ORPO: the per-pair loss of sequence log-probs.
 pub trait PairObjective: Serialize {
     fn name(&self) -> &'static str;
