@@ -123,6 +123,9 @@ impl PairOptions {
 /// Train one adapter on preference pairs with `objective`; the summary `--json` prints.
 pub fn run<O: PairObjective>(cfg: &TrainConfig, pair_opts: &PairOptions, objective: O, opts: &RunOptions) -> Result<RunSummary> {
     // ---- 1. Run directory: the shared options, then the method's ------------------------
+    if cfg.packing {
+        bail!("--packing does not apply to preference pairs (each row holds one side of one pair)");
+    }
     let mut cfg = cfg.clone();
     if let Some(init) = &pair_opts.adapter {
         adopt_adapter_shape(&mut cfg, init)?;
