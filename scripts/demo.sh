@@ -16,33 +16,12 @@ out="${DEMO_OUT:-runs/demo}"
 train=examples/json_answers.train.jsonl
 eval=examples/json_answers.eval.jsonl
 
-echo "== 1. fetch SmolLM2-135M-Instruct (GGUF, cached)" >&2
-gguf="$(bash scripts/fetch_smollm2.sh)"
-echo "   $gguf" >&2
-
-echo "== 2. build (release)" >&2
-cargo build --release -p lora-train
-bin=target/release/lora-train
-t_built=$(date +%s)
-
 questions=(
   "What is the capital of Japan?"
   "Give me the antonym of arrive."
   "What is 7 plus 15?"
 )
-chat_args=()
-for q in "${questions[@]}"; do chat_args+=(--chat "$q"); done
-
-show_generations() { # $1 = label, rest = extra args for generate
-  local label="$1"; shift
-  "$bin" generate --model "$gguf" "$@" "${chat_args[@]}" --max-new-tokens 40 --device cpu --json 2>/dev/null |
-    python3 -c '
-import json, sys
-label, qs = sys.argv[1], sys.argv[2:]
-for q, o in zip(qs, json.load(sys.stdin)["outputs"]):
-    print("  [%s] Q: %s\n  [%s] A: %s" % (label, q, label, o["text"].strip()))
-' "$label" "${questions[@]}"
-}
+source scripts/demo_lib.sh
 
 eval_loss() { # extra args for eval
   "$bin" eval --model "$gguf" --dataset "$eval" --device cpu --json "$@" 2>/dev/null |

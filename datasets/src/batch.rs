@@ -197,8 +197,9 @@ impl DataLoader {
         self.epoch_plan(epoch).into_iter().map(move |rows| self.collate(&rows))
     }
 
-    /// Pad the rows to the longest one and lay them out row-major.
-    fn collate(&self, row_ids: &[usize]) -> Batch {
+    /// The rows `row_ids` (positions in the unshuffled row list; without packing, sample
+    /// indices) padded to the longest one and laid out row-major.
+    pub fn collate(&self, row_ids: &[usize]) -> Batch {
         let rows: Vec<&Vec<usize>> = row_ids.iter().map(|&r| &self.rows[r]).collect();
         let seq_len = rows
             .iter()

@@ -6,6 +6,7 @@
 //!   reports every problem as `FILE:LINE: message`
 //! - `template` (+ `pyjson`, `strftime`): chat templates rendered as transformers does
 //! - `mask`: tokenization and the loss-mask rule (ARCHITECTURE.md)
+//! - `pairs`: preference pairs as tokens, TRL's truncation, pair batches
 //! - `batch`: truncation, padding, length grouping, packing, resumable batch order
 //! - `split`: held-out splits, subsampling, stratified splits
 //! - `stats`: what `lora-train inspect` prints
@@ -13,6 +14,7 @@ pub mod batch;
 mod format;
 pub mod load;
 pub mod mask;
+pub mod pairs;
 mod parse;
 pub mod problems;
 mod pyjson;
@@ -26,6 +28,7 @@ pub mod template;
 pub use batch::{pack_best_fit_decreasing, prepare_samples, Batch, BatchConfig, DataLoader, Prepared};
 pub use load::{load_dataset, parse_jsonl};
 pub use mask::{tokenize_chat, tokenize_chat_with_tools, tokenize_preference, tokenize_prompt, MaskError, TokenizedSample};
+pub use pairs::{fit_pairs, pair_stats, PairBatch, PairLimits, PairLoader, PairStats, PairTruncation, TokenizedPair};
 pub use problems::{DatasetError, Problem};
 pub use sample::{ChatSample, Dataset, Format, Message, PreferenceSample, PromptSample, Role, Sample};
 pub use split::{

@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use tokenizers::Tokenizer;
 
+use crate::pairs::TokenizedPair;
 use crate::sample::{Message, PreferenceSample, Role};
 use crate::template::ChatTemplate;
 
@@ -99,7 +100,7 @@ pub fn tokenize_preference(
     tokenizer: &Tokenizer,
     template: &ChatTemplate,
     sample: &PreferenceSample,
-) -> Result<(TokenizedSample, TokenizedSample), MaskError> {
+) -> Result<TokenizedPair, MaskError> {
     let prompt: Vec<Message> = sample
         .prompt
         .iter()
@@ -109,7 +110,7 @@ pub fn tokenize_preference(
     let tools = sample.tools.as_ref();
     let chosen = tokenize_chat_with_tools(tokenizer, template, &conversation(&sample.chosen), tools)?;
     let rejected = tokenize_chat_with_tools(tokenizer, template, &conversation(&sample.rejected), tools)?;
-    Ok((chosen, rejected))
+    Ok(TokenizedPair { chosen, rejected })
 }
 
 /// Token ids of a prompt ready for generation (`add_generation_prompt`); `inspect` uses

@@ -121,8 +121,8 @@ fn parse_fireworks_preference(
             None
         }
     };
-    let chosen = completion(object, "preferred_output", problems);
-    let rejected = completion(object, "non_preferred_output", problems);
+    let chosen = completion(object, "preferred_output", problems).filter(|c| outputs_ok(c, "preferred_output", problems));
+    let rejected = completion(object, "non_preferred_output", problems).filter(|r| outputs_ok(r, "non_preferred_output", problems));
     Some(PreferenceSample { prompt: prompt?, chosen: chosen?, rejected: rejected?, tools })
 }
 
@@ -147,6 +147,8 @@ fn parse_trl_preference(
                 Value::String(text) => Some(vec![Message::user(text.clone())]),
                 value => messages_list(value, key, problems),
             };
+            let chosen = chosen.filter(|c| outputs_ok(c, "chosen", problems));
+            let rejected = rejected.filter(|r| outputs_ok(r, "rejected", problems));
             Some(PreferenceSample { prompt: prompt?, chosen: chosen?, rejected: rejected?, tools })
         }
         None => {
@@ -156,12 +158,9 @@ fn parse_trl_preference(
                 problems.push("missing field `prompt` (or `messages`), and `chosen`/`rejected` share no prompt prefix");
                 return None;
             }
-            Some(PreferenceSample {
-                prompt: chosen[..shared].to_vec(),
-                chosen: chosen[shared..].to_vec(),
-                rejected: rejected[shared..].to_vec(),
-                tools,
-            })
+            let (chosen_out, rejected_out) = (&chosen[shared..], &rejected[shared..]);
+            let ok = outputs_ok(chosen_out, "chosen", problems) & outputs_ok(rejected_out, "rejected", problems);
+            ok.then(|| PreferenceSample { prompt: chosen[..shared].to_vec(), chosen: chosen_out.to_vec(), rejected: rejected_out.to_vec(), tools })
         }
     }
 }
@@ -187,6 +186,24 @@ fn completion(object: &Map<String, Value>, key: &str, problems: &mut LineProblem
             Some(messages)
         }
     }
+}
+
+/// The output side of a pair (after the shared prompt): present, and only what the model
+/// writes (assistant turns and the tool results between them). A user or system message
+/// here means the two conversations diverge before the answer, or the line is mislabelled.
+fn outputs_ok(messages: &[Message], key: &str, problems: &mut LineProblems) -> bool {
+    if messages.is_empty() {
+        problems.push(format!("`{key}` is empty after the prompt it shares with the other side (nothing to compare)"));
+        return false;
+    }
+    let mut ok = true;
+    for (i, m) in messages.iter().enumerate() {
+        if matches!(m.role, Role::System | Role::User) {
+            problems.push(format!("`{key}` output message {i} has role `{}`; outputs hold assistant (and tool) messages only", m.role.as_str()));
+            ok = false;
+        }
+    }
+    ok
 }
 
 fn required_messages(object: &Map<String, Value>, key: &str, problems: &mut LineProblems) -> Option<Vec<Message>> {

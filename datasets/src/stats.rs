@@ -6,6 +6,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::mask::{tokenize_chat_with_tools, tokenize_preference, tokenize_prompt, TokenizedSample};
+use crate::pairs::{pair_stats, PairLimits, PairStats, TokenizedPair};
 use crate::sample::{Dataset, Format, Role, Sample};
 use crate::split::labels_are_categorical;
 use crate::template::ChatTemplate;
@@ -16,11 +17,14 @@ pub struct StatsOptions {
     pub max_seq_len: usize,
     /// Label imbalance (most / least frequent) above this is flagged.
     pub imbalance_threshold: f64,
+    /// Preference data: the prompt limit whose truncations are counted (the completion
+    /// limit is `max_seq_len`).
+    pub max_prompt_length: Option<usize>,
 }
 
 impl Default for StatsOptions {
     fn default() -> Self {
-        StatsOptions { max_seq_len: 2048, imbalance_threshold: 50.0 }
+        StatsOptions { max_seq_len: 2048, imbalance_threshold: 50.0, max_prompt_length: None }
     }
 }
 
@@ -39,6 +43,10 @@ pub struct DatasetStats {
     pub tokens: Option<TokenStats>,
     /// Present when the labels look categorical (see `labels_are_categorical`).
     pub labels: Option<LabelStats>,
+    /// Preference pairs whose chosen and rejected outputs are the same messages.
+    pub identical_pairs: usize,
+    /// Preference data with a tokenizer: prompt / chosen / rejected lengths and truncation.
+    pub pairs: Option<PairStats>,
     pub warnings: Vec<String>,
 }
 
@@ -82,8 +90,20 @@ pub fn compute_stats(
         *role_counts.entry(message.role).or_default() += 1;
     }
     let (duplicates, duplicate_examples) = find_duplicates(dataset);
-    let tokens = tokenization.map(|(tokenizer, template)| token_stats(dataset, tokenizer, template, options));
+    let tokenized = tokenization.map(|(tokenizer, template)| tokenize_all(dataset, tokenizer, template));
+    let tokens = tokenized.as_ref().map(|t| token_stats(t, &dataset.lines, options));
+    let pairs = tokenized.as_ref().filter(|_| dataset.format == Format::Preference).map(|t| {
+        let pairs: Vec<TokenizedPair> = t
+            .iter()
+            .filter_map(|r| match r.as_deref() {
+                Ok([chosen, rejected]) => Some(TokenizedPair { chosen: chosen.clone(), rejected: rejected.clone() }),
+                _ => None,
+            })
+            .collect();
+        pair_stats(&pairs, &PairLimits { max_prompt_length: options.max_prompt_length, max_length: options.max_seq_len })
+    });
     let labels = label_stats(dataset, options);
+    let identical_pairs = dataset.samples.iter().filter(|s| matches!(s, Sample::Preference(p) if p.chosen == p.rejected)).count();
 
     let mut warnings = Vec::new();
     if duplicates > 0 {
@@ -97,6 +117,12 @@ pub fn compute_stats(
             let (line, reason) = &t.failed[0];
             warnings.push(format!("{} sample(s) cannot be tokenized (line {line}: {reason})", t.failed.len()));
         }
+    }
+    if identical_pairs > 0 {
+        warnings.push(format!("{identical_pairs} pair(s) with identical chosen and rejected outputs (they teach nothing)"));
+    }
+    if let Some(line) = pairs.as_ref().and_then(|p| p.truncation.summary(&p.limits)) {
+        warnings.push(line);
     }
     if let Some(l) = labels.as_ref().filter(|l| l.imbalanced) {
         warnings.push(format!(
@@ -113,6 +139,8 @@ pub fn compute_stats(
         duplicate_examples,
         tokens,
         labels,
+        identical_pairs,
+        pairs,
         warnings,
     }
 }
@@ -139,8 +167,9 @@ fn find_duplicates(dataset: &Dataset) -> (usize, Vec<(usize, usize)>) {
     (count, examples)
 }
 
-fn token_stats(dataset: &Dataset, tokenizer: &Tokenizer, template: &ChatTemplate, options: &StatsOptions) -> TokenStats {
-    let per_sample: Vec<Result<Vec<TokenizedSample>, String>> = dataset
+/// Every sample's token sequences (two for a preference pair), or why it failed.
+fn tokenize_all(dataset: &Dataset, tokenizer: &Tokenizer, template: &ChatTemplate) -> Vec<Result<Vec<TokenizedSample>, String>> {
+    dataset
         .samples
         .par_iter()
         .map(|sample| -> Result<Vec<TokenizedSample>, String> {
@@ -149,18 +178,21 @@ fn token_stats(dataset: &Dataset, tokenizer: &Tokenizer, template: &ChatTemplate
                     .map(|t| vec![t])
                     .map_err(|e| e.to_string()),
                 Sample::Preference(p) => {
-                    tokenize_preference(tokenizer, template, p).map(|(a, b)| vec![a, b]).map_err(|e| e.to_string())
+                    tokenize_preference(tokenizer, template, p).map(|t| vec![t.chosen, t.rejected]).map_err(|e| e.to_string())
                 }
                 Sample::Prompts(p) => tokenize_prompt(tokenizer, template, &p.messages, p.tools.as_ref())
                     .map(|ids| vec![TokenizedSample { loss_mask: vec![0; ids.len()], input_ids: ids }])
                     .map_err(|e| e.to_string()),
             }
         })
-        .collect();
+        .collect()
+}
+
+fn token_stats(per_sample: &[Result<Vec<TokenizedSample>, String>], lines: &[usize], options: &StatsOptions) -> TokenStats {
     let mut lengths = Vec::with_capacity(per_sample.len());
     let mut loss_tokens = 0;
     let mut failed = Vec::new();
-    for (result, &line) in per_sample.into_iter().zip(&dataset.lines) {
+    for (result, &line) in per_sample.iter().zip(lines) {
         match result {
             Ok(sequences) => {
                 for s in sequences {
@@ -168,7 +200,7 @@ fn token_stats(dataset: &Dataset, tokenizer: &Tokenizer, template: &ChatTemplate
                     loss_tokens += s.loss_tokens();
                 }
             }
-            Err(reason) => failed.push((line, reason)),
+            Err(reason) => failed.push((line, reason.clone())),
         }
     }
     lengths.sort_unstable();

@@ -14,16 +14,21 @@ use rayon::prelude::*;
 
 /// Load a dataset and insist on the chat format (every problem is reported as FILE:LINE).
 pub fn load_chat_dataset(path: &Path) -> Result<Dataset> {
+    load_dataset_of(path, Format::Chat, "SFT and eval need chat samples (`{\"messages\": [...]}` with assistant turns)")
+}
+
+/// Load a dataset and insist on preference pairs.
+pub fn load_preference_dataset(path: &Path) -> Result<Dataset> {
+    load_dataset_of(path, Format::Preference, "dpo and orpo need preference pairs (`prompt`/`chosen`/`rejected` or `input`/`preferred_output`/`non_preferred_output`)")
+}
+
+fn load_dataset_of(path: &Path, format: Format, need: &str) -> Result<Dataset> {
     if !path.exists() {
         bail!("{}: no such file", path.display());
     }
     let ds = load_dataset(path, None).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if ds.format != Format::Chat {
-        bail!(
-            "{}: this is a {} dataset; SFT and eval need chat samples (`{{\"messages\": [...]}}` with assistant turns)",
-            path.display(),
-            ds.format
-        );
+    if ds.format != format {
+        bail!("{}: this is a {} dataset; {need}", path.display(), ds.format);
     }
     Ok(ds)
 }
@@ -77,23 +82,29 @@ pub fn tokenize_dataset(bundle: &TokenizerBundle, ds: &Dataset, max_sequence_len
 }
 
 impl TokenizedSet {
-    /// FNV-1a over every token id and mask bit, in order (identifies the training data).
+    /// Identifies the training data (see [`fingerprint`]).
     pub fn fingerprint(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |x: u64| {
-            for b in x.to_le_bytes() {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x100_0000_01b3);
-            }
-        };
-        for s in &self.samples {
-            eat(s.input_ids.len() as u64);
-            for (&id, &m) in s.input_ids.iter().zip(&s.loss_mask) {
-                eat(((id as u64) << 1) | (m != 0) as u64);
-            }
-        }
-        format!("{h:016x}")
+        fingerprint(&self.samples)
     }
+}
+
+/// FNV-1a over every token id and mask bit, in order: a resumed run refuses data that
+/// tokenizes differently.
+pub fn fingerprint<'a>(samples: impl IntoIterator<Item = &'a TokenizedSample>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |x: u64| {
+        for b in x.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    for s in samples {
+        eat(s.input_ids.len() as u64);
+        for (&id, &m) in s.input_ids.iter().zip(&s.loss_mask) {
+            eat(((id as u64) << 1) | (m != 0) as u64);
+        }
+    }
+    format!("{h:016x}")
 }
 
 pub fn pad_token_id(bundle: &TokenizerBundle) -> u32 {

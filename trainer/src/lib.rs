@@ -12,6 +12,7 @@ pub mod engine;
 pub mod evaluators;
 pub mod logging;
 pub mod metrics;
+pub mod pair_data;
 pub mod optim;
 pub mod progress;
 pub mod recipes;

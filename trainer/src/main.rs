@@ -19,6 +19,10 @@ struct Cli {
 enum Command {
     /// Supervised fine-tuning of a LoRA adapter on a chat dataset.
     Sft(Box<commands::sft::Args>),
+    /// Direct Preference Optimization of a LoRA adapter on preference pairs.
+    Dpo(Box<commands::dpo::Args>),
+    /// Odds Ratio Preference Optimization (SFT + preference in one loss, no reference).
+    Orpo(Box<commands::orpo::Args>),
     /// Reinforcement fine-tuning (GRPO) of a LoRA adapter from evaluator rewards on a prompts file.
     Grpo(Box<commands::grpo::Args>),
     /// Train several candidate configurations over one base and pick the best by eval loss.
@@ -47,6 +51,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sft(args) => commands::sft::run(*args),
+        Command::Dpo(args) => commands::dpo::run(*args),
+        Command::Orpo(args) => commands::orpo::run(*args),
         Command::Grpo(args) => commands::grpo::run(*args),
         Command::Sweep(args) => commands::sweep::run(*args),
         Command::SweepWorker(args) => commands::sweep::run_worker(args),

@@ -52,11 +52,13 @@ impl TrainProgress {
     }
 
     /// Record a finished optimizer step.
-    pub fn step(&mut self, step: usize, loss: f64, lr: f64, step_tokens: u64) {
+    /// `extra` (method metrics) goes between the loss and the learning rate.
+    pub fn step(&mut self, step: usize, loss: f64, lr: f64, step_tokens: u64, extra: &str) {
         self.tokens_since_start += step_tokens;
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let tps = self.tokens_since_start as f64 / secs;
-        let msg = format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s");
+        let extra = if extra.is_empty() { String::new() } else { format!("{extra} ") };
+        let msg = format!("loss {loss:.4} {extra}lr {lr:.2e} {tps:.0} tok/s");
         self.bar.set_position(step as u64);
         self.bar.set_message(msg.clone());
         if !self.tty && !self.quiet && (step % self.log_every == 0 || step as u64 == self.total) {

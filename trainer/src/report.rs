@@ -158,7 +158,7 @@ pub fn render_report(title: &str, summary: &[(String, String)], config: &serde_j
         let _ = writeln!(s, "No evaluation was run (no `--eval-dataset` / `--eval-split`).\n");
     } else {
         let _ = writeln!(s, "| step | train loss | eval loss | eval perplexity | eval loss tokens |\n| ---: | ---: | ---: | ---: | ---: |");
-        for r in evals {
+        for r in &evals {
             let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,
@@ -171,6 +171,7 @@ pub fn render_report(title: &str, summary: &[(String, String)], config: &serde_j
             );
         }
         s.push('\n');
+        method_eval_table(&mut s, &evals);
     }
     let _ = writeln!(s, "## Loss curve\n\n![train and eval loss]({SVG_FILE})\n");
     let _ = writeln!(s, "## Configuration\n\n| key | value |\n| --- | --- |");
@@ -180,6 +181,23 @@ pub fn render_report(title: &str, summary: &[(String, String)], config: &serde_j
         }
     }
     s
+}
+
+/// The evaluation numbers a method adds (`eval_<name>` in `metrics.jsonl`, e.g. DPO's
+/// `eval_rewards_accuracy`), one column each.
+fn method_eval_table(s: &mut String, evals: &[&MetricsRow]) {
+    let mut names: Vec<&str> = evals.iter().flat_map(|r| r.extra.keys()).filter(|k| k.starts_with("eval_")).map(String::as_str).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "| step | {} |\n| ---: |{}", names.join(" | "), " ---: |".repeat(names.len()));
+    for r in evals {
+        let cells: Vec<String> = names.iter().map(|k| r.extra.get(*k).and_then(|v| v.as_f64()).map_or("-".into(), |v| format!("{v:.4}"))).collect();
+        let _ = writeln!(s, "| {} | {} |", r.step, cells.join(" | "));
+    }
+    s.push('\n');
 }
 
 /// Write `report.md` and `loss_curve.svg` into the run directory (atomically).

@@ -295,10 +295,3 @@ fn config_file_is_merged_under_flags_and_written_to_run_json() {
     assert!(adapter.keys().all(|k| k.contains("q_proj") || k.contains("v_proj")));
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-}

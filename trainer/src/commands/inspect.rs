@@ -19,9 +19,13 @@ pub struct Args {
     /// Validate as this format instead of detecting it: chat, preference or prompts.
     #[arg(long)]
     pub format: Option<Format>,
-    /// Count sequences longer than this many tokens (they would be truncated in training).
-    #[arg(long, default_value_t = 2048)]
+    /// Count sequences longer than this many tokens (they would be truncated in training;
+    /// for preference pairs, the `--max-length` of dpo/orpo).
+    #[arg(long, visible_alias = "max-length", default_value_t = 2048)]
     pub max_sequence_length: usize,
+    /// Preference pairs: count prompts longer than this (dpo/orpo keep their end).
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
     /// Flag labelled data whose most/least frequent label ratio exceeds this.
     #[arg(long, default_value_t = 50.0)]
     pub imbalance_threshold: f64,
@@ -49,7 +53,11 @@ pub fn run(args: Args) -> Result<()> {
             return Err(anyhow::anyhow!("{err}"));
         }
     };
-    let options = StatsOptions { max_seq_len: args.max_sequence_length, imbalance_threshold: args.imbalance_threshold };
+    let options = StatsOptions {
+        max_seq_len: args.max_sequence_length,
+        imbalance_threshold: args.imbalance_threshold,
+        max_prompt_length: args.max_prompt_length,
+    };
     let stats = match &args.model {
         Some(model) => {
             let bundle = lora_models::load_tokenizer_bundle(model).with_context(|| format!("loading the tokenizer of {model}"))?;
@@ -89,6 +97,21 @@ fn human_report(stats: &DatasetStats) -> String {
         for (line, reason) in t.failed.iter().take(5) {
             out += &format!("            line {line}: {reason}\n");
         }
+    }
+    if stats.format == Format::Preference {
+        out += &format!("identical   {} pair(s) with the same chosen and rejected outputs\n", stats.identical_pairs);
+    }
+    if let Some(p) = &stats.pairs {
+        let len = |l: &lora_datasets::pairs::LengthSummary| format!("min {}, mean {:.1}, max {}", l.min, l.mean, l.max);
+        out += &format!("pairs       prompt {}\n            chosen {}\n            rejected {}\n", len(&p.prompt), len(&p.chosen), len(&p.rejected));
+        out += &format!(
+            "            at --max-prompt-length {} / --max-length {}: {} prompt(s) cut at the start, {} completion(s) cut at the end, {} pair(s) dropped\n",
+            p.limits.max_prompt_length.map_or("-".to_string(), |v| v.to_string()),
+            p.limits.max_length,
+            p.truncation.prompts_truncated,
+            p.truncation.completions_truncated,
+            p.truncation.dropped.len()
+        );
     }
     if let Some(l) = &stats.labels {
         let shown: Vec<String> = l.counts.iter().take(10).map(|(label, n)| format!("{label:?} {n}")).collect();

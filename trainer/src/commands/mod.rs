@@ -1,10 +1,12 @@
 //! One module per subcommand: clap `Args` + `run`.
+pub mod dpo;
 pub mod eval;
 pub mod generate;
 pub mod grpo;
 pub mod inspect;
 pub mod merge;
 pub mod model_args;
+pub mod orpo;
 pub mod sft;
 pub mod sweep;
 pub mod devices;

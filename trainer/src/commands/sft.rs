@@ -3,8 +3,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::config::TrainOptions;
-use crate::engine::RunOptions;
+use crate::config::{TrainConfig, TrainOptions};
+use crate::engine::{RunOptions, RunSummary};
 use crate::recipes::sft;
 
 #[derive(clap::Args, Debug)]
@@ -26,11 +26,26 @@ pub struct Args {
     pub json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let cfg = args.options.with_config_file(args.config.as_deref())?.resolve()?;
-    let summary = sft::run(&cfg, &RunOptions { resume: args.resume, quiet: args.json })?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+impl Args {
+    /// The resolved configuration: flags over `--config` over defaults.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        self.options.clone().with_config_file(self.config.as_deref())?.resolve()
     }
-    Ok(())
+
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions { resume: self.resume, quiet: self.json }
+    }
+
+    /// Print the summary on stdout under `--json`.
+    pub fn finish(&self, summary: &RunSummary) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string(summary)?);
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let summary = sft::run(&args.resolve()?, &args.run_options())?;
+    args.finish(&summary)
 }

@@ -54,6 +54,15 @@ pub struct BatchTokens {
     pub loss_tokens: usize,
 }
 
+/// Where optimizer step `step` (0-based) reads its micro-batches: the epoch and the
+/// loader positions in it. An epoch is ceil(batches / accumulation) steps; its last step
+/// may take fewer micro-batches.
+pub fn step_positions(step: usize, batches_per_epoch: usize, accumulation: usize) -> (u64, std::ops::Range<usize>) {
+    let steps_per_epoch = batches_per_epoch.div_ceil(accumulation).max(1);
+    let first = (step % steps_per_epoch) * accumulation;
+    ((step / steps_per_epoch) as u64, first..(first + accumulation).min(batches_per_epoch))
+}
+
 pub trait Method {
     type Batch;
 
@@ -88,6 +97,16 @@ pub trait Method {
     /// The loss of `batch` from the hidden states of its rows (`hidden[i]` is
     /// `[rows_i, seq_len_i, hidden]` for `inputs(batch)[i]`).
     fn loss(&self, model: &Model, batch: &Self::Batch, hidden: &[Tensor]) -> Result<MicroLoss>;
+    /// The adapter that rows with `through_adapter: false` go through: None = the frozen
+    /// base alone (DPO's reference from a fresh adapter), or a frozen adapter the method
+    /// added (DPO continuing from an SFT adapter keeps a copy of it as the reference).
+    fn reference_adapter(&self) -> Option<&str> {
+        None
+    }
+    /// Metrics from [`MicroLoss::metrics`] worth showing on the progress line.
+    fn progress_metrics(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Evaluate the model as routed now (the engine routes every row through the run's
     /// adapter and turns inference mode on); None when there is no held-out data.
     fn evaluate(&self, model: &Model) -> Result<Option<EvalOutput>>;

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use lora_models::{Model, Route};
 
-pub use method::{BatchTokens, EvalOutput, InputRows, Method, MicroLoss};
+pub use method::{step_positions, BatchTokens, EvalOutput, InputRows, Method, MicroLoss};
 pub use run::{Run, RunOptions, RunSummary};
 pub use run_dir::{prepare_run_dir, read_status, write_run_json, RunStatus, METRICS_FILE, RUN_FILE};
 
@@ -56,9 +56,10 @@ pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
                 .flat_map(|(&k, rows)| {
                     let run = &runs[active[k]];
                     let seed = derive_seed(run.cfg.seed, run.step() as u64, m as u64);
+                    let reference = run.method.reference_adapter();
                     rows.iter().map(move |r| Route {
                         rows: r.batch_size,
-                        adapter: r.through_adapter.then_some(run.name.as_str()),
+                        adapter: if r.through_adapter { Some(run.name.as_str()) } else { reference },
                         dropout_seed: Some(seed),
                     })
                 })

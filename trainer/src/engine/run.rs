@@ -238,8 +238,11 @@ impl<M: Method> Run<M> {
         st.tokens_seen += sums.tokens as u64;
         st.loss_tokens_seen += sums.loss_tokens as u64;
         st.last_loss = Some(loss);
-        self.progress.step(st.step, loss, lr, sums.tokens as u64);
         let micro = sums.micro_batches.max(1) as f64;
+        let shown: Vec<String> = (self.method.progress_metrics().iter())
+            .filter_map(|&k| sums.metric_sums.get(k).map(|v| format!("{k} {:.3}", v / micro)))
+            .collect();
+        self.progress.step(st.step, loss, lr, sums.tokens as u64, &shown.join(" "));
         let mut row = MetricsRow {
             step: st.step,
             epoch: Some(st.step as f64 / steps_per_epoch as f64),

@@ -27,11 +27,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 
     // ---- 2. Data (validated first: cheaper than a model load), model, tokens ------------
     let (train_ds, eval_ds) = load_split(cfg)?;
-    let device = crate::device::parse_device(&cfg.device)?;
-    tracing::info!("loading {} ({:?}, compute {:?}, base weights {:?})", cfg.model, device, cfg.dtype, cfg.base_dtype);
-    let loaded = lora_models::load_model_mixed(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle())
-        .with_context(|| format!("loading model {}", cfg.model))?;
-    let (mut model, bundle, base_source) = (loaded.model, loaded.tokenizer, loaded.source);
+    let (mut model, bundle, base_source) = load_base(cfg)?;
     let data = SftData::tokenize(&bundle, &train_ds, eval_ds.as_ref(), cfg)?;
 
     // ---- 3. The method, 4. the engine ---------------------------------------------------
@@ -47,13 +43,24 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
 }
 
+/// The frozen base model of a run on its device, its tokenizer, and where it came from
+/// (written into the adapter's `base_model_name_or_path`).
+pub fn load_base(cfg: &TrainConfig) -> Result<(Model, TokenizerBundle, String)> {
+    let device = crate::device::parse_device(&cfg.device)?;
+    tracing::info!("loading {} ({:?}, compute {:?}, base weights {:?})", cfg.model, device, cfg.dtype, cfg.base_dtype);
+    let loaded = lora_models::load_model_mixed(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle())
+        .with_context(|| format!("loading model {}", cfg.model))?;
+    Ok((loaded.model, loaded.tokenizer, loaded.source))
+}
+
 /// The training set and the held-out set: `--eval-dataset`, or `--eval-split` of
 /// `--dataset` (a fraction or a count; 0 = none), then `--max-train-samples`.
 pub fn load_split(cfg: &TrainConfig) -> Result<(Dataset, Option<Dataset>)> {
     load_split_with(cfg, data::load_chat_dataset)
 }
 
-/// [`load_split`] with another loader (GRPO reads prompt files).
+/// [`load_split`] for data that `load` reads (preference pairs for dpo/orpo, prompt
+/// files for grpo).
 pub fn load_split_with(cfg: &TrainConfig, load: fn(&std::path::Path) -> Result<Dataset>) -> Result<(Dataset, Option<Dataset>)> {
     let full = load(&cfg.dataset)?;
     let (train, eval) = match (&cfg.eval_dataset, cfg.eval_split) {
@@ -154,12 +161,8 @@ impl Method for Sft {
     }
 
     fn step_batches(&self, step: usize) -> Result<Vec<Batch>> {
-        let per_epoch = self.loader.batches_per_epoch();
-        let epoch = step / self.steps_per_epoch();
-        let first = (step % self.steps_per_epoch()) * self.accumulation;
-        (first..(first + self.accumulation).min(per_epoch))
-            .map(|i| self.loader.batch(epoch as u64, i).context("data loader position out of range"))
-            .collect()
+        let (epoch, positions) = engine::step_positions(step, self.loader.batches_per_epoch(), self.accumulation);
+        positions.map(|i| self.loader.batch(epoch, i).context("data loader position out of range")).collect()
     }
 
     fn inputs(&self, b: &Batch) -> Vec<InputRows> {

@@ -1,0 +1,173 @@
+//! `lora-train dpo` / `orpo` / `eval` on preference pairs, end to end on the tiny models:
+//! training moves the rewards the right way, metrics carry TRL's names, a resumed run is
+//! bit-identical, and `eval --json` prints the pair statistics.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// Pairs whose chosen answer is a fixed code word and whose rejected answer is a refusal.
+fn write_pairs(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"];
+    let mut text = String::new();
+    for i in 0..n {
+        let w = words[i % words.len()];
+        let line = serde_json::json!({
+            "prompt": format!("Say the code word number {i}."),
+            "chosen": format!("The code word is {w}."),
+            "rejected": "I would rather not say.",
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn args<'a>(method: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![method, "--model", "", "--dataset", data, "--output", out, "--device", "cpu", "--json"];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn with_model<'a>(mut a: Vec<&'a str>, model: &'a str) -> Vec<&'a str> {
+    a[2] = model;
+    a
+}
+
+const COMMON: [&str; 12] = ["--steps", "6", "--batch-size", "2", "--learning-rate", "5e-3", "--eval-split", "2", "--checkpoint-interval", "2", "--save-total-limit", "0"];
+
+#[test]
+fn dpo_trains_logs_trl_metrics_and_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), "pairs.jsonl", 8).display().to_string();
+    let m = tiny("qwen2");
+    let full = tmp.path().join("full");
+    let o = full.display().to_string();
+    let summary = stdout_json(&ok(&with_model(args("dpo", &data, &o, &COMMON), &m)));
+    assert_eq!(summary["steps"], 6);
+    assert_eq!((summary["train_samples"].as_u64(), summary["eval_samples"].as_u64()), (Some(6), Some(2)));
+
+    let rows = metrics(&full);
+    let first_train = rows.iter().find(|r| r["step"] == 1).unwrap();
+    // A fresh adapter (B = 0) is its own reference: the first loss is ln 2.
+    assert!((first_train["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{first_train}");
+    for key in ["rewards_chosen", "rewards_rejected", "rewards_accuracy", "rewards_margin", "logps_chosen", "logps_rejected"] {
+        assert!(first_train.get(key).is_some(), "no {key} in {first_train}");
+        assert!(rows.last().unwrap().get(&format!("eval_{key}")).is_some(), "no eval_{key}");
+    }
+    let last = rows.last().unwrap();
+    assert!(last["eval_rewards_margin"].as_f64().unwrap() > 0.0, "the margin did not grow: {last}");
+    assert!(last["loss"].as_f64().unwrap() < std::f64::consts::LN_2);
+    let report = std::fs::read_to_string(full.join("report.md")).unwrap();
+    assert!(report.contains("eval_rewards_accuracy"), "{report}");
+
+    // Killed after step 3: only checkpoint step-2 (and the run's files) remain.
+    let cut = tmp.path().join("cut");
+    copy_dir(&full.join("checkpoints/step-2"), &cut.join("checkpoints/step-2"));
+    for f in ["run.json", "preference.json"] {
+        std::fs::copy(full.join(f), cut.join(f)).unwrap();
+    }
+    let c = cut.display().to_string();
+    let mut resumed = with_model(args("dpo", &data, &c, &COMMON), &m);
+    resumed.push("--resume");
+    assert_eq!(stdout_json(&ok(&resumed))["resumed_from_step"], 2);
+    assert_eq!(read_adapter(&full), read_adapter(&cut), "resumed adapter differs from the uninterrupted one");
+
+    // Another beta is another run.
+    let mut other = resumed.clone();
+    other.extend(["--beta", "0.5"]);
+    let out = run(&other);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("options of the run"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn precomputed_reference_is_stored_and_gives_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), "pairs.jsonl", 8).display().to_string();
+    let m = tiny("llama");
+    let (a, b) = (tmp.path().join("inline"), tmp.path().join("pre"));
+    let (oa, ob) = (a.display().to_string(), b.display().to_string());
+    let extra = ["--steps", "3", "--batch-size", "4", "--learning-rate", "5e-3", "--eval-split", "0", "--loss-type", "ipo"];
+    ok(&with_model(args("dpo", &data, &oa, &extra), &m));
+    let mut pre = with_model(args("dpo", &data, &ob, &extra), &m);
+    pre.push("--precompute-ref-logps");
+    ok(&pre);
+    assert!(b.join("ref_logps.json").exists());
+    let (x, y) = (read_adapter(&a), read_adapter(&b));
+    for (k, v) in &x {
+        let max = v.iter().zip(&y[k]).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(max < 1e-5, "{k}: precomputed reference changes the update by {max}");
+    }
+}
+
+#[test]
+fn orpo_trains_and_continues_from_an_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), "pairs.jsonl", 6).display().to_string();
+    let m = tiny("qwen3");
+    let out = tmp.path().join("orpo");
+    let o = out.display().to_string();
+    let extra = ["--steps", "4", "--batch-size", "3", "--learning-rate", "1e-2", "--eval-split", "2", "--rank", "4"];
+    ok(&with_model(args("orpo", &data, &o, &extra), &m));
+    let rows = metrics(&out);
+    let last = rows.last().unwrap();
+    for key in ["nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards_accuracy", "eval_nll_loss", "eval_log_odds_chosen"] {
+        assert!(last.get(key).is_some(), "no {key} in {last}");
+    }
+    let first = rows.iter().find(|r| r["step"] == 1).unwrap();
+    assert!(last["nll_loss"].as_f64().unwrap() < first["nll_loss"].as_f64().unwrap(), "ORPO's NLL did not fall");
+
+    // DPO from the ORPO adapter: its shape is adopted, and since the reference is a copy
+    // of it, the first loss is ln 2 again.
+    let dpo = tmp.path().join("dpo");
+    let d = dpo.display().to_string();
+    ok(&with_model(args("dpo", &data, &d, &["--steps", "1", "--batch-size", "2", "--eval-split", "0", "--adapter", &o]), &m));
+    let first = &metrics(&dpo)[0];
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
+    assert_eq!(read_adapter(&dpo).keys().collect::<std::collections::BTreeSet<_>>(), read_adapter(&out).keys().collect());
+}
+
+#[test]
+fn eval_on_a_preference_file_prints_pair_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), "pairs.jsonl", 5).display().to_string();
+    let m = tiny("qwen2");
+    // No adapter: policy = reference, so DPO is at ln 2 and the rewards are 0.
+    let v = stdout_json(&ok(&["eval", "--model", &m, "--dataset", &data, "--device", "cpu", "--json", "--beta", "0.2"]));
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["beta", "dpo_loss", "logps_chosen", "logps_rejected", "orpo_loss", "pairs", "rewards_accuracy", "rewards_margin"]);
+    assert_eq!((v["pairs"].as_u64(), v["beta"].as_f64()), (Some(5), Some(0.2)));
+    assert!((v["dpo_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-9);
+    assert_eq!(v["rewards_accuracy"].as_f64(), Some(0.0));
+    // With the golden adapter as the policy the numbers move.
+    let adapter = repo().join("tests/golden/adapters/qwen2-tiny").display().to_string();
+    let w = stdout_json(&ok(&["eval", "--model", &m, "--adapter", &adapter, "--dataset", &data, "--device", "cpu", "--json"]));
+    assert!((w["dpo_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() > 1e-4);
+    // --ref-adapter equal to the policy: back at ln 2.
+    let same = stdout_json(&ok(&["eval", "--model", &m, "--adapter", &adapter, "--ref-adapter", &adapter, "--dataset", &data, "--device", "cpu", "--json"]));
+    assert!((same["dpo_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-9);
+}
+
+#[test]
+fn bad_pairs_are_reported_by_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bad.jsonl");
+    let lines = [
+        r#"{"prompt": "q", "chosen": "a", "rejected": "b"}"#,
+        r#"{"prompt": "q", "chosen": "", "rejected": "b"}"#,
+        r#"{"prompt": "q", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"}"#,
+        r#"{"prompt": "q", "rejected": "b"}"#,
+    ];
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let p = path.display().to_string();
+    let out = run(&["dpo", "--model", &tiny("qwen2"), "--dataset", &p, "--output", &tmp.path().join("o").display().to_string(), "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for (line, what) in [(2, "`chosen` is empty"), (3, "role `user`"), (4, "missing field `chosen`")] {
+        assert!(err.contains(&format!("bad.jsonl:{line}: ")) && err.contains(what), "line {line} ({what}) not reported:\n{err}");
+    }
+}
