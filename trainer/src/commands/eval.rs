@@ -14,7 +14,7 @@ use crate::data;
 use crate::evaluators::{EvaluatorArgs, Summary};
 use crate::pair_data;
 use crate::recipes::dpo::{Dpo, LossType};
-use crate::recipes::grpo::{fill_context, prompts, rollouts::prompt_seed};
+use crate::recipes::grpo::{fill_context, prompts};
 use crate::recipes::orpo::Orpo;
 use crate::recipes::preference::{mean_losses, PairLogps};
 
@@ -194,16 +194,11 @@ pub fn score_generations(args: &Args) -> Result<Summary> {
         top_k: args.top_k,
         top_p: args.top_p,
     };
+    let answers = crate::sides::complete(&loaded, &prompts, &params, args.seed, 0, args.batch_size, &indicatif::ProgressBar::hidden())?;
     let mut samples = Vec::with_capacity(prompts.len() * args.samples);
-    let indexed: Vec<(usize, &prompts::Prompt)> = prompts.iter().enumerate().collect();
-    for part in indexed.chunks(args.batch_size.max(1)) {
-        let ids: Vec<Vec<u32>> = part.iter().map(|(_, p)| p.ids.clone()).collect();
-        let seeds: Vec<u64> = part.iter().map(|(i, _)| prompt_seed(args.seed, 0, *i)).collect();
-        let out = loaded.model.rollouts(&ids, &seeds, &params, &bundle.eos_token_ids)?;
-        for ((i, p), group) in part.iter().zip(out) {
-            for (g, c) in group.into_iter().enumerate() {
-                samples.push(p.sample(format!("{}-{g}", i + 1), bundle.decode(&c.tokens, true)?));
-            }
+    for (i, (p, group)) in prompts.iter().zip(answers).enumerate() {
+        for (g, text) in group.into_iter().enumerate() {
+            samples.push(p.sample(format!("{}-{g}", i + 1), text));
         }
     }
     let scores = set.score_batch(&samples);
