@@ -132,10 +132,11 @@ pub fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
 
 /// Sampling flags checked the same way everywhere (`what` names the flags' side).
 pub fn check_params(what: &str, p: &RolloutParams) -> Result<()> {
-    if !(p.temperature >= 0.0) {
+    // NaN fails every comparison, so it is refused too.
+    if p.temperature.is_nan() || p.temperature < 0.0 {
         bail!("{what}temperature must be >= 0, got {}", p.temperature);
     }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+    if p.top_p.is_nan() || p.top_p <= 0.0 || p.top_p > 1.0 {
         bail!("{what}top-p must be in (0, 1], got {}", p.top_p);
     }
     if p.max_new_tokens == 0 {

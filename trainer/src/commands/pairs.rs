@@ -15,6 +15,9 @@ use crate::output_file;
 use crate::recipes::grpo::{fill_context, prompts};
 use crate::sides::{self, ModelRef, Models};
 
+/// One reward per prompt (`None`: no evaluator scored it).
+type Rewards = Vec<Option<f64>>;
+
 const PROVENANCE: &str = ".provenance.json";
 
 #[derive(clap::Args, Debug)]
@@ -141,7 +144,8 @@ pub fn generate_pairs(args: &Args) -> Result<Outcome> {
     }
     let (strong_answers, weak_answers) = (&answers[0], &answers[1]);
 
-    let scores: Option<(Vec<Option<f64>>, Vec<Option<f64>>)> = evaluators.as_ref().map(|set| {
+    // Per prompt: the strong side's reward, the weak side's reward.
+    let scores: Option<(Rewards, Rewards)> = evaluators.as_ref().map(|set| {
         let mut samples: Vec<_> = prompt_view.iter().zip(strong_answers).enumerate().map(|(i, (p, a))| p.sample(format!("{}-strong", i + 1), a.clone())).collect();
         samples.extend(prompt_view.iter().zip(weak_answers).enumerate().map(|(i, (p, a))| p.sample(format!("{}-weak", i + 1), a.clone())));
         let mut rewards = set.score_batch(&samples).rewards;
