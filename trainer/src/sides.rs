@@ -118,6 +118,13 @@ pub fn complete(loaded: &LoadedModel, prompts: &[Prompt], params: &RolloutParams
     Ok(out)
 }
 
+/// One answer per prompt (`params.group` is taken as 1).
+pub fn complete_one(loaded: &LoadedModel, prompts: &[Prompt], params: &RolloutParams, seed: u64, stream: usize, batch_size: usize, bar: &ProgressBar) -> Result<Vec<String>> {
+    let one = RolloutParams { group: 1, ..params.clone() };
+    let groups = complete(loaded, prompts, &one, seed, stream, batch_size, bar)?;
+    Ok(groups.into_iter().map(|g| g.into_iter().next().unwrap_or_default()).collect())
+}
+
 /// A progress bar on stderr for `len` items, hidden when stderr is not a terminal (logs
 /// of batch jobs get the log lines instead).
 pub fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
@@ -128,6 +135,35 @@ pub fn progress_bar(len: usize, prefix: &str) -> ProgressBar {
     bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30.cyan/blue}] {pos}/{len} ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
     bar.set_prefix(prefix.to_string());
     bar
+}
+
+/// The sampling flags of the commands that generate one answer setting for every side
+/// (`eval --evaluator`, `compare`); `pairs` has a set per side instead.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct GenerationArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling mass (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Seeds the random stream of every prompt (prompt i draws from (seed, i)).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl GenerationArgs {
+    /// `group` answers per prompt with these settings, checked.
+    pub fn params(&self, group: usize) -> Result<RolloutParams> {
+        let p = RolloutParams { group, max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_k: self.top_k, top_p: self.top_p };
+        check_params("--", &p)?;
+        Ok(p)
+    }
 }
 
 /// Sampling flags checked the same way everywhere (`what` names the flags' side).

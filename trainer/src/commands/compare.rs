@@ -42,20 +42,6 @@ pub struct Args {
     /// Tokens the judge may write before its verdict is read (greedy).
     #[arg(long, default_value_t = 16, help_heading = "Judge model")]
     pub judge_max_new_tokens: usize,
-    /// 0 = greedy (the default: a comparison should not hinge on sampling luck).
-    #[arg(long, default_value_t = 0.0, help_heading = "Generation")]
-    pub temperature: f64,
-    /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0, help_heading = "Generation")]
-    pub top_k: usize,
-    /// Nucleus sampling mass (1.0 = off).
-    #[arg(long, default_value_t = 1.0, help_heading = "Generation")]
-    pub top_p: f64,
-    #[arg(long, default_value_t = 256, help_heading = "Generation")]
-    pub max_new_tokens: usize,
-    /// With --temperature: both sides draw the same random numbers for a prompt.
-    #[arg(long, default_value_t = 0, help_heading = "Generation")]
-    pub seed: u64,
     /// Prompts per generation batch (does not change the answers).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -65,6 +51,11 @@ pub struct Args {
     /// Print the summary {"n", "wins", "losses", "ties", "win_rate", "ci95", ...} as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    // Last: `next_help_heading` also heads every field after it.
+    /// Greedy by default: a comparison should not hinge on sampling luck. With sampling,
+    /// both sides draw the same random numbers for a prompt.
+    #[command(flatten, next_help_heading = "Generation")]
+    pub generation: sides::GenerationArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -97,8 +88,7 @@ pub fn compare(args: &Args) -> Result<Summary> {
     if args.rubric.is_some() && args.judge_model.is_none() {
         bail!("--rubric is the judge model's instructions: it needs --judge-model");
     }
-    let params = RolloutParams { group: 1, max_new_tokens: args.max_new_tokens, temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
-    sides::check_params("--", &params)?;
+    let params = args.generation.params(1)?;
     if args.judge_max_new_tokens == 0 {
         bail!("--judge-max-new-tokens must be at least 1");
     }
@@ -123,9 +113,9 @@ pub fn compare(args: &Args) -> Result<Summary> {
     for side in [&finetuned, &baseline] {
         let bar = sides::progress_bar(prompts.len(), &side.label);
         let _route = models.route(side)?;
-        let texts = sides::complete(models.get(side), &prompts, &params, args.seed, 0, args.batch_size, &bar)?;
+        let texts = sides::complete_one(models.get(side), &prompts, &params, args.generation.seed, 0, args.batch_size, &bar)?;
         bar.finish_and_clear();
-        answers.push(texts.into_iter().map(|mut g| g.remove(0)).collect::<Vec<String>>());
+        answers.push(texts);
     }
     let (ft, base) = (&answers[0], &answers[1]);
 
@@ -175,8 +165,7 @@ pub fn compare(args: &Args) -> Result<Summary> {
     let summary = Summary::tally(args.output.clone(), finetuned_ref.display(), baseline_ref.display(), judged_by, &examples);
     let settings = serde_json::json!({
         "dataset": args.dataset,
-        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-        "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+        "generation": args.generation,
         "judge_max_new_tokens": args.judge_max_new_tokens,
         "rubric": args.rubric,
         "evaluators": args.evaluators.evaluators, "reward_weights": args.evaluators.reward_weights,
@@ -203,9 +192,9 @@ fn judge_pairs(models: &Models, side: &Side, rubric: &str, prompts: &[Prompt], f
     let greedy = RolloutParams { group: 1, max_new_tokens: args.judge_max_new_tokens, temperature: 0.0, top_k: 0, top_p: 1.0 };
     let bar = sides::progress_bar(conversations.len(), "judge");
     let _route = models.route(side)?;
-    let replies = sides::complete(loaded, &conversations, &greedy, args.seed, 0, args.batch_size, &bar)?;
+    let replies = sides::complete_one(loaded, &conversations, &greedy, 0, 0, args.batch_size, &bar)?;
     bar.finish_and_clear();
-    let mut replies = replies.into_iter().map(|mut g| g.remove(0));
+    let mut replies = replies.into_iter();
     let mut next = || {
         let reply = replies.next().unwrap_or_default();
         Judged { verdict: judge::parse_verdict(&reply), reply }

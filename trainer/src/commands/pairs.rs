@@ -137,9 +137,9 @@ pub fn generate_pairs(args: &Args) -> Result<Outcome> {
         let tokenized = prompts::tokenize_prompts(&loaded.tokenizer, &ds)?;
         let bar = sides::progress_bar(tokenized.len(), &side.label);
         let _route = models.route(side)?;
-        let texts = sides::complete(loaded, &tokenized, params, args.seed, stream, args.batch_size, &bar)?;
+        let texts = sides::complete_one(loaded, &tokenized, params, args.seed, stream, args.batch_size, &bar)?;
         bar.finish_and_clear();
-        answers.push(texts.into_iter().map(|mut g| g.remove(0)).collect::<Vec<String>>());
+        answers.push(texts);
         tracing::info!("{}: {} answers", side.label, tokenized.len());
     }
     let (strong_answers, weak_answers) = (&answers[0], &answers[1]);
