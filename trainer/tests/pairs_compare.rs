@@ -200,3 +200,18 @@ fn compare_needs_exactly_one_judge() {
     both.extend(["--evaluator", "exact", "--judge-model", &model]);
     assert!(String::from_utf8_lossy(&run(&both).stderr).contains("not both"));
 }
+
+#[test]
+fn pairs_carry_the_prompts_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}}}]);
+    let prompts = dir.path().join("tools.jsonl");
+    std::fs::write(&prompts, format!("{}\n", serde_json::json!({"messages": [{"role": "user", "content": "Say hi."}], "tools": tools}))).unwrap();
+    let model = tiny("llama");
+    let out = dir.path().join("pairs.jsonl");
+    let summary = stdout_json(&ok(&pairs_args(s(&prompts), &model, s(&out))));
+    assert_eq!(summary["pairs"], 1, "{summary}");
+    let line: Value = serde_json::from_str(std::fs::read_to_string(&out).unwrap().trim()).unwrap();
+    assert_eq!(line["tools"], tools);
+    assert_eq!(lora_datasets::load_dataset(&out, None).unwrap().format, lora_datasets::Format::Preference);
+}

@@ -181,12 +181,20 @@ fn judge_pairs(models: &Models, side: &Side, rubric: &str, prompts: &[Prompt], f
     let loaded = models.get(side);
     let template = crate::chat::template_for(&loaded.tokenizer)?;
     let mut conversations = Vec::with_capacity(prompts.len() * 2);
+    let mut warned = false;
     for (i, p) in prompts.iter().enumerate() {
         for (a, b) in [(&ft[i], &base[i]), (&base[i], &ft[i])] {
             let messages = judge::judge_messages(rubric, p, a, b);
             let ids = lora_datasets::tokenize_prompt(&loaded.tokenizer.tokenizer, &template, &messages, None)
                 .map_err(|e| anyhow::anyhow!("{}:{}: rendering the judge's prompt: {e}", args.dataset.display(), i + 1))?;
-            conversations.push(Prompt { ids, messages: Vec::new(), ground_truth: None, fields: Default::default() });
+            // Two answers and a rubric can outgrow a small judge's context; RoPE goes on
+            // past it, but the verdicts are then worth little, so say so once.
+            let context = loaded.model.config().max_position_embeddings;
+            if ids.len() + args.judge_max_new_tokens > context && !warned {
+                tracing::warn!("{}:{}: the judge's prompt ({} tokens) plus --judge-max-new-tokens exceeds the judge's context of {context}", args.dataset.display(), i + 1, ids.len());
+                warned = true;
+            }
+            conversations.push(Prompt { ids, messages: Vec::new(), ground_truth: None, fields: Default::default(), tools: None });
         }
     }
     let greedy = RolloutParams { group: 1, max_new_tokens: args.judge_max_new_tokens, temperature: 0.0, top_k: 0, top_p: 1.0 };

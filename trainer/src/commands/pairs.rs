@@ -181,6 +181,10 @@ pub fn generate_pairs(args: &Args) -> Result<Outcome> {
             "preferred_output": [{"role": "assistant", "content": s}],
             "non_preferred_output": [{"role": "assistant", "content": w}],
         });
+        // The answers were generated with the tools in the prompt; training must see them too.
+        if let Some(tools) = &p.tools {
+            line["tools"] = tools.clone();
+        }
         if let Some((a, b)) = pair_scores {
             line["scores"] = json!({"preferred": a, "non_preferred": b});
         }
