@@ -37,3 +37,5 @@ pub use split::{
 };
 pub use stats::{compute_stats, DatasetStats, LabelStats, StatsOptions, TokenStats};
 pub use template::{ChatTemplate, CHATML_TEMPLATE};
+/// UTC time formatting, also for file names the trainer stamps with the time.
+pub use strftime::{strftime, unix_now};

@@ -47,7 +47,7 @@ fn civil_from_unix(unix_seconds: i64) -> CivilTime {
     }
 }
 
-pub(crate) fn strftime(format: &str, unix_seconds: i64) -> String {
+pub fn strftime(format: &str, unix_seconds: i64) -> String {
     let t = civil_from_unix(unix_seconds);
     let mut out = String::with_capacity(format.len() + 16);
     let mut chars = format.chars();
@@ -84,7 +84,7 @@ pub(crate) fn strftime(format: &str, unix_seconds: i64) -> String {
     out
 }
 
-pub(crate) fn unix_now() -> i64 {
+pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -10,24 +10,51 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// in the same directory, fsync it, rename it over `path`, then fsync the directory so
 /// the rename itself survives a crash. Creates the parent directory if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (dir, tmp) = write_temporary(path, bytes)?;
+    let renamed = fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()));
+    if renamed.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    renamed?;
+    sync_dir(dir)
+}
+
+/// As [`write_atomic`], but `path` must not exist: the whole file appears under its name
+/// or nothing does, and an existing file (even one created a moment ago by another
+/// process) is never replaced. A hard link, unlike a rename, fails when the name is taken.
+pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path.exists() {
+        anyhow::bail!("{}: already exists (never overwritten)", path.display());
+    }
+    let (dir, tmp) = write_temporary(path, bytes)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!("{}: already exists (never overwritten)", path.display()),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+/// The bytes in a fsynced temporary file next to `path`: same directory (rename and link
+/// work only within one file system); pid + counter keep concurrent writers (processes or
+/// threads) off each other's temporary file. Creates the directory if needed.
+fn write_temporary<'a>(path: &'a Path, bytes: &[u8]) -> Result<(&'a Path, std::path::PathBuf)> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let name = path.file_name().with_context(|| format!("{}: path has no file name", path.display()))?.to_string_lossy();
-    // Same directory (rename is atomic only within one file system); pid + counter keep
-    // concurrent writers (processes or threads) off each other's temporary file.
     let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let written = (|| -> Result<()> {
         let mut f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         f.write_all(bytes).with_context(|| format!("{}: write failed", tmp.display()))?;
-        f.sync_all().with_context(|| format!("{}: fsync failed", tmp.display()))?;
-        fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+        f.sync_all().with_context(|| format!("{}: fsync failed", tmp.display()))
     })();
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     written?;
-    sync_dir(dir)
+    Ok((dir, tmp))
 }
 
 /// fsync a directory, making renames and creations inside it durable.
@@ -52,6 +79,18 @@ mod tests {
         write_atomic(&p, b"{}")?;
         assert_eq!(fs::read(&p)?, b"{}");
         assert_eq!(fs::read_dir(dir.path().join("sub"))?.count(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn write_new_never_replaces_a_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("pairs.jsonl");
+        write_new(&p, b"first")?;
+        let err = write_new(&p, b"second").unwrap_err();
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(fs::read(&p)?, b"first");
+        assert_eq!(fs::read_dir(dir.path())?.count(), 1, "no temporary left behind");
         Ok(())
     }
 

@@ -18,7 +18,7 @@ pub mod weights;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::KvCache;
 pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
-pub use io::write_atomic;
+pub use io::{write_atomic, write_new};
 pub use lora::{LoraConfig, ALL_TARGETS};
 pub use rollout::{Completion, RolloutParams};
 pub use model::{InferenceGuard, Model, Route, RoutingGuard, DEFAULT_ADAPTER};

@@ -2,6 +2,7 @@
 // `x % n == 0` stays: `is_multiple_of` needs Rust 1.87, the workspace MSRV is 1.85.
 #![allow(clippy::manual_is_multiple_of)]
 pub mod checkpoint;
+pub mod compare;
 pub mod chat;
 pub mod clip;
 pub mod commands;
@@ -14,9 +15,11 @@ pub mod logging;
 pub mod metrics;
 pub mod pair_data;
 pub mod optim;
+pub mod output_file;
 pub mod progress;
 pub mod recipes;
 pub mod report;
 pub mod schedule;
+pub mod sides;
 pub mod sweep;
 pub mod training;

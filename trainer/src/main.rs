@@ -30,6 +30,10 @@ enum Command {
     /// One group of a sweep's candidates (started by `sweep`, not by hand).
     #[command(hide = true)]
     SweepWorker(commands::sweep::WorkerArgs),
+    /// Preference pairs from prompts alone: a strong sampler's answer preferred over a weak one's.
+    Pairs(Box<commands::pairs::Args>),
+    /// Fine-tuned vs base (or another adapter) head to head: wins, losses, ties, win rate.
+    Compare(Box<commands::compare::Args>),
     /// Mean loss / perplexity of a model (optionally with an adapter) on a dataset.
     Eval(commands::eval::Args),
     /// Generate text from a prompt or a chat message.
@@ -56,6 +60,8 @@ fn main() -> std::process::ExitCode {
         Command::Grpo(args) => commands::grpo::run(*args),
         Command::Sweep(args) => commands::sweep::run(*args),
         Command::SweepWorker(args) => commands::sweep::run_worker(args),
+        Command::Pairs(args) => commands::pairs::run(*args),
+        Command::Compare(args) => commands::compare::run(*args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Merge(args) => commands::merge::run(args),

@@ -14,7 +14,7 @@ use crate::data;
 use crate::evaluators::{EvaluatorArgs, Summary};
 use crate::pair_data;
 use crate::recipes::dpo::{Dpo, LossType};
-use crate::recipes::grpo::{fill_context, prompts, rollouts::prompt_seed};
+use crate::recipes::grpo::{fill_context, prompts};
 use crate::recipes::orpo::Orpo;
 use crate::recipes::preference::{mean_losses, PairLogps};
 
@@ -31,19 +31,6 @@ pub struct Args {
     /// With --evaluator: completions per prompt.
     #[arg(long, default_value_t = 1, help_heading = "Generation (with --evaluator)")]
     pub samples: usize,
-    /// With --evaluator: 0 = greedy.
-    #[arg(long, default_value_t = 0.0, help_heading = "Generation (with --evaluator)")]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 128, help_heading = "Generation (with --evaluator)")]
-    pub max_new_tokens: usize,
-    /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0, help_heading = "Generation (with --evaluator)")]
-    pub top_k: usize,
-    /// Nucleus sampling mass (1.0 = off).
-    #[arg(long, default_value_t = 1.0, help_heading = "Generation (with --evaluator)")]
-    pub top_p: f64,
-    #[arg(long, default_value_t = 0, help_heading = "Generation (with --evaluator)")]
-    pub seed: u64,
     /// Cut every sample to its first N tokens (preference pairs: prompt + completion,
     /// cutting the completion's end).
     #[arg(long, visible_alias = "max-length", default_value_t = 2048)]
@@ -67,6 +54,9 @@ pub struct Args {
     /// "reward_std", "failures", ...}) as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    // Last: `next_help_heading` also heads every field after it.
+    #[command(flatten, next_help_heading = "Generation (with --evaluator)")]
+    pub generation: crate::sides::GenerationArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -177,9 +167,8 @@ pub fn evaluate_pairs(args: &Args) -> Result<PairEval> {
 /// Generate `--samples` completions per prompt (greedy unless `--temperature`), score them.
 pub fn score_generations(args: &Args) -> Result<Summary> {
     anyhow::ensure!(args.samples >= 1, "--samples must be at least 1");
-    anyhow::ensure!(args.temperature >= 0.0, "--temperature must be >= 0, got {}", args.temperature);
-    anyhow::ensure!(args.top_p > 0.0 && args.top_p <= 1.0, "--top-p must be in (0, 1], got {}", args.top_p);
-    anyhow::ensure!(args.samples == 1 || args.temperature > 0.0, "--samples {} needs a --temperature above 0 (greedy gives one answer)", args.samples);
+    let params = args.generation.params(args.samples)?;
+    anyhow::ensure!(args.samples == 1 || params.temperature > 0.0, "--samples {} needs a --temperature above 0 (greedy gives one answer)", args.samples);
     let ds = prompts::load_prompt_dataset(&args.dataset)?;
     let mut ctx = args.evaluators.context()?;
     let loaded = args.model.load()?;
@@ -187,23 +176,11 @@ pub fn score_generations(args: &Args) -> Result<Summary> {
     let prompts = prompts::tokenize_prompts(bundle, &ds)?;
     fill_context(&mut ctx, bundle, prompts.iter());
     let set = args.evaluators.build(&ctx)?;
-    let params = lora_models::RolloutParams {
-        group: args.samples,
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-    };
+    let answers = crate::sides::complete(&loaded, &prompts, &params, args.generation.seed, 0, args.batch_size, &indicatif::ProgressBar::hidden())?;
     let mut samples = Vec::with_capacity(prompts.len() * args.samples);
-    let indexed: Vec<(usize, &prompts::Prompt)> = prompts.iter().enumerate().collect();
-    for part in indexed.chunks(args.batch_size.max(1)) {
-        let ids: Vec<Vec<u32>> = part.iter().map(|(_, p)| p.ids.clone()).collect();
-        let seeds: Vec<u64> = part.iter().map(|(i, _)| prompt_seed(args.seed, 0, *i)).collect();
-        let out = loaded.model.rollouts(&ids, &seeds, &params, &bundle.eos_token_ids)?;
-        for ((i, p), group) in part.iter().zip(out) {
-            for (g, c) in group.into_iter().enumerate() {
-                samples.push(p.sample(format!("{}-{g}", i + 1), bundle.decode(&c.tokens, true)?));
-            }
+    for (i, (p, group)) in prompts.iter().zip(answers).enumerate() {
+        for (g, text) in group.into_iter().enumerate() {
+            samples.push(p.sample(format!("{}-{g}", i + 1), text));
         }
     }
     let scores = set.score_batch(&samples);

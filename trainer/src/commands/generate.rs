@@ -16,19 +16,8 @@ pub struct Args {
     /// A user message, rendered with the model's chat template. Repeat for a batch.
     #[arg(long)]
     pub chat: Vec<String>,
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Nucleus sampling mass (1.0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub generation: crate::sides::GenerationArgs,
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -38,12 +27,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.prompt.is_empty() && args.chat.is_empty() {
         bail!("give --prompt TEXT or --chat TEXT");
     }
-    if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 {
-        bail!("--top-p must be in (0, 1], got {}", args.top_p);
-    }
-    if args.temperature < 0.0 {
-        bail!("--temperature must be >= 0, got {}", args.temperature);
-    }
+    let checked = args.generation.params(1)?;
     let loaded = args.model.load()?;
     let bundle = &loaded.tokenizer;
     let prompts: Vec<Vec<u32>> = if args.chat.is_empty() {
@@ -53,11 +37,11 @@ pub fn run(args: Args) -> Result<()> {
         args.chat.iter().map(|c| chat::user_prompt_ids(bundle, &template, c)).collect::<Result<_>>()?
     };
     let params = SamplingParams {
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
+        max_new_tokens: checked.max_new_tokens,
+        temperature: checked.temperature,
+        top_k: checked.top_k,
+        top_p: checked.top_p,
+        seed: args.generation.seed,
     };
     let (outputs, stats) = loaded.model.generate_with_stats(&prompts, &params, &bundle.eos_token_ids)?;
     let texts: Vec<String> = outputs.iter().map(|o| bundle.decode(&o.tokens, true)).collect::<Result<_>>()?;

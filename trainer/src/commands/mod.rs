@@ -1,5 +1,6 @@
 //! One module per subcommand: clap `Args` + `run`.
 pub mod dpo;
+pub mod compare;
 pub mod eval;
 pub mod generate;
 pub mod grpo;
@@ -7,6 +8,7 @@ pub mod inspect;
 pub mod merge;
 pub mod model_args;
 pub mod orpo;
+pub mod pairs;
 pub mod sft;
 pub mod sweep;
 pub mod devices;

@@ -1,5 +1,5 @@
-//! The model flags shared by `eval` and `generate` (`--model`, `--adapter`, dtypes,
-//! `--device`) and loading what they name.
+//! The model flags shared by `eval`, `generate`, `pairs` and `compare` (`--model`,
+//! `--adapter`, dtypes, `--device`) and loading what they name.
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -15,6 +15,14 @@ pub struct ModelArgs {
     /// PEFT adapter directory (ours or PEFT's) to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+}
+
+/// Where and in which dtypes a model is loaded; separate from `--model` so commands that
+/// load several models (`pairs`, `compare`) share one set of these flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlacementArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
@@ -26,13 +34,19 @@ pub struct ModelArgs {
     pub device: String,
 }
 
+impl PlacementArgs {
+    /// The base model `model_ref`, without adapters.
+    pub fn load(&self, model_ref: &str) -> Result<LoadedModel> {
+        let device = crate::device::parse_device(&self.device)?;
+        let weights = self.base_dtype.unwrap_or(self.dtype);
+        lora_models::load_model_mixed(model_ref, &device, self.dtype.to_candle(), weights.to_candle()).with_context(|| format!("loading model {model_ref}"))
+    }
+}
+
 impl ModelArgs {
     /// The model on the chosen device, with the adapter applied when one was given.
     pub fn load(&self) -> Result<LoadedModel> {
-        let device = crate::device::parse_device(&self.device)?;
-        let weights = self.base_dtype.unwrap_or(self.dtype);
-        let mut loaded = lora_models::load_model_mixed(&self.model, &device, self.dtype.to_candle(), weights.to_candle())
-            .with_context(|| format!("loading model {}", self.model))?;
+        let mut loaded = self.placement.load(&self.model)?;
         if let Some(dir) = &self.adapter {
             loaded.model.load_adapter(dir).with_context(|| format!("loading adapter {}", dir.display()))?;
         }

@@ -20,6 +20,8 @@ pub struct Prompt {
     pub ground_truth: Option<Value>,
     /// The line's other fields.
     pub fields: serde_json::Map<String, Value>,
+    /// The line's tool schemas (rendered into `ids`; `pairs` copies them into its lines).
+    pub tools: Option<Value>,
 }
 
 impl Prompt {
@@ -52,7 +54,7 @@ pub fn tokenize_prompts(bundle: &TokenizerBundle, ds: &Dataset) -> Result<Vec<Pr
         let mut fields = p.extra.clone();
         let ground_truth = fields.remove("ground_truth").filter(|v| !v.is_null());
         let messages = p.messages.iter().map(|m| serde_json::to_value(m).unwrap_or(Value::Null)).collect();
-        out.push(Prompt { ids, messages, ground_truth, fields });
+        out.push(Prompt { ids, messages, ground_truth, fields, tools: p.tools.clone() });
     }
     Ok(out)
 }
