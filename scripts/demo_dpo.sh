@@ -48,7 +48,22 @@ echo "  base model:       $before"
 echo "  base + adapter:   $after"
 show_generations after --adapter "$out"
 
+echo "== 6. lora-train compare: adapter vs base on the held-out prompts, judged by the json evaluator" >&2
+python3 - "$eval" "$out/compare_prompts.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[1]) as src, open(sys.argv[2], "w") as dst:
+    for line in src:
+        pair = json.loads(line)  # TRL form ("prompt") or Fireworks form ("input")
+        prompt = pair["input"]["messages"] if "input" in pair else pair["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        dst.write(json.dumps({"messages": prompt}) + "\n")
+PY
+"$bin" compare --model "$gguf" --adapter "$out" --dataset "$out/compare_prompts.jsonl" --evaluator json \
+  --max-new-tokens 40 --output "$out/compare" --device cpu --json 2>/dev/null |
+  python3 -c 'import json,sys; r=json.load(sys.stdin); print("  win rate %.3f (95%% CI %.3f-%.3f): %d wins, %d losses, %d ties of %d" % (r["win_rate"], r["ci95"][0], r["ci95"][1], r["wins"], r["losses"], r["ties"], r["n"]))'
+
 t1=$(date +%s)
 echo
 echo "demo finished in $((t1 - t0)) s (build $((t_built - t0)) s, training $((t_trained - t_train)) s)."
-echo "adapter (PEFT format): $out/adapter_model.safetensors; report: $out/report.md"
+echo "adapter (PEFT format): $out/adapter_model.safetensors; report: $out/report.md; head to head: $out/compare/compare.md"
