@@ -2,7 +2,6 @@
 //! (tests/golden/models, random weights, ChatML tokenizer). Each run takes about a second.
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

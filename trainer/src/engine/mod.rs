@@ -104,6 +104,18 @@ pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
     }
 }
 
+/// Train one run (`sft`, `dpo`, `grpo`, ...) and return its summary, or its failure
+/// (divergence) as the error.
+pub fn train_one<M: Method>(model: &Model, run: Run<M>) -> Result<RunSummary> {
+    let mut runs = vec![run];
+    train(model, &mut runs)?;
+    let run = runs.pop().context("the run vanished")?;
+    match run.summary {
+        Some(summary) => Ok(summary),
+        None => anyhow::bail!("{}", run.failure.unwrap_or_else(|| "the run stopped before its last step".into())),
+    }
+}
+
 /// The rows of several runs' micro-batches as one `[rows, seq_len]` batch, shorter rows
 /// padded at the end (segment 0: attention and loss never see the padding, and causal
 /// attention keeps a row's real positions independent of what follows them).

@@ -167,7 +167,7 @@ pub fn run<O: PairObjective>(cfg: &TrainConfig, pair_opts: &PairOptions, objecti
     };
     let name = lora_models::DEFAULT_ADAPTER;
     let fresh = resume_from.is_none();
-    let mut runs = vec![Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?];
+    let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
     if fresh && pair_opts.adapter.is_some() {
         copy_adapter(&model, INIT_ADAPTER, name)?;
     }
@@ -175,12 +175,7 @@ pub fn run<O: PairObjective>(cfg: &TrainConfig, pair_opts: &PairOptions, objecti
     if let Some(p) = &precomputed {
         crate::checkpoint::write_atomic(&cfg.output.join(REF_LOGPS_FILE), &serde_json::to_vec(p)?)?;
     }
-    engine::train(&model, &mut runs)?;
-    let run = runs.pop().context("the run vanished")?;
-    match run.summary {
-        Some(summary) => Ok(summary),
-        None => bail!("{}", run.failure.unwrap_or_else(|| "the run stopped before its last step".into())),
-    }
+    engine::train_one(&model, run)
 }
 
 /// The LoRA shape of a run that starts from `init` is INIT's (rank, alpha, targets,

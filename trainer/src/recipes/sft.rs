@@ -34,13 +34,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let fingerprint = data.train.fingerprint();
     let method = Sft::new(&data, cfg);
     let name = lora_models::DEFAULT_ADAPTER;
-    let mut runs = vec![Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?];
-    engine::train(&model, &mut runs)?;
-    let run = runs.pop().context("the run vanished")?;
-    match run.summary {
-        Some(summary) => Ok(summary),
-        None => bail!("{}", run.failure.unwrap_or_else(|| "the run stopped before its last step".into())),
-    }
+    let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
+    engine::train_one(&model, run)
 }
 
 /// The frozen base model of a run on its device, its tokenizer, and where it came from

@@ -168,13 +168,8 @@ pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, eval_args: &EvaluatorArgs, opt
     let fingerprint = prompts::fingerprint(&train);
     let method = Grpo::new(train, eval, bundle, evaluators, grpo.clone(), cfg);
     let name = lora_models::DEFAULT_ADAPTER;
-    let mut runs = vec![Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?];
-    engine::train(&model, &mut runs)?;
-    let run = runs.pop().context("the run vanished")?;
-    match run.summary {
-        Some(summary) => Ok(summary),
-        None => bail!("{}", run.failure.unwrap_or_else(|| "the run stopped before its last step".into())),
-    }
+    let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
+    engine::train_one(&model, run)
 }
 
 /// The labels `label` evaluators accept and a token counter for `length`.
