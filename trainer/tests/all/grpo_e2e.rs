@@ -2,11 +2,11 @@
 //! GRPO steps with built-in evaluators write every metric, a sample of rollouts and an
 //! adapter that moved; a run resumed in the middle of a reused rollout batch ends bit
 //! for bit where the uninterrupted run ends.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 fn write_prompts(dir: &Path, name: &str, n: usize) -> PathBuf {
     let mut text = String::new();

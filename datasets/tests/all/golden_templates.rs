@@ -1,8 +1,8 @@
 //! Chat-template renders compared byte for byte with transformers' `apply_chat_template`
 //! (goldens from scripts/golden/datasets/make_golden.py).
-mod common;
+use crate::common;
 
-use common::{messages_of, opt_str, read_json, template_source};
+use crate::common::{messages_of, opt_str, read_json, template_source};
 use lora_datasets::ChatTemplate;
 
 #[test]

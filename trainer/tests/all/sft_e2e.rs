@@ -1,11 +1,11 @@
 //! End-to-end tests of `lora-train sft` / `lora-train eval` on the tiny golden models
 //! (tests/golden/models, random weights, ChatML tokenizer). Each run takes about a second.
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Common flags for a fast, deterministic CPU run.
 fn base_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {

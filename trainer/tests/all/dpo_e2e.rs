@@ -1,11 +1,11 @@
 //! `lora-train dpo` / `orpo` / `eval` on preference pairs, end to end on the tiny models:
 //! training moves the rewards the right way, metrics carry TRL's names, a resumed run is
 //! bit-identical, and `eval --json` prints the pair statistics.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// Pairs whose chosen answer is a fixed code word and whose rejected answer is a refusal.
 fn write_pairs(dir: &Path, name: &str, n: usize) -> PathBuf {

@@ -7,8 +7,8 @@ use candle_core::{DType, Result, Tensor, Var};
 use lora_kernels as k;
 use lora_kernels::reference as r;
 
-mod common;
-use common::{max_abs, randn, rel_err, CPU};
+use crate::common;
+use crate::common::{max_abs, randn, rel_err, CPU};
 
 /// Thresholds (forward, gradients) by compute dtype.
 fn tol(dtype: DType) -> (f32, f32) {

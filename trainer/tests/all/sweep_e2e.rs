@@ -1,13 +1,13 @@
 //! End-to-end tests of `lora-train sweep` on the tiny golden models: packed candidates
 //! equal the same `sft` runs alone, the planner's dry run, a killed worker, divergence,
 //! and `--resume`.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn sweep_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec!["sweep", "--model", model, "--dataset", data, "--output", out, "--devices", "cpu", "--json"]

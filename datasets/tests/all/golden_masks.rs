@@ -1,8 +1,8 @@
 //! Token ids and loss masks compared exactly with the Python reference of the mask rule
 //! (scripts/golden/datasets/make_golden.py, `reference_mask`).
-mod common;
+use crate::common;
 
-use common::{golden_dir, messages_of, opt_str, read_json, template_source};
+use crate::common::{golden_dir, messages_of, opt_str, read_json, template_source};
 use lora_datasets::{tokenize_chat, ChatTemplate, MaskError, Message};
 use tokenizers::{AddedToken, Tokenizer};
 

@@ -1,9 +1,9 @@
 //! `lora-train pairs` and `lora-train compare` end to end on the tiny golden models.
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use common::{ok, run, stdout_json, tiny};
+use crate::common::{ok, run, stdout_json, tiny};
 use serde_json::Value;
 
 fn adapter() -> String {
