@@ -189,8 +189,9 @@ fn overlay<T: Serialize + serde::de::DeserializeOwned>(hi: T, lo: T) -> T {
 
 impl TrainOptions {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let opts: TrainOptions = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // The other keys are the command's own flags (crate::config_file::expand_argv).
+        let shared = crate::config_file::shared_part(crate::config_file::read_table(path)?);
+        let opts: TrainOptions = toml::Value::Table(shared).try_into().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         // Relative paths in a config file are relative to the file.
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { base.join(p) } else { p });

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod clip;
 pub mod commands;
 pub mod config;
+pub mod config_file;
 pub mod data;
 pub mod device;
 pub mod engine;

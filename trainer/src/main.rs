@@ -1,6 +1,6 @@
 //! `lora-train`: the command-line entry point. Each subcommand lives in
 //! `commands/<name>.rs` with its own clap `Args` and a `run` function.
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 use lora_train::commands;
 
 // glibc malloc fragments badly under candle's many short-lived buffers
@@ -8,7 +8,7 @@ use lora_train::commands;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "lora-train", version, about = "LoRA fine-tuning for Llama and Qwen models")]
 struct Cli {
     #[command(subcommand)]
@@ -48,11 +48,26 @@ enum Command {
     Selftest(commands::selftest::Args),
 }
 
+/// The command line, with the command's own keys of `--config FILE` as flags before the
+/// user's (config_file.rs); a flag given twice takes its last value, so the user's wins.
+fn parse_command_line() -> Cli {
+    let command = Cli::command().mut_subcommands(|sub| sub.args_override_self(true));
+    let argv = match lora_train::config_file::expand_argv(&command, std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(2);
+        }
+    };
+    let matches = command.get_matches_from(argv);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> std::process::ExitCode {
     // Before any candle op starts its thread pool (see the function's comment).
     lora_kernels::configure_cpu_threads();
     lora_train::logging::init();
-    let cli = Cli::parse();
+    let cli = parse_command_line();
     let result = match cli.command {
         Command::Sft(args) => commands::sft::run(*args),
         Command::Dpo(args) => commands::dpo::run(*args),

@@ -27,9 +27,13 @@ pub struct Args {
     /// The baseline is --model with this adapter (default: --model alone).
     #[arg(long, value_name = "DIR")]
     pub baseline_adapter: Option<PathBuf>,
-    /// Directory for compare.json, compare.md (and rubric.md when one is written).
+    /// Directory for compare.json, compare.md (and rubric.md when one is written). A
+    /// directory that holds an earlier comparison is refused unless --overwrite.
     #[arg(long)]
     pub output: PathBuf,
+    /// Replace the comparison already in --output.
+    #[arg(long)]
+    pub overwrite: bool,
     #[command(flatten)]
     pub evaluators: EvaluatorArgs,
     /// Judge each pair with this model instead of evaluators: MODEL or MODEL+ADAPTER.
@@ -87,6 +91,11 @@ pub fn compare(args: &Args) -> Result<Summary> {
     }
     if args.rubric.is_some() && args.judge_model.is_none() {
         bail!("--rubric is the judge model's instructions: it needs --judge-model");
+    }
+    // Checked before any answer is generated: a comparison can take an hour.
+    let earlier = args.output.join("compare.json");
+    if earlier.exists() && !args.overwrite {
+        bail!("{}: holds an earlier comparison; give a new --output or --overwrite", earlier.display());
     }
     let params = args.generation.params(1)?;
     if args.judge_max_new_tokens == 0 {

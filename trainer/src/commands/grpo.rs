@@ -12,7 +12,8 @@ use crate::recipes::grpo::{self, GrpoOptions};
 #[derive(clap::Args, Debug)]
 #[command(after_help = "--dataset is a prompts file: one {\"messages\": [system/user ...], \"ground_truth\"?: ..., ...} \
 per line; the other fields go to the evaluators. --batch-size is completions per micro-batch (memory only). \
-The shared training options can come from a TOML --config; the GRPO and evaluator flags only from the command line.")]
+Every option can also be set in a TOML --config (keys are the flag names with underscores: \
+num_generations = 8, evaluator = [\"numeric\"]); flags override it.")]
 pub struct Args {
     #[command(flatten)]
     pub options: TrainOptions,
@@ -20,7 +21,7 @@ pub struct Args {
     pub grpo: GrpoOptions,
     #[command(flatten)]
     pub evaluators: EvaluatorArgs,
-    /// TOML file with any of the shared training options (flags override it).
+    /// TOML file with any of this command's options (flags override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Continue the run in --output from its latest complete checkpoint.

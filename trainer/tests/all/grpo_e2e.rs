@@ -169,3 +169,30 @@ fn an_evaluator_that_crashes_costs_rewards_not_the_run() {
     assert!(last["evaluator_failures"].as_f64().unwrap() >= 4.0, "{last}");
     assert!(last["rewards_regex"].is_number());
 }
+
+#[test]
+fn grpo_flags_come_from_config_and_accumulation_takes_more_prompts_per_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_prompts(tmp.path(), "train.jsonl", 6);
+    let out = tmp.path().join("run");
+    let config = tmp.path().join("grpo.toml");
+    // The GRPO and evaluator flags of grpo_args, as config keys (paths relative to the file).
+    std::fs::write(
+        &config,
+        "model = \"MODEL\"\ndataset = \"train.jsonl\"\nevaluator = [\"regex:e\", \"length:1-5\"]\nreward_weights = \"1,0.5\"\nnum_generations = 4\n\
+         prompts_per_step = 2\nmax_completion_length = 6\nbatch_size = 4\nlora_rank = 4\ngradient_accumulation_steps = 2\nepochs = 1\neval_split = 0\n"
+            .replace("MODEL", &tiny("qwen3")),
+    )
+    .unwrap();
+    let (c, o) = (config.display().to_string(), out.display().to_string());
+    let summary = stdout_json(&ok(&["grpo", "--config", &c, "--output", &o, "--json", "--num-generations", "2"]));
+    // 6 prompts, 2 per rollout batch, 2 batches per optimizer step: 2 steps make the epoch.
+    assert_eq!(summary["steps"], 2, "{summary}");
+    let logged = std::fs::read_to_string(out.join("rollouts.jsonl")).unwrap().lines().count();
+    assert_eq!(logged, (4 + 2) * 2, "4 prompts then 2, two completions each (the command line's 2 over the file's 4)");
+
+    std::fs::write(&config, "betaa = 1\n").unwrap();
+    let bad = run(&["grpo", "--config", &c, "--output", &o]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("grpo.toml") && err.contains("unknown key `betaa`"), "{err}");
+}

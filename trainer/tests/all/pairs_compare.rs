@@ -145,6 +145,15 @@ fn compare_by_evaluator_counts_outcomes_from_the_scores() {
     let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
     assert!(md.contains("win rate") && md.contains("| line | prompt |"), "{md}");
 
+    // The same --output again: refused before any generation, the report untouched;
+    // --overwrite replaces it.
+    let again = run(&args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("holds an earlier comparison"), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("compare.md")).unwrap(), md);
+    args.push("--overwrite");
+    check_summary(&stdout_json(&ok(&args)), 6);
+
     // The adapter against itself: the same answers, so every prompt is a tie.
     let out = dir.path().join("self");
     let mut args = compare_args(&model, &a, s(&prompts), s(&out));

@@ -82,7 +82,9 @@ pub struct GrpoOptions {
     /// Completions cut at --max-completion-length get no loss.
     #[arg(long, help_heading = "GRPO")]
     pub mask_truncated_completions: bool,
-    /// Prompts per rollout batch (each sampled G times).
+    /// Prompts per rollout batch (each sampled G times). An optimizer step trains on
+    /// --gradient-accumulation-steps rollout batches (TRL: per-device batch x accumulation
+    /// completions), sampled one batch at a time to bound memory.
     #[arg(long, default_value_t = 4, help_heading = "GRPO")]
     pub prompts_per_step: usize,
 }
@@ -225,6 +227,8 @@ pub struct Grpo {
     terms: LossTerms,
     seed: u64,
     batch_size: usize,
+    /// Rollout batches of --prompts-per-step prompts behind one optimizer step.
+    accumulation: usize,
     output: PathBuf,
     cycle: Option<Cycle>,
     /// The current step's metrics so far and when its training part began.
@@ -244,6 +248,7 @@ impl Grpo {
             opts,
             seed: cfg.seed,
             batch_size: cfg.batch_size.max(1),
+            accumulation: cfg.gradient_accumulation_steps.max(1),
             output: cfg.output.clone(),
             cycle: None,
             fresh_cycle: false,
@@ -252,16 +257,21 @@ impl Grpo {
         }
     }
 
+    /// Prompts whose completions one optimizer step (one rollout cycle) trains on.
+    fn prompts_per_cycle(&self) -> usize {
+        self.opts.prompts_per_step * self.accumulation
+    }
+
     fn cycles_per_epoch(&self) -> usize {
-        self.prompts.len().div_ceil(self.opts.prompts_per_step).max(1)
+        self.prompts.len().div_ceil(self.prompts_per_cycle()).max(1)
     }
 
     /// The training prompts of rollout cycle `c`: the next slice of this epoch's order.
     fn cycle_prompts(&self, c: usize) -> Vec<usize> {
         let per = self.cycles_per_epoch();
         let order = rollouts::epoch_order(self.prompts.len(), self.seed, c / per);
-        let first = (c % per) * self.opts.prompts_per_step;
-        order[first.min(order.len())..(first + self.opts.prompts_per_step).min(order.len())].to_vec()
+        let first = (c % per) * self.prompts_per_cycle();
+        order[first.min(order.len())..(first + self.prompts_per_cycle()).min(order.len())].to_vec()
     }
 
     fn cache_path(&self, c: usize) -> PathBuf {
