@@ -1,6 +1,5 @@
 //! Token ids and loss masks compared exactly with the Python reference of the mask rule
 //! (scripts/golden/datasets/make_golden.py, `reference_mask`).
-use crate::common;
 
 use crate::common::{golden_dir, messages_of, opt_str, read_json, template_source};
 use lora_datasets::{tokenize_chat, ChatTemplate, MaskError, Message};

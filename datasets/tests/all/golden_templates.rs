@@ -1,6 +1,5 @@
 //! Chat-template renders compared byte for byte with transformers' `apply_chat_template`
 //! (goldens from scripts/golden/datasets/make_golden.py).
-use crate::common;
 
 use crate::common::{messages_of, opt_str, read_json, template_source};
 use lora_datasets::ChatTemplate;

@@ -7,7 +7,6 @@ use candle_core::{DType, Result, Tensor, Var};
 use lora_kernels as k;
 use lora_kernels::reference as r;
 
-use crate::common;
 use crate::common::{max_abs, randn, rel_err, CPU};
 
 /// Thresholds (forward, gradients) by compute dtype.

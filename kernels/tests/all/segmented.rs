@@ -5,7 +5,6 @@
 use candle_core::{DType, Result, Tensor, Var};
 use lora_kernels::{self as k, reference as r, AdapterWeights, RowSegment};
 
-use crate::common;
 use crate::common::{max_abs, randn, rel_err};
 
 type SegFn = fn(&Tensor, &Tensor, Option<&Tensor>, &[AdapterWeights], &[RowSegment]) -> Result<Tensor>;

@@ -1,7 +1,6 @@
 //! `lora-train dpo` / `orpo` / `eval` on preference pairs, end to end on the tiny models:
 //! training moves the rewards the right way, metrics carry TRL's names, a resumed run is
 //! bit-identical, and `eval --json` prints the pair statistics.
-use crate::common;
 
 use std::path::{Path, PathBuf};
 

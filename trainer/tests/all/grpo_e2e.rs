@@ -2,7 +2,6 @@
 //! GRPO steps with built-in evaluators write every metric, a sample of rollouts and an
 //! adapter that moved; a run resumed in the middle of a reused rollout batch ends bit
 //! for bit where the uninterrupted run ends.
-use crate::common;
 
 use std::path::{Path, PathBuf};
 
@@ -173,7 +172,7 @@ fn an_evaluator_that_crashes_costs_rewards_not_the_run() {
 #[test]
 fn grpo_flags_come_from_config_and_accumulation_takes_more_prompts_per_step() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_prompts(tmp.path(), "train.jsonl", 6);
+    write_prompts(tmp.path(), "train.jsonl", 6);
     let out = tmp.path().join("run");
     let config = tmp.path().join("grpo.toml");
     // The GRPO and evaluator flags of grpo_args, as config keys (paths relative to the file).

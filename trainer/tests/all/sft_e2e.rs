@@ -1,6 +1,5 @@
 //! End-to-end tests of `lora-train sft` / `lora-train eval` on the tiny golden models
 //! (tests/golden/models, random weights, ChatML tokenizer). Each run takes about a second.
-use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

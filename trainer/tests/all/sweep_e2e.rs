@@ -1,7 +1,6 @@
 //! End-to-end tests of `lora-train sweep` on the tiny golden models: packed candidates
 //! equal the same `sft` runs alone, the planner's dry run, a killed worker, divergence,
 //! and `--resume`.
-use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
