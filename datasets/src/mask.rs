@@ -5,6 +5,9 @@
 //! inside the content of a trainable assistant message (not `weight: 0`), and so is the
 //! end-of-turn token that closes that content: the first non-whitespace token at or
 //! after the content's end, when it is a special token (`<|im_end|>`, `<|eot_id|>`).
+//! An assistant turn with tool calls also learns the text its tool calls render to: the
+//! span where the conversation's render differs from the same conversation rendered with
+//! that turn's `tool_calls` removed, followed by the same end-of-turn rule.
 //! `scripts/golden/datasets/make_golden.py` holds the Python reference of this rule
 //! (`reference_mask`, `content_spans`, `thinking_span`), kept in step with this file.
 use std::ops::Range;
@@ -40,6 +43,8 @@ pub enum MaskError {
     NoLossTokens,
     #[error("the chat template dropped or rewrote assistant message {0}: its content is not in the rendered text")]
     ContentNotFound(usize),
+    #[error("the chat template does not render the tool calls of assistant message {0} (a model whose template supports tools is needed to learn them)")]
+    ToolCallsNotRendered(usize),
     #[error(transparent)]
     Template(#[from] anyhow::Error),
     #[error("tokenizer: {0}")]
@@ -63,7 +68,8 @@ pub fn tokenize_chat_with_tools(
     tools: Option<&serde_json::Value>,
 ) -> Result<TokenizedSample, MaskError> {
     let rendered = template.render(messages, false, tools)?;
-    let spans = trainable_content_spans(template, messages, tools, &rendered)?;
+    let mut spans = trainable_content_spans(template, messages, tools, &rendered)?;
+    spans.extend(tool_call_spans(template, messages, tools, &rendered)?);
     let encoding = tokenizer.encode(rendered.as_str(), false).map_err(|e| MaskError::Tokenizer(e.to_string()))?;
     let offsets = encoding.get_offsets();
     let ids = encoding.get_ids();
@@ -201,12 +207,60 @@ fn spans_by_search(messages: &[Message], rendered: &str) -> Result<Vec<Range<usi
                     spans.push(span);
                 }
             }
-            // A template may drop non-trainable turns (e.g. an old system prompt).
-            None if !message.is_trainable() => {}
+            // A template may drop non-trainable turns (e.g. an old system prompt), and some
+            // (Llama 3.1) drop the content of a turn that calls tools: its tool-call span
+            // (`tool_call_spans`) is what is learned then.
+            None if !message.is_trainable() || message.learns_tool_calls() => {}
             None => return Err(MaskError::ContentNotFound(i)),
         }
     }
     Ok(spans)
+}
+
+/// Byte spans of the rendered tool calls of every assistant turn that learns them: where
+/// `rendered` differs from the conversation rendered with that turn's `tool_calls` removed
+/// (common prefix and suffix stripped). Robust to templates that re-render a turn
+/// differently once later turns follow (Qwen3's reasoning blocks), which a prefix-of-render
+/// rule is not.
+fn tool_call_spans(
+    template: &ChatTemplate,
+    messages: &[Message],
+    tools: Option<&serde_json::Value>,
+    rendered: &str,
+) -> Result<Vec<Range<usize>>, MaskError> {
+    let mut spans = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        if !message.learns_tool_calls() {
+            continue;
+        }
+        let mut without = messages.to_vec();
+        without[i].tool_calls = None;
+        let other = template.render(&without, false, tools)?;
+        let span = differing_span(rendered, &other);
+        if span.is_empty() {
+            return Err(MaskError::ToolCallsNotRendered(i));
+        }
+        spans.push(span);
+    }
+    Ok(spans)
+}
+
+/// The byte range of `a` between its longest common suffix and then prefix with `b`, on
+/// character boundaries. Suffix first: tool calls render right before the end-of-turn
+/// token and often begin with the same character (`<tool_call>` before `<|im_end|>`), which
+/// a greedy prefix would swallow.
+fn differing_span(a: &str, b: &str) -> Range<usize> {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    let mut suffix = x.iter().rev().zip(y.iter().rev()).take_while(|(p, q)| p == q).count();
+    while !a.is_char_boundary(x.len() - suffix) || !b.is_char_boundary(y.len() - suffix) {
+        suffix -= 1;
+    }
+    let room = x.len().min(y.len()) - suffix;
+    let mut start = x.iter().zip(y).take(room).take_while(|(p, q)| p == q).count();
+    while !a.is_char_boundary(start) {
+        start -= 1;
+    }
+    start..x.len() - suffix
 }
 
 /// Reasoning templates (Qwen3) rewrite `<think>R</think>A`: they re-space the reasoning,

@@ -24,8 +24,8 @@ fn parse_chat(object: &Map<String, Value>, problems: &mut LineProblems) -> Optio
     let messages = required_messages(object, "messages", problems)?;
     if !messages.iter().any(|m| m.role == Role::Assistant) {
         problems.push("no assistant message to learn from (a chat sample needs at least one)");
-    } else if !messages.iter().any(Message::is_trainable) {
-        problems.push("no assistant turn to learn from (every assistant message has weight 0 or no content)");
+    } else if !messages.iter().any(Message::is_learned) {
+        problems.push("no assistant turn to learn from (every assistant message has weight 0 or neither content nor tool calls)");
     }
     let ground_truth = match object.get("ground_truth") {
         None | Some(Value::Null) => None,

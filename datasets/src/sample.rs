@@ -109,6 +109,19 @@ impl Message {
     pub fn is_trainable(&self) -> bool {
         self.role == Role::Assistant && self.weight != Some(0.0) && !self.content.is_empty()
     }
+
+    /// An assistant turn whose rendered tool calls count in the loss (DESIGN: tool calls are
+    /// learned as content is).
+    pub fn learns_tool_calls(&self) -> bool {
+        self.role == Role::Assistant
+            && self.weight != Some(0.0)
+            && self.tool_calls.as_ref().is_some_and(|c| c.as_array().is_some_and(|a| !a.is_empty()))
+    }
+
+    /// Anything of this turn counts in the loss (its content or its tool calls).
+    pub fn is_learned(&self) -> bool {
+        self.is_trainable() || self.learns_tool_calls()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

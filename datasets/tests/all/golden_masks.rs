@@ -2,7 +2,7 @@
 //! (scripts/golden/datasets/make_golden.py, `reference_mask`).
 
 use crate::common::{golden_dir, messages_of, opt_str, read_json, template_source};
-use lora_datasets::{tokenize_chat, ChatTemplate, MaskError, Message};
+use lora_datasets::{tokenize_chat, tokenize_chat_with_tools, ChatTemplate, MaskError, Message};
 use tokenizers::{AddedToken, Tokenizer};
 
 fn tokenizers() -> (Tokenizer, Tokenizer) {
@@ -27,6 +27,7 @@ fn token_ids_and_masks_match_the_python_reference() {
     let fixed_now = golden["meta"]["fixed_now_unix"].as_i64().unwrap();
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 15);
+    assert!(cases.iter().filter(|c| c["conversation"].as_str().unwrap().starts_with("tool_call")).count() >= 6, "tool-call cases");
     for case in cases {
         let name = case["template"].as_str().unwrap();
         let tokenizer = if name == "llama3" { &llama } else { &base };
@@ -35,8 +36,9 @@ fn token_ids_and_masks_match_the_python_reference() {
             .with_fixed_now(fixed_now);
         let messages = messages_of(&case["messages"]);
         let what = format!("{name} / {}", case["conversation"]);
-        assert_eq!(template.render(&messages, false, None).unwrap(), case["rendered"].as_str().unwrap(), "{what}");
-        let tokenized = tokenize_chat(tokenizer, &template, &messages).unwrap();
+        let tools = case.get("tools").filter(|t| !t.is_null());
+        assert_eq!(template.render(&messages, false, tools).unwrap(), case["rendered"].as_str().unwrap(), "{what}");
+        let tokenized = tokenize_chat_with_tools(tokenizer, &template, &messages, tools).unwrap();
         let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         let mask: Vec<u8> = serde_json::from_value(case["loss_mask"].clone()).unwrap();
         assert_eq!(tokenized.input_ids, ids, "{what}: ids");
@@ -61,4 +63,34 @@ fn mask_holds_exactly_assistant_content_and_end_of_turn() {
 
     let all_zero = vec![Message::user("hi"), Message { weight: Some(0.0), ..Message::assistant("x") }];
     assert!(matches!(tokenize_chat(&base, &template, &all_zero), Err(MaskError::NoLossTokens)));
+}
+
+fn learned_text(tokenizer: &Tokenizer, t: &lora_datasets::TokenizedSample) -> String {
+    let learned: Vec<u32> = t.input_ids.iter().zip(&t.loss_mask).filter(|(_, &m)| m == 1).map(|(&id, _)| id).collect();
+    tokenizer.decode(&learned, false).unwrap()
+}
+
+#[test]
+fn tool_calls_are_learned_unless_weighted_out_or_not_rendered() {
+    let (base, _) = tokenizers();
+    let qwen = ChatTemplate::new(&template_source("qwen2.5"), None, Some("<|im_end|>")).unwrap();
+    let call = serde_json::json!([{"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]);
+    let conversation = |weight: Option<f32>| {
+        vec![
+            Message::user("2 + 3?"),
+            Message { tool_calls: Some(call.clone()), weight, ..Message::assistant("") },
+            Message { tool_call_id: Some("c1".into()), ..Message::new(lora_datasets::Role::Tool, "5") },
+            Message::assistant("5"),
+        ]
+    };
+    let t = tokenize_chat(&base, &qwen, &conversation(None)).unwrap();
+    assert_eq!(learned_text(&base, &t), "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 2, \"b\": 3}}\n</tool_call><|im_end|>5<|im_end|>");
+    let t = tokenize_chat(&base, &qwen, &conversation(Some(0.0))).unwrap();
+    assert_eq!(learned_text(&base, &t), "5<|im_end|>", "weight 0 excludes the tool calls too");
+
+    // SmolLM2's template has no tool support: the calls never reach the text, so a turn that
+    // asks to learn them is an error, not a silently empty target.
+    let smol = ChatTemplate::new(&template_source("smollm2"), Some("<|im_start|>"), Some("<|im_end|>")).unwrap();
+    let err = tokenize_chat(&base, &smol, &conversation(None)).unwrap_err();
+    assert!(matches!(err, MaskError::ToolCallsNotRendered(1)), "{err}");
 }

@@ -133,6 +133,23 @@ CONVERSATIONS = {
         {"role": "tool", "content": "{\"temperature\": 21}", "tool_call_id": "call_1"},
         {"role": "assistant", "content": "It is 21 degrees in Paris."},
     ],
+    "tool_call_with_content": [
+        {"role": "system", "content": "Use tools when they help."},
+        {"role": "user", "content": "Weather in Oslo, in fahrenheit?"},
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "tool_calls": [
+                {
+                    "id": "call_7",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "fahrenheit"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "{\"temperature\": 41}", "tool_call_id": "call_7"},
+        {"role": "assistant", "content": "41 degrees Fahrenheit."},
+    ],
     "thinking": [
         {"role": "user", "content": "What is 2 + 2?"},
         {"role": "assistant", "content": "<think>\nTwo plus two.\n</think>\n\nIt is 4."},
@@ -146,12 +163,13 @@ CONVERSATIONS = {
     ],
 }
 THINKING = ("thinking", "thinking_multi_turn")
+TOOL_CONVERSATIONS = ("tool_call", "tool_call_with_content")
 
 # (template, conversation, add_generation_prompt, with_tools[, extra template context]) cases for renders.json
 RENDER_CASES = []
 for template in ["smollm2", "qwen2.5", "llama3", "chatml", "qwen3"]:
     for name in CONVERSATIONS:
-        if name == "tool_call" or (name in THINKING and template != "qwen3"):
+        if name in TOOL_CONVERSATIONS or (name in THINKING and template != "qwen3"):
             continue
         RENDER_CASES.append((template, name, False, False))
     RENDER_CASES.append((template, "prompt_only", True, False))
@@ -159,6 +177,7 @@ for template in ["smollm2", "qwen2.5", "llama3", "chatml", "qwen3"]:
 RENDER_CASES.append(("qwen3", "prompt_only", True, False, {"enable_thinking": False}))
 for template in ["qwen2.5", "llama3", "qwen3"]:
     RENDER_CASES.append((template, "tool_call", False, True))
+    RENDER_CASES.append((template, "tool_call_with_content", False, True))
     RENDER_CASES.append((template, "prompt_only", True, True))
     RENDER_CASES.append((template, "single_turn", False, True))
 
@@ -168,7 +187,7 @@ MASK_CASES = [
     for template in ["smollm2", "qwen2.5", "llama3", "qwen3"]
     for name in CONVERSATIONS
     if name not in ("prompt_only",)
-    and not (template == "smollm2" and name == "tool_call")
+    and not (template == "smollm2" and name in TOOL_CONVERSATIONS)
     and (name not in THINKING or template == "qwen3")
 ]
 
@@ -204,7 +223,37 @@ def trainable(message):
     return message["role"] == "assistant" and message.get("weight", 1) != 0 and bool(message.get("content"))
 
 
-def content_spans(template_name, messages, rendered):
+def learns_tool_calls(message):
+    return message["role"] == "assistant" and message.get("weight", 1) != 0 and bool(message.get("tool_calls"))
+
+
+def tool_call_spans(template_name, messages, tools, rendered):
+    """Character spans of the rendered tool calls of each assistant turn that learns them:
+    where `rendered` differs from the same conversation rendered with that turn's
+    `tool_calls` removed (longest common suffix, then prefix, stripped)."""
+    spans = []
+    for i, m in enumerate(messages):
+        if not learns_tool_calls(m):
+            continue
+        without = [dict(x) for x in messages]
+        del without[i]["tool_calls"]
+        other = render(template_name, without, False, tools)
+        # The common suffix first: the tool calls render right before the end-of-turn
+        # token, and often start with the same character (`<tool_call>` before `<|im_end|>`),
+        # so a greedy common prefix would swallow it.
+        suffix = 0
+        while suffix < min(len(rendered), len(other)) and rendered[-1 - suffix] == other[-1 - suffix]:
+            suffix += 1
+        start = 0
+        while start < min(len(rendered), len(other)) - suffix and rendered[start] == other[start]:
+            start += 1
+        if start == len(rendered) - suffix:
+            raise ValueError(f"the template does not render the tool calls of message {i}")
+        spans.append((start, len(rendered) - suffix))
+    return spans
+
+
+def content_spans(template_name, messages, rendered, tools=None):
     """Character spans of the trainable assistant contents inside `rendered`.
 
     Each trainable assistant content is wrapped in two private-use sentinels and the
@@ -216,7 +265,7 @@ def content_spans(template_name, messages, rendered):
     for m in marked:
         if trainable(m):
             m["content"] = SPAN_OPEN + m["content"] + SPAN_CLOSE
-    marked_render = render(template_name, marked, False, None)
+    marked_render = render(template_name, marked, False, tools)
     plain = marked_render.replace(SPAN_OPEN, "").replace(SPAN_CLOSE, "")
     wanted = sum(1 for m in messages if trainable(m))
     if plain == rendered and marked_render.count(SPAN_OPEN) == wanted == marked_render.count(SPAN_CLOSE):
@@ -242,7 +291,8 @@ def content_spans(template_name, messages, rendered):
         if found is None:
             found = thinking_span(content, rendered, cursor)
         if found is None:
-            if trainable(m):
+            # Some templates (Llama 3.1) drop the content of a turn that calls tools.
+            if trainable(m) and not learns_tool_calls(m):
                 raise ValueError(f"assistant content not found in the render: {content!r}")
             continue
         cursor = found[1]
@@ -268,18 +318,21 @@ def thinking_span(content, rendered, cursor):
     return (start, a + len(answer))
 
 
-def reference_mask(tokenizer, template_name, messages):
+def reference_mask(tokenizer, template_name, messages, tools=None):
     """ARCHITECTURE.md (Loss mask): tokenize the whole render once without special tokens; a token is a
-    loss token when its first character lies inside a trainable assistant content, plus
-    the end-of-turn token that closes that content (the first non-whitespace token at or
-    after the content's end, when it is a special token)."""
-    rendered = render(template_name, messages, False, None)
+    loss token when its first character lies inside a trainable assistant content or the
+    rendered tool calls of an assistant turn, plus the end-of-turn token that closes that
+    span (the first non-whitespace token at or after the span's end, when it is a special
+    token)."""
+    rendered = render(template_name, messages, False, tools)
     enc = tokenizer.encode(rendered, add_special_tokens=False)
     special_ids = {
         i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
     }
     mask = [0] * len(enc.ids)
-    for start, end in content_spans(template_name, messages, rendered):
+    spans = content_spans(template_name, messages, rendered, tools)
+    spans += tool_call_spans(template_name, messages, tools, rendered)
+    for start, end in spans:
         for t, (a, b) in enumerate(enc.offsets):
             if start <= a < end and b > a:
                 mask[t] = 1
@@ -355,12 +408,15 @@ def main():
     masks = []
     for template, name in MASK_CASES:
         tok = llama_tok if template == "llama3" else base
-        rendered, ids, mask = reference_mask(tok, template, CONVERSATIONS[name])
+        # Tool conversations render with the tool schema offered, as real agent data does.
+        tools = [WEATHER_TOOL] if name in TOOL_CONVERSATIONS else None
+        rendered, ids, mask = reference_mask(tok, template, CONVERSATIONS[name], tools)
         masks.append(
             {
                 "template": template,
                 "conversation": name,
                 "messages": CONVERSATIONS[name],
+                "tools": tools,
                 "bos_token": TEMPLATE_TOKENS[template][0],
                 "eos_token": TEMPLATE_TOKENS[template][1],
                 "rendered": rendered,
