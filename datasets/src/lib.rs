@@ -24,6 +24,7 @@ pub mod split;
 pub mod stats;
 mod strftime;
 pub mod template;
+pub mod trajectory;
 
 pub use batch::{pack_best_fit_decreasing, prepare_samples, Batch, BatchConfig, DataLoader, Prepared};
 pub use load::{load_dataset, parse_jsonl};
@@ -37,5 +38,6 @@ pub use split::{
 };
 pub use stats::{compute_stats, DatasetStats, LabelStats, StatsOptions, TokenStats};
 pub use template::{ChatTemplate, CHATML_TEMPLATE};
+pub use trajectory::{load_trajectories, parse_trajectories, TrajectoryCounts, TrajectoryFilter};
 /// UTC time formatting, also for file names the trainer stamps with the time.
 pub use strftime::{strftime, unix_now};

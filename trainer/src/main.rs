@@ -18,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Supervised fine-tuning of a LoRA adapter on a chat dataset.
-    Sft(Box<commands::sft::Args>),
+    Sft(Box<commands::sft::Command>),
     /// Direct Preference Optimization of a LoRA adapter on preference pairs.
     Dpo(Box<commands::dpo::Args>),
     /// Odds Ratio Preference Optimization (SFT + preference in one loss, no reference).

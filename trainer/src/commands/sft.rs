@@ -45,7 +45,57 @@ impl Args {
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let summary = sft::run(&args.resolve()?, &args.run_options())?;
-    args.finish(&summary)
+/// `lora-train sft`: the shared training flags plus agent trajectories as data.
+// No argument group of its own: the flattened `Args` already takes the name.
+#[derive(clap::Args, Debug)]
+#[group(skip)]
+pub struct Command {
+    #[command(flatten)]
+    pub train: Args,
+    #[command(flatten)]
+    pub data: TrajectoryArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrajectoryArgs {
+    /// Agent rollouts to learn from, as SFT conversations (repeatable; mixable with
+    /// --dataset): OpenAI-style message lists with tool_calls and tool results, or
+    /// `rollouts.jsonl` of `lora-train grpo`. Assistant turns are learned, their tool calls
+    /// included; tool output never is.
+    #[arg(long = "trajectory-dataset", value_name = "FILE", value_hint = clap::ValueHint::FilePath, help_heading = "Trajectories")]
+    pub trajectory_datasets: Vec<PathBuf>,
+    /// Keep only trajectories whose `reward` is at least this (those without one are skipped).
+    #[arg(long, value_name = "R", help_heading = "Trajectories")]
+    pub trajectory_min_reward: Option<f64>,
+    /// A text file whose content becomes the system message of every sample that has none.
+    #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath, help_heading = "Trajectories")]
+    pub system_prompt: Option<PathBuf>,
+}
+
+impl Command {
+    /// The resolved configuration; with trajectories or a system prompt, `--dataset` becomes
+    /// the training file built from them in OUTPUT/data (`crate::sft_data`).
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let mut options = self.train.options.clone().with_config_file(self.train.config.as_deref())?;
+        let d = &self.data;
+        if !d.trajectory_datasets.is_empty() || d.system_prompt.is_some() {
+            anyhow::ensure!(d.trajectory_min_reward.is_none_or(f64::is_finite), "--trajectory-min-reward must be a number");
+            let Some(output) = options.output.clone() else { anyhow::bail!("missing --output") };
+            let inputs = crate::sft_data::SftDataInputs {
+                dataset: options.dataset.as_deref(),
+                trajectories: &d.trajectory_datasets,
+                system_prompt: d.system_prompt.as_deref(),
+                filter: lora_datasets::TrajectoryFilter { min_reward: d.trajectory_min_reward },
+            };
+            options.dataset = Some(crate::sft_data::prepare(&inputs, &output, self.train.resume)?);
+        } else if d.trajectory_min_reward.is_some() {
+            anyhow::bail!("--trajectory-min-reward needs --trajectory-dataset");
+        }
+        options.resolve()
+    }
+}
+
+pub fn run(command: Command) -> Result<()> {
+    let summary = sft::run(&command.resolve()?, &command.train.run_options())?;
+    command.train.finish(&summary)
 }

@@ -313,9 +313,11 @@ impl Grpo {
         let stride = n.div_ceil(LOGGED_ROLLOUTS).max(1);
         let mut bytes = Vec::new();
         for r in cycle.rollouts.iter().step_by(stride) {
+            // `messages` (+ `tools`) make every row a trajectory `sft --trajectory-dataset` reads.
+            let prompt = &self.prompts[r.prompt];
             let row = serde_json::json!({
-                "step": step + 1, "prompt": r.prompt, "g": r.g, "completion": r.text, "tokens": r.tokens.len(),
-                "stopped": r.stopped, "reward": r.reward, "advantage": r.advantage,
+                "step": step + 1, "prompt": r.prompt, "g": r.g, "messages": prompt.messages, "tools": prompt.tools,
+                "completion": r.text, "tokens": r.tokens.len(), "stopped": r.stopped, "reward": r.reward, "advantage": r.advantage,
             });
             serde_json::to_writer(&mut bytes, &row)?;
             bytes.push(b'\n');
