@@ -21,6 +21,7 @@ pub mod progress;
 pub mod recipes;
 pub mod report;
 pub mod schedule;
+pub mod serve;
 pub mod sides;
 pub mod sweep;
 pub mod training;
