@@ -90,8 +90,102 @@ impl KvCache {
             let b = entry.k.dim(0)?;
             let index: Vec<u32> = (0..b as u32).flat_map(|r| std::iter::repeat_n(r, n)).collect();
             let index = Tensor::from_vec(index, b * n, entry.k.device())?;
-            entry.k = entry.k.index_select(&index, 0)?;
-            entry.v = entry.v.index_select(&index, 0)?;
+            // A concatenation-grown cache may hold views (v is a transposed projection).
+            entry.k = entry.k.contiguous()?.index_select(&index, 0)?;
+            entry.v = entry.v.contiguous()?.index_select(&index, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Batch rows held (0 before the first step).
+    pub fn rows(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).and_then(|l| l.k.dim(0).ok()).unwrap_or(0)
+    }
+
+    /// Keep rows `keep`, in that order (a row may be dropped, moved or repeated): the
+    /// rows that continue a continuous batch after some finished, regrouped by adapter.
+    pub fn retain_rows(&mut self, keep: &[usize]) -> candle_core::Result<()> {
+        if keep.is_empty() {
+            self.layers.clear();
+            return Ok(());
+        }
+        let rows = self.rows();
+        if let Some(bad) = keep.iter().find(|&&r| r >= rows) {
+            candle_core::bail!("retain_rows: row {bad} of a cache of {rows} rows");
+        }
+        let index: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
+        self.rebuild(None, |t| t.index_select(&Tensor::from_slice(&index, index.len(), t.device())?, 0))
+    }
+
+    /// Append the rows of `other` (same length, same layers) after this cache's rows.
+    pub fn append_rows(&mut self, other: KvCache) -> candle_core::Result<()> {
+        if self.layers.iter().all(Option::is_none) {
+            let capacity = self.capacity;
+            self.layers = other.layers;
+            self.capacity = other.capacity;
+            return match capacity {
+                Some(c) => self.reserve(c),
+                None => Ok(()),
+            };
+        }
+        if other.len() != self.len() || other.layers.len() != self.layers.len() {
+            candle_core::bail!("append_rows: a cache of {} positions x {} layers onto one of {} x {}", other.len(), other.layers.len(), self.len(), self.layers.len());
+        }
+        let filled = |l: &LayerKv| -> candle_core::Result<(Tensor, Tensor)> { Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?)) };
+        let capacity = self.capacity;
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            let (Some(m), Some(o)) = (mine.as_mut(), theirs.as_ref()) else { candle_core::bail!("append_rows: a layer holds no keys") };
+            let ((mk, mv), (ok, ov)) = (filled(m)?, filled(o)?);
+            let (k, v) = (Tensor::cat(&[&mk.contiguous()?, &ok.contiguous()?], 0)?, Tensor::cat(&[&mv.contiguous()?, &ov.contiguous()?], 0)?);
+            *m = into_buffers(k, v, capacity)?;
+        }
+        Ok(())
+    }
+
+    /// Insert `n` empty positions before every row's first (the rows' real positions
+    /// must then be marked with segment 0 there): aligns a shorter cache with a longer
+    /// one before [`KvCache::append_rows`].
+    pub fn pad_front(&mut self, n: usize) -> candle_core::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let capacity = self.capacity.map(|c| c + n);
+        self.capacity = capacity;
+        self.rebuild(capacity, |t| {
+            let (b, h, _, d) = t.dims4()?;
+            Tensor::cat(&[&Tensor::zeros((b, h, n, d), t.dtype(), t.device())?, t], 2)
+        })
+    }
+
+    /// Drop the first `n` positions of every row (padding no row needs any more).
+    pub fn drop_front(&mut self, n: usize) -> candle_core::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let len = self.len();
+        if n > len {
+            candle_core::bail!("drop_front: {n} of {len} positions");
+        }
+        self.rebuild(None, |t| t.narrow(2, n, len - n))
+    }
+
+    /// Room for at least `capacity` positions (a capacity-less cache gets one).
+    pub fn reserve(&mut self, capacity: usize) -> candle_core::Result<()> {
+        if self.capacity.is_some_and(|c| c >= capacity) {
+            return Ok(());
+        }
+        self.capacity = Some(capacity);
+        self.rebuild(Some(capacity), |t| Ok(t.clone()))
+    }
+
+    /// Apply `f` to every layer's filled keys and values, into fresh buffers of
+    /// `capacity` (default: the cache's own).
+    fn rebuild(&mut self, capacity: Option<usize>, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<()> {
+        let capacity = capacity.or(self.capacity);
+        for entry in self.layers.iter_mut().flatten() {
+            let k = f(&entry.k.narrow(2, 0, entry.len)?.contiguous()?)?;
+            let v = f(&entry.v.narrow(2, 0, entry.len)?.contiguous()?)?;
+            *entry = into_buffers(k, v, capacity)?;
         }
         Ok(())
     }
@@ -107,6 +201,23 @@ impl KvCache {
             Some(capacity) => append_in_place(slot, capacity, k, v),
             None => append_cat(slot, k, v),
         }
+    }
+}
+
+/// Filled keys and values [b, h, len, d] as a layer entry: copied into buffers of
+/// `capacity` positions when the cache has one (so decode steps write in place).
+fn into_buffers(k: Tensor, v: Tensor, capacity: Option<usize>) -> candle_core::Result<LayerKv> {
+    let (b, h, len, d) = k.dims4()?;
+    match capacity {
+        Some(c) => {
+            let c = c.max(len);
+            let kb = Tensor::zeros((b, h, c, d), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, h, c, d), v.dtype(), v.device())?;
+            kb.slice_set(&k.contiguous()?, 2, 0)?;
+            vb.slice_set(&v.contiguous()?, 2, 0)?;
+            Ok(LayerKv { k: kb, v: vb, len })
+        }
+        None => Ok(LayerKv { k: k.contiguous()?, v: v.contiguous()?, len }),
     }
 }
 

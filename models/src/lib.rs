@@ -1,6 +1,7 @@
 //! Llama / Qwen2 / Qwen3 decoders with LoRA: loading (HF safetensors, GGUF, hub
 //! cache), the decoder, PEFT adapters, merging and KV-cached generation.
 pub mod config;
+pub mod continuous;
 pub mod decoder;
 pub mod generate;
 pub mod gguf;
@@ -16,6 +17,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
+pub use continuous::{DecodeBatch, RowFinish, RowSpec, RowToken};
 pub use decoder::KvCache;
 pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
 pub use io::{write_atomic, write_new};

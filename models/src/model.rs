@@ -350,6 +350,23 @@ impl Model {
         filled.map(|()| cfg)
     }
 
+    /// Remove adapter `name` (a server unloading it); the adapters after it move down
+    /// one index, which routing by name never sees.
+    pub fn remove_named_adapter(&mut self, name: &str) -> Result<()> {
+        let i = self.adapter_index(name)?;
+        for layer in self.decoder.layers.iter_mut() {
+            for lin in layer.linears_mut() {
+                if i < lin.adapters.len() {
+                    lin.adapters.remove(i);
+                }
+            }
+        }
+        self.adapters.remove(i);
+        self.decoder.switch.set_adapter_count(self.adapters.len());
+        self.decoder.switch.set_routes(None);
+        Ok(())
+    }
+
     /// Undo the last `add_adapter` (a load that failed half-way).
     fn pop_adapter(&mut self) {
         for layer in self.decoder.layers.iter_mut() {

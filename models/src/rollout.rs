@@ -142,7 +142,7 @@ impl Model {
 }
 
 /// A uniform draw in [0, 1) from 53 random bits.
-fn unit(bits: u64) -> f64 {
+pub fn unit(bits: u64) -> f64 {
     (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 

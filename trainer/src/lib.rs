@@ -21,6 +21,7 @@ pub mod progress;
 pub mod recipes;
 pub mod report;
 pub mod schedule;
+pub mod serve;
 pub mod sft_data;
 pub mod sides;
 pub mod sweep;

@@ -38,6 +38,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Generate text from a prompt or a chat message.
     Generate(commands::generate::Args),
+    /// Serve the base model and adapters over an OpenAI-compatible HTTP API (continuous batching).
+    Serve(Box<commands::serve::Args>),
     /// Fold an adapter into the base weights and write a Hugging Face model directory.
     Merge(commands::merge::Args),
     /// Validate a dataset and print its statistics.
@@ -79,6 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Compare(args) => commands::compare::run(*args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Serve(args) => commands::serve::run(*args),
         Command::Merge(args) => commands::merge::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Devices(args) => commands::devices::run(args),

@@ -4,6 +4,7 @@
 mod fallbacks;
 mod gguf;
 mod golden;
+mod continuous;
 mod inference;
 mod rollout;
 mod smollm2;

@@ -13,3 +13,4 @@ pub mod sft;
 pub mod sweep;
 pub mod devices;
 pub mod selftest;
+pub mod serve;

@@ -9,6 +9,7 @@ mod grpo_e2e;
 mod grpo_golden;
 mod pairs_compare;
 mod preference_golden;
+mod serve_e2e;
 mod sft_e2e;
 mod sweep_e2e;
 mod trajectory_sft;

@@ -1,0 +1,267 @@
+//! The thread that owns the model's decoding: requests arrive as [`Job`]s on a channel,
+//! their rows join one [`DecodeBatch`] (continuous batching over mixed adapters), and
+//! every step's tokens go back to each request's handler as text deltas.
+//!
+//! Text is decoded here rather than in the handlers because stop strings end a row in
+//! the batch: each step the row's tokens are decoded, a stop string cuts the text and
+//! retires the row, and text that could still be the start of a stop string (or an
+//! incomplete UTF-8 character) is held back until the next token decides it.
+//! A request whose handler has gone (the client disconnected) is noticed at the next
+//! step through its closed channel and its rows leave the batch.
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use lora_models::{DecodeBatch, Model, RowFinish, RowSpec, TokenizerBundle};
+use tokio::sync::{mpsc::UnboundedSender, oneshot};
+
+/// Why a choice ended, as OpenAI names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token or a stop string.
+    Stop,
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// One generated token with its log-prob and the most likely alternatives.
+#[derive(Clone, Debug)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+pub enum Event {
+    /// New text of choice `choice` and the tokens generated since its last delta (a stop
+    /// token is among the tokens but not in the text).
+    Delta { choice: usize, text: String, tokens: Vec<TokenInfo>, finish: Option<Finish> },
+    /// The request failed (its other choices are dropped).
+    Error(String),
+}
+
+/// One request: its rows (choice i = `rows[i]`), stop strings, and where events go.
+pub struct GenJob {
+    pub rows: Vec<RowSpec>,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What needs the model mutably; the owner of the model answers it between steps.
+pub enum Control {
+    Load { name: String, path: String, reply: oneshot::Sender<Result<(), String>> },
+    Unload { name: String, reply: oneshot::Sender<Result<(), String>> },
+}
+
+pub enum Job {
+    Generate(GenJob),
+    Control(Control),
+}
+
+struct RowState {
+    choice: usize,
+    /// Generated tokens that are text (a stop token excluded).
+    tokens: Vec<u32>,
+    stop: std::sync::Arc<Vec<String>>,
+    /// Bytes of the decoded text already sent.
+    emitted: usize,
+    pending: Vec<TokenInfo>,
+    events: UnboundedSender<Event>,
+}
+
+pub struct Scheduler {
+    rx: Receiver<Job>,
+    waiting: VecDeque<GenJob>,
+    batch: DecodeBatch,
+    rows: HashMap<u64, RowState>,
+    bundle: TokenizerBundle,
+    max_rows: usize,
+    closed: bool,
+}
+
+impl Scheduler {
+    pub fn new(rx: Receiver<Job>, bundle: TokenizerBundle, max_rows: usize) -> Self {
+        Self { rx, waiting: VecDeque::new(), batch: DecodeBatch::new(), rows: HashMap::new(), bundle, max_rows: max_rows.max(1), closed: false }
+    }
+
+    /// Every sender is gone and no work is left.
+    pub fn finished(&self) -> bool {
+        self.closed && self.batch.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Running or waiting rows through adapter `name` (an unload must wait for them).
+    pub fn uses_adapter(&self, name: &str) -> usize {
+        self.batch.rows_of_adapter(name)
+            + self.waiting.iter().flat_map(|j| &j.rows).filter(|r| r.adapter.as_deref() == Some(name)).count()
+    }
+
+    /// Take new jobs (waiting up to `wait` when there is nothing to do), admit what fits,
+    /// and run one decode step. Returns the control jobs for the model's owner.
+    pub fn tick(&mut self, model: &Model, wait: Duration) -> Vec<Control> {
+        let mut controls = Vec::new();
+        if self.batch.is_empty() && self.waiting.is_empty() && !self.closed {
+            match self.rx.recv_timeout(wait) {
+                Ok(job) => self.take(job, &mut controls),
+                Err(RecvTimeoutError::Timeout) => return controls,
+                Err(RecvTimeoutError::Disconnected) => self.closed = true,
+            }
+        }
+        while let Ok(job) = self.rx.try_recv() {
+            self.take(job, &mut controls);
+        }
+        self.admit(model);
+        let gone: Vec<u64> = self.rows.iter().filter(|(_, r)| r.events.is_closed()).map(|(&id, _)| id).collect();
+        self.cancel(&gone);
+        if !self.batch.is_empty() {
+            match self.batch.step(model) {
+                Ok((tokens, errors)) => {
+                    for e in errors {
+                        if let Some(r) = self.rows.remove(&e.id) {
+                            let _ = r.events.send(Event::Error(e.message));
+                        }
+                    }
+                    let mut done = Vec::new();
+                    for t in tokens {
+                        let finish = t.finish.map(|f| match f {
+                            RowFinish::Stop => Finish::Stop,
+                            RowFinish::Length => Finish::Length,
+                        });
+                        let is_stop_token = t.finish == Some(RowFinish::Stop);
+                        if self.emit(t.id, TokenInfo { id: t.token, logprob: t.logprob, top: t.top }, is_stop_token, finish) && t.finish.is_none() {
+                            done.push(t.id);
+                        }
+                    }
+                    self.cancel(&done);
+                }
+                Err(e) => {
+                    // A failed forward leaves the batch in an unknown state: fail every row.
+                    let message = format!("generation failed: {e:#}");
+                    tracing::error!("{message}");
+                    for (_, r) in self.rows.drain() {
+                        let _ = r.events.send(Event::Error(message.clone()));
+                    }
+                    self.batch = DecodeBatch::new();
+                }
+            }
+        }
+        controls
+    }
+
+    fn take(&mut self, job: Job, controls: &mut Vec<Control>) {
+        match job {
+            Job::Generate(g) => self.waiting.push_back(g),
+            Job::Control(c) => controls.push(c),
+        }
+    }
+
+    /// Start the waiting requests that fit in the batch (one at least when it is empty).
+    fn admit(&mut self, model: &Model) {
+        while let Some(job) = self.waiting.front() {
+            if job.events.is_closed() {
+                self.waiting.pop_front();
+                continue;
+            }
+            if !self.batch.is_empty() && self.batch.len() + job.rows.len() > self.max_rows {
+                break;
+            }
+            let Some(job) = self.waiting.pop_front() else { break };
+            let stop = std::sync::Arc::new(job.stop);
+            for (choice, r) in job.rows.iter().enumerate() {
+                let state = RowState { choice, tokens: Vec::new(), stop: stop.clone(), emitted: 0, pending: Vec::new(), events: job.events.clone() };
+                self.rows.insert(r.id, state);
+            }
+            let ids: Vec<u64> = job.rows.iter().map(|r| r.id).collect();
+            match self.batch.admit(model, job.rows) {
+                Ok(errors) if errors.is_empty() => {}
+                Ok(errors) => {
+                    let _ = job.events.send(Event::Error(errors[0].message.clone()));
+                    self.cancel(&ids);
+                }
+                Err(e) => {
+                    let _ = job.events.send(Event::Error(format!("prefill failed: {e:#}")));
+                    self.cancel(&ids);
+                }
+            }
+        }
+    }
+
+    fn cancel(&mut self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        for id in ids {
+            self.rows.remove(id);
+        }
+        if let Err(e) = self.batch.cancel(ids) {
+            tracing::error!("dropping rows from the batch failed: {e:#}; every running request fails");
+            for (_, r) in self.rows.drain() {
+                let _ = r.events.send(Event::Error(format!("{e:#}")));
+            }
+            self.batch = DecodeBatch::new();
+        }
+    }
+
+    /// Record row `id`'s new token and send what text is settled. Returns true when a
+    /// stop string ended the row here (the caller removes it from the batch).
+    fn emit(&mut self, id: u64, token: TokenInfo, is_stop_token: bool, finish: Option<Finish>) -> bool {
+        let Some(row) = self.rows.get_mut(&id) else { return false };
+        if !is_stop_token {
+            row.tokens.push(token.id);
+        }
+        row.pending.push(token);
+        let text = self.bundle.decode(&row.tokens, true).unwrap_or_default();
+        let (mut end, mut finish) = (text.len(), finish);
+        let mut stopped_by_string = false;
+        if let Some(cut) = row.stop.iter().filter_map(|s| text.get(row.emitted.min(text.len())..).and_then(|t| t.find(s.as_str())).map(|p| p + row.emitted)).min() {
+            end = cut;
+            finish = Some(Finish::Stop);
+            stopped_by_string = true;
+        } else if finish.is_none() {
+            // Hold back an incomplete character and a possible start of a stop string.
+            if text.ends_with('\u{FFFD}') {
+                end = text.trim_end_matches('\u{FFFD}').len();
+            }
+            let held = row.stop.iter().map(|s| longest_prefix_suffix(&text[..end], s)).max().unwrap_or(0);
+            end -= held;
+        }
+        let start = row.emitted.min(end);
+        let delta = text.get(start..end).unwrap_or_default().to_string();
+        if delta.is_empty() && finish.is_none() && !row.pending.is_empty() && row.pending.len() < 16 {
+            return false;
+        }
+        row.emitted = end.max(row.emitted);
+        let tokens = std::mem::take(&mut row.pending);
+        let sent = row.events.send(Event::Delta { choice: row.choice, text: delta, tokens, finish });
+        if finish.is_some() || sent.is_err() {
+            self.rows.remove(&id);
+            return stopped_by_string || sent.is_err();
+        }
+        false
+    }
+}
+
+/// The length of the longest proper prefix of `stop` that `text` ends with.
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len()).rev().find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n])).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_prefix_suffix;
+
+    #[test]
+    fn held_back_text_is_a_possible_start_of_a_stop_string() {
+        assert_eq!(longest_prefix_suffix("the answer is E", "END"), 1);
+        assert_eq!(longest_prefix_suffix("the answer is EN", "END"), 2);
+        assert_eq!(longest_prefix_suffix("the answer", "END"), 0);
+        assert_eq!(longest_prefix_suffix("x", "é!"), 0);
+    }
+}
