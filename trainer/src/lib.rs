@@ -12,6 +12,7 @@ pub mod data;
 pub mod device;
 pub mod engine;
 pub mod evaluators;
+pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod pair_data;

@@ -46,6 +46,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// List the GPUs this build can use (name, compute capability, memory).
     Devices(commands::devices::Args),
+    /// Training jobs: list, show, logs, wait, cancel, retry (local and Slurm).
+    Jobs(commands::jobs::Args),
     /// Check every CUDA kernel against the CPU implementation, then time the fused LoRA linear.
     Selftest(commands::selftest::Args),
 }
@@ -86,6 +88,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Devices(args) => commands::devices::run(args),
         Command::Selftest(args) => commands::selftest::run(args),
+        Command::Jobs(args) => commands::jobs::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -56,6 +56,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    crate::jobs::run_training(args.train.launch("dpo"), || train(&args))
+}
+
+fn train(args: &Args) -> Result<()> {
     let objective = Dpo::new(args.pairs.beta, args.loss_type, args.label_smoothing)?;
     let pairs = args.pairs.options(args.precompute_ref_logps)?;
     let summary = preference::run(&args.train.resolve()?, &pairs, objective, &args.train.run_options())?;

@@ -30,10 +30,20 @@ pub struct Args {
     /// Print one JSON object with the run summary on stdout (no progress bar).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub job: crate::jobs::JobArgs,
+    /// With --backend slurm: print the sbatch script, submit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let cfg = args.options.with_config_file(args.config.as_deref())?.resolve()?;
+    let launch = crate::jobs::Launch { command: "grpo", job: &args.job, output: super::sft::run_dir(&args.options, args.config.as_deref()), json: args.json, dry_run: args.dry_run };
+    crate::jobs::run_training(launch, || train(&args))
+}
+
+fn train(args: &Args) -> Result<()> {
+    let cfg = args.options.clone().with_config_file(args.config.as_deref())?.resolve()?;
     let summary = grpo::run(&cfg, &args.grpo, &args.evaluators, &RunOptions { resume: args.resume, quiet: args.json })?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod generate;
 pub mod grpo;
 pub mod inspect;
+pub mod jobs;
 pub mod merge;
 pub mod model_args;
 pub mod orpo;

@@ -17,7 +17,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let objective = Orpo::new(args.pairs.beta)?;
-    let summary = preference::run(&args.train.resolve()?, &args.pairs.options(false)?, objective, &args.train.run_options())?;
-    args.train.finish(&summary)
+    crate::jobs::run_training(args.train.launch("orpo"), || {
+        let objective = Orpo::new(args.pairs.beta)?;
+        let summary = preference::run(&args.train.resolve()?, &args.pairs.options(false)?, objective, &args.train.run_options())?;
+        args.train.finish(&summary)
+    })
 }

@@ -24,6 +24,11 @@ pub struct Args {
     /// Print one JSON object with the run summary on stdout (no progress bar).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub job: crate::jobs::JobArgs,
+    /// With --backend slurm: print the sbatch script, submit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 impl Args {
@@ -34,6 +39,11 @@ impl Args {
 
     pub fn run_options(&self) -> RunOptions {
         RunOptions { resume: self.resume, quiet: self.json }
+    }
+
+    /// How `jobs::run_training` registers, detaches or submits this command.
+    pub fn launch(&self, command: &'static str) -> crate::jobs::Launch<'_> {
+        crate::jobs::Launch { command, job: &self.job, output: run_dir(&self.options, self.config.as_deref()), json: self.json, dry_run: self.dry_run }
     }
 
     /// Print the summary on stdout under `--json`.
@@ -96,6 +106,16 @@ impl Command {
 }
 
 pub fn run(command: Command) -> Result<()> {
-    let summary = sft::run(&command.resolve()?, &command.train.run_options())?;
-    command.train.finish(&summary)
+    let args = &command.train;
+    crate::jobs::run_training(args.launch("sft"), || {
+        let summary = sft::run(&command.resolve()?, &args.run_options())?;
+        args.finish(&summary)
+    })
+}
+
+/// The run directory `--output` (or the config file) names, absolute: the job store is
+/// read from other directories.
+pub fn run_dir(options: &TrainOptions, config: Option<&std::path::Path>) -> Option<PathBuf> {
+    let out = options.clone().with_config_file(config).ok()?.output?;
+    Some(if out.is_absolute() { out } else { std::env::current_dir().ok()?.join(out) })
 }

@@ -2,9 +2,10 @@
 //! they share it) and pick the one with the lowest eval loss (see `sweep/`).
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::config::TrainOptions;
+use crate::jobs::{Backend, Launch};
 use crate::sweep::{self, SweepOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,10 +63,25 @@ pub struct Args {
     /// Print one JSON object (candidates, winner; the plan with --dry-run) on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub job: crate::jobs::JobArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut options = args.options.with_config_file(args.config.as_deref())?;
+    let launch = Launch { command: "sweep", job: &args.job, output: super::sft::run_dir(&args.options, args.config.as_deref()), json: args.json, dry_run: args.dry_run };
+    if args.job.backend == Backend::Slurm && args.job.job_id.is_none() {
+        return submit_to_slurm(&args, &launch);
+    }
+    if args.dry_run {
+        // A local sweep's --dry-run is its plan: no job, nothing trained.
+        return train(&args);
+    }
+    crate::jobs::run_training(launch, || train(&args))
+}
+
+/// The sweep's options, its devices taken from `--device` when `--devices` is auto.
+fn sweep_options(args: &Args, slurm: bool) -> Result<(TrainOptions, SweepOptions)> {
+    let mut options = args.options.clone().with_config_file(args.config.as_deref())?;
     let devices = match options.device.take() {
         Some(d) if args.devices == "auto" => d,
         _ => args.devices.clone(),
@@ -74,17 +90,38 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--max-parallel must be at least 1");
     }
     let opts = SweepOptions {
-        candidates: args.candidate,
-        grid: args.grid,
+        candidates: args.candidate.clone(),
+        grid: args.grid.clone(),
         tuning_samples: args.tuning_samples,
         pack: args.pack == PackMode::Auto,
         devices,
-        simulate_devices: args.simulate_devices,
+        simulate_devices: args.simulate_devices.clone(),
         max_parallel: args.max_parallel,
         dry_run: args.dry_run,
         resume: args.resume,
         quiet: args.json,
+        slurm,
     };
+    Ok((options, opts))
+}
+
+/// `--backend slurm`: plan here, write the groups' specs, submit them as a job array and
+/// the sweep itself (with --resume, after the array) as the final job.
+fn submit_to_slurm(args: &Args, launch: &Launch) -> Result<()> {
+    let (options, opts) = sweep_options(args, true)?;
+    let record = sweep::run(options, &opts)?;
+    let mut groups: Vec<usize> = record.candidates.iter().filter(|c| !sweep::finished(c.status)).filter_map(|c| c.group).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    if groups.is_empty() && !opts.dry_run {
+        bail!("every candidate of this sweep has finished; nothing to submit");
+    }
+    let dir = launch.output.clone().context("sweep needs --output")?;
+    crate::jobs::slurm::submit_sweep(launch, &dir, &groups)
+}
+
+fn train(args: &Args) -> Result<()> {
+    let (options, opts) = sweep_options(args, false)?;
     let record = sweep::run(options, &opts)?;
     if args.json {
         let out = if opts.dry_run {
@@ -119,5 +156,14 @@ pub struct WorkerArgs {
 }
 
 pub fn run_worker(args: WorkerArgs) -> Result<()> {
-    sweep::worker::run_group(&sweep::worker::read_spec(&args.spec)?)
+    // SIGTERM (the sweep's own cancel, scancel), SIGINT and Slurm's SIGUSR1: the group's
+    // runs checkpoint and stop; on SIGUSR1 under --requeue, Slurm restarts the task.
+    crate::jobs::process::install_stop_handlers();
+    let result = sweep::worker::run_group(&sweep::worker::read_spec(&args.spec)?);
+    if let Err(e) = &result {
+        if e.downcast_ref::<crate::jobs::Interrupted>().is_some_and(|i| i.signal == libc::SIGUSR1) {
+            crate::jobs::slurm::requeue_self();
+        }
+    }
+    result
 }

@@ -101,6 +101,15 @@ pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
         for ((k, &i), s) in active.iter().enumerate().zip(sums) {
             runs[i].finish_step(model, s, denominators[k])?;
         }
+        // SIGTERM / SIGINT / Slurm's SIGUSR1 (jobs/process.rs): stop between steps, with a
+        // checkpoint of the step just finished, so `--resume` continues bit-exactly.
+        if let Some(signal) = crate::jobs::stop_requested() {
+            let mut checkpoints = Vec::new();
+            for run in runs.iter_mut().filter(|r| r.is_active()) {
+                checkpoints.extend(run.checkpoint_now(model)?);
+            }
+            return Err(crate::jobs::Interrupted { signal, checkpoints }.into());
+        }
     }
 }
 

@@ -268,19 +268,39 @@ impl<M: Method> Run<M> {
         self.state.elapsed_s = self.elapsed();
         row.elapsed_s = self.state.elapsed_s;
         self.metrics.write(&row)?;
+        crate::jobs::on_step(self.state.step, self.total_steps, Some(loss));
         if self.state.step % self.cfg.checkpoint_interval == 0 || last_step {
-            let out = &self.cfg.output;
-            let dir = checkpoint::save_checkpoint(out, &self.state, |dir| {
-                model.save_named_adapter(&self.name, dir, &self.base_source)?;
-                self.opt.save(&dir.join(training::OPTIMIZER_FILE))
-            })?;
-            checkpoint::prune_checkpoints(out, self.cfg.save_total_limit)?;
-            tracing::debug!("checkpoint {}", dir.display());
+            self.save_checkpoint(model)?;
         }
         if last_step {
             self.complete(model)?;
         }
         Ok(())
+    }
+
+    fn save_checkpoint(&self, model: &Model) -> Result<PathBuf> {
+        let out = &self.cfg.output;
+        let dir = checkpoint::save_checkpoint(out, &self.state, |dir| {
+            model.save_named_adapter(&self.name, dir, &self.base_source)?;
+            self.opt.save(&dir.join(training::OPTIMIZER_FILE))
+        })?;
+        checkpoint::prune_checkpoints(out, self.cfg.save_total_limit)?;
+        tracing::debug!("checkpoint {}", dir.display());
+        Ok(dir)
+    }
+
+    /// Stopping early (a signal): the checkpoint of the step just finished, written now
+    /// unless the checkpoint interval already wrote it. `None` before the first step.
+    pub(super) fn checkpoint_now(&mut self, model: &Model) -> Result<Option<PathBuf>> {
+        self.progress.finish();
+        if self.state.step == 0 {
+            return Ok(None);
+        }
+        let dir = checkpoint::checkpoint_dir(&self.cfg.output, self.state.step);
+        if dir.is_dir() {
+            return Ok(Some(dir));
+        }
+        self.save_checkpoint(model).map(Some)
     }
 
     /// Stop after a NaN/Inf: mark the run, keep the checkpoints (all written before this

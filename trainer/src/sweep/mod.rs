@@ -44,6 +44,8 @@ pub struct SweepOptions {
     pub dry_run: bool,
     pub resume: bool,
     pub quiet: bool,
+    /// `--backend slurm`: plan and write the groups' specs; the caller submits them.
+    pub slurm: bool,
 }
 
 /// One candidate's line in `sweep.json`.
@@ -195,6 +197,22 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     if devices.iter().any(|d| d.simulated) {
         bail!("--simulate-devices only plans: add --dry-run");
     }
+    if opts.slurm {
+        // Each group with work left becomes one task of a Slurm job array that runs
+        // `sweep-worker` on its spec; the sweep's final job collects the outcome.
+        std::fs::create_dir_all(dir.join("groups")).with_context(|| format!("creating {}", dir.display()))?;
+        for r in record.candidates.iter_mut() {
+            refresh(r);
+        }
+        for k in 0..plan.groups.len() {
+            if let Some(spec) = group_spec(dir.as_path(), &plan, k, &record) {
+                crate::checkpoint::write_atomic(&worker::spec_path(&dir, k), &serde_json::to_vec_pretty(&spec)?)?;
+            }
+        }
+        record.status = "submitted".into();
+        save(&dir, &record)?;
+        return Ok(record);
+    }
 
     // ---- run the groups ------------------------------------------------------------------
     std::fs::create_dir_all(dir.join("groups")).with_context(|| format!("creating {}", dir.display()))?;
@@ -204,6 +222,15 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     record.status = "running".into();
     save(&dir, &record)?;
     execute(&dir, &plan, &mut record, opts)?;
+    if let Some(signal) = crate::jobs::stop_requested() {
+        for r in record.candidates.iter_mut() {
+            refresh(r);
+        }
+        record.status = "stopped".into();
+        record.wall_s = wall.elapsed().as_secs_f64();
+        save(&dir, &record)?;
+        return Err(crate::jobs::Interrupted { signal, checkpoints: vec![] }.into());
+    }
 
     // ---- outcome --------------------------------------------------------------------------
     for r in record.candidates.iter_mut() {
@@ -261,32 +288,32 @@ fn execute(dir: &Path, plan: &Plan, record: &mut SweepRecord, opts: &SweepOption
     let bars = Bars::new(record, opts.quiet);
     let mut queue: Vec<usize> = (0..plan.groups.len()).collect();
     let mut running: Vec<Running> = Vec::new();
+    let mut stopping = false;
     loop {
+        // Asked to stop (jobs cancel, Ctrl-C): the workers checkpoint and stop too, and
+        // no further group starts.
+        if let Some(signal) = crate::jobs::stop_requested().filter(|_| !stopping) {
+            stopping = true;
+            queue.clear();
+            for r in &running {
+                let _ = crate::jobs::process::send_signal(r.child.id() as i64, signal);
+            }
+        }
         // Start what fits: one group per device at a time, within the parallel budget.
         let mut i = 0;
         while i < queue.len() {
             let g = &plan.groups[queue[i]];
             let active: usize = running.iter().map(|r| r.members.len()).sum();
             let device_busy = running.iter().any(|r| r.device == g.device);
-            let todo: Vec<&CandidateRecord> =
-                g.candidates.iter().filter_map(|n| record.candidates.iter().find(|c| &c.name == n)).filter(|c| !finished(c.status)).collect();
-            if todo.is_empty() {
+            let Some(spec) = group_spec(dir, plan, queue[i], record) else {
                 queue.remove(i);
                 continue;
-            }
-            if device_busy || (active > 0 && active + todo.len() > plan.max_parallel) {
+            };
+            if device_busy || (active > 0 && active + spec.members.len() > plan.max_parallel) {
                 i += 1;
                 continue;
             }
             let k = queue.remove(i);
-            let spec = GroupSpec {
-                result_file: Some(worker::result_path(dir, k)),
-                device: g.device.clone(),
-                members: todo
-                    .iter()
-                    .map(|c| GroupMember { name: c.name.clone(), config: c.config.clone(), resume: c.output.join(engine::RUN_FILE).exists() })
-                    .collect(),
-            };
             let members = spec.members.iter().map(|m| m.name.clone()).collect();
             let child = spawn_worker(dir, k, &spec)?;
             for m in &spec.members {
@@ -328,8 +355,23 @@ fn execute(dir: &Path, plan: &Plan, record: &mut SweepRecord, opts: &SweepOption
     Ok(())
 }
 
-fn finished(s: RunStatus) -> bool {
+/// A candidate that is done for good (a resumed sweep does not rerun it).
+pub fn finished(s: RunStatus) -> bool {
     matches!(s, RunStatus::Completed | RunStatus::Diverged)
+}
+
+/// What group `k`'s worker trains: its candidates that are not finished (each resuming
+/// where its run directory holds a run); `None` when there are none.
+fn group_spec(dir: &Path, plan: &Plan, k: usize, record: &SweepRecord) -> Option<GroupSpec> {
+    let g = &plan.groups[k];
+    let members: Vec<GroupMember> = g
+        .candidates
+        .iter()
+        .filter_map(|n| record.candidates.iter().find(|c| &c.name == n))
+        .filter(|c| !finished(c.status))
+        .map(|c| GroupMember { name: c.name.clone(), config: c.config.clone(), resume: c.output.join(engine::RUN_FILE).exists() })
+        .collect();
+    (!members.is_empty()).then(|| GroupSpec { result_file: Some(worker::result_path(dir, k)), device: g.device.clone(), members })
 }
 
 fn spawn_worker(dir: &Path, k: usize, spec: &GroupSpec) -> Result<Child> {

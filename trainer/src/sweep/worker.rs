@@ -48,11 +48,14 @@ pub fn run_group(spec: &GroupSpec) -> Result<()> {
     // Candidates with the same data settings share the tokenized sets.
     let mut data: HashMap<String, std::rc::Rc<SftData>> = HashMap::new();
     let mut runs = Vec::new();
+    // A Slurm task restarted by a requeue finds the run directories its first attempt wrote.
+    let restarted = std::env::var("SLURM_RESTART_COUNT").is_ok_and(|c| c.trim() != "0");
     for m in &spec.members {
         let mut cfg = m.config.clone();
         cfg.device = spec.device.clone();
+        let resume = m.resume || (restarted && cfg.output.join(engine::RUN_FILE).exists());
         let started = (|| -> Result<Run<Sft>> {
-            let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, m.resume)?;
+            let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, resume)?;
             let key = data_key(&cfg);
             let set = match data.get(&key) {
                 Some(d) => d.clone(),
@@ -64,7 +67,7 @@ pub fn run_group(spec: &GroupSpec) -> Result<()> {
                 }
             };
             let method = Sft::new(&set, &cfg);
-            Run::start(&mut model, &m.name, cfg.clone(), method, set.train.fingerprint(), resume_from, &source, &RunOptions { resume: m.resume, quiet: false })
+            Run::start(&mut model, &m.name, cfg.clone(), method, set.train.fingerprint(), resume_from, &source, &RunOptions { resume, quiet: false })
         })();
         match started {
             Ok(run) => runs.push(run),

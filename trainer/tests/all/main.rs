@@ -7,6 +7,7 @@ mod eval_golden;
 mod evaluators;
 mod grpo_e2e;
 mod grpo_golden;
+mod jobs_e2e;
 mod pairs_compare;
 mod preference_golden;
 mod serve_e2e;

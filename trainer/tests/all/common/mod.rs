@@ -34,7 +34,8 @@ pub fn write_dataset(dir: &Path, name: &str, n: usize) -> PathBuf {
 }
 
 pub fn run(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("LORA_TRAIN_LOG", "warn").output().expect("spawn lora-train")
+    // Every training command registers a job: keep the tests' jobs out of the user's store.
+    Command::new(bin()).args(args).env("LORA_TRAIN_LOG", "warn").env("LORA_TRAIN_HOME", std::env::temp_dir().join("lora-train-tests-home")).output().expect("spawn lora-train")
 }
 
 pub fn ok(args: &[&str]) -> Output {

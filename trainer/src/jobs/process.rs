@@ -1,0 +1,128 @@
+//! Processes: identity (pid + start time), liveness, signals, and the stop request a
+//! signal leaves for the training loop.
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat),
+/// `None` when the process does not exist (or /proc is unavailable).
+pub fn start_time(pid: i64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 is the command name in parentheses and may itself hold spaces and ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After the name: state is field 3, so start time (22) is the 20th field here.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Is the process that ran the job (same pid, same start time) still there? A zombie (the
+/// process exited, its parent has not reaped it) counts as gone.
+pub fn is_alive(pid: i64, recorded_start: Option<u64>) -> bool {
+    let Some(start) = start_time(pid) else { return false };
+    if recorded_start.is_some_and(|s| s != start) {
+        return false;
+    }
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next().map(String::from)));
+    state.as_deref() != Some("Z")
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+/// Send `signal` to `pid`.
+pub fn send_signal(pid: i64, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid as libc::pid_t, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The first stop signal received (0: none).
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    // Only an atomic store: the one thing a signal handler may safely do here.
+    STOP.store(signal, Ordering::SeqCst);
+}
+
+/// SIGTERM (`jobs cancel`, `scancel`, preemption), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's
+/// warning before the time limit, `--signal=B:USR1@120`) ask the training loop to write a
+/// checkpoint and stop after the current optimizer step. The handler resets itself, so a
+/// second signal of the same kind ends the process at once.
+pub fn install_stop_handlers() {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The signal that asked this process to stop, if one did.
+pub fn stop_requested() -> Option<i32> {
+    match STOP.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGKILL => "SIGKILL",
+        _ => "a signal",
+    }
+}
+
+/// The error a run returns after it stopped on a signal with its checkpoint written.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    /// The checkpoint each stopped run wrote (or already had) for its current step.
+    pub checkpoints: Vec<std::path::PathBuf>,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped by {}", signal_name(self.signal))?;
+        match self.checkpoints.as_slice() {
+            [] => write!(f, " before the first checkpoint"),
+            [one] => write!(f, " after writing checkpoint {}", one.display()),
+            many => write!(f, " after writing {} checkpoints", many.len()),
+        }?;
+        write!(f, "; continue with --resume")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_wrong_start_time_is_not() {
+        let me = std::process::id() as i64;
+        let start = start_time(me).expect("/proc/self/stat");
+        assert!(is_alive(me, Some(start)));
+        assert!(!is_alive(me, Some(start + 1)), "same pid, other start time: a reused pid");
+        assert!(!is_alive(i32::MAX as i64, None));
+    }
+
+    #[test]
+    fn a_reaped_child_is_gone_and_an_unreaped_one_is_a_zombie() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i64;
+        let start = start_time(pid);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!is_alive(pid, start), "an exited (zombie) process is not alive");
+        child.wait().unwrap();
+        assert!(!is_alive(pid, start));
+    }
+}
