@@ -24,3 +24,4 @@ pub mod schedule;
 pub mod sides;
 pub mod sweep;
 pub mod training;
+pub mod workflow;
