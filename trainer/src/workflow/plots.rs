@@ -101,9 +101,10 @@ mod tests {
     #[test]
     fn plots_are_svg_with_one_path_per_curve_and_one_cell_per_count() {
         let svg = curves_svg("t", "step", "loss", &[Curve { label: "a".into(), points: vec![(0.0, 2.0), (1.0, 1.0)] }, Curve { label: "b".into(), points: vec![(0.0, 3.0), (2.0, 1.5)] }]).unwrap();
-        assert!(svg.starts_with("<svg") && svg.contains(">a<") && svg.contains(">b<"), "{svg}");
+        assert!(svg.starts_with("<svg") && svg.contains("\na\n") && svg.contains("\nb\n"), "{svg}");
         assert!(curves_svg("empty", "x", "y", &[]).unwrap().contains("empty"));
         let svg = confusion_svg("cm", &["pos".into(), "neg".into()], &[vec![5, 1], vec![0, 7]]).unwrap();
-        assert!(svg.contains(">7<") && svg.contains(">pos<"), "{svg}");
+        assert!(svg.contains("\n7\n") && svg.contains("\npos\n"), "{svg}");
+        assert_eq!(svg.matches("<rect").count(), 1 + 2 * 4, "background, then a filled and an outlined rectangle per cell");
     }
 }

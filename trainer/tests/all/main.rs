@@ -11,3 +11,4 @@ mod pairs_compare;
 mod preference_golden;
 mod sft_e2e;
 mod sweep_e2e;
+mod workflow_e2e;
