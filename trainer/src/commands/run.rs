@@ -17,10 +17,14 @@ pub struct Args {
 pub enum Workflow {
     /// Supervised fine-tuning: sweep candidates, promote the best, retrain it on all the data.
     Sft(Box<workflow::sft::SftArgs>),
+    /// Classification: labels and their balance, a base-model benchmark, then the sft
+    /// phases, scored per label (accuracy, precision, recall, F1, confusion matrix).
+    Classify(Box<workflow::classify::ClassifyArgs>),
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.workflow {
         Workflow::Sft(a) => workflow::sft::run(*a),
+        Workflow::Classify(a) => workflow::classify::run(*a),
     }
 }

@@ -11,6 +11,7 @@
 //! `--resume` continues a killed workflow at the phase where it stopped (and the sweep
 //! and the final run continue at their candidate and checkpoint).
 pub mod approval;
+pub mod classify;
 pub mod evaluation;
 pub mod final_run;
 pub mod inspect;

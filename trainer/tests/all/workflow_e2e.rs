@@ -148,3 +148,69 @@ fn a_workflow_killed_in_its_final_run_resumes_there() {
     assert_eq!(report["final_run"]["retrained"], true);
     assert!(report["adapter"].as_str().unwrap().ends_with("final"));
 }
+
+fn tickets() -> String {
+    repo().join("examples/ticket_labels.jsonl").display().to_string()
+}
+
+#[test]
+fn classify_benchmark_only_prints_per_label_scores_and_trains_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("llama"), tickets(), out.display().to_string());
+    let args = ["run", "classify", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--benchmark-only", "--benchmark-samples", "24", "--max-new-tokens", "4", "--json"];
+    let res = run_headless(&args);
+    assert_eq!(res.status.code(), Some(3), "no terminal, no --yes: {}", String::from_utf8_lossy(&res.stderr));
+    assert!(res.stdout.is_empty());
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("imbalance ratio (most / least frequent): 2.0") && plan.contains("label log-likelihood benchmark"), "{plan}");
+    assert!(!out.join("confusion-base-1.svg").exists());
+
+    let mut yes = args.to_vec();
+    yes.extend(["--resume", "--yes"]);
+    let res = run_headless(&yes);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let data = stdout_json(&res);
+    let models = data["models"].as_array().unwrap();
+    assert_eq!(models.len(), 1);
+    let base = &models[0];
+    assert_eq!(base["kind"], "base");
+    assert_eq!(data["held_out"], 24);
+    let per_label = base["per_label"].as_object().unwrap();
+    assert_eq!(per_label.keys().collect::<Vec<_>>(), ["account", "billing", "bug", "feature_request"]);
+    assert_eq!(per_label.values().map(|v| v["support"].as_u64().unwrap()).sum::<u64>(), 24);
+    let matrix = base["confusion"]["matrix"].as_array().unwrap();
+    let cells: Vec<u64> = matrix.iter().flat_map(|r| r.as_array().unwrap().iter().map(|c| c.as_u64().unwrap())).collect();
+    assert_eq!(cells.iter().sum::<u64>(), 24, "one prediction per held-out sample");
+    assert!(matrix.iter().all(|r| r[4] == 0), "log-likelihood always predicts a label, never (other)");
+    let correct: u64 = (0..4).map(|i| matrix[i][i].as_u64().unwrap()).sum();
+    assert!((base["accuracy"].as_f64().unwrap() - correct as f64 / 24.0).abs() < 1e-12);
+    assert_eq!(base["generation"]["samples"], 24);
+    let svg = std::fs::read_to_string(out.join("confusion-base-1.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("feature_request"));
+    assert!(!out.join("sweep").exists(), "--benchmark-only trains nothing");
+    assert!(std::fs::read_to_string(out.join("final_report.md")).unwrap().contains("confusion-base-1.svg"));
+}
+
+#[test]
+fn classify_trains_and_scores_base_against_fine_tuned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("qwen2"), tickets(), out.display().to_string());
+    let res = run_headless(&[
+        "run", "classify", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3",
+        "--benchmark-samples", "16", "--max-new-tokens", "4", "--json", "--yes",
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let data = stdout_json(&res);
+    let kinds: Vec<&str> = data["models"].as_array().unwrap().iter().map(|m| m["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["base", "fine-tuned"]);
+    let tuned = &data["models"][1];
+    assert!(tuned["adapter"].as_str().unwrap().contains("r4-lr1e-3"));
+    assert!(out.join("confusion-fine-tuned.svg").exists());
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["comparison"], data, "--json prints the report's data");
+    assert_eq!(report["hosting"]["rank_ok"], true);
+    let md = std::fs::read_to_string(out.join("final_report.md")).unwrap();
+    assert!(md.contains("accuracy (log-likelihood)") && md.contains("Scoreboard"));
+}
