@@ -27,3 +27,4 @@ pub mod sft_data;
 pub mod sides;
 pub mod sweep;
 pub mod training;
+pub mod workflow;

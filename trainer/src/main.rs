@@ -34,6 +34,9 @@ enum Command {
     Pairs(Box<commands::pairs::Args>),
     /// Fine-tuned vs base (or another adapter) head to head: wins, losses, ties, win rate.
     Compare(Box<commands::compare::Args>),
+    /// Workflows from a dataset to a promoted adapter: inspect, plan, approval, sweep,
+    /// promotion, final run, evaluation, final_report.md.
+    Run(commands::run::Args),
     /// Mean loss / perplexity of a model (optionally with an adapter) on a dataset.
     Eval(commands::eval::Args),
     /// Generate text from a prompt or a chat message.
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::SweepWorker(args) => commands::sweep::run_worker(args),
         Command::Pairs(args) => commands::pairs::run(*args),
         Command::Compare(args) => commands::compare::run(*args),
+        Command::Run(args) => commands::run::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Serve(args) => commands::serve::run(*args),
@@ -92,6 +96,11 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A workflow stopped at a gate it may not pass alone: its own exit status.
+        Err(err) if err.downcast_ref::<lora_train::workflow::Stopped>().is_some() => {
+            eprintln!("stopped: {err:#}");
+            std::process::ExitCode::from(lora_train::workflow::EXIT_NEEDS_APPROVAL)
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE

@@ -10,6 +10,7 @@ pub mod merge;
 pub mod model_args;
 pub mod orpo;
 pub mod pairs;
+pub mod run;
 pub mod sft;
 pub mod sweep;
 pub mod devices;

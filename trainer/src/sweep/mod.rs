@@ -67,6 +67,11 @@ pub struct CandidateRecord {
     pub elapsed_s: Option<f64>,
     pub est_memory_bytes: u64,
     pub est_seconds: f64,
+    /// Training tokens and FLOPs the planner counted (the workflows' cost estimate).
+    #[serde(default)]
+    pub est_tokens: u64,
+    #[serde(default)]
+    pub est_flops: f64,
     /// Measured peak RSS of the worker process that trained this candidate (its group).
     #[serde(default)]
     pub group_peak_rss_bytes: Option<u64>,
@@ -160,6 +165,8 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
             elapsed_s: None,
             est_memory_bytes: estimate.base_bytes + estimate.own_bytes,
             est_seconds: 0.0,
+            est_tokens: estimate.tokens,
+            est_flops: estimate.flops,
             group_peak_rss_bytes: None,
             error: None,
         });

@@ -117,7 +117,7 @@ pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64, row_len: usize)
     let kv = (m.num_key_value_heads * m.head_dim) as f64;
     let per_layer_matmul = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
     let vocab = m.vocab_size as f64 * h;
-    let base_params = l * (per_layer_matmul + 2.0 * h) + vocab * if m.tie_word_embeddings { 1.0 } else { 2.0 } + h;
+    let base_params = base_parameters(m);
     let base_bytes = base_params * dtype_bytes(cfg.base_dtype) + PROCESS_OVERHEAD;
 
     let r = cfg.lora_rank as f64;
@@ -144,6 +144,16 @@ pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64, row_len: usize)
     let t = tokens as f64;
     let flops = t * (4.0 * (l * per_layer_matmul + vocab) + 6.0 * lora_params + l * 6.0 * seq * q);
     Estimate { base_bytes: base_bytes as u64, own_bytes: own_bytes as u64, lora_parameters: lora_params as u64, flops, tokens }
+}
+
+/// Parameters of the frozen base (embeddings counted once when tied).
+pub fn base_parameters(m: &ModelConfig) -> f64 {
+    let (h, i, l) = (m.hidden_size as f64, m.intermediate_size as f64, m.num_hidden_layers as f64);
+    let q = (m.num_attention_heads * m.head_dim) as f64;
+    let kv = (m.num_key_value_heads * m.head_dim) as f64;
+    let per_layer_matmul = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+    let vocab = m.vocab_size as f64 * h;
+    l * (per_layer_matmul + 2.0 * h) + vocab * if m.tie_word_embeddings { 1.0 } else { 2.0 } + h
 }
 
 /// What the packer needs of a candidate.

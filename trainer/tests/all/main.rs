@@ -14,3 +14,4 @@ mod serve_e2e;
 mod sft_e2e;
 mod sweep_e2e;
 mod trajectory_sft;
+mod workflow_e2e;

@@ -1,0 +1,30 @@
+//! `lora-train run sft|classify`: workflows from a dataset to a promoted adapter and
+//! `final_report.md` (see `workflow/`).
+use anyhow::Result;
+
+use crate::workflow;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Phases: inspect, plan (DIR/plan.md, with cost), approval, sweep, promotion, final run, \
+evaluation, report (DIR/final_report.md and .json). State in DIR/workflow.json; --resume continues a killed \
+workflow. Without a terminal and without --yes the workflow stops at a gate with exit status 3.")]
+pub struct Args {
+    #[command(subcommand)]
+    pub workflow: Workflow,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Workflow {
+    /// Supervised fine-tuning: sweep candidates, promote the best, retrain it on all the data.
+    Sft(Box<workflow::sft::SftArgs>),
+    /// Classification: labels and their balance, a base-model benchmark, then the sft
+    /// phases, scored per label (accuracy, precision, recall, F1, confusion matrix).
+    Classify(Box<workflow::classify::ClassifyArgs>),
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.workflow {
+        Workflow::Sft(a) => workflow::sft::run(*a),
+        Workflow::Classify(a) => workflow::classify::run(*a),
+    }
+}

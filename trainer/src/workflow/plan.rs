@@ -1,0 +1,244 @@
+//! Phase `plan`: the candidates (the sweep's defaults, or `--candidate`/`--grid`), and
+//! per candidate its tokens, FLOPs, memory and time from the sweep planner
+//! (`sweep::plan`: FLOPs over a measured CPU GEMM rate, or an assumed GPU rate), plus the
+//! final full-data run and the evaluation inference, priced at `--gpu-hour-price` on a GPU
+//! (CPU time only on a CPU). Written to `DIR/plan.md` and shown on stderr.
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::inspect::{self, Inspection};
+use crate::config::{TrainConfig, TrainOptions};
+use crate::progress::fmt_duration;
+use crate::sweep::plan::{self as sweep_plan, GIB};
+use crate::sweep::{self, SweepOptions};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlannedCandidate {
+    pub name: String,
+    pub overrides: std::collections::BTreeMap<String, String>,
+    pub steps: usize,
+    pub tokens: u64,
+    pub flops: f64,
+    pub memory_bytes: u64,
+    pub seconds: f64,
+    pub device: Option<String>,
+}
+
+/// A line of the cost table that is not a candidate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Cost {
+    pub what: String,
+    pub tokens: u64,
+    pub flops: f64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    pub model: String,
+    pub dataset: std::path::PathBuf,
+    pub train_samples: usize,
+    pub held_out_samples: usize,
+    /// Candidates train on this many samples (`--tuning-samples`), when fewer than all.
+    pub tuning_subsample: Option<usize>,
+    pub candidates: Vec<PlannedCandidate>,
+    /// Estimated wall time of the sweep (the busiest device's queue).
+    pub sweep_seconds: f64,
+    /// The final full-data run (absent when the candidates already train on all the data).
+    pub final_run: Option<Cost>,
+    /// Inference: validation losses, generations for evaluators, benchmarks.
+    pub inference: Vec<Cost>,
+    pub total_seconds: f64,
+    pub device: String,
+    pub device_flops_per_s: f64,
+    pub gpu: bool,
+    pub gpu_hour_price: Option<f64>,
+    /// `total_seconds` at `gpu_hour_price` (GPU plans only).
+    pub total_cost: Option<f64>,
+    /// How candidates and models are compared: `validation loss`, or evaluators.
+    pub evaluators: Vec<String>,
+    pub evaluator_reason: String,
+}
+
+/// What the plan needs besides the training options.
+pub struct PlanInput<'a> {
+    /// The training options with the (converted) dataset and `output` = the sweep's directory.
+    pub options: &'a TrainOptions,
+    pub sweep: &'a SweepOptions,
+    pub evaluators: Vec<String>,
+    pub evaluator_reason: String,
+    pub gpu_hour_price: Option<f64>,
+    /// Held-out samples each model generates an answer for (0 without evaluators).
+    pub generations_per_side: usize,
+    pub max_new_tokens: usize,
+    /// Models compared on the held-out split (base + fine-tuned = 2; classify: per --models).
+    pub sides: usize,
+    /// Extra inference the workflow does, in forward tokens (classify: label scoring).
+    pub extra_inference: Option<(String, u64)>,
+}
+
+pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
+    let dry = SweepOptions { dry_run: true, quiet: true, resume: false, ..inp.sweep.clone() };
+    let record = sweep::run(inp.options.clone(), &dry).context("planning the sweep")?;
+    let splan: sweep_plan::Plan = serde_json::from_value(record.plan.clone())?;
+    let device = splan.devices.first().cloned().context("the planner found no device")?;
+    let gpu = splan.devices.iter().any(|d| d.name.starts_with("cuda"));
+    let rate = device.flops_per_s.max(1.0);
+
+    let cfg: TrainConfig = inp.options.clone().resolve()?;
+    let full_cfg = TrainConfig { max_train_samples: None, ..cfg.clone() };
+    let (train, held) = crate::recipes::sft::load_split(&full_cfg)?;
+    let (train_n, held_n) = (train.len(), held.as_ref().map_or(0, |h| h.len()));
+    let tuning_subsample = (inp.sweep.tuning_samples > 0 && train_n > inp.sweep.tuning_samples && cfg.max_train_samples.is_none()).then_some(inp.sweep.tuning_samples);
+
+    let candidates: Vec<PlannedCandidate> = record
+        .candidates
+        .iter()
+        .map(|c| PlannedCandidate {
+            name: c.name.clone(),
+            overrides: c.overrides.clone(),
+            steps: c.total_steps,
+            tokens: c.est_tokens,
+            flops: c.est_flops,
+            memory_bytes: c.est_memory_bytes,
+            seconds: c.est_seconds,
+            device: c.device.clone(),
+        })
+        .collect();
+
+    let all_tokens = inspection.tokens();
+    let samples = inspection.samples.max(1) as u64;
+    let per_sample = all_tokens as f64 / samples as f64;
+    let final_run = tuning_subsample.map(|_| {
+        let epochs = cfg.epochs.unwrap_or_else(|| TrainConfig::default_epochs(train_n));
+        let tokens = match cfg.steps {
+            // Fixed steps: the final run sees as many tokens as a candidate.
+            Some(_) => candidates.iter().map(|c| c.tokens).max().unwrap_or(0),
+            None => (per_sample * train_n as f64) as u64 * epochs as u64,
+        };
+        // FLOPs per token of the most expensive candidate (the winner is not known yet).
+        let per_token = candidates.iter().map(|c| c.flops / c.tokens.max(1) as f64).fold(0.0, f64::max);
+        let flops = per_token * tokens as f64;
+        Cost { what: "final run (winner, all training data)".into(), tokens, flops, seconds: flops / rate }
+    });
+
+    let model_cfg = lora_models::load_model_config(&cfg.model)?;
+    let params = sweep_plan::base_parameters(&model_cfg);
+    let held_tokens = (per_sample * held_n as f64) as u64;
+    let mut inference = Vec::new();
+    if held_n > 0 {
+        // A forward pass costs about 2 FLOPs per parameter and token.
+        let tokens = held_tokens * inp.sides as u64;
+        let flops = 2.0 * params * tokens as f64;
+        inference.push(Cost { what: format!("validation loss, {} model(s) x {held_n} held-out samples", inp.sides), tokens, flops, seconds: flops / rate });
+    }
+    if inp.generations_per_side > 0 && !inp.evaluators.is_empty() {
+        let n = inp.generations_per_side.min(held_n);
+        // Promotion scores every candidate too; each answer re-reads the prompt once.
+        let sides = inp.sides + candidates.len();
+        let tokens = (sides * n) as u64 * (per_sample as u64 + inp.max_new_tokens as u64);
+        let flops = 2.0 * params * tokens as f64;
+        inference.push(Cost { what: format!("generation for evaluators: {sides} model(s) x {n} prompts, up to {} new tokens", inp.max_new_tokens), tokens, flops, seconds: flops / rate });
+    }
+    if let Some((what, tokens)) = &inp.extra_inference {
+        let flops = 2.0 * params * *tokens as f64;
+        inference.push(Cost { what: what.clone(), tokens: *tokens, flops, seconds: flops / rate });
+    }
+    let total_seconds = record_sweep_seconds(&splan) + final_run.as_ref().map_or(0.0, |f| f.seconds) + inference.iter().map(|c| c.seconds).sum::<f64>();
+    Ok(Plan {
+        model: cfg.model.clone(),
+        dataset: cfg.dataset.clone(),
+        train_samples: train_n,
+        held_out_samples: held_n,
+        tuning_subsample,
+        candidates,
+        sweep_seconds: record_sweep_seconds(&splan),
+        final_run,
+        inference,
+        total_seconds,
+        device: device.name.clone(),
+        device_flops_per_s: rate,
+        gpu,
+        gpu_hour_price: inp.gpu_hour_price,
+        total_cost: inp.gpu_hour_price.filter(|_| gpu).map(|p| p * total_seconds / 3600.0),
+        evaluators: inp.evaluators.clone(),
+        evaluator_reason: inp.evaluator_reason.clone(),
+    })
+}
+
+fn record_sweep_seconds(p: &sweep_plan::Plan) -> f64 {
+    p.est_seconds
+}
+
+fn price(plan: &Plan, seconds: f64) -> String {
+    match (plan.gpu, plan.gpu_hour_price) {
+        (true, Some(p)) => format!("${:.2}", p * seconds / 3600.0),
+        (true, None) => "- (no --gpu-hour-price)".into(),
+        (false, _) => format!("{} CPU", fmt_duration(seconds)),
+    }
+}
+
+/// `plan.md`: data, candidates with their cost, the other work, the total.
+pub fn render(title: &str, plan: &Plan, inspection: &Inspection, extra: &[String]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Plan: {title}\n");
+    let _ = writeln!(s, "Model `{}`, training data `{}`.\n", plan.model, plan.dataset.display());
+    let _ = writeln!(s, "## Data\n");
+    for l in inspect::summary_lines(inspection) {
+        let _ = writeln!(s, "- {l}");
+    }
+    let _ = writeln!(s, "- split: {} training, {} held out for evaluation", plan.train_samples, plan.held_out_samples);
+    if let Some(k) = plan.tuning_subsample {
+        let _ = writeln!(s, "- candidates tune on a subsample of {k} training samples (seed of the run); the winner then retrains on all {}", plan.train_samples);
+    }
+    for l in extra {
+        let _ = writeln!(s, "- {l}");
+    }
+    let _ = writeln!(s, "\n## Evaluation\n");
+    if plan.evaluators.is_empty() {
+        let _ = writeln!(s, "Validation loss on the held-out split ({}).", plan.evaluator_reason);
+    } else {
+        let _ = writeln!(s, "Validation loss, and evaluator(s) `{}` on greedy answers to held-out prompts ({}).", plan.evaluators.join("`, `"), plan.evaluator_reason);
+    }
+    let _ = writeln!(s, "\n## Cost\n");
+    let _ = writeln!(
+        s,
+        "Device `{}` at {:.2} TFLOP/s assumed{}.\n",
+        plan.device,
+        plan.device_flops_per_s / 1e12,
+        if plan.gpu { "" } else { " (measured f32 GEMM rate x 0.6)" }
+    );
+    let _ = writeln!(s, "| work | steps | tokens | TFLOPs | memory GiB | est. time | cost |");
+    let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for c in &plan.candidates {
+        let _ = writeln!(
+            s,
+            "| candidate `{}` | {} | {} | {:.3} | {:.2} | {} | {} |",
+            c.name,
+            c.steps,
+            c.tokens,
+            c.flops / 1e12,
+            c.memory_bytes as f64 / GIB,
+            fmt_duration(c.seconds),
+            price(plan, c.seconds)
+        );
+    }
+    let _ = writeln!(s, "| sweep, wall time | | | | | {} | {} |", fmt_duration(plan.sweep_seconds), price(plan, plan.sweep_seconds));
+    for c in plan.final_run.iter().chain(&plan.inference) {
+        let _ = writeln!(s, "| {} | | {} | {:.3} | | {} | {} |", c.what, c.tokens, c.flops / 1e12, fmt_duration(c.seconds), price(plan, c.seconds));
+    }
+    let _ = writeln!(s, "| **total** | | | | | **{}** | **{}** |", fmt_duration(plan.total_seconds), price(plan, plan.total_seconds));
+    let _ = writeln!(s, "\nEstimates: FLOPs of the frozen-base LoRA step (about 4 x base parameters per token plus attention) over the device rate; inference 2 x parameters per token.");
+    s
+}
+
+/// Writes `plan.md` in `dir` and shows it on stderr.
+pub fn write(dir: &Path, text: &str) -> Result<()> {
+    crate::checkpoint::write_atomic(&dir.join(super::PLAN_FILE), text.as_bytes())?;
+    eprintln!("{text}");
+    eprintln!("plan: {}", dir.join(super::PLAN_FILE).display());
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! `lora-train run sft`: inspect, plan with cost, one approval, sweep, promotion gate,
+//! the winner retrained on all the data, base against fine-tuned, `final_report.md`.
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use super::approval::{self, Approval};
+use super::evaluation::{self, Comparison};
+use super::final_run::{self, FinalRun};
+use super::inspect::{self, Inspection};
+use super::plan::{self, Plan, PlanInput};
+use super::promotion::{self, Promotion};
+use super::report::{self, ReportInput};
+use super::sweep::{self as sweep_phase, SweepResult};
+use super::{Workflow, PLAN_FILE};
+use crate::config::TrainOptions;
+use crate::sweep::SweepOptions;
+
+pub const ORDER: [&str; 8] = ["inspect", "plan", "approval", "sweep", "promotion", "final run", "evaluation", "report"];
+
+/// The flags every workflow shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkflowArgs {
+    #[command(flatten)]
+    pub options: TrainOptions,
+    /// A candidate as key=value pairs over the training flags, e.g. `rank=8,lr=1.5e-4`
+    /// (as `sweep --candidate`). Repeatable.
+    #[arg(long, value_name = "K=V,..", help_heading = "Workflow")]
+    pub candidate: Vec<String>,
+    /// One axis of a candidate grid, e.g. `--grid rank=8,16` (as `sweep --grid`).
+    /// Without --candidate and --grid: (rank 8, lr 1.5e-4), (16, 1e-4), (32, 5e-5).
+    #[arg(long, value_name = "K=V1,V2", help_heading = "Workflow")]
+    pub grid: Vec<String>,
+    /// Above this many training samples, candidates tune on a subsample of this size
+    /// and the winner retrains on all of them; 0 = candidates train on all.
+    #[arg(long, default_value_t = 1000, help_heading = "Workflow")]
+    pub tuning_samples: usize,
+    /// Devices for the sweep: auto, cpu, or cuda:0,cuda:1.
+    #[arg(long, default_value = "auto", help_heading = "Workflow")]
+    pub devices: String,
+    /// At most this many candidates train at the same time.
+    #[arg(long, default_value_t = 6, help_heading = "Workflow")]
+    pub max_parallel: usize,
+    /// Price of one GPU hour, for the plan's cost (GPU plans only).
+    #[arg(long, value_name = "USD", help_heading = "Workflow")]
+    pub gpu_hour_price: Option<f64>,
+    /// Promote the winning candidate as it is, without the full-data final run.
+    #[arg(long, help_heading = "Workflow")]
+    pub skip_final: bool,
+    /// Approve the plan and the promotion without asking (needed without a terminal).
+    #[arg(long, short = 'y', help_heading = "Workflow")]
+    pub yes: bool,
+    /// Continue the workflow in --output at the phase (and candidate) where it stopped.
+    #[arg(long, help_heading = "Workflow")]
+    pub resume: bool,
+}
+
+impl WorkflowArgs {
+    /// The settings `--resume` must find unchanged.
+    pub fn settings(&self) -> serde_json::Value {
+        json!({
+            "options": self.options, "candidate": self.candidate, "grid": self.grid,
+            "tuning_samples": self.tuning_samples, "skip_final": self.skip_final, "gpu_hour_price": self.gpu_hour_price,
+        })
+    }
+
+    /// The sweep's training options (on `dataset`, into `DIR/sweep`) and its options.
+    pub fn sweep_setup(&self, dir: &Path, dataset: &Path) -> Result<(TrainOptions, SweepOptions)> {
+        if self.max_parallel == 0 {
+            bail!("--max-parallel must be at least 1");
+        }
+        let mut options = TrainOptions { dataset: Some(dataset.to_path_buf()), output: Some(dir.join("sweep")), ..self.options.clone() };
+        let devices = match options.device.take() {
+            Some(d) if self.devices == "auto" => d,
+            _ => self.devices.clone(),
+        };
+        let sweep = SweepOptions {
+            candidates: self.candidate.clone(),
+            grid: self.grid.clone(),
+            tuning_samples: self.tuning_samples,
+            pack: true,
+            devices,
+            simulate_devices: None,
+            max_parallel: self.max_parallel,
+            dry_run: false,
+            resume: false,
+            quiet: false,
+        };
+        Ok((options, sweep))
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SftArgs {
+    #[command(flatten)]
+    pub common: WorkflowArgs,
+    /// How candidates and the fine-tuned model are scored besides validation loss: an
+    /// evaluator spec (as `eval --evaluator`), or `auto` (numeric, json or label when the
+    /// answers are objectively checkable). Repeatable. [default: validation loss only]
+    #[arg(long = "evaluator", value_name = "SPEC", help_heading = "Evaluation")]
+    pub evaluators: Vec<String>,
+    /// Held-out samples each model answers for the evaluators.
+    #[arg(long, default_value_t = 50, help_heading = "Evaluation")]
+    pub eval_samples: usize,
+    /// Longest generated answer for the evaluators.
+    #[arg(long, default_value_t = 128, help_heading = "Evaluation")]
+    pub max_new_tokens: usize,
+}
+
+/// `--evaluator` as given, or `auto` resolved from the training answers.
+fn resolve_evaluators(specs: &[String], dataset: &Path) -> Result<(Vec<String>, String)> {
+    if specs.iter().any(|s| s == "auto") {
+        if specs.len() > 1 {
+            bail!("--evaluator auto chooses one evaluator; give it alone");
+        }
+        let ds = crate::data::load_chat_dataset(dataset)?;
+        let answers: Vec<String> = ds.samples.iter().filter_map(evaluation::prompt_and_answer).map(|(_, a)| a).collect();
+        let (spec, why) = evaluation::auto_evaluator(&answers);
+        return Ok((spec.into_iter().collect(), format!("--evaluator auto: {why}")));
+    }
+    for s in specs {
+        crate::evaluators::parse_spec(s).map_err(|e| anyhow::anyhow!("--evaluator {s}: {e:#}"))?;
+    }
+    Ok((specs.to_vec(), if specs.is_empty() { "the default".into() } else { "--evaluator".into() }))
+}
+
+pub fn run(args: SftArgs) -> Result<()> {
+    let w = &args.common;
+    let cfg0 = w.options.clone().resolve()?;
+    let mut settings = w.settings();
+    settings["evaluators"] = json!(args.evaluators);
+    settings["eval_samples"] = json!(args.eval_samples);
+    settings["max_new_tokens"] = json!(args.max_new_tokens);
+    let mut wf = Workflow::open(&cfg0.output, "sft", settings, w.resume, w.yes, ORDER.to_vec())?;
+
+    let insp: Inspection = wf.phase("inspect", |wf| inspect::run(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0))?;
+    let (options, sweep_opts) = w.sweep_setup(&wf.dir, &insp.dataset)?;
+    let plan: Plan = wf.phase("plan", |wf| {
+        let (evaluators, reason) = resolve_evaluators(&args.evaluators, &insp.dataset)?;
+        let input = PlanInput {
+            options: &options,
+            sweep: &sweep_opts,
+            generations_per_side: if evaluators.is_empty() { 0 } else { args.eval_samples },
+            evaluators,
+            evaluator_reason: reason,
+            gpu_hour_price: w.gpu_hour_price,
+            max_new_tokens: args.max_new_tokens,
+            sides: 2,
+            extra_inference: None,
+        };
+        let p = plan::build(&input, &insp)?;
+        plan::write(&wf.dir, &plan::render("run sft", &p, &insp, &[]))?;
+        Ok(p)
+    })?;
+    let _: Approval = wf.phase("approval", |wf| approval::require(wf, "plan", &wf.dir.join(PLAN_FILE)))?;
+    let sw: SweepResult = wf.phase("sweep", |_| sweep_phase::run(&options, &sweep_opts))?;
+    let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &plan.evaluators, args.eval_samples, args.max_new_tokens))?;
+    let fin: FinalRun = wf.phase("final run", |wf| {
+        let skip = if w.skip_final {
+            Some("--skip-final".to_string())
+        } else if plan.tuning_subsample.is_none() {
+            Some("the candidates trained on all the training data already".to_string())
+        } else {
+            None
+        };
+        final_run::run(&wf.dir, &promo.winner_config, &promo.winner_dir, w.options.max_train_samples, skip)
+    })?;
+    let cmp: Comparison = wf.phase("evaluation", |_| evaluation::compare(&fin.config, &fin.adapter, &plan.evaluators, args.eval_samples, args.max_new_tokens))?;
+    let _: serde_json::Value = wf.phase("report", |wf| {
+        let input = ReportInput {
+            title: "run sft: final report",
+            plan: &plan,
+            promotion: Some(&promo),
+            final_run: Some(&fin),
+            comparison_md: comparison_md(&cmp),
+            comparison: serde_json::to_value(&cmp)?,
+            generated: insp.generated.clone(),
+            inference_phases: &["promotion", "evaluation"],
+        };
+        report::write(wf, &input)
+    })?;
+    wf.finish()?;
+    eprintln!("done: adapter {}\n      report {}", fin.adapter.display(), wf.dir.join(super::REPORT_MD).display());
+    Ok(())
+}
+
+fn comparison_md(c: &Comparison) -> String {
+    if c.held_out_samples == 0 {
+        return "No held-out data (`--eval-split 0`): nothing compared.".into();
+    }
+    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
+    let mut s = format!("On {} held-out samples", c.held_out_samples);
+    if c.generated > 0 {
+        let _ = write!(s, " (evaluators `{}` on greedy answers to the first {})", c.evaluators.join("`, `"), c.generated);
+    }
+    s.push_str(":\n\n| model | eval loss | perplexity | reward |\n| --- | ---: | ---: | ---: |\n");
+    let ppl = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.3}", v.exp()));
+    let _ = writeln!(s, "| base | {} | {} | {} |", f(c.base_eval_loss), ppl(c.base_eval_loss), f(c.base.as_ref().and_then(|b| b.reward_mean)));
+    let _ = writeln!(s, "| fine-tuned | {} | {} | {} |", f(c.tuned_eval_loss), ppl(c.tuned_eval_loss), f(c.tuned.as_ref().and_then(|b| b.reward_mean)));
+    if let Some(t) = &c.tuned {
+        s.push_str("\nFirst answers of the fine-tuned model (expected -> answer):\n\n");
+        for (truth, answer) in &t.examples {
+            let _ = writeln!(s, "- {truth} -> {:?}", answer.chars().take(200).collect::<String>());
+        }
+    }
+    s
+}

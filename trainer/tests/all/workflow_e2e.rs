@@ -1,0 +1,216 @@
+//! End-to-end tests of `lora-train run sft` on a tiny model: the gate without a terminal
+//! (exit 3, nothing trained), `--resume --yes` through to the final report, a prompts file
+//! converted into a fresh copy, and a workflow killed in its final run that resumes.
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn state(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("workflow.json")).unwrap()).unwrap()
+}
+
+fn phase<'a>(state: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    state["phases"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no phase {name} in {state}"))
+}
+
+/// `lora-train ARGS` with stdin from /dev/null (no terminal, as in CI and scripts).
+fn run_headless(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).env("LORA_TRAIN_LOG", "warn").stdin(Stdio::null()).output().unwrap()
+}
+
+#[test]
+fn without_a_terminal_the_plan_stops_with_status_3_and_resume_yes_runs_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_dataset(tmp.path(), "train.jsonl", 20);
+    let before = std::fs::read(&data).unwrap();
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
+    let args = ["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "2", "--gpu-hour-price", "2.5"];
+    let res = run_headless(&args);
+    assert_eq!(res.status.code(), Some(3), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("--resume --yes"));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    for needle in ["r8-lr1.5e-4", "r16-lr1e-4", "r32-lr5e-5", "TFLOPs", "**total**", "16 training, 4 held out"] {
+        assert!(plan.contains(needle), "plan.md lacks {needle}:\n{plan}");
+    }
+    assert!(!out.join("sweep").exists(), "nothing is trained before the approval");
+    assert_eq!(state(&out)["status"], "stopped");
+    // A second fresh start refuses the directory; without --resume nothing is overwritten.
+    assert!(!run_headless(&args).status.success());
+
+    let mut resume = args.to_vec();
+    resume.extend(["--resume", "--yes"]);
+    let res = run_headless(&resume);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let st = state(&out);
+    assert_eq!(st["status"], "completed");
+    assert_eq!(phase(&st, "plan")["attempts"], 1, "a done phase is not rerun");
+    assert_eq!(phase(&st, "approval")["attempts"], 2);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    let adapter = Path::new(report["adapter"].as_str().unwrap()).to_path_buf();
+    assert!(adapter.join("adapter_model.safetensors").exists());
+    assert_eq!(report["scoreboard"].as_array().unwrap().len(), 3);
+    let winner = report["winner"].as_str().unwrap();
+    let best = report["scoreboard"].as_array().unwrap().iter().map(|r| r["eval_loss"].as_f64().unwrap()).fold(f64::MAX, f64::min);
+    let w = report["scoreboard"].as_array().unwrap().iter().find(|r| r["name"] == winner).unwrap();
+    assert_eq!(w["eval_loss"].as_f64().unwrap(), best, "the winner has the lowest eval loss");
+    let cmp = &report["comparison"];
+    assert!(cmp["tuned_eval_loss"].as_f64().unwrap() < cmp["base_eval_loss"].as_f64().unwrap(), "fine-tuning lowers the held-out loss: {cmp}");
+    assert_eq!(report["hosting"]["rank_ok"], true);
+    assert_eq!(report["hosting"]["base_model_ok"], false, "a local directory is not a hub name");
+    assert_eq!(report["final_run"]["retrained"], false, "20 samples are under the tuning subsample: no retraining");
+    let md = std::fs::read_to_string(out.join("final_report.md")).unwrap();
+    for needle in ["Plan against actual", "Scoreboard", "Base against fine-tuned", "Hosting rules", "PeftModel.from_pretrained", "--lora-modules", "firectl create model"] {
+        assert!(md.contains(needle), "final_report.md lacks {needle}");
+    }
+    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains(winner));
+    assert_eq!(std::fs::read(&data).unwrap(), before, "the user's dataset is never modified");
+}
+
+#[test]
+fn prompts_with_ground_truth_train_from_a_fresh_converted_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("prompts.jsonl");
+    let mut text = String::new();
+    for i in 0..12 {
+        text.push_str(&serde_json::json!({"messages": [{"role": "user", "content": format!("What is {i} plus 1?")}], "ground_truth": format!("{}", i + 1)}).to_string());
+        text.push('\n');
+    }
+    std::fs::write(&path, &text).unwrap();
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("llama"), path.display().to_string(), out.display().to_string());
+    let res = run_headless(&["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3", "--evaluator", "auto", "--eval-samples", "2", "--max-new-tokens", "4", "--skip-final", "--yes"]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "the user's file is never modified");
+    let st = state(&out);
+    let generated = &phase(&st, "inspect")["outputs"]["generated"][0];
+    let copy = Path::new(generated["path"].as_str().unwrap());
+    let name = copy.file_name().unwrap().to_string_lossy().to_string();
+    assert!(name.starts_with("prompts-chat-20") && name.ends_with(".jsonl"), "{name}");
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(copy).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["messages"][1], serde_json::json!({"role": "assistant", "content": "1"}));
+    assert!(copy.with_extension("jsonl.provenance.json").exists());
+    assert_eq!(phase(&st, "plan")["outputs"]["evaluators"], serde_json::json!(["numeric"]), "auto picks numeric for number answers");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert!(report["comparison"]["base"]["reward_mean"].is_number(), "{}", report["comparison"]);
+    assert_eq!(report["hosting"]["rank_ok"], true);
+    assert_eq!(report["final_run"]["skipped_because"], "--skip-final");
+    assert!(std::fs::read_to_string(out.join("final_report.md")).unwrap().contains("Generated data"));
+}
+
+#[test]
+fn a_workflow_killed_in_its_final_run_resumes_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_dataset(tmp.path(), "train.jsonl", 20);
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
+    // 8 tuning samples: the winner retrains on all 16 (160 steps, a checkpoint every 10).
+    let args = [
+        "run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "40", "--tuning-samples", "8",
+        "--candidate", "rank=4,lr=1e-3", "--candidate", "rank=8,lr=5e-4", "--checkpoint-interval", "10", "--yes",
+    ];
+    let mut child = Command::new(bin()).args(args).env("LORA_TRAIN_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let ckpts = out.join("final").join("checkpoints");
+    let t0 = Instant::now();
+    loop {
+        let n = std::fs::read_dir(&ckpts).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("step-")).count()).unwrap_or(0);
+        if n >= 1 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the workflow ended before its final run could be killed");
+        assert!(t0.elapsed() < Duration::from_secs(300), "no final-run checkpoint after 300 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let st = state(&out);
+    assert_eq!(phase(&st, "sweep")["status"], "done");
+    assert_eq!(phase(&st, "final run")["status"], "running", "killed inside the final run");
+    let sweep_before = std::fs::read(out.join("sweep").join("sweep.json")).unwrap();
+
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let res = run_headless(&resume);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let st = state(&out);
+    assert_eq!(st["status"], "completed");
+    assert_eq!(phase(&st, "sweep")["attempts"], 1, "the finished sweep is kept");
+    assert_eq!(phase(&st, "final run")["attempts"], 2);
+    assert_eq!(std::fs::read(out.join("sweep").join("sweep.json")).unwrap(), sweep_before);
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final").join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["status"], "completed");
+    assert!(run["summary"]["resumed_from_step"].as_u64().unwrap() >= 10, "the final run continued from its checkpoint: {}", run["summary"]);
+    assert_eq!(run["summary"]["steps"], 160);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["final_run"]["retrained"], true);
+    assert!(report["adapter"].as_str().unwrap().ends_with("final"));
+}
+
+fn tickets() -> String {
+    repo().join("examples/ticket_labels.jsonl").display().to_string()
+}
+
+#[test]
+fn classify_benchmark_only_prints_per_label_scores_and_trains_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("llama"), tickets(), out.display().to_string());
+    let args = ["run", "classify", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--benchmark-only", "--benchmark-samples", "24", "--max-new-tokens", "4", "--json"];
+    let res = run_headless(&args);
+    assert_eq!(res.status.code(), Some(3), "no terminal, no --yes: {}", String::from_utf8_lossy(&res.stderr));
+    assert!(res.stdout.is_empty());
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("imbalance ratio (most / least frequent): 2.0") && plan.contains("label log-likelihood benchmark"), "{plan}");
+    assert!(!out.join("confusion-base-1.svg").exists());
+
+    let mut yes = args.to_vec();
+    yes.extend(["--resume", "--yes"]);
+    let res = run_headless(&yes);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let data = stdout_json(&res);
+    let models = data["models"].as_array().unwrap();
+    assert_eq!(models.len(), 1);
+    let base = &models[0];
+    assert_eq!(base["kind"], "base");
+    assert_eq!(data["held_out"], 24);
+    let per_label = base["per_label"].as_object().unwrap();
+    assert_eq!(per_label.keys().collect::<Vec<_>>(), ["account", "billing", "bug", "feature_request"]);
+    assert_eq!(per_label.values().map(|v| v["support"].as_u64().unwrap()).sum::<u64>(), 24);
+    let matrix = base["confusion"]["matrix"].as_array().unwrap();
+    let cells: Vec<u64> = matrix.iter().flat_map(|r| r.as_array().unwrap().iter().map(|c| c.as_u64().unwrap())).collect();
+    assert_eq!(cells.iter().sum::<u64>(), 24, "one prediction per held-out sample");
+    assert!(matrix.iter().all(|r| r[4] == 0), "log-likelihood always predicts a label, never (other)");
+    let correct: u64 = (0..4).map(|i| matrix[i][i].as_u64().unwrap()).sum();
+    assert!((base["accuracy"].as_f64().unwrap() - correct as f64 / 24.0).abs() < 1e-12);
+    assert_eq!(base["generation"]["samples"], 24);
+    let svg = std::fs::read_to_string(out.join("confusion-base-1.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("feature_request"));
+    assert!(!out.join("sweep").exists(), "--benchmark-only trains nothing");
+    assert!(std::fs::read_to_string(out.join("final_report.md")).unwrap().contains("confusion-base-1.svg"));
+}
+
+#[test]
+fn classify_trains_and_scores_base_against_fine_tuned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("qwen2"), tickets(), out.display().to_string());
+    let res = run_headless(&[
+        "run", "classify", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3",
+        "--benchmark-samples", "16", "--max-new-tokens", "4", "--json", "--yes",
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let data = stdout_json(&res);
+    let kinds: Vec<&str> = data["models"].as_array().unwrap().iter().map(|m| m["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["base", "fine-tuned"]);
+    let tuned = &data["models"][1];
+    assert!(tuned["adapter"].as_str().unwrap().contains("r4-lr1e-3"));
+    assert!(out.join("confusion-fine-tuned.svg").exists());
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["comparison"], data, "--json prints the report's data");
+    assert_eq!(report["hosting"]["rank_ok"], true);
+    let md = std::fs::read_to_string(out.join("final_report.md")).unwrap();
+    assert!(md.contains("accuracy (log-likelihood)") && md.contains("Scoreboard"));
+}
