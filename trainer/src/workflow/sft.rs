@@ -87,6 +87,7 @@ impl WorkflowArgs {
             dry_run: false,
             resume: false,
             quiet: false,
+            slurm: false,
         };
         Ok((options, sweep))
     }
