@@ -155,6 +155,14 @@ fn plan(st: &AppState, s: &Sampling, prompt_len: usize, top_logprobs: usize, tar
         Some(m) => m,
         None => l.max_tokens.min(room),
     };
+    for (name, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::bad_request(format!("{name} is not supported by this server (leave it at 0)"), Some(name)));
+        }
+    }
+    if s.logit_bias.as_ref().is_some_and(|b| b.as_object().is_some_and(|o| !o.is_empty())) {
+        return Err(ApiError::bad_request("logit_bias is not supported by this server", Some("logit_bias")));
+    }
     let temperature = s.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=100.0).contains(&temperature)) {
         return Err(ApiError::bad_request(format!("temperature must be between 0 and 100, got {temperature}"), Some("temperature")));

@@ -236,6 +236,8 @@ fn serve_answers_the_openai_routes_and_refuses_bad_requests() {
     let (s, e) = post(&u("/v1/chat/completions"), &chat_body("a", &"x".repeat(200_000), 4));
     assert_eq!(s, 413, "{e}");
     assert!(e["error"]["message"].is_string(), "{e}");
+    let (s, e) = post(&u("/v1/completions"), &json!({"model": "a", "prompt": "x", "frequency_penalty": 0.5}));
+    assert_eq!((s, e["error"]["param"].as_str()), (400, Some("frequency_penalty")), "{e}");
     let (s, e) = post(&u("/v1/nowhere"), &json!({}));
     assert_eq!(s, 404, "{e}");
     assert!(e["error"]["message"].is_string());
