@@ -7,6 +7,7 @@ use anyhow::Result;
 use crate::config::TrainOptions;
 use crate::engine::RunOptions;
 use crate::evaluators::EvaluatorArgs;
+use crate::recipes::grpo::agent::AgentOptions;
 use crate::recipes::grpo::{self, GrpoOptions};
 
 #[derive(clap::Args, Debug)]
@@ -19,6 +20,8 @@ pub struct Args {
     pub options: TrainOptions,
     #[command(flatten)]
     pub grpo: GrpoOptions,
+    #[command(flatten)]
+    pub agent: AgentOptions,
     #[command(flatten)]
     pub evaluators: EvaluatorArgs,
     /// TOML file with any of this command's options (flags override it).
@@ -44,7 +47,7 @@ pub fn run(args: Args) -> Result<()> {
 
 fn train(args: &Args) -> Result<()> {
     let cfg = args.options.clone().with_config_file(args.config.as_deref())?.resolve()?;
-    let summary = grpo::run(&cfg, &args.grpo, &args.evaluators, &RunOptions { resume: args.resume, quiet: args.json })?;
+    let summary = grpo::run(&cfg, &args.grpo, &args.agent, &args.evaluators, &RunOptions { resume: args.resume, quiet: args.json })?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     }

@@ -83,6 +83,10 @@ pub struct Sampling {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<Value>,
+    /// Not implemented: refused when non-zero rather than ignored.
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logit_bias: Option<Value>,
 }
 
 #[derive(Deserialize, Debug)]

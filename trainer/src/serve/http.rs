@@ -134,7 +134,12 @@ fn plan(st: &AppState, s: &Sampling, prompt_len: usize, top_logprobs: usize, tar
         .with_code("context_length_exceeded"));
     }
     let room = l.max_model_len - prompt_len;
-    let asked = s.max_completion_tokens.or(s.max_tokens);
+    let mut asked = s.max_completion_tokens.or(s.max_tokens);
+    if let Models::Agent(reg) = &st.models {
+        // A rollout's call gets at most the trainer's --max-completion-length (and what
+        // the context has room for) whatever the agent asks: capped, not refused.
+        asked = Some(asked.unwrap_or(usize::MAX).min(reg.max_tokens).min(room).max(1));
+    }
     let max_tokens = match asked {
         Some(0) => return Err(ApiError::bad_request("max_tokens must be at least 1", Some("max_tokens"))),
         Some(m) if m > l.max_tokens => {
@@ -150,6 +155,14 @@ fn plan(st: &AppState, s: &Sampling, prompt_len: usize, top_logprobs: usize, tar
         Some(m) => m,
         None => l.max_tokens.min(room),
     };
+    for (name, v) in [("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::bad_request(format!("{name} is not supported by this server (leave it at 0)"), Some(name)));
+        }
+    }
+    if s.logit_bias.as_ref().is_some_and(|b| b.as_object().is_some_and(|o| !o.is_empty())) {
+        return Err(ApiError::bad_request("logit_bias is not supported by this server", Some("logit_bias")));
+    }
     let temperature = s.temperature.unwrap_or(1.0);
     if !(temperature.is_finite() && (0.0..=100.0).contains(&temperature)) {
         return Err(ApiError::bad_request(format!("temperature must be between 0 and 100, got {temperature}"), Some("temperature")));
@@ -187,7 +200,6 @@ fn plan(st: &AppState, s: &Sampling, prompt_len: usize, top_logprobs: usize, tar
         p.temperature = reg.temperature;
         p.top_k = reg.top_k;
         p.top_p = reg.top_p;
-        p.max_tokens = p.max_tokens.min(reg.max_tokens);
         p.seed = mix64(calls.0 ^ (calls.1 as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
     }
     Ok(p)

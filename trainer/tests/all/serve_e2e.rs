@@ -130,7 +130,7 @@ fn text_of(v: &Value) -> String {
 #[test]
 fn serve_answers_the_openai_routes_and_refuses_bad_requests() {
     let tmp = tempfile::tempdir().unwrap();
-    let (server, base) = start_with_adapters(tmp.path(), &[]);
+    let (server, base) = start_with_adapters(tmp.path(), &["--max-body-bytes", "100000"]);
     let u = |p: &str| format!("{}{p}", server.url);
 
     // /health needs no key; everything else does.
@@ -233,6 +233,11 @@ fn serve_answers_the_openai_routes_and_refuses_bad_requests() {
     assert_eq!(s, 400, "{e}");
     let (s, e) = post(&u("/v1/completions"), &json!({"model": "a", "prompt": "x", "top_p": 0}));
     assert_eq!((s, e["error"]["param"].as_str()), (400, Some("top_p")), "{e}");
+    let (s, e) = post(&u("/v1/chat/completions"), &chat_body("a", &"x".repeat(200_000), 4));
+    assert_eq!(s, 413, "{e}");
+    assert!(e["error"]["message"].is_string(), "{e}");
+    let (s, e) = post(&u("/v1/completions"), &json!({"model": "a", "prompt": "x", "frequency_penalty": 0.5}));
+    assert_eq!((s, e["error"]["param"].as_str()), (400, Some("frequency_penalty")), "{e}");
     let (s, e) = post(&u("/v1/nowhere"), &json!({}));
     assert_eq!(s, 404, "{e}");
     assert!(e["error"]["message"].is_string());
@@ -259,11 +264,15 @@ fn serve_answers_the_openai_routes_and_refuses_bad_requests() {
 #[test]
 fn a_client_that_leaves_mid_stream_frees_its_row() {
     let tmp = tempfile::tempdir().unwrap();
-    let (server, _) = start_with_adapters(tmp.path(), &[]);
+    let (server, _) = start_with_adapters(tmp.path(), &["--max-model-len", "256", "--max-tokens-limit", "220"]);
     let u = |p: &str| format!("{}{p}", server.url);
-    let mut body = chat_body("c", "Tell me a long story", 150);
+    // Greedy, so it is known to run all 220 tokens (a sampled row may stop early on EOS);
+    // n = 8 rows make each step slower, leaving the unload below time to arrive mid-stream.
+    let mut body = chat_body("c", "Tell me a long story", 220);
+    body["n"] = json!(8);
+    let (_, whole) = post(&u("/v1/chat/completions"), &body);
+    assert_eq!(whole["choices"][0]["finish_reason"], "length", "{whole}");
     body["stream"] = json!(true);
-    body["temperature"] = json!(1.0);
     let r = agent().post(&u("/v1/chat/completions")).header("Authorization", format!("Bearer {KEY}")).send_json(&body).unwrap();
     let mut reader = r.into_body().into_reader();
     let mut first = [0u8; 64];

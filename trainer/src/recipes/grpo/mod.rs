@@ -16,6 +16,7 @@
 //! one rollout batch serves several steps (`--num-iterations`), it is kept in
 //! `DIR/rollout_cache/` so a run resumed mid-batch reuses it rather than resampling.
 pub mod advantages;
+pub mod agent;
 pub mod loss;
 pub mod prompts;
 pub mod rollouts;
@@ -146,8 +147,12 @@ impl GrpoOptions {
 }
 
 /// Train one adapter with GRPO; the summary `grpo --json` prints.
-pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, eval_args: &EvaluatorArgs, opts: &RunOptions) -> Result<RunSummary> {
+pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, agent_opts: &agent::AgentOptions, eval_args: &EvaluatorArgs, opts: &RunOptions) -> Result<RunSummary> {
     grpo.validate()?;
+    agent_opts.validate()?;
+    if let Some(url) = &agent_opts.agent_url {
+        agent::check_reachable(url)?;
+    }
     // ---- 1. Run directory ---------------------------------------------------------------
     let resume_from = engine::prepare_run_dir(&cfg.output, cfg, opts.resume)?;
     check_options(&cfg.output, grpo, eval_args, opts.resume)?;
@@ -168,7 +173,8 @@ pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, eval_args: &EvaluatorArgs, opt
 
     // ---- 3. The method, 4. the engine ----------------------------------------------------
     let fingerprint = prompts::fingerprint(&train);
-    let method = Grpo::new(train, eval, bundle, evaluators, grpo.clone(), cfg);
+    let mut method = Grpo::new(train, eval, bundle, evaluators, grpo.clone(), cfg);
+    method.agent_options = agent_opts.agent_url.is_some().then(|| agent_opts.clone());
     let name = lora_models::DEFAULT_ADAPTER;
     let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
     engine::train_one(&model, run)
@@ -235,6 +241,9 @@ pub struct Grpo {
     fresh_cycle: bool,
     training_started: Option<Instant>,
     log_checked: bool,
+    /// `--agent-url`: rollouts come from a remote agent (started at the first step).
+    pub agent_options: Option<agent::AgentOptions>,
+    agent: Option<agent::AgentRollouts>,
 }
 
 impl Grpo {
@@ -254,6 +263,8 @@ impl Grpo {
             fresh_cycle: false,
             training_started: None,
             log_checked: false,
+            agent_options: None,
+            agent: None,
         }
     }
 
@@ -278,19 +289,38 @@ impl Grpo {
         self.output.join("rollout_cache").join(format!("cycle-{c}.json"))
     }
 
-    fn sample_cycle(&self, model: &Model, c: usize) -> Result<Cycle> {
-        let params = self.opts.rollout_params();
-        let inputs = CycleInputs {
+    fn cycle_inputs<'a>(&'a self, model: &'a Model, params: &'a RolloutParams) -> CycleInputs<'a> {
+        CycleInputs {
             model,
             bundle: &self.bundle,
             prompts: &self.prompts,
             evaluators: &self.evaluators,
-            params: &params,
+            params,
             scale_rewards: self.opts.scale_rewards,
             seed: self.seed,
             chunk: self.opts.prompts_per_step,
-        };
-        rollouts::run_cycle(&inputs, c, &self.cycle_prompts(c))
+        }
+    }
+
+    fn sample_cycle(&self, model: &Model, c: usize) -> Result<Cycle> {
+        let params = self.opts.rollout_params();
+        rollouts::run_cycle(&self.cycle_inputs(model, &params), c, &self.cycle_prompts(c))
+    }
+
+    /// The rollouts of cycle `c` from the remote agent (its policy server starts once).
+    fn agent_cycle(&mut self, model: &Model, opts: agent::AgentOptions, c: usize) -> Result<Cycle> {
+        if self.agent.is_none() {
+            let url = opts.agent_url.clone().unwrap_or_default();
+            let run_id = self.output.file_name().map_or_else(|| "run".to_string(), |n| n.to_string_lossy().replace(|ch: char| !ch.is_ascii_alphanumeric(), "-"));
+            self.agent = Some(agent::AgentRollouts::start(&opts, &url, &self.bundle, &self.opts, model, run_id)?);
+        }
+        let chosen = self.cycle_prompts(c);
+        let params = self.opts.rollout_params();
+        // Out of `self` while it runs, so the inputs can borrow the rest of `self`.
+        let mut agent = self.agent.take().context("the agent's policy server did not start")?;
+        let cycle = agent.run_cycle(&self.cycle_inputs(model, &params), c, &chosen);
+        self.agent = Some(agent);
+        cycle
     }
 
     /// Append a bounded sample of the cycle's completions to `rollouts.jsonl` (rows of
@@ -329,13 +359,15 @@ impl Grpo {
 
     fn batch(&self, cycle: &Cycle, members: &[usize]) -> GrpoBatch {
         let rollouts: Vec<_> = members.iter().map(|&i| &cycle.rollouts[i]).collect();
-        let seq_len = rollouts.iter().map(|r| self.prompts[r.prompt].ids.len() + r.tokens.len()).max().unwrap_or(1);
+        // An agent's model call carries its own prompt (the earlier turns included).
+        let prompt_of = |r: &rollouts::Rollout| r.prompt_ids.as_deref().unwrap_or(&self.prompts[r.prompt].ids).to_vec();
+        let seq_len = rollouts.iter().map(|r| prompt_of(r).len() + r.tokens.len()).max().unwrap_or(1);
         let b = rollouts.len();
         let pad = self.bundle.eos_token_ids.first().copied().unwrap_or(0);
         let mut rows = InputRows { batch_size: b, seq_len, input_ids: Vec::new(), position_ids: Vec::new(), segment_ids: Vec::new(), through_adapter: true };
         let (mut starts, mut lengths, mut targets, mut old, mut advantages) = (vec![], vec![], vec![], vec![], vec![]);
         for r in rollouts {
-            let prompt = &self.prompts[r.prompt].ids;
+            let prompt = &prompt_of(r);
             let len = prompt.len() + r.tokens.len();
             rows.input_ids.extend(prompt.iter().chain(&r.tokens).copied().chain(std::iter::repeat_n(pad, seq_len - len)));
             rows.position_ids.extend((0..seq_len as u32).map(|p| if (p as usize) < len { p } else { 0 }));
@@ -406,7 +438,10 @@ impl Method for Grpo {
                 let bytes = std::fs::read(&cached).with_context(|| format!("--resume at step {step}: the rollout batch of this step is missing ({})", cached.display()))?;
                 serde_json::from_slice(&bytes).with_context(|| format!("{}: damaged", cached.display()))?
             } else {
-                let cycle = self.sample_cycle(model, c)?;
+                let cycle = match &self.agent_options {
+                    Some(opts) => self.agent_cycle(model, opts.clone(), c)?,
+                    None => self.sample_cycle(model, c)?,
+                };
                 if self.opts.num_iterations > 1 {
                     lora_models::write_atomic(&cached, &serde_json::to_vec(&cycle)?)?;
                 }

@@ -26,6 +26,10 @@ pub struct Rollout {
     pub reward: Option<f64>,
     pub advantage: f64,
     pub text: String,
+    /// The prompt of this row when it is not the dataset prompt's: one model call of an
+    /// agent's multi-turn rollout (`--agent-url`), whose prompt holds the earlier turns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_ids: Option<Vec<u32>>,
 }
 
 /// The rollouts of one generation cycle (`--num-iterations` steps share one).
@@ -82,7 +86,7 @@ pub fn run_cycle(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<Cy
                 entropy.0 += c.entropies.iter().map(|&e| e as f64).sum::<f64>();
                 entropy.1 += c.entropies.len();
                 let text = inp.bundle.decode(&c.tokens, true)?;
-                rollouts.push(Rollout { prompt: p, g: gi, tokens: c.tokens, logprobs: c.logprobs, stopped: c.stopped, reward: None, advantage: 0.0, text });
+                rollouts.push(Rollout { prompt: p, g: gi, tokens: c.tokens, logprobs: c.logprobs, stopped: c.stopped, reward: None, advantage: 0.0, text, prompt_ids: None });
             }
         }
     }
@@ -100,24 +104,7 @@ pub fn run_cycle(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<Cy
     }
     let scoring_s = started.elapsed().as_secs_f64();
 
-    let mut m = BTreeMap::new();
-    if let Some((mean, std, _)) = mean_std(rewards.iter().copied()) {
-        m.insert("reward".into(), mean);
-        m.insert("reward_std".into(), std);
-    }
-    for (name, list) in inp.evaluators.names().iter().zip(&scores.per_evaluator) {
-        if let Some((mean, _, _)) = mean_std(list.iter().map(|s| s.score)) {
-            m.insert(format!("rewards_{name}"), mean);
-        }
-    }
-    m.insert("frac_reward_zero_std".into(), adv.frac_reward_zero_std);
-    let lengths: Vec<f64> = rollouts.iter().map(|r| r.tokens.len() as f64).collect();
-    if !lengths.is_empty() {
-        m.insert("completion_length_mean".into(), lengths.iter().sum::<f64>() / lengths.len() as f64);
-        m.insert("completion_length_min".into(), lengths.iter().copied().fold(f64::INFINITY, f64::min));
-        m.insert("completion_length_max".into(), lengths.iter().copied().fold(0.0, f64::max));
-        m.insert("clipped_ratio".into(), rollouts.iter().filter(|r| !r.stopped).count() as f64 / lengths.len() as f64);
-    }
+    let mut m = cycle_metrics(inp.evaluators, &rewards, &scores.per_evaluator, adv.frac_reward_zero_std, &rollouts);
     if entropy.1 > 0 {
         m.insert("entropy".into(), entropy.0 / entropy.1 as f64);
     }
@@ -125,4 +112,33 @@ pub fn run_cycle(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<Cy
     m.insert("time_rollout_s".into(), rollout_s);
     m.insert("time_scoring_s".into(), scoring_s);
     Ok(Cycle { index, rollouts, metrics: m })
+}
+
+/// The reward and length statistics of a rollout batch for `metrics.jsonl`.
+pub fn cycle_metrics(
+    evaluators: &EvaluatorSet,
+    rewards: &[Option<f64>],
+    per_evaluator: &[Vec<crate::evaluators::Score>],
+    frac_reward_zero_std: f64,
+    rollouts: &[Rollout],
+) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    if let Some((mean, std, _)) = mean_std(rewards.iter().copied()) {
+        m.insert("reward".into(), mean);
+        m.insert("reward_std".into(), std);
+    }
+    for (name, list) in evaluators.names().iter().zip(per_evaluator) {
+        if let Some((mean, _, _)) = mean_std(list.iter().map(|s| s.score)) {
+            m.insert(format!("rewards_{name}"), mean);
+        }
+    }
+    m.insert("frac_reward_zero_std".into(), frac_reward_zero_std);
+    let lengths: Vec<f64> = rollouts.iter().map(|r| r.tokens.len() as f64).collect();
+    if !lengths.is_empty() {
+        m.insert("completion_length_mean".into(), lengths.iter().sum::<f64>() / lengths.len() as f64);
+        m.insert("completion_length_min".into(), lengths.iter().copied().fold(f64::INFINITY, f64::min));
+        m.insert("completion_length_max".into(), lengths.iter().copied().fold(0.0, f64::max));
+        m.insert("clipped_ratio".into(), rollouts.iter().filter(|r| !r.stopped).count() as f64 / lengths.len() as f64);
+    }
+    m
 }

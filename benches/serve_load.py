@@ -1,0 +1,93 @@
+"""Load generator for `lora-train serve`: C concurrent clients, each sending streamed chat
+requests one after another, over the base and the served adapters in turn. Reports the
+decode throughput (completion tokens / wall time), end-to-end latency and time to the
+first token (p50 / p95). Standard library only.
+
+Usage: python3 benches/serve_load.py URL --models base,a,b --concurrency 1,8,32
+                                     [--requests-per-client 2] [--max-tokens 64]
+"""
+import argparse
+import json
+import statistics
+import threading
+import time
+import urllib.request
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain how a bicycle works, step by step.",
+    "List ten facts about the ocean.",
+    "Describe your ideal weekend in detail.",
+]
+
+
+def one_request(url, model, prompt, max_tokens):
+    body = json.dumps({
+        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+    }).encode()
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+    return time.perf_counter() - start, first or 0.0, tokens
+
+
+def level(url, models, concurrency, per_client, max_tokens):
+    results = []
+    lock = threading.Lock()
+
+    def client(k):
+        for i in range(per_client):
+            n = k * per_client + i
+            out = one_request(url, models[n % len(models)], PROMPTS[n % len(PROMPTS)], max_tokens)
+            with lock:
+                results.append(out)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(r[0] for r in results)
+    ttft = sorted(r[1] for r in results)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    tokens = sum(r[2] for r in results)
+    return {
+        "concurrency": concurrency, "requests": len(results), "completion_tokens": tokens, "wall_s": round(wall, 2),
+        "tokens_per_s": round(tokens / wall, 1), "latency_p50_s": round(statistics.median(lat), 2), "latency_p95_s": round(pct(lat, 0.95), 2),
+        "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(pct(ttft, 0.95), 3),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("url")
+    ap.add_argument("--models", required=True, help="comma-separated `model` values, used in turn")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    models = args.models.split(",")
+    one_request(args.url, models[0], PROMPTS[0], 4)  # warm-up
+    print("| concurrent requests | requests | completion tokens | wall s | tokens/s | latency p50 s | latency p95 s | first token p50 s | first token p95 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for c in [int(x) for x in args.concurrency.split(",")]:
+        r = level(args.url, models, c, args.requests_per_client, args.max_tokens)
+        print(f"| {c} | {r['requests']} | {r['completion_tokens']} | {r['wall_s']} | {r['tokens_per_s']} | {r['latency_p50_s']} | {r['latency_p95_s']} | {r['ttft_p50_s']} | {r['ttft_p95_s']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
