@@ -352,7 +352,7 @@ pub fn reconcile(store: &Store, job: &Job) -> Result<()> {
         }
         return Ok(());
     }
-    if let Some(stuck) = states.iter().find(|s| s.reason.contains("DependencyNeverSatisfied")) {
+    if let Some(stuck) = states.iter().find(|s| PENDING.contains(&s.state.as_str()) && s.reason.contains("DependencyNeverSatisfied")) {
         // A sweep whose array failed: its final job can never start.
         let _ = Command::new("scancel").args(&job.slurm_job_ids).status();
         let reason = format!("a job it depends on did not succeed ({}); see lora-train jobs logs {}", stuck.reason, job.id);

@@ -11,4 +11,5 @@ mod jobs_e2e;
 mod pairs_compare;
 mod preference_golden;
 mod sft_e2e;
+mod slurm_e2e;
 mod sweep_e2e;
