@@ -110,3 +110,46 @@ fn a_sweep_on_slurm_is_cancelled_mid_training_and_retried_to_the_same_adapters()
         }
     }
 }
+
+fn squeue_state(slurm_id: &str) -> String {
+    let out = Command::new("squeue").args(["-h", "-t", "all", "-j", slurm_id, "-o", "%T"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn preemption_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same_adapter() {
+    if !slurm_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let data = write_dataset(tmp.path(), "train.jsonl", 12);
+    let (m, d) = (tiny("qwen2"), data.display().to_string());
+    let (out, reference) = (tmp.path().join("run"), tmp.path().join("reference"));
+    let o: &'static str = Box::leak(out.display().to_string().into_boxed_str());
+    let r: &'static str = Box::leak(reference.display().to_string().into_boxed_str());
+    // No checkpoint interval reached: the only checkpoint is the one the signal writes.
+    let train = |dir: &'static str| vec!["sft", "--model", &m, "--dataset", &d, "--output", dir, "--device", "cpu", "--steps", "800", "--checkpoint-interval", "100000", "--warmup-ratio", "0"];
+    let mut args = train(o);
+    args.extend(["--backend", "slurm", "--requeue", "--json"]);
+    let submitted = stdout_json(&lt_ok(&home, &args));
+    let id = submitted["job_id"].as_i64().unwrap();
+    let sid = submitted["slurm_job_ids"][0].as_str().unwrap().to_string();
+    wait_for(180, "training on Slurm", || last_step(&out) >= 20);
+    // What Slurm sends --signal=B:USR1@120 jobs before their time limit (or preemption).
+    assert!(Command::new("scancel").args(["--signal=USR1", "--batch", &sid]).status().unwrap().success());
+    wait_for(60, "the requeue", || job(&home, id)["exit_reason"].as_str().is_some_and(|r| r.contains("requeued")));
+    let j = job(&home, id);
+    assert_eq!(j["status"], "queued", "{j}");
+    let stopped = j["checkpoint"].as_str().expect("the checkpoint the signal wrote").to_string();
+    // Slurm holds a requeued job back for a while (its begin time); let it start now.
+    wait_for(60, "the job back in the queue", || squeue_state(&sid) == "PENDING");
+    let _ = Command::new("scontrol").args(["update", &format!("JobId={sid}"), "StartTime=now"]).status();
+    let waited = lt(&home, &["jobs", "wait", &id.to_string(), "--timeout", "300"]);
+    assert_eq!(waited.status.code(), Some(0), "{}", job(&home, id));
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let resumed = run["summary"]["resumed_from_step"].as_u64().expect("the requeued job resumed");
+    assert!(stopped.ends_with(&format!("step-{resumed}")), "resumed from {resumed}, the signal's checkpoint was {stopped}");
+    lt_ok(&home, &train(r));
+    assert_eq!(read_adapter(&out), read_adapter(&reference), "preempted + requeued == uninterrupted");
+}
