@@ -23,7 +23,7 @@ fi
 node_idle() {
   sinfo -h -N -o '%T' 2>/dev/null | grep -qx 'idle\|mixed\|allocated'
 }
-if pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && node_idle; then
+if munge -n >/dev/null 2>&1 && pgrep -x slurmctld >/dev/null && pgrep -x slurmd >/dev/null && node_idle; then
   echo "slurm: ready (already running)"
   exit 0
 fi
@@ -37,7 +37,9 @@ chown munge:munge /etc/munge/munge.key
 chmod 0400 /etc/munge/munge.key
 mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
-if ! pgrep -x munged >/dev/null; then
+# Judge munged by its answer, not by pgrep: a killed one can linger as a zombie.
+if ! munge -n >/dev/null 2>&1; then
+  rm -f /run/munge/munge.socket.2 /run/munge/munged.pid
   runuser -u munge -- /usr/sbin/munged
 fi
 for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.1; done
@@ -99,7 +101,9 @@ pkill_pidfile /run/slurmd.pid
 pkill_pidfile /run/slurmctld.pid
 sleep 0.5
 t0=$(date +%s.%N)
-slurmctld -i
+# -c: a test cluster starts with no jobs of an earlier run (its state files are kept
+# across machine restarts, its processes are not).
+slurmctld -c
 slurmd
 for _ in $(seq 300); do
   if node_idle; then
