@@ -126,13 +126,14 @@ fn preemption_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same
     let data = write_dataset(tmp.path(), "train.jsonl", 12);
     let (m, d) = (tiny("qwen2"), data.display().to_string());
     let (out, reference) = (tmp.path().join("run"), tmp.path().join("reference"));
-    let o: &'static str = Box::leak(out.display().to_string().into_boxed_str());
-    let r: &'static str = Box::leak(reference.display().to_string().into_boxed_str());
+    let (o, r) = (out.display().to_string(), reference.display().to_string());
     // No checkpoint interval reached: the only checkpoint is the one the signal writes.
-    let train = |dir: &'static str| vec!["sft", "--model", &m, "--dataset", &d, "--output", dir, "--device", "cpu", "--steps", "800", "--checkpoint-interval", "100000", "--warmup-ratio", "0"];
-    let mut args = train(o);
-    args.extend(["--backend", "slurm", "--requeue", "--json"]);
-    let submitted = stdout_json(&lt_ok(&home, &args));
+    let train = |dir: &str| -> Vec<String> {
+        ["sft", "--model", &m, "--dataset", &d, "--output", dir, "--device", "cpu", "--steps", "800", "--checkpoint-interval", "100000", "--warmup-ratio", "0"].iter().map(|s| s.to_string()).collect()
+    };
+    let mut args = train(&o);
+    args.extend(["--backend", "slurm", "--requeue", "--json"].map(String::from));
+    let submitted = stdout_json(&lt_ok(&home, &args.iter().map(String::as_str).collect::<Vec<_>>()));
     let id = submitted["job_id"].as_i64().unwrap();
     let sid = submitted["slurm_job_ids"][0].as_str().unwrap().to_string();
     wait_for(180, "training on Slurm", || last_step(&out) >= 20);
@@ -150,6 +151,6 @@ fn preemption_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same
     let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     let resumed = run["summary"]["resumed_from_step"].as_u64().expect("the requeued job resumed");
     assert!(stopped.ends_with(&format!("step-{resumed}")), "resumed from {resumed}, the signal's checkpoint was {stopped}");
-    lt_ok(&home, &train(r));
+    lt_ok(&home, &train(&r).iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(read_adapter(&out), read_adapter(&reference), "preempted + requeued == uninterrupted");
 }
