@@ -42,7 +42,7 @@ fn a_sweep_on_slurm_is_cancelled_mid_training_and_retried_to_the_same_adapters()
     let data = write_dataset(tmp.path(), "train.jsonl", 12);
     let out = tmp.path().join("sweep");
     let (m, d, o) = (tiny("llama"), data.display().to_string(), out.display().to_string());
-    let steps = "600";
+    let steps = "1500";
     let shared = ["--steps", steps, "--checkpoint-interval", "20", "--warmup-ratio", "0"];
     let mut args = vec!["sweep", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--pack", "off", "--candidate", "rank=4", "--candidate", "rank=8,lr=5e-4"];
     args.extend(shared);
@@ -66,14 +66,14 @@ fn a_sweep_on_slurm_is_cancelled_mid_training_and_retried_to_the_same_adapters()
     assert_eq!((listed["jobs"][0]["id"].as_i64(), listed["jobs"][0]["backend"].as_str()), (Some(id), Some("slurm")), "Slurm jobs are in the same store");
 
     let cands = [out.join("candidates/r4"), out.join("candidates/r8-lr5e-4")];
-    wait_for(180, "both candidates training on Slurm", || cands.iter().all(|c| last_step(c) >= 25));
+    wait_for(180, "both candidates training on Slurm", || cands.iter().all(|c| last_step(c) >= 5));
     assert_eq!(job(&home, id)["status"], "running");
     let res = lt_ok(&home, &["jobs", "cancel", &id.to_string(), "--timeout", "120"]);
     assert!(String::from_utf8_lossy(&res.stdout).contains("cancelled"), "{}", String::from_utf8_lossy(&res.stdout));
     wait_for(60, "the workers to stop", || !sweep_workers_running(&out.join("groups")));
     for c in &cands {
         let step = last_step(c);
-        assert!(step < 600, "{} was cancelled mid-training", c.display());
+        assert!(step < 1500, "{} was cancelled mid-training (steps: {:?})", c.display(), cands.iter().map(|c| last_step(c)).collect::<Vec<_>>());
         assert!(c.join(format!("checkpoints/step-{step}/trainer_state.json")).exists(), "{}: SIGTERM wrote the checkpoint of step {step}", c.display());
     }
     let logs = String::from_utf8_lossy(&lt_ok(&home, &["jobs", "logs", &id.to_string()]).stdout).to_string();
@@ -91,7 +91,7 @@ fn a_sweep_on_slurm_is_cancelled_mid_training_and_retried_to_the_same_adapters()
     for (c, flags) in cands.iter().zip([vec!["--rank", "4"], vec!["--rank", "8", "--learning-rate", "5e-4"]]) {
         let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(c.join("run.json")).unwrap()).unwrap();
         assert_eq!(run["status"], "completed");
-        assert!(run["summary"]["resumed_from_step"].as_u64().unwrap() >= 20, "{run}");
+        assert!(run["summary"]["resumed_from_step"].as_u64().unwrap() >= 5, "{run}");
         // The same candidate as a plain sft run, never interrupted.
         let solo = tmp.path().join(format!("solo-{}", c.file_name().unwrap().to_string_lossy()));
         let s = solo.display().to_string();
