@@ -93,12 +93,17 @@ EOF
 
 # ---- daemons ----------------------------------------------------------------------------
 pkill_pidfile() {
-  local f=$1
-  [[ -s $f ]] && kill "$(cat "$f")" 2>/dev/null || true
+  local f=$1 name=$2 pid
+  [[ -s $f ]] || return 0
+  pid=$(cat "$f")
+  # Only if that pid is still the daemon: a stale file may name a reused pid.
+  if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; then
+    kill "$pid" 2>/dev/null || true
+  fi
 }
 # A half-started earlier attempt (say, a stale daemon from an older config) goes first.
-pkill_pidfile /run/slurmd.pid
-pkill_pidfile /run/slurmctld.pid
+pkill_pidfile /run/slurmd.pid slurmd
+pkill_pidfile /run/slurmctld.pid slurmctld
 sleep 0.5
 t0=$(date +%s.%N)
 # -c: a test cluster starts with no jobs of an earlier run (its state files are kept
