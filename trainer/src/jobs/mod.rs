@@ -306,6 +306,10 @@ pub fn spawn_detached(id: i64, argv: &[String], log: &Path, cwd: Option<&Path>) 
     Ok(child.id() as i64)
 }
 
+/// A local job still without a process this long after it was registered never started
+/// (a launcher records the pid right after spawning it).
+const NEVER_STARTED_S: f64 = 60.0;
+
 /// Bring a job's row up to date with reality: a local process that is gone (pid missing,
 /// or reused by another process), a Slurm job that left the queue. Returns the fresh row.
 pub fn reconcile(store: &Store, job: Job) -> Result<Job> {
@@ -315,6 +319,11 @@ pub fn reconcile(store: &Store, job: Job) -> Result<Job> {
     let id = job.id;
     if job.backend == Backend::Slurm.as_str() {
         slurm::reconcile(store, &job)?;
+        return store.require(id);
+    }
+    if job.pid.is_none() && store::now() - job.created_at > NEVER_STARTED_S {
+        // The launcher registered it and died before it could start the process.
+        store.finish(id, JobStatus::Failed, 1, Some("its process never started (the launcher exited first)"), None, true)?;
         return store.require(id);
     }
     let here = job.host.as_deref().is_none_or(|h| h == process::hostname());

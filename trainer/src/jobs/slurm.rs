@@ -336,6 +336,9 @@ fn sacct(ids: &[String]) -> Vec<SlurmState> {
     Vec::new()
 }
 
+/// How long a job that asked for its own requeue may look finished to squeue.
+const REQUEUE_GRACE_S: f64 = 60.0;
+
 const ACTIVE: &[&str] = &["RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT"];
 const PENDING: &[&str] = &["PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SPECIAL_EXIT"];
 
@@ -347,12 +350,15 @@ pub fn reconcile(store: &Store, job: &Job) -> Result<()> {
     let mut states = squeue(&job.slurm_job_ids);
     let live = |s: &SlurmState| ACTIVE.contains(&s.state.as_str()) || PENDING.contains(&s.state.as_str());
     if states.iter().any(|s| ACTIVE.contains(&s.state.as_str())) {
-        if job.status == JobStatus::Queued {
+        // Not a job whose process just stopped for a requeue (it recorded its end, and
+        // Slurm shows the old allocation a moment longer); the restarted process says
+        // `running` itself.
+        if job.status == JobStatus::Queued && job.ended_at.is_none() {
             store.set_status(job.id, JobStatus::Running)?;
         }
         return Ok(());
     }
-    if let Some(stuck) = states.iter().find(|s| s.reason.contains("DependencyNeverSatisfied")) {
+    if let Some(stuck) = states.iter().find(|s| PENDING.contains(&s.state.as_str()) && s.reason.contains("DependencyNeverSatisfied")) {
         // A sweep whose array failed: its final job can never start.
         let _ = Command::new("scancel").args(&job.slurm_job_ids).status();
         let reason = format!("a job it depends on did not succeed ({}); see lora-train jobs logs {}", stuck.reason, job.id);
@@ -360,6 +366,12 @@ pub fn reconcile(store: &Store, job: &Job) -> Result<()> {
         return Ok(());
     }
     if states.iter().any(live) {
+        return Ok(());
+    }
+    // The job's process stopped for a requeue a moment ago: until Slurm has put it back
+    // as PENDING, squeue may still show the old run's end (FAILED, COMPLETED).
+    let requeued_at = job.ended_at.filter(|_| job.status == JobStatus::Queued);
+    if requeued_at.is_some_and(|t| store::now() - t < REQUEUE_GRACE_S) {
         return Ok(());
     }
     if states.is_empty() {

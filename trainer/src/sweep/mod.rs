@@ -201,8 +201,10 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     if opts.dry_run {
         return Ok(record);
     }
-    if devices.iter().any(|d| d.simulated) {
-        bail!("--simulate-devices only plans: add --dry-run");
+    // On Slurm the plan is for the compute nodes' GPUs, which the submitting machine may
+    // not have: --simulate-devices describes them.
+    if devices.iter().any(|d| d.simulated) && !opts.slurm {
+        bail!("--simulate-devices only plans: add --dry-run (or submit with --backend slurm)");
     }
     if opts.slurm {
         // Each group with work left becomes one task of a Slurm job array that runs

@@ -13,6 +13,7 @@ mod pairs_compare;
 mod preference_golden;
 mod serve_e2e;
 mod sft_e2e;
+mod slurm_e2e;
 mod sweep_e2e;
 mod trajectory_sft;
 mod workflow_e2e;

@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lora-train")
+pub fn bin() -> String {
+    // Worktrees that share one target directory replace each other's binary there;
+    // LORA_TRAIN_TEST_BIN points the tests at a copy of one's own build.
+    std::env::var("LORA_TRAIN_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lora-train").to_string())
 }
 
 pub fn repo() -> PathBuf {
