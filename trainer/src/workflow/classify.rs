@@ -393,19 +393,13 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             generations_per_side: args.benchmark_samples,
             max_new_tokens: args.max_new_tokens,
             sides,
+            benchmark_only: args.benchmark_only,
             extra_inference: Some((format!("label log-likelihood benchmark: {sides} model(s) x {held} samples x {} labels", labels.labels.len()), label_tokens)),
         };
-        let mut p = plan::build(&input, &insp)?;
+        let p = plan::build(&input, &insp)?;
         let mut extra = labels.plan_lines();
         extra.push(format!("benchmark: {} on up to {} held-out samples, before training", models.join(", "), args.benchmark_samples));
         if args.benchmark_only {
-            // No training: the plan costs the benchmark alone.
-            p.candidates.clear();
-            p.final_run = None;
-            p.sweep_seconds = 0.0;
-            p.inference.retain(|c| !c.what.starts_with("validation loss"));
-            p.total_seconds = p.inference.iter().map(|c| c.seconds).sum();
-            p.total_cost = p.gpu_hour_price.filter(|_| p.gpu).map(|price| price * p.total_seconds / 3600.0);
             extra.push("--benchmark-only: no training".into());
         }
         plan::write(&wf.dir, &plan::render("run classify", &p, &insp, &extra))?;

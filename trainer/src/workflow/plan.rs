@@ -78,6 +78,8 @@ pub struct PlanInput<'a> {
     pub sides: usize,
     /// Extra inference the workflow does, in forward tokens (classify: label scoring).
     pub extra_inference: Option<(String, u64)>,
+    /// No training (`--benchmark-only`): no candidates, no sweep, no final run.
+    pub benchmark_only: bool,
 }
 
 pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
@@ -97,6 +99,7 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     let candidates: Vec<PlannedCandidate> = record
         .candidates
         .iter()
+        .filter(|_| !inp.benchmark_only)
         .map(|c| PlannedCandidate {
             name: c.name.clone(),
             overrides: c.overrides.clone(),
@@ -112,7 +115,7 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     let all_tokens = inspection.tokens();
     let samples = inspection.samples.max(1) as u64;
     let per_sample = all_tokens as f64 / samples as f64;
-    let final_run = tuning_subsample.map(|_| {
+    let final_run = tuning_subsample.filter(|_| !inp.benchmark_only).map(|_| {
         let epochs = cfg.epochs.unwrap_or_else(|| TrainConfig::default_epochs(train_n));
         let tokens = match cfg.steps {
             // Fixed steps: the final run sees as many tokens as a candidate.
@@ -129,7 +132,7 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     let params = sweep_plan::base_parameters(&model_cfg);
     let held_tokens = (per_sample * held_n as f64) as u64;
     let mut inference = Vec::new();
-    if held_n > 0 {
+    if held_n > 0 && !inp.benchmark_only {
         // A forward pass costs about 2 FLOPs per parameter and token.
         let tokens = held_tokens * inp.sides as u64;
         let flops = 2.0 * params * tokens as f64;
@@ -147,7 +150,8 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
         let flops = 2.0 * params * *tokens as f64;
         inference.push(Cost { what: what.clone(), tokens: *tokens, flops, seconds: flops / rate });
     }
-    let total_seconds = record_sweep_seconds(&splan) + final_run.as_ref().map_or(0.0, |f| f.seconds) + inference.iter().map(|c| c.seconds).sum::<f64>();
+    let sweep_seconds = if inp.benchmark_only { 0.0 } else { splan.est_seconds };
+    let total_seconds = sweep_seconds + final_run.as_ref().map_or(0.0, |f| f.seconds) + inference.iter().map(|c| c.seconds).sum::<f64>();
     Ok(Plan {
         model: cfg.model.clone(),
         dataset: cfg.dataset.clone(),
@@ -155,7 +159,7 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
         held_out_samples: held_n,
         tuning_subsample,
         candidates,
-        sweep_seconds: record_sweep_seconds(&splan),
+        sweep_seconds,
         final_run,
         inference,
         total_seconds,
@@ -167,10 +171,6 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
         evaluators: inp.evaluators.clone(),
         evaluator_reason: inp.evaluator_reason.clone(),
     })
-}
-
-fn record_sweep_seconds(p: &sweep_plan::Plan) -> f64 {
-    p.est_seconds
 }
 
 fn price(plan: &Plan, seconds: f64) -> String {
@@ -226,7 +226,9 @@ pub fn render(title: &str, plan: &Plan, inspection: &Inspection, extra: &[String
             price(plan, c.seconds)
         );
     }
-    let _ = writeln!(s, "| sweep, wall time | | | | | {} | {} |", fmt_duration(plan.sweep_seconds), price(plan, plan.sweep_seconds));
+    if !plan.candidates.is_empty() {
+        let _ = writeln!(s, "| sweep, wall time | | | | | {} | {} |", fmt_duration(plan.sweep_seconds), price(plan, plan.sweep_seconds));
+    }
     for c in plan.final_run.iter().chain(&plan.inference) {
         let _ = writeln!(s, "| {} | | {} | {:.3} | | {} | {} |", c.what, c.tokens, c.flops / 1e12, fmt_duration(c.seconds), price(plan, c.seconds));
     }

@@ -149,6 +149,7 @@ pub fn run(args: SftArgs) -> Result<()> {
             max_new_tokens: args.max_new_tokens,
             sides: 2,
             extra_inference: None,
+            benchmark_only: false,
         };
         let p = plan::build(&input, &insp)?;
         plan::write(&wf.dir, &plan::render("run sft", &p, &insp, &[]))?;
