@@ -1,4 +1,4 @@
-//! `lora-train run sft|classify`: workflows from a dataset to a promoted adapter and
+//! `lora-train run sft|classify|dpo`: workflows from a dataset to a promoted adapter and
 //! `final_report.md` (see `workflow/`).
 use anyhow::Result;
 
@@ -20,11 +20,15 @@ pub enum Workflow {
     /// Classification: labels and their balance, a base-model benchmark, then the sft
     /// phases, scored per label (accuracy, precision, recall, F1, confusion matrix).
     Classify(Box<workflow::classify::ClassifyArgs>),
+    /// Preference pairs: a beta sweep of DPO candidates, each compared against the base
+    /// (win rate), early stop at --target-win-rate, the best promoted; no final retrain.
+    Dpo(Box<workflow::dpo::DpoArgs>),
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.workflow {
         Workflow::Sft(a) => workflow::sft::run(*a),
         Workflow::Classify(a) => workflow::classify::run(*a),
+        Workflow::Dpo(a) => workflow::dpo::run(*a),
     }
 }

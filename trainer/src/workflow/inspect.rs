@@ -36,12 +36,21 @@ impl Inspection {
 
 /// Inspects `source` with `model`'s tokenizer and writes a converted copy when needed.
 pub fn run(dir: &Path, source: &Path, model: &str, max_sequence_length: usize, imbalance_threshold: f64) -> Result<Inspection> {
+    run_for(dir, source, model, max_sequence_length, imbalance_threshold, Format::Chat)
+}
+
+/// [`run`] for a workflow that trains on `wants` (chat, or preference pairs for `run dpo`).
+pub fn run_for(dir: &Path, source: &Path, model: &str, max_sequence_length: usize, imbalance_threshold: f64, wants: Format) -> Result<Inspection> {
     let ds = load_dataset(source, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut conversions = Vec::new();
     let mut generated = Vec::new();
     let mut dataset = source.to_path_buf();
     match ds.format {
-        Format::Chat => {}
+        f if f == wants => {}
+        Format::Chat => bail!("{}: chat data; `run dpo` trains on preference pairs (see Dataset formats)", source.display()),
+        Format::Prompts if wants == Format::Preference => {
+            bail!("{}: prompts only; `run dpo` needs preference pairs (make them with `lora-train pairs`; the workflow does not generate them yet)", source.display())
+        }
         Format::Prompts => {
             let mut lines = Vec::with_capacity(ds.len());
             for (s, line) in ds.samples.iter().zip(&ds.lines) {
@@ -65,9 +74,9 @@ pub fn run(dir: &Path, source: &Path, model: &str, max_sequence_length: usize, i
             dataset = g.path.clone();
             generated.push(g);
         }
-        Format::Preference => bail!("{}: preference pairs; `run sft` and `run classify` train on chat data (prompts with ground_truth are converted)", source.display()),
+        Format::Preference => bail!("{}: preference pairs; `run sft` and `run classify` train on chat data (prompts with ground_truth are converted); `run dpo` takes pairs", source.display()),
     }
-    let used = if dataset == source { ds } else { load_dataset(&dataset, Some(Format::Chat)).map_err(|e| anyhow::anyhow!("{e}"))? };
+    let used = if dataset == source { ds } else { load_dataset(&dataset, Some(wants)).map_err(|e| anyhow::anyhow!("{e}"))? };
     let bundle = lora_models::load_tokenizer_bundle(model).with_context(|| format!("loading the tokenizer of {model}"))?;
     let template = crate::chat::template_for(&bundle)?;
     let options = StatsOptions { max_seq_len: max_sequence_length, imbalance_threshold, max_prompt_length: None };

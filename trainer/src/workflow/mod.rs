@@ -1,4 +1,4 @@
-//! `lora-train run sft|classify`: a dataset and a model to a promoted adapter and
+//! `lora-train run sft|classify|dpo`: a dataset and a model to a promoted adapter and
 //! `final_report.md`, as the hosted fine-tuning agents do it, without an LLM in the loop.
 //!
 //! A workflow is a sequence of phases, one module each, shared by every workflow:
@@ -12,6 +12,7 @@
 //! and the final run continue at their candidate and checkpoint).
 pub mod approval;
 pub mod classify;
+pub mod dpo;
 pub mod evaluation;
 pub mod final_run;
 pub mod inspect;

@@ -214,3 +214,49 @@ fn classify_trains_and_scores_base_against_fine_tuned() {
     let md = std::fs::read_to_string(out.join("final_report.md")).unwrap();
     assert!(md.contains("accuracy (log-likelihood)") && md.contains("Scoreboard"));
 }
+
+#[test]
+fn dpo_sweeps_betas_compares_against_the_base_and_stops_at_the_target_win_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let data = repo().join("examples/json_preferences.train.jsonl").display().to_string();
+    let (m, o) = (tiny("qwen2"), out.display().to_string());
+    let args = [
+        "run", "dpo", "--model", &m, "--dataset", &data, "--output", &o, "--device", "cpu", "--epochs", "1", "--grid", "beta=0.1,0.5", "--evaluator", "json",
+        "--eval-samples", "4", "--max-new-tokens", "8",
+    ];
+    let res = run_headless(&args);
+    assert_eq!(res.status.code(), Some(3), "{}", String::from_utf8_lossy(&res.stderr));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("`beta0.1`") && plan.contains("`beta0.5`") && plan.contains("compare: 2 models"), "{plan}");
+    assert!(!out.join("sweep").exists());
+
+    let mut yes = args.to_vec();
+    yes.extend(["--resume", "--yes"]);
+    let res = run_headless(&yes);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    let board = report["scoreboard"].as_array().unwrap();
+    assert_eq!(board.len(), 2);
+    for row in board {
+        assert!(row["reward_mean"].as_f64().is_some(), "every candidate has a win rate: {row}");
+        assert!(row["eval_loss"].as_f64().unwrap() < row["eval_loss_before"].as_f64().unwrap(), "DPO lowers the held-out loss: {row}");
+    }
+    assert_eq!(report["final_run"]["retrained"], false);
+    assert!(report["comparison"]["compare"]["n"].as_u64().unwrap() == 4);
+    let generated = report["generated"].as_array().unwrap();
+    assert!(generated[0]["path"].as_str().unwrap().contains("heldout-prompts-20"));
+
+    // A target every candidate reaches stops the sweep after the first one.
+    let out2 = tmp.path().join("wf2");
+    let o2 = out2.display().to_string();
+    let mut early = args.to_vec();
+    early[7] = &o2;
+    early.extend(["--target-win-rate", "0", "--yes"]);
+    let res = run_headless(&early);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out2.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["scoreboard"].as_array().unwrap().len(), 1);
+    assert!(report["comparison"]["stopped_early_by"].as_str().unwrap().contains("beta0.1"));
+    assert!(!out2.join("sweep").join("beta0.5").exists(), "the second candidate never trained");
+}
