@@ -1,4 +1,4 @@
-//! `lora-train run sft|classify|dpo`: workflows from a dataset to a promoted adapter and
+//! `lora-train run sft|classify|dpo|rft`: workflows from a dataset to a promoted adapter and
 //! `final_report.md` (see `workflow/`).
 use anyhow::Result;
 
@@ -23,6 +23,9 @@ pub enum Workflow {
     /// Preference pairs: a beta sweep of DPO candidates, each compared against the base
     /// (win rate), early stop at --target-win-rate, the best promoted; no final retrain.
     Dpo(Box<workflow::dpo::DpoArgs>),
+    /// Reinforcement fine-tuning: prompts + evaluators, a base reward benchmark, a short
+    /// GRPO sweep, the final GRPO run, reward before and after.
+    Rft(Box<workflow::rft::RftArgs>),
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -30,5 +33,6 @@ pub fn run(args: Args) -> Result<()> {
         Workflow::Sft(a) => workflow::sft::run(*a),
         Workflow::Classify(a) => workflow::classify::run(*a),
         Workflow::Dpo(a) => workflow::dpo::run(*a),
+        Workflow::Rft(a) => workflow::rft::run(*a),
     }
 }

@@ -47,7 +47,7 @@ pub fn run_for(dir: &Path, source: &Path, model: &str, max_sequence_length: usiz
     let mut dataset = source.to_path_buf();
     match ds.format {
         f if f == wants => {}
-        Format::Chat => bail!("{}: chat data; `run dpo` trains on preference pairs (see Dataset formats)", source.display()),
+        Format::Chat => bail!("{}: chat data; this workflow takes {} data (see Dataset formats)", source.display(), wants),
         Format::Prompts if wants == Format::Preference => {
             bail!("{}: prompts only; `run dpo` needs preference pairs (make them with `lora-train pairs`; the workflow does not generate them yet)", source.display())
         }
@@ -87,7 +87,7 @@ pub fn run_for(dir: &Path, source: &Path, model: &str, max_sequence_length: usiz
             bail!("{}:{line}: {why} ({} sample(s) cannot be trained on)", dataset.display(), t.failed.len());
         }
     }
-    let no_answer = used.samples.iter().filter(|s| !s.messages().any(|m| m.role == Role::Assistant && m.is_trainable())).count();
+    let no_answer = if wants == Format::Prompts { 0 } else { used.samples.iter().filter(|s| !s.messages().any(|m| m.role == Role::Assistant && m.is_trainable())).count() };
     if no_answer > 0 {
         bail!("{}: {no_answer} sample(s) have no assistant message to learn", dataset.display());
     }

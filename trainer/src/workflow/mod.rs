@@ -1,4 +1,4 @@
-//! `lora-train run sft|classify|dpo`: a dataset and a model to a promoted adapter and
+//! `lora-train run sft|classify|dpo|rft`: a dataset and a model to a promoted adapter and
 //! `final_report.md`, as the hosted fine-tuning agents do it, without an LLM in the loop.
 //!
 //! A workflow is a sequence of phases, one module each, shared by every workflow:
@@ -20,6 +20,7 @@ pub mod plan;
 pub mod plots;
 pub mod promotion;
 pub mod report;
+pub mod rft;
 pub mod sft;
 pub mod sweep;
 

@@ -260,3 +260,40 @@ fn dpo_sweeps_betas_compares_against_the_base_and_stops_at_the_target_win_rate()
     assert!(report["comparison"]["stopped_early_by"].as_str().unwrap().contains("beta0.1"));
     assert!(!out2.join("sweep").join("beta0.5").exists(), "the second candidate never trained");
 }
+
+#[test]
+fn rft_benchmarks_the_base_sweeps_briefly_and_reports_reward_before_and_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let data = repo().join("examples/arithmetic.train.jsonl").display().to_string();
+    let (m, o) = (tiny("qwen2"), out.display().to_string());
+    let args = [
+        "run", "rft", "--model", &m, "--dataset", &data, "--output", &o, "--device", "cpu", "--steps", "4", "--sweep-steps", "2", "--num-generations", "2",
+        "--max-completion-length", "8", "--prompts-per-step", "2", "--evaluator", "numeric", "--eval-samples", "4", "--grid", "rank=4,8", "--tuning-samples", "20",
+    ];
+    let res = run_headless(&args);
+    assert_eq!(res.status.code(), Some(3), "{}", String::from_utf8_lossy(&res.stderr));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("`r4`") && plan.contains("final GRPO run (4 steps") && plan.contains("reward benchmark"), "{plan}");
+
+    let mut yes = args.to_vec();
+    yes.extend(["--resume", "--yes"]);
+    let res = run_headless(&yes);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let st = state(&out);
+    assert_eq!(phase(&st, "benchmark")["status"], "done");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert!(report["comparison"]["reward_before"].is_number() && report["comparison"]["reward_after"].is_number(), "{}", report["comparison"]);
+    let board = report["scoreboard"].as_array().unwrap();
+    assert_eq!(board.len(), 2);
+    assert!(board.iter().all(|r| r["status"] == "completed" && r["reward_mean"].is_number()));
+    for name in ["r4", "r8"] {
+        let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("sweep").join(name).join("run.json")).unwrap()).unwrap();
+        assert_eq!(run["summary"]["steps"], 2, "sweep candidates run --sweep-steps");
+        assert_eq!(run["summary"]["train_samples"], 20, "on the tuning subsample");
+    }
+    let fin: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final").join("run.json")).unwrap()).unwrap();
+    assert_eq!(fin["summary"]["steps"], 4);
+    assert!(fin["summary"]["train_samples"].as_u64().unwrap() > 20, "the final run takes all the prompts");
+    assert_eq!(report["final_run"]["retrained"], true);
+}
