@@ -340,8 +340,7 @@ fn dpo_plan(cands: &[Candidate], insp: &Inspection, args: &DpoArgs, price: Optio
     let params = sweep_plan::base_parameters(&model_cfg);
     let (train, held) = crate::recipes::sft::load_split_with(cfg, crate::data::load_preference_dataset)?;
     let (train_n, held_n) = (train.len(), held.as_ref().map_or(0, |h| h.len()));
-    let gpus = sweep_plan::gpu_devices();
-    let device = if cfg.device.starts_with("cuda") || (cfg.device == "auto" && !gpus.is_empty()) { gpus.first().cloned() } else { None }.unwrap_or_else(sweep_plan::cpu_device);
+    let device = plan::device_for(&cfg.device);
     let rate = device.flops_per_s.max(1.0);
     let per_sample = insp.tokens() as f64 / insp.samples.max(1) as f64;
     let longest = insp.stats["tokens"]["max"].as_u64().unwrap_or(cfg.max_sequence_length as u64) as usize;
@@ -359,29 +358,16 @@ fn dpo_plan(cands: &[Candidate], insp: &Inspection, args: &DpoArgs, price: Optio
     let gen_tokens = (2 * n * cands.len()) as u64 * (per_sample as u64 / 2 + args.max_new_tokens as u64);
     let gen_flops = 2.0 * params * gen_tokens as f64;
     let inference = vec![Cost { what: format!("compare: 2 models x {n} prompts per candidate, up to {} new tokens", args.max_new_tokens), tokens: gen_tokens, flops: gen_flops, seconds: gen_flops / rate }];
-    let sweep_seconds: f64 = planned.iter().map(|c| c.seconds).sum();
-    let total_seconds = sweep_seconds + inference[0].seconds;
-    let gpu = device.name.starts_with("cuda");
-    Ok(Plan {
-        model: cfg.model.clone(),
-        dataset: cfg.dataset.clone(),
-        train_samples: train_n,
-        held_out_samples: held_n,
-        tuning_subsample: None,
-        candidates: planned,
-        sweep_seconds,
-        final_run: None,
-        inference,
-        total_seconds,
-        device: device.name.clone(),
-        device_flops_per_s: rate,
-        gpu,
-        gpu_hour_price: price,
-        total_cost: price.filter(|_| gpu).map(|p| p * total_seconds / 3600.0),
-        evaluators: match &args.judge_model {
-            Some(j) => vec![format!("judge model {j}")],
-            None => args.evaluators.clone(),
-        },
-        evaluator_reason: "win rate of each candidate against the base (`compare`)".into(),
-    })
+    let mut p = Plan::on_device(&cfg.model, &cfg.dataset, &device, price);
+    p.train_samples = train_n;
+    p.held_out_samples = held_n;
+    p.sweep_seconds = planned.iter().map(|c| c.seconds).sum();
+    p.candidates = planned;
+    p.inference = inference;
+    p.evaluators = match &args.judge_model {
+        Some(j) => vec![format!("judge model {j}")],
+        None => args.evaluators.clone(),
+    };
+    p.evaluator_reason = "win rate of each candidate against the base (`compare`)".into();
+    Ok(p.with_totals())
 }

@@ -87,7 +87,6 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     let record = sweep::run(inp.options.clone(), &dry).context("planning the sweep")?;
     let splan: sweep_plan::Plan = serde_json::from_value(record.plan.clone())?;
     let device = splan.devices.first().cloned().context("the planner found no device")?;
-    let gpu = splan.devices.iter().any(|d| d.name.starts_with("cuda"));
     let rate = device.flops_per_s.max(1.0);
 
     let cfg: TrainConfig = inp.options.clone().resolve()?;
@@ -150,27 +149,56 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
         let flops = 2.0 * params * *tokens as f64;
         inference.push(Cost { what: what.clone(), tokens: *tokens, flops, seconds: flops / rate });
     }
-    let sweep_seconds = if inp.benchmark_only { 0.0 } else { splan.est_seconds };
-    let total_seconds = sweep_seconds + final_run.as_ref().map_or(0.0, |f| f.seconds) + inference.iter().map(|c| c.seconds).sum::<f64>();
-    Ok(Plan {
-        model: cfg.model.clone(),
-        dataset: cfg.dataset.clone(),
-        train_samples: train_n,
-        held_out_samples: held_n,
-        tuning_subsample,
-        candidates,
-        sweep_seconds,
-        final_run,
-        inference,
-        total_seconds,
-        device: device.name.clone(),
-        device_flops_per_s: rate,
-        gpu,
-        gpu_hour_price: inp.gpu_hour_price,
-        total_cost: inp.gpu_hour_price.filter(|_| gpu).map(|p| p * total_seconds / 3600.0),
-        evaluators: inp.evaluators.clone(),
-        evaluator_reason: inp.evaluator_reason.clone(),
-    })
+    let mut p = Plan::on_device(&cfg.model, &cfg.dataset, &device, inp.gpu_hour_price);
+    p.train_samples = train_n;
+    p.held_out_samples = held_n;
+    p.tuning_subsample = tuning_subsample;
+    p.candidates = candidates;
+    p.sweep_seconds = if inp.benchmark_only { 0.0 } else { splan.est_seconds };
+    p.final_run = final_run;
+    p.inference = inference;
+    p.evaluators = inp.evaluators.clone();
+    p.evaluator_reason = inp.evaluator_reason.clone();
+    Ok(p.with_totals())
+}
+
+impl Plan {
+    /// An empty plan on `device`; the workflow fills in its work, then [`Plan::with_totals`].
+    pub fn on_device(model: &str, dataset: &Path, device: &sweep_plan::DeviceSlot, gpu_hour_price: Option<f64>) -> Plan {
+        Plan {
+            model: model.to_string(),
+            dataset: dataset.to_path_buf(),
+            train_samples: 0,
+            held_out_samples: 0,
+            tuning_subsample: None,
+            candidates: Vec::new(),
+            sweep_seconds: 0.0,
+            final_run: None,
+            inference: Vec::new(),
+            total_seconds: 0.0,
+            device: device.name.clone(),
+            device_flops_per_s: device.flops_per_s.max(1.0),
+            gpu: device.name.starts_with("cuda"),
+            gpu_hour_price,
+            total_cost: None,
+            evaluators: Vec::new(),
+            evaluator_reason: String::new(),
+        }
+    }
+
+    /// The total time (sweep, final run, inference) and its price on a GPU.
+    pub fn with_totals(mut self) -> Plan {
+        self.total_seconds = self.sweep_seconds + self.final_run.as_ref().map_or(0.0, |f| f.seconds) + self.inference.iter().map(|c| c.seconds).sum::<f64>();
+        self.total_cost = self.gpu_hour_price.filter(|_| self.gpu).map(|p| p * self.total_seconds / 3600.0);
+        self
+    }
+}
+
+/// The device a one-process workflow (`run dpo`, `run rft`) plans for: the first GPU when
+/// `--device` is auto or cuda and one exists, else the CPU at its measured rate.
+pub fn device_for(device: &str) -> sweep_plan::DeviceSlot {
+    let gpus = if device.starts_with("cuda") || device == "auto" { sweep_plan::gpu_devices() } else { Vec::new() };
+    gpus.into_iter().next().unwrap_or_else(sweep_plan::cpu_device)
 }
 
 fn price(plan: &Plan, seconds: f64) -> String {

@@ -220,8 +220,7 @@ fn wf_sweep_dir(cands: &[Candidate]) -> PathBuf {
 fn rft_plan(cands: &[Candidate], base: &TrainConfig, train_n: usize, held_n: usize, insp: &Inspection, args: &RftArgs) -> Result<Plan> {
     let model_cfg = lora_models::load_model_config(&base.model)?;
     let params = sweep_plan::base_parameters(&model_cfg);
-    let gpus = sweep_plan::gpu_devices();
-    let device = if base.device.starts_with("cuda") || (base.device == "auto" && !gpus.is_empty()) { gpus.first().cloned() } else { None }.unwrap_or_else(sweep_plan::cpu_device);
+    let device = plan::device_for(&base.device);
     let rate = device.flops_per_s.max(1.0);
     let prompt_tokens = insp.tokens() as f64 / insp.samples.max(1) as f64;
     let seq = prompt_tokens + args.grpo.max_completion_length as f64;
@@ -250,27 +249,15 @@ fn rft_plan(cands: &[Candidate], base: &TrainConfig, train_n: usize, held_n: usi
     let bench_tokens = (2.0 * held as f64 * seq) as u64;
     let bench_flops = 2.0 * params * bench_tokens as f64;
     let inference = vec![Cost { what: format!("reward benchmark: base and fine-tuned x {held} prompts"), tokens: bench_tokens, flops: bench_flops, seconds: bench_flops / rate }];
-    let sweep_seconds: f64 = planned.iter().map(|c| c.seconds).sum();
-    let total_seconds = sweep_seconds + final_run.as_ref().map_or(0.0, |f| f.seconds) + inference[0].seconds;
-    let gpu = device.name.starts_with("cuda");
-    let price = args.common.gpu_hour_price;
-    Ok(Plan {
-        model: base.model.clone(),
-        dataset: base.dataset.clone(),
-        train_samples: train_n,
-        held_out_samples: held_n,
-        tuning_subsample: cands.first().and_then(|c| c.config.max_train_samples),
-        candidates: planned,
-        sweep_seconds,
-        final_run,
-        inference,
-        total_seconds,
-        device: device.name.clone(),
-        device_flops_per_s: rate,
-        gpu,
-        gpu_hour_price: price,
-        total_cost: price.filter(|_| gpu).map(|p| p * total_seconds / 3600.0),
-        evaluators: args.evaluators.evaluators.clone(),
-        evaluator_reason: "the reward".into(),
-    })
+    let mut p = Plan::on_device(&base.model, &base.dataset, &device, args.common.gpu_hour_price);
+    p.train_samples = train_n;
+    p.held_out_samples = held_n;
+    p.tuning_subsample = cands.first().and_then(|c| c.config.max_train_samples);
+    p.sweep_seconds = planned.iter().map(|c| c.seconds).sum();
+    p.candidates = planned;
+    p.final_run = final_run;
+    p.inference = inference;
+    p.evaluators = args.evaluators.evaluators.clone();
+    p.evaluator_reason = "the reward".into();
+    Ok(p.with_totals())
 }
