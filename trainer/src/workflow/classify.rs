@@ -394,6 +394,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             max_new_tokens: args.max_new_tokens,
             sides,
             benchmark_only: args.benchmark_only,
+            calibration_steps: w.calibration_steps,
             extra_inference: Some((format!("label log-likelihood benchmark: {sides} model(s) x {held} samples x {} labels", labels.labels.len()), label_tokens)),
         };
         let p = plan::build(&input, &insp)?;

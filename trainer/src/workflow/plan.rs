@@ -61,6 +61,38 @@ pub struct Plan {
     /// How candidates and models are compared: `validation loss`, or evaluators.
     pub evaluators: Vec<String>,
     pub evaluator_reason: String,
+    /// The measured steps the time estimates are scaled by.
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
+}
+
+/// A few training steps of the first candidate, timed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Calibration {
+    pub candidate: String,
+    pub steps: usize,
+    pub tokens_per_s: f64,
+    /// The rate the steps reached, which every estimate uses.
+    pub flops_per_s: f64,
+    /// The rate the planner assumed before.
+    pub assumed_flops_per_s: f64,
+}
+
+/// Trains `steps` steps of candidate `c` (without evaluation) in a scratch directory next
+/// to the sweep's, removed afterwards, and turns its tokens per second into FLOP/s with the
+/// planner's FLOPs per token.
+fn calibrate(c: &crate::sweep::CandidateRecord, steps: usize, assumed: f64) -> Result<Calibration> {
+    let scratch = c.output.parent().and_then(Path::parent).and_then(Path::parent).context("no workflow directory")?.join(".calibration");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    }
+    eprintln!("plan: timing {steps} training steps of {}", c.name);
+    let cfg = TrainConfig { output: scratch.clone(), steps: Some(steps), epochs: None, eval_split: None, eval_dataset: None, ..c.config.clone() };
+    let summary = crate::recipes::sft::run(&cfg, &crate::engine::RunOptions { resume: false, quiet: true }).context("timing the calibration steps")?;
+    std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    let per_token = c.est_flops / c.est_tokens.max(1) as f64;
+    let flops_per_s = (summary.tokens_per_s * per_token).max(1.0);
+    Ok(Calibration { candidate: c.name.clone(), steps, tokens_per_s: summary.tokens_per_s, flops_per_s, assumed_flops_per_s: assumed })
 }
 
 /// What the plan needs besides the training options.
@@ -80,14 +112,25 @@ pub struct PlanInput<'a> {
     pub extra_inference: Option<(String, u64)>,
     /// No training (`--benchmark-only`): no candidates, no sweep, no final run.
     pub benchmark_only: bool,
+    /// Training steps timed to calibrate the estimates (0 = the planner's rate).
+    pub calibration_steps: usize,
 }
 
 pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     let dry = SweepOptions { dry_run: true, quiet: true, resume: false, ..inp.sweep.clone() };
     let record = sweep::run(inp.options.clone(), &dry).context("planning the sweep")?;
     let splan: sweep_plan::Plan = serde_json::from_value(record.plan.clone())?;
-    let device = splan.devices.first().cloned().context("the planner found no device")?;
-    let rate = device.flops_per_s.max(1.0);
+    let mut device = splan.devices.first().cloned().context("the planner found no device")?;
+    let planner_rate = device.flops_per_s.max(1.0);
+    // A few real steps of the first candidate replace the assumed rate (GEMM-based on CPU,
+    // a guess on GPU) with a measured one.
+    let calibration = match record.candidates.first().filter(|_| inp.calibration_steps > 0 && !inp.benchmark_only) {
+        Some(c) => Some(calibrate(c, inp.calibration_steps, planner_rate)?),
+        None => None,
+    };
+    let rate = calibration.as_ref().map_or(planner_rate, |c| c.flops_per_s);
+    device.flops_per_s = rate;
+    let scale = planner_rate / rate;
 
     let cfg: TrainConfig = inp.options.clone().resolve()?;
     let full_cfg = TrainConfig { max_train_samples: None, ..cfg.clone() };
@@ -106,7 +149,7 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
             tokens: c.est_tokens,
             flops: c.est_flops,
             memory_bytes: c.est_memory_bytes,
-            seconds: c.est_seconds,
+            seconds: c.est_seconds * scale,
             device: c.device.clone(),
         })
         .collect();
@@ -154,7 +197,8 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     p.held_out_samples = held_n;
     p.tuning_subsample = tuning_subsample;
     p.candidates = candidates;
-    p.sweep_seconds = if inp.benchmark_only { 0.0 } else { splan.est_seconds };
+    p.sweep_seconds = if inp.benchmark_only { 0.0 } else { splan.est_seconds * scale };
+    p.calibration = calibration;
     p.final_run = final_run;
     p.inference = inference;
     p.evaluators = inp.evaluators.clone();
@@ -183,6 +227,7 @@ impl Plan {
             total_cost: None,
             evaluators: Vec::new(),
             evaluator_reason: String::new(),
+            calibration: None,
         }
     }
 
@@ -232,13 +277,29 @@ pub fn render(title: &str, plan: &Plan, inspection: &Inspection, extra: &[String
         let _ = writeln!(s, "Validation loss, and evaluator(s) `{}` on greedy answers to held-out prompts ({}).", plan.evaluators.join("`, `"), plan.evaluator_reason);
     }
     let _ = writeln!(s, "\n## Cost\n");
-    let _ = writeln!(
-        s,
-        "Device `{}` at {:.2} TFLOP/s assumed{}.\n",
-        plan.device,
-        plan.device_flops_per_s / 1e12,
-        if plan.gpu { "" } else { " (measured f32 GEMM rate x 0.6)" }
-    );
+    match &plan.calibration {
+        Some(c) => {
+            let _ = writeln!(
+                s,
+                "Device `{}` at {:.3} TFLOP/s, measured over {} training steps of `{}` ({:.0} tokens/s; the planner assumed {:.3} TFLOP/s).\n",
+                plan.device,
+                c.flops_per_s / 1e12,
+                c.steps,
+                c.candidate,
+                c.tokens_per_s,
+                c.assumed_flops_per_s / 1e12
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "Device `{}` at {:.3} TFLOP/s assumed{}.\n",
+                plan.device,
+                plan.device_flops_per_s / 1e12,
+                if plan.gpu { "" } else { " (measured f32 GEMM rate x 0.6)" }
+            );
+        }
+    }
     let _ = writeln!(s, "| work | steps | tokens | TFLOPs | memory GiB | est. time | cost |");
     let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for c in &plan.candidates {

@@ -46,6 +46,10 @@ pub struct WorkflowArgs {
     /// Price of one GPU hour, for the plan's cost (GPU plans only).
     #[arg(long, value_name = "USD", help_heading = "Workflow")]
     pub gpu_hour_price: Option<f64>,
+    /// Training steps of the first candidate timed while planning, to calibrate the time
+    /// estimates (0: the planner's assumed rate).
+    #[arg(long, default_value_t = 3, help_heading = "Workflow")]
+    pub calibration_steps: usize,
     /// Promote the winning candidate as it is, without the full-data final run.
     #[arg(long, help_heading = "Workflow")]
     pub skip_final: bool,
@@ -150,6 +154,7 @@ pub fn run(args: SftArgs) -> Result<()> {
             sides: 2,
             extra_inference: None,
             benchmark_only: false,
+            calibration_steps: w.calibration_steps,
         };
         let p = plan::build(&input, &insp)?;
         plan::write(&wf.dir, &plan::render("run sft", &p, &insp, &[]))?;

@@ -32,10 +32,15 @@ fn without_a_terminal_the_plan_stops_with_status_3_and_resume_yes_runs_through()
     assert_eq!(res.status.code(), Some(3), "{}", String::from_utf8_lossy(&res.stderr));
     assert!(String::from_utf8_lossy(&res.stderr).contains("--resume --yes"));
     let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
-    for needle in ["r8-lr1.5e-4", "r16-lr1e-4", "r32-lr5e-5", "TFLOPs", "**total**", "16 training, 4 held out"] {
+    for needle in ["r8-lr1.5e-4", "r16-lr1e-4", "r32-lr5e-5", "TFLOPs", "**total**", "16 training, 4 held out", "measured over 3 training steps of `r8-lr1.5e-4`"] {
         assert!(plan.contains(needle), "plan.md lacks {needle}:\n{plan}");
     }
     assert!(!out.join("sweep").exists(), "nothing is trained before the approval");
+    assert!(!out.join(".calibration").exists(), "the timed calibration steps leave nothing behind");
+    let stopped = state(&out);
+    let planned = &phase(&stopped, "plan")["outputs"];
+    assert!(planned["calibration"]["tokens_per_s"].as_f64().unwrap() > 0.0, "{planned}");
+    assert_eq!(planned["device_flops_per_s"], planned["calibration"]["flops_per_s"], "the estimates use the measured rate");
     assert_eq!(state(&out)["status"], "stopped");
     // A second fresh start refuses the directory; without --resume nothing is overwritten.
     assert!(!run_headless(&args).status.success());
