@@ -226,17 +226,21 @@ pub struct Generated {
 
 /// Writes `lines` (JSON objects) to a fresh file and its provenance sidecar.
 pub fn write_generated(dir: &Path, stem: &str, from: &Path, what: &str, lines: &[Value]) -> Result<Generated> {
-    let path = generated_path(dir, stem)?;
     let mut text = String::new();
     for l in lines {
         text.push_str(&serde_json::to_string(l)?);
         text.push('\n');
     }
+    write_generated_text(dir, stem, from, what, &text)
+}
+
+/// Writes `text` (JSON lines) to a fresh file in `dir` and its provenance sidecar.
+pub fn write_generated_text(dir: &Path, stem: &str, from: &Path, what: &str, text: &str) -> Result<Generated> {
+    let path = generated_path(dir, stem)?;
     lora_models::write_new(&path, text.as_bytes())?;
-    let g = Generated { path: path.clone(), from: from.to_path_buf(), what: what.into() };
     let sidecar = crate::output_file::with_suffix(&path, ".provenance.json");
     lora_models::write_new(&sidecar, &serde_json::to_vec_pretty(&serde_json::json!({"source": from, "conversion": what, "created_unix": now_unix(), "version": env!("CARGO_PKG_VERSION")}))?)?;
-    Ok(g)
+    Ok(Generated { path, from: from.to_path_buf(), what: what.into() })
 }
 
 /// Is there a person to ask? Both stdin (to read the answer) and stderr (to show the
