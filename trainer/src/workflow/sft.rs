@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::approval::{self, Approval};
@@ -113,8 +113,9 @@ pub struct SftArgs {
     pub max_new_tokens: usize,
 }
 
-/// `--evaluator` as given, or `auto` resolved from the training answers.
-fn resolve_evaluators(specs: &[String], dataset: &Path) -> Result<(Vec<String>, String)> {
+/// `--evaluator` as given, or `auto` resolved from the training answers (for JSON
+/// answers: `json-schema` with a schema inferred from them, written to `dir/data/`).
+fn resolve_evaluators(specs: &[String], dataset: &Path, dir: &Path) -> Result<(Vec<String>, String)> {
     if specs.iter().any(|s| s == "auto") {
         if specs.len() > 1 {
             bail!("--evaluator auto chooses one evaluator; give it alone");
@@ -122,6 +123,20 @@ fn resolve_evaluators(specs: &[String], dataset: &Path) -> Result<(Vec<String>, 
         let ds = crate::data::load_chat_dataset(dataset)?;
         let answers: Vec<String> = ds.samples.iter().filter_map(evaluation::prompt_and_answer).map(|(_, a)| a).collect();
         let (spec, why) = evaluation::auto_evaluator(&answers);
+        if spec.as_deref() == Some("json") {
+            let objects: Vec<serde_json::Map<String, serde_json::Value>> = answers.iter().filter_map(|a| serde_json::from_str(a.trim()).ok()).collect();
+            let schema = evaluation::infer_schema(&objects);
+            std::fs::create_dir_all(dir.join("data"))?;
+            let path = crate::output_file::fresh_path(&dir.join("data"), "answers-schema", "json", "")?;
+            lora_models::write_new(&path, &serde_json::to_vec_pretty(&schema)?)?;
+            // Absolute: a resumed workflow may run from another directory.
+            let path = std::fs::canonicalize(&path).with_context(|| format!("resolving {}", path.display()))?;
+            let required: Vec<String> = schema["required"].as_array().map(|r| r.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            return Ok((
+                vec![format!("json-schema:{}", path.display())],
+                format!("--evaluator auto: {why}; schema inferred from the {} answers in the data (required: {})", objects.len(), required.join(", ")),
+            ));
+        }
         return Ok((spec.into_iter().collect(), format!("--evaluator auto: {why}")));
     }
     for s in specs {
@@ -142,7 +157,7 @@ pub fn run(args: SftArgs) -> Result<()> {
     let insp: Inspection = wf.phase("inspect", |wf| inspect::run(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0))?;
     let (options, sweep_opts) = w.sweep_setup(&wf.dir, &insp.dataset)?;
     let plan: Plan = wf.phase("plan", |wf| {
-        let (evaluators, reason) = resolve_evaluators(&args.evaluators, &insp.dataset)?;
+        let (evaluators, reason) = resolve_evaluators(&args.evaluators, &insp.dataset, &wf.dir)?;
         let input = PlanInput {
             options: &options,
             sweep: &sweep_opts,

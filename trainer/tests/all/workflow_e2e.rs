@@ -104,6 +104,17 @@ fn prompts_with_ground_truth_train_from_a_fresh_converted_copy() {
     assert_eq!(report["hosting"]["rank_ok"], true);
     assert_eq!(report["final_run"]["skipped_because"], "--skip-final");
     assert!(std::fs::read_to_string(out.join("final_report.md")).unwrap().contains("Generated data"));
+
+    // JSON answers: auto infers a schema from them.
+    let out = tmp.path().join("wf-json");
+    let (d, o) = (repo().join("examples/json_answers.train.jsonl").display().to_string(), out.display().to_string());
+    let res = run_headless(&["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--steps", "1", "--candidate", "rank=4", "--evaluator", "auto", "--eval-samples", "2", "--max-new-tokens", "4", "--calibration-steps", "0"]);
+    assert_eq!(res.status.code(), Some(3));
+    let spec = phase(&state(&out), "plan")["outputs"]["evaluators"][0].as_str().unwrap().to_string();
+    let file = spec.strip_prefix("json-schema:").unwrap_or_else(|| panic!("{spec}"));
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    assert_eq!(schema["required"], serde_json::json!(["answer", "topic"]));
+    assert!(phase(&state(&out), "plan")["outputs"]["calibration"].is_null(), "--calibration-steps 0");
 }
 
 #[test]
