@@ -422,7 +422,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
         (None, None, None)
     } else {
         let sw: SweepResult = wf.phase("sweep", |_| sweep_phase::run(&options, &sweep_opts))?;
-        let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &["label".to_string()], args.benchmark_samples, args.max_new_tokens))?;
+        let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &cp.plan.candidates, &["label".to_string()], args.benchmark_samples, args.max_new_tokens))?;
         let fin: FinalRun = wf.phase("final run", |wf| {
             let skip = if w.skip_final {
                 Some("--skip-final".to_string())

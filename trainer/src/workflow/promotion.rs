@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::evaluation;
+use super::plan::PlannedCandidate;
 use super::sweep::SweepResult;
 use super::Workflow;
 use crate::config::TrainConfig;
@@ -43,7 +44,9 @@ pub struct Promotion {
 }
 
 /// Scores the candidates, picks the winner and asks for the promotion.
-pub fn run(wf: &Workflow, sweep: &SweepResult, evaluators: &[String], eval_samples: usize, max_new_tokens: usize) -> Result<Promotion> {
+/// `planned` gives each candidate's estimated time (calibrated); the sweep's own estimate
+/// stands in for a candidate the plan lacks.
+pub fn run(wf: &Workflow, sweep: &SweepResult, planned: &[PlannedCandidate], evaluators: &[String], eval_samples: usize, max_new_tokens: usize) -> Result<Promotion> {
     let mut rows: Vec<Row> = sweep
         .candidates
         .iter()
@@ -55,7 +58,7 @@ pub fn run(wf: &Workflow, sweep: &SweepResult, evaluators: &[String], eval_sampl
             eval_loss: c.eval_loss,
             train_loss: c.train_loss,
             elapsed_s: c.elapsed_s,
-            est_seconds: c.est_seconds,
+            est_seconds: planned.iter().find(|p| p.name == c.name).map_or(c.est_seconds, |p| p.seconds),
             reward_mean: None,
             output: c.output.clone(),
         })

@@ -177,7 +177,7 @@ pub fn run(args: SftArgs) -> Result<()> {
     })?;
     let _: Approval = wf.phase("approval", |wf| approval::require(wf, "plan", &wf.dir.join(PLAN_FILE)))?;
     let sw: SweepResult = wf.phase("sweep", |_| sweep_phase::run(&options, &sweep_opts))?;
-    let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &plan.evaluators, args.eval_samples, args.max_new_tokens))?;
+    let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &plan.candidates, &plan.evaluators, args.eval_samples, args.max_new_tokens))?;
     let fin: FinalRun = wf.phase("final run", |wf| {
         let skip = if w.skip_final {
             Some("--skip-final".to_string())
