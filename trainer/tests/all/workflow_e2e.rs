@@ -313,3 +313,56 @@ fn rft_benchmarks_the_base_sweeps_briefly_and_reports_reward_before_and_after() 
     assert!(fin["summary"]["train_samples"].as_u64().unwrap() > 20, "the final run takes all the prompts");
     assert_eq!(report["final_run"]["retrained"], true);
 }
+
+#[test]
+fn a_workflow_killed_in_its_sweep_resumes_at_the_unfinished_candidate() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_dataset(tmp.path(), "train.jsonl", 20);
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
+    // One candidate at a time, so the first finishes while the second trains.
+    let args = [
+        "run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "200", "--max-parallel", "1",
+        "--candidate", "rank=4,lr=1e-3", "--candidate", "rank=8,lr=5e-4", "--checkpoint-interval", "50", "--calibration-steps", "0", "--yes",
+    ];
+    // Its own process group: the kill takes the sweep's worker processes with it, as a
+    // Ctrl-C or a batch scheduler would.
+    let mut child = Command::new(bin()).args(args).env("LORA_TRAIN_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0).spawn().unwrap();
+    let cands = out.join("sweep").join("candidates");
+    let status = |name: &str| -> Option<String> {
+        let text = std::fs::read_to_string(cands.join(name).join("run.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["status"].as_str().map(str::to_string)
+    };
+    let t0 = Instant::now();
+    let (first, second) = loop {
+        let (a, b) = (status("r4-lr1e-3"), status("r8-lr5e-4"));
+        let done = |s: &Option<String>| s.as_deref() == Some("completed");
+        if done(&a) != done(&b) && (a.is_some() && b.is_some()) {
+            break if done(&a) { ("r4-lr1e-3", "r8-lr5e-4") } else { ("r8-lr5e-4", "r4-lr1e-3") };
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the workflow ended before one candidate finished and the other started");
+        assert!(t0.elapsed() < Duration::from_secs(300), "no finished candidate after 300 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let pgid = child.id().to_string();
+    let killed = Command::new("kill").args(["-s", "KILL", "--", &format!("-{pgid}")]).status().unwrap();
+    assert!(killed.success(), "kill -s KILL -- -{pgid} failed");
+    child.wait().unwrap();
+    let st = state(&out);
+    assert_eq!(phase(&st, "sweep")["status"], "running", "killed inside the sweep");
+    let kept = std::fs::read(cands.join(first).join("run.json")).unwrap();
+
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let res = run_headless(&resume);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let st = state(&out);
+    assert_eq!(st["status"], "completed");
+    assert_eq!(phase(&st, "sweep")["attempts"], 2);
+    assert_eq!(phase(&st, "plan")["attempts"], 1);
+    assert_eq!(std::fs::read(cands.join(first).join("run.json")).unwrap(), kept, "the finished candidate is not trained again");
+    assert_eq!(status(second).as_deref(), Some("completed"));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["scoreboard"].as_array().unwrap().len(), 2);
+}
