@@ -51,6 +51,17 @@ pub struct DpoArgs {
     /// Longest answer in the comparison.
     #[arg(long, default_value_t = 128, help_heading = "Comparison")]
     pub max_new_tokens: usize,
+    /// The preference objective: dpo (the base as reference) or orpo (no reference; beta
+    /// is ORPO's lambda).
+    #[arg(long, value_enum, default_value_t = Method::Dpo, help_heading = "Comparison")]
+    pub method: Method,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Dpo,
+    Orpo,
 }
 
 /// One candidate: training-flag overrides and a beta.
@@ -193,6 +204,7 @@ pub fn run(args: DpoArgs) -> Result<()> {
     settings["target_win_rate"] = json!(args.target_win_rate);
     settings["eval_samples"] = json!(args.eval_samples);
     settings["max_new_tokens"] = json!(args.max_new_tokens);
+    settings["method"] = json!(args.method);
     let mut wf = Workflow::open(&cfg0.output, "dpo", settings, w.resume, w.yes, ORDER.to_vec())?;
 
     let insp: Inspection = wf.phase("inspect", |wf| inspect::run_for(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0, Format::Preference))?;
@@ -217,10 +229,15 @@ pub fn run(args: DpoArgs) -> Result<()> {
             let run_dir = &c.config.output;
             let status = crate::engine::read_status(run_dir);
             if status != Some(RunStatus::Completed) {
-                eprintln!("dpo: training {} (beta {})", c.name, c.beta);
+                eprintln!("{:?}: training {} (beta {})", args.method, c.name, c.beta);
                 let resume = run_dir.join(RUN_FILE).exists();
                 let pairs = PairOptions { max_prompt_length: None, max_length: None, adapter: None, precompute_ref_logps: false };
-                if let Err(e) = preference::run(&c.config, &pairs, Dpo::new(c.beta, LossType::Sigmoid, 0.0)?, &RunOptions { resume, quiet: false }) {
+                let opts = RunOptions { resume, quiet: false };
+                let trained = match args.method {
+                    Method::Dpo => preference::run(&c.config, &pairs, Dpo::new(c.beta, LossType::Sigmoid, 0.0)?, &opts),
+                    Method::Orpo => preference::run(&c.config, &pairs, crate::recipes::orpo::Orpo::new(c.beta)?, &opts),
+                };
+                if let Err(e) = trained {
                     tracing::warn!("candidate {}: {e:#}", c.name);
                 }
             }
@@ -264,7 +281,7 @@ pub fn run(args: DpoArgs) -> Result<()> {
                 output: c.config.output.clone(),
             })
             .collect();
-        // Highest win rate; equal ones go to the lower held-out DPO loss.
+        // Highest win rate; equal ones go to the lower held-out loss.
         let best = rows
             .iter()
             .filter(|r| r.status == RunStatus::Completed)
@@ -296,7 +313,7 @@ pub fn run(args: DpoArgs) -> Result<()> {
     let _: serde_json::Value = wf.phase("report", |wf| {
         let mut md = String::new();
         let _ = writeln!(md, "`compare` of each candidate against the base on {} held-out prompts (judged by {}):\n", cmp["compare"]["n"], cmp["compare"]["judged_by"]);
-        let _ = writeln!(md, "| candidate | win rate | 95% CI | held-out DPO loss before -> after |\n| --- | ---: | --- | --- |");
+        let _ = writeln!(md, "| candidate | win rate | 95% CI | held-out loss before -> after |\n| --- | ---: | --- | --- |");
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
         for o in &sweep.outcomes {
             let ci = o.ci95.map_or("-".into(), |c| format!("{:.3} to {:.3}", c[0], c[1]));
@@ -351,7 +368,9 @@ fn dpo_plan(cands: &[Candidate], insp: &Inspection, args: &DpoArgs, price: Optio
         let steps = c.config.steps.unwrap_or(epochs * steps_per_epoch);
         let tokens = (per_sample * (steps * c.config.batch_size * c.config.gradient_accumulation_steps).min(train_n * epochs) as f64) as u64;
         let e = sweep_plan::estimate(&model_cfg, &c.config, tokens, longest);
-        let flops = e.flops + 2.0 * params * tokens as f64;
+        // DPO's reference (the base) costs one more forward pass; ORPO has none.
+        let reference = if args.method == Method::Dpo { 2.0 * params * tokens as f64 } else { 0.0 };
+        let flops = e.flops + reference;
         planned.push(PlannedCandidate { name: c.name.clone(), overrides: c.overrides.clone(), steps, tokens, flops, memory_bytes: e.base_bytes + 2 * e.own_bytes, seconds: flops / rate, device: Some(device.name.clone()) });
     }
     let n = args.eval_samples.min(held_n);

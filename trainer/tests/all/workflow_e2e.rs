@@ -275,6 +275,17 @@ fn dpo_sweeps_betas_compares_against_the_base_and_stops_at_the_target_win_rate()
     assert_eq!(report["scoreboard"].as_array().unwrap().len(), 1);
     assert!(report["comparison"]["stopped_early_by"].as_str().unwrap().contains("beta0.1"));
     assert!(!out2.join("sweep").join("beta0.5").exists(), "the second candidate never trained");
+
+    // ORPO through the same workflow: its run directories say so.
+    let out3 = tmp.path().join("wf3");
+    let o3 = out3.display().to_string();
+    let mut orpo = args.to_vec();
+    orpo[7] = &o3;
+    orpo.extend(["--method", "orpo", "--target-win-rate", "0", "--yes"]);
+    let res = run_headless(&orpo);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out3.join("sweep").join("beta0.1").join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["command"], "orpo", "{run}");
 }
 
 #[test]
