@@ -138,6 +138,18 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     let (train_n, held_n) = (train.len(), held.as_ref().map_or(0, |h| h.len()));
     let tuning_subsample = (inp.sweep.tuning_samples > 0 && train_n > inp.sweep.tuning_samples && cfg.max_train_samples.is_none()).then_some(inp.sweep.tuning_samples);
 
+    let all_tokens = inspection.tokens();
+    let samples = inspection.samples.max(1) as u64;
+    let per_sample = all_tokens as f64 / samples as f64;
+    let model_cfg = lora_models::load_model_config(&cfg.model)?;
+    let params = sweep_plan::base_parameters(&model_cfg);
+    let held_tokens = (per_sample * held_n as f64) as u64;
+    // A run evaluates on the held-out split before, after, and every --eval-interval steps
+    // (about 10 times by default): forward passes the training FLOPs do not count.
+    let eval_seconds = |steps: usize, interval: Option<usize>| -> f64 {
+        let evals = 2 + interval.map_or(10, |i| steps / i.max(1));
+        evals as f64 * 2.0 * params * held_tokens as f64 / rate
+    };
     let candidates: Vec<PlannedCandidate> = record
         .candidates
         .iter()
@@ -149,14 +161,12 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
             tokens: c.est_tokens,
             flops: c.est_flops,
             memory_bytes: c.est_memory_bytes,
-            seconds: c.est_seconds * scale,
+            seconds: c.est_seconds * scale + eval_seconds(c.total_steps, c.config.eval_interval),
             device: c.device.clone(),
         })
         .collect();
+    let sweep_evals: f64 = record.candidates.iter().map(|c| eval_seconds(c.total_steps, c.config.eval_interval)).sum();
 
-    let all_tokens = inspection.tokens();
-    let samples = inspection.samples.max(1) as u64;
-    let per_sample = all_tokens as f64 / samples as f64;
     let final_run = tuning_subsample.filter(|_| !inp.benchmark_only).map(|_| {
         let epochs = cfg.epochs.unwrap_or_else(|| TrainConfig::default_epochs(train_n));
         let tokens = match cfg.steps {
@@ -167,12 +177,9 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
         // FLOPs per token of the most expensive candidate (the winner is not known yet).
         let per_token = candidates.iter().map(|c| c.flops / c.tokens.max(1) as f64).fold(0.0, f64::max);
         let flops = per_token * tokens as f64;
-        Cost { what: "final run (winner, all training data)".into(), tokens, flops, seconds: flops / rate }
+        Cost { what: "final run (winner, all training data; with its evaluations)".into(), tokens, flops, seconds: flops / rate + eval_seconds(0, None) }
     });
 
-    let model_cfg = lora_models::load_model_config(&cfg.model)?;
-    let params = sweep_plan::base_parameters(&model_cfg);
-    let held_tokens = (per_sample * held_n as f64) as u64;
     let mut inference = Vec::new();
     if held_n > 0 && !inp.benchmark_only {
         // A forward pass costs about 2 FLOPs per parameter and token.
@@ -197,7 +204,7 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     p.held_out_samples = held_n;
     p.tuning_subsample = tuning_subsample;
     p.candidates = candidates;
-    p.sweep_seconds = if inp.benchmark_only { 0.0 } else { splan.est_seconds * scale };
+    p.sweep_seconds = if inp.benchmark_only { 0.0 } else { splan.est_seconds * scale + sweep_evals };
     p.calibration = calibration;
     p.final_run = final_run;
     p.inference = inference;
