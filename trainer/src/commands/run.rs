@@ -36,3 +36,24 @@ pub fn run(args: Args) -> Result<()> {
         Workflow::Rft(a) => workflow::rft::run(*a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::Args,
+    }
+
+    #[test]
+    fn every_workflow_parses() {
+        Cli::command().debug_assert();
+        for w in ["sft", "classify", "dpo", "rft"] {
+            let cli = Cli::try_parse_from(["run", w, "--model", "m", "--dataset", "d", "-o", "o", "--yes"]);
+            assert!(cli.is_ok(), "{w}: {:?}", cli.err());
+        }
+        assert!(Cli::try_parse_from(["run", "classify", "--split", "0.3", "--eval-split", "0.2"]).is_err());
+    }
+}
