@@ -29,7 +29,7 @@ use crate::recipes::preference::{self, PairOptions};
 use crate::sweep::candidates;
 use crate::sweep::plan as sweep_plan;
 
-pub const ORDER: [&str; 7] = ["inspect", "plan", "approval", "sweep", "promotion", "evaluation", "report"];
+pub const ORDER: [&str; 8] = ["inspect", "plan", "approval", "data", "sweep", "promotion", "evaluation", "report"];
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DpoArgs {
@@ -51,6 +51,16 @@ pub struct DpoArgs {
     /// Longest answer in the comparison.
     #[arg(long, default_value_t = 128, help_heading = "Comparison")]
     pub max_new_tokens: usize,
+    /// Prompts-only data: the preferred answers' sampler, MODEL or MODEL+ADAPTER (pairs
+    /// by delta learning, as `lora-train pairs`).
+    #[arg(long, value_name = "MODEL[+ADAPTER]", help_heading = "Pairs from prompts")]
+    pub strong: Option<String>,
+    /// Prompts-only data: the non-preferred answers' sampler [default: --model].
+    #[arg(long, value_name = "MODEL[+ADAPTER]", help_heading = "Pairs from prompts")]
+    pub weak: Option<String>,
+    /// Prompts-only data: longest generated answer of a pair.
+    #[arg(long, default_value_t = 256, help_heading = "Pairs from prompts")]
+    pub pair_max_new_tokens: usize,
     /// The preference objective: dpo (the base as reference) or orpo (no reference; beta
     /// is ORPO's lambda).
     #[arg(long, value_enum, default_value_t = Method::Dpo, help_heading = "Comparison")]
@@ -205,23 +215,47 @@ pub fn run(args: DpoArgs) -> Result<()> {
     settings["eval_samples"] = json!(args.eval_samples);
     settings["max_new_tokens"] = json!(args.max_new_tokens);
     settings["method"] = json!(args.method);
+    settings["strong"] = json!(args.strong);
+    settings["weak"] = json!(args.weak);
+    settings["pair_max_new_tokens"] = json!(args.pair_max_new_tokens);
+    // Prompts-only data becomes pairs (delta learning) after the approval.
+    let prompts_only = lora_datasets::load_dataset(&cfg0.dataset, None).is_ok_and(|d| d.format == Format::Prompts);
+    if prompts_only && args.strong.is_none() {
+        bail!("{}: prompts only; give --strong MODEL[+ADAPTER] (and --weak, default --model) to make preference pairs first", cfg0.dataset.display());
+    }
     let mut wf = Workflow::open(&cfg0.output, "dpo", settings, w.resume, w.yes, ORDER.to_vec())?;
 
-    let insp: Inspection = wf.phase("inspect", |wf| inspect::run_for(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0, Format::Preference))?;
-    let base = TrainOptions { dataset: Some(insp.dataset.clone()), ..w.options.clone() };
-    let cands = build_candidates(&base, &w.candidate, &w.grid, &wf.dir)?;
-    let pp: PlanAndPrompts = wf.phase("plan", |wf| {
-        let prompts = held_out_prompts(&cands[0].config, &wf.dir, args.eval_samples)?;
-        let p = dpo_plan(&cands, &insp, &args, w.gpu_hour_price)?;
-        let mut extra = vec![format!("comparison prompts: `{}`", prompts.path.display())];
+    let wants = if prompts_only { Format::Prompts } else { Format::Preference };
+    let insp: Inspection = wf.phase("inspect", |wf| inspect::run_for(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0, wants))?;
+    let planned = build_candidates(&TrainOptions { dataset: Some(insp.dataset.clone()), ..w.options.clone() }, &w.candidate, &w.grid, &wf.dir)?;
+    let plan_data: Plan = wf.phase("plan", |wf| {
+        let p = dpo_plan(&planned, &insp, &args, w.gpu_hour_price, prompts_only)?;
+        let mut extra = Vec::new();
+        if prompts_only {
+            extra.push(format!(
+                "pairs by delta learning first: preferred answers from `{}`, non-preferred from `{}`{}",
+                args.strong.as_deref().unwrap_or_default(),
+                args.weak.as_deref().unwrap_or(&cfg0.model),
+                if args.evaluators.is_empty() { String::new() } else { format!(", kept only where `{}` scores the preferred one higher", args.evaluators.join("`, `")) }
+            ));
+        }
+        extra.push("comparison prompts: the held-out pairs' prompts (written after the approval)".into());
         if let Some(t) = args.target_win_rate {
             extra.push(format!("the sweep stops once a candidate wins {t} against the base"));
         }
         plan::write(&wf.dir, &plan::render("run dpo", &p, &insp, &extra))?;
-        Ok(PlanAndPrompts { plan: p, prompts })
+        Ok(p)
     })?;
-    let (plan_data, prompts) = (pp.plan, pp.prompts);
     let _: Approval = wf.phase("approval", |wf| approval::require(wf, "plan", &wf.dir.join(PLAN_FILE)))?;
+    let data: DataReady = wf.phase("data", |wf| {
+        let pairs = if prompts_only { Some(make_pairs(&cfg0, &insp.dataset, &wf.dir, &args)?) } else { None };
+        let dataset = pairs.as_ref().map_or_else(|| insp.dataset.clone(), |g| g.path.clone());
+        let cfg = TrainConfig { dataset: dataset.clone(), ..planned[0].config.clone() };
+        let prompts = held_out_prompts(&cfg, &wf.dir, args.eval_samples)?;
+        Ok(DataReady { dataset, pairs, prompts })
+    })?;
+    let prompts = data.prompts.clone();
+    let cands = build_candidates(&TrainOptions { dataset: Some(data.dataset.clone()), ..w.options.clone() }, &w.candidate, &w.grid, &wf.dir)?;
     let sweep: SweepOut = wf.phase("sweep", |wf| {
         let mut outcomes = Vec::new();
         let mut stopped = None;
@@ -229,7 +263,7 @@ pub fn run(args: DpoArgs) -> Result<()> {
             let run_dir = &c.config.output;
             let status = crate::engine::read_status(run_dir);
             if status != Some(RunStatus::Completed) {
-                eprintln!("{:?}: training {} (beta {})", args.method, c.name, c.beta);
+                eprintln!("{}: training {} (beta {})", format!("{:?}", args.method).to_lowercase(), c.name, c.beta);
                 let resume = run_dir.join(RUN_FILE).exists();
                 let pairs = PairOptions { max_prompt_length: None, max_length: None, adapter: None, precompute_ref_logps: false };
                 let opts = RunOptions { resume, quiet: false };
@@ -324,6 +358,7 @@ pub fn run(args: DpoArgs) -> Result<()> {
         }
         let _ = writeln!(md, "\nThe winner's answers side by side: `{}`.", Path::new(cmp["compare_dir"].as_str().unwrap_or_default()).join("compare.md").display());
         let mut generated = insp.generated.clone();
+        generated.extend(data.pairs.clone());
         generated.push(prompts.clone());
         let input = ReportInput {
             title: "run dpo: final report",
@@ -342,24 +377,60 @@ pub fn run(args: DpoArgs) -> Result<()> {
     Ok(())
 }
 
+/// What the candidates train and are compared on.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct PlanAndPrompts {
-    plan: Plan,
+struct DataReady {
+    /// The pairs file: the user's, or the generated one.
+    dataset: PathBuf,
+    /// Pairs made from prompts-only data.
+    pairs: Option<Generated>,
     prompts: Generated,
+}
+
+/// Preference pairs from the prompts by `pairs`' library function: `--strong` answers are
+/// preferred over `--weak` (default: the base) answers, kept only where the evaluators
+/// score the preferred one strictly higher (when evaluators are given).
+fn make_pairs(cfg: &TrainConfig, prompts: &Path, dir: &Path, args: &DpoArgs) -> Result<Generated> {
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::commands::pairs::Args,
+    }
+    let out = dir.join("data");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let strong = args.strong.clone().context("--strong is needed for prompts-only data")?;
+    let weak = args.weak.clone().unwrap_or_else(|| cfg.model.clone());
+    let mut argv: Vec<String> = vec!["pairs".into(), "--dataset".into(), prompts.display().to_string(), "--strong".into(), strong.clone(), "--weak".into(), weak.clone()];
+    argv.extend(["--output".into(), out.display().to_string(), "--device".into(), cfg.device.clone(), "--max-new-tokens".into(), args.pair_max_new_tokens.to_string()]);
+    argv.extend(["--dtype".into(), format!("{:?}", cfg.dtype).to_lowercase()]);
+    for e in &args.evaluators {
+        argv.extend(["--evaluator".into(), e.clone()]);
+    }
+    let cli = Cli::try_parse_from(&argv).map_err(|e| anyhow::anyhow!("pairs options: {e}"))?;
+    eprintln!("pairs: {strong} (preferred) against {weak} on {}", prompts.display());
+    let o = crate::commands::pairs::generate_pairs(&cli.args)?;
+    eprintln!("pairs: {} pairs, {} prompts dropped -> {}", o.pairs, o.dropped, o.output.display());
+    if o.pairs < 2 {
+        bail!("only {} pair(s) kept of {} prompts (see {}); DPO needs more", o.pairs, o.prompts, o.provenance.display());
+    }
+    Ok(Generated { path: o.output, from: prompts.to_path_buf(), what: format!("preference pairs by delta learning: {strong} preferred over {weak} ({} pairs, {} prompts dropped)", o.pairs, o.dropped) })
 }
 
 /// The cost of the candidates (trained one after another): the LoRA step's FLOPs from the
 /// sweep planner over both sequences of every pair, plus the reference model's forward
 /// pass (2 FLOPs per parameter and token), and the comparisons' generations.
-fn dpo_plan(cands: &[Candidate], insp: &Inspection, args: &DpoArgs, price: Option<f64>) -> Result<Plan> {
+fn dpo_plan(cands: &[Candidate], insp: &Inspection, args: &DpoArgs, price: Option<f64>, prompts_only: bool) -> Result<Plan> {
     let cfg = &cands[0].config;
     let model_cfg = lora_models::load_model_config(&cfg.model)?;
     let params = sweep_plan::base_parameters(&model_cfg);
-    let (train, held) = crate::recipes::sft::load_split_with(cfg, crate::data::load_preference_dataset)?;
+    let load = if prompts_only { crate::recipes::grpo::prompts::load_prompt_dataset } else { crate::data::load_preference_dataset };
+    let (train, held) = crate::recipes::sft::load_split_with(cfg, load)?;
     let (train_n, held_n) = (train.len(), held.as_ref().map_or(0, |h| h.len()));
     let device = plan::device_for(&cfg.device);
     let rate = device.flops_per_s.max(1.0);
-    let per_sample = insp.tokens() as f64 / insp.samples.max(1) as f64;
+    // A pair's two sequences; from prompts, each is the prompt plus a generated answer.
+    let prompt_tokens = insp.tokens() as f64 / insp.samples.max(1) as f64;
+    let per_sample = if prompts_only { 2.0 * (prompt_tokens + args.pair_max_new_tokens as f64) } else { prompt_tokens };
     let longest = insp.stats["tokens"]["max"].as_u64().unwrap_or(cfg.max_sequence_length as u64) as usize;
     let mut planned = Vec::new();
     for c in cands {
@@ -376,7 +447,13 @@ fn dpo_plan(cands: &[Candidate], insp: &Inspection, args: &DpoArgs, price: Optio
     let n = args.eval_samples.min(held_n);
     let gen_tokens = (2 * n * cands.len()) as u64 * (per_sample as u64 / 2 + args.max_new_tokens as u64);
     let gen_flops = 2.0 * params * gen_tokens as f64;
-    let inference = vec![Cost { what: format!("compare: 2 models x {n} prompts per candidate, up to {} new tokens", args.max_new_tokens), tokens: gen_tokens, flops: gen_flops, seconds: gen_flops / rate }];
+    let mut inference = vec![Cost { what: format!("compare: 2 models x {n} prompts per candidate, up to {} new tokens", args.max_new_tokens), tokens: gen_tokens, flops: gen_flops, seconds: gen_flops / rate }];
+    if prompts_only {
+        let prompts = insp.samples;
+        let tokens = (2.0 * prompts as f64 * (prompt_tokens + args.pair_max_new_tokens as f64)) as u64;
+        let flops = 2.0 * params * tokens as f64;
+        inference.insert(0, Cost { what: format!("pairs: 2 samplers x {prompts} prompts, up to {} new tokens", args.pair_max_new_tokens), tokens, flops, seconds: flops / rate });
+    }
     let mut p = Plan::on_device(&cfg.model, &cfg.dataset, &device, price);
     p.train_samples = train_n;
     p.held_out_samples = held_n;

@@ -55,9 +55,6 @@ pub fn run_for(dir: &Path, user_file: &Path, model: &str, max_sequence_length: u
     match ds.format {
         f if f == wants => {}
         Format::Chat => bail!("{}: chat data; this workflow takes {} data (see Dataset formats)", source.display(), wants),
-        Format::Prompts if wants == Format::Preference => {
-            bail!("{}: prompts only; `run dpo` needs preference pairs (make them with `lora-train pairs`; the workflow does not generate them yet)", source.display())
-        }
         Format::Prompts => {
             let mut lines = Vec::with_capacity(ds.len());
             for (s, line) in ds.samples.iter().zip(&ds.lines) {

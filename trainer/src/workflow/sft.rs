@@ -139,15 +139,16 @@ fn resolve_evaluators(specs: &[String], dataset: &Path, dir: &Path) -> Result<(V
         }
         return Ok((spec.into_iter().collect(), format!("--evaluator auto: {why}")));
     }
-    for s in specs {
-        crate::evaluators::parse_spec(s).map_err(|e| anyhow::anyhow!("--evaluator {s}: {e:#}"))?;
-    }
     Ok((specs.to_vec(), if specs.is_empty() { "the default".into() } else { "--evaluator".into() }))
 }
 
 pub fn run(args: SftArgs) -> Result<()> {
     let w = &args.common;
     let cfg0 = w.options.clone().resolve()?;
+    // A bad spec fails before the output directory is claimed.
+    for s in args.evaluators.iter().filter(|s| *s != "auto") {
+        crate::evaluators::parse_spec(s).map_err(|e| anyhow::anyhow!("--evaluator {s}: {e:#}"))?;
+    }
     let mut settings = w.settings();
     settings["evaluators"] = json!(args.evaluators);
     settings["eval_samples"] = json!(args.eval_samples);

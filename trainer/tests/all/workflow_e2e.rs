@@ -377,3 +377,29 @@ fn a_workflow_killed_in_its_sweep_resumes_at_the_unfinished_candidate() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
     assert_eq!(report["scoreboard"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn dpo_on_prompts_only_makes_pairs_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let data = repo().join("examples/arithmetic.train.jsonl");
+    let before = std::fs::read(&data).unwrap();
+    let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
+    let base = ["run", "dpo", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--epochs", "1", "--judge-model", &m, "--eval-samples", "3", "--max-new-tokens", "4"];
+    let res = run_headless(&base);
+    assert!(!res.status.success() && String::from_utf8_lossy(&res.stderr).contains("--strong"), "prompts-only data needs a strong sampler");
+    let mut args = base.to_vec();
+    args.extend(["--strong", &m, "--pair-max-new-tokens", "6", "--yes"]);
+    let res = run_headless(&args);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("pairs by delta learning first") && plan.contains("pairs: 2 samplers x 96 prompts"), "{plan}");
+    let st = state(&out);
+    let pairs = phase(&st, "data")["outputs"]["pairs"]["path"].as_str().unwrap().to_string();
+    assert!(Path::new(&pairs).file_name().unwrap().to_string_lossy().starts_with("pairs-20"));
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("sweep").join("beta0.1").join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["config"]["dataset"].as_str().unwrap(), pairs, "the candidates train on the generated pairs");
+    assert_eq!(std::fs::read(&data).unwrap(), before, "the user's prompts are never modified");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["generated"].as_array().unwrap().len(), 2, "the pairs and the comparison prompts");
+}
