@@ -39,8 +39,10 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
     let mut md = String::new();
     let _ = writeln!(md, "# {}\n", r.title);
     let adapter = r.final_run.map(|f| f.adapter.clone());
+    // The promoted adapter's base (a model sweep may promote another than --model).
+    let model = r.final_run.map_or(plan.model.clone(), |f| f.config.model.clone());
     if let (Some(p), Some(a)) = (r.promotion, &adapter) {
-        let _ = writeln!(md, "**Promoted adapter: `{}`** (candidate `{}`, {}), base model `{}`.\n", a.display(), p.winner, if r.final_run.is_some_and(|f| f.retrained) { "retrained on all the training data" } else { "as trained in the sweep" }, plan.model);
+        let _ = writeln!(md, "**Promoted adapter: `{}`** (candidate `{}`, {}), base model `{}`.\n", a.display(), p.winner, if r.final_run.is_some_and(|f| f.retrained) { "retrained on all the training data" } else { "as trained in the sweep" }, model);
     }
 
     // ---- plan against actual ----------------------------------------------------------
@@ -108,12 +110,12 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
         let (checks, text) = hosting_check(a)?;
         hosting = checks;
         md.push_str(&text);
-        md.push_str(&snippets(a, &plan.model, hosting["rank"].as_u64().unwrap_or(8)));
+        md.push_str(&snippets(a, &model, hosting["rank"].as_u64().unwrap_or(8)));
     }
     crate::checkpoint::write_atomic(&dir.join(REPORT_MD), md.as_bytes())?;
     let data = json!({
         "workflow": wf.state.workflow,
-        "model": plan.model,
+        "model": model,
         "adapter": adapter,
         "winner": r.promotion.map(|p| p.winner.clone()),
         "criterion": r.promotion.map(|p| p.criterion.clone()),

@@ -403,3 +403,29 @@ fn dpo_on_prompts_only_makes_pairs_first() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
     assert_eq!(report["generated"].as_array().unwrap().len(), 2, "the pairs and the comparison prompts");
 }
+
+#[test]
+fn a_model_sweep_trains_every_candidate_on_each_base_and_promotes_across_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_dataset(tmp.path(), "train.jsonl", 20);
+    let out = tmp.path().join("wf");
+    let (q, l) = (tiny("qwen2"), tiny("llama"));
+    let (d, o, models) = (data.display().to_string(), out.display().to_string(), format!("{q},{l}"));
+    let res = run_headless(&[
+        "run", "sft", "--model", &q, "--models", &models, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3",
+        "--evaluator", "exact", "--eval-samples", "2", "--max-new-tokens", "4", "--calibration-steps", "1", "--yes",
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("model sweep") && plan.contains("`m1-r4-lr1e-3`") && plan.contains("`m2-r4-lr1e-3`"), "{plan}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    let names: Vec<&str> = report["scoreboard"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["m1-r4-lr1e-3", "m2-r4-lr1e-3"]);
+    assert!(report["scoreboard"].as_array().unwrap().iter().all(|r| r["reward_mean"].is_number()), "each base's candidates are scored on that base");
+    for m in ["m1", "m2"] {
+        assert!(out.join("sweep").join(m).join("sweep.json").exists());
+    }
+    let winner = report["winner"].as_str().unwrap();
+    let expected_base = if winner.starts_with("m1-") { &q } else { &l };
+    assert_eq!(report["model"].as_str().unwrap(), expected_base.as_str(), "the report names the promoted adapter's base");
+}
