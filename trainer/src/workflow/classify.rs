@@ -451,6 +451,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             comparison: data.clone(),
             generated: insp.generated.clone(),
             inference_phases: &["benchmark", "promotion", "evaluation"],
+            eval_is_negative_reward: false,
         };
         report::write(wf, &input)
     })?;

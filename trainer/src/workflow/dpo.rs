@@ -369,6 +369,7 @@ pub fn run(args: DpoArgs) -> Result<()> {
             comparison: cmp.clone(),
             generated,
             inference_phases: &["evaluation"],
+            eval_is_negative_reward: false,
         };
         report::write(wf, &input)
     })?;

@@ -201,6 +201,7 @@ pub fn run(args: RftArgs) -> Result<()> {
             comparison: data,
             generated: insp.generated.clone(),
             inference_phases: &["benchmark", "evaluation"],
+            eval_is_negative_reward: true,
         };
         report::write(wf, &input)
     })?;

@@ -272,6 +272,7 @@ pub fn run(args: SftArgs) -> Result<()> {
             comparison: serde_json::to_value(&cmp)?,
             generated: insp.generated.clone(),
             inference_phases: &["promotion", "evaluation"],
+            eval_is_negative_reward: false,
         };
         report::write(wf, &input)
     })?;

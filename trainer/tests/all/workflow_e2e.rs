@@ -323,6 +323,8 @@ fn rft_benchmarks_the_base_sweeps_briefly_and_reports_reward_before_and_after() 
     assert_eq!(fin["summary"]["steps"], 4);
     assert!(fin["summary"]["train_samples"].as_u64().unwrap() > 20, "the final run takes all the prompts");
     assert_eq!(report["final_run"]["retrained"], true);
+    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    assert!(svg.contains("Held-out reward"), "GRPO runs plot their reward, not minus it");
 }
 
 #[test]
