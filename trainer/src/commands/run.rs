@@ -1,4 +1,4 @@
-//! `lora-train run sft|classify`: workflows from a dataset to a promoted adapter and
+//! `lora-train run sft|classify|dpo|rft`: workflows from a dataset to a promoted adapter and
 //! `final_report.md` (see `workflow/`).
 use anyhow::Result;
 
@@ -20,11 +20,40 @@ pub enum Workflow {
     /// Classification: labels and their balance, a base-model benchmark, then the sft
     /// phases, scored per label (accuracy, precision, recall, F1, confusion matrix).
     Classify(Box<workflow::classify::ClassifyArgs>),
+    /// Preference pairs: a beta sweep of DPO candidates, each compared against the base
+    /// (win rate), early stop at --target-win-rate, the best promoted; no final retrain.
+    Dpo(Box<workflow::dpo::DpoArgs>),
+    /// Reinforcement fine-tuning: prompts + evaluators, a base reward benchmark, a short
+    /// GRPO sweep, the final GRPO run, reward before and after.
+    Rft(Box<workflow::rft::RftArgs>),
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.workflow {
         Workflow::Sft(a) => workflow::sft::run(*a),
         Workflow::Classify(a) => workflow::classify::run(*a),
+        Workflow::Dpo(a) => workflow::dpo::run(*a),
+        Workflow::Rft(a) => workflow::rft::run(*a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: super::Args,
+    }
+
+    #[test]
+    fn every_workflow_parses() {
+        Cli::command().debug_assert();
+        for w in ["sft", "classify", "dpo", "rft"] {
+            let cli = Cli::try_parse_from(["run", w, "--model", "m", "--dataset", "d", "-o", "o", "--yes"]);
+            assert!(cli.is_ok(), "{w}: {:?}", cli.err());
+        }
+        assert!(Cli::try_parse_from(["run", "classify", "--split", "0.3", "--eval-split", "0.2"]).is_err());
     }
 }

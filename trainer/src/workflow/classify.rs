@@ -393,19 +393,14 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             generations_per_side: args.benchmark_samples,
             max_new_tokens: args.max_new_tokens,
             sides,
+            benchmark_only: args.benchmark_only,
+            calibration_steps: w.calibration_steps,
             extra_inference: Some((format!("label log-likelihood benchmark: {sides} model(s) x {held} samples x {} labels", labels.labels.len()), label_tokens)),
         };
-        let mut p = plan::build(&input, &insp)?;
+        let p = plan::build(&input, &insp)?;
         let mut extra = labels.plan_lines();
         extra.push(format!("benchmark: {} on up to {} held-out samples, before training", models.join(", "), args.benchmark_samples));
         if args.benchmark_only {
-            // No training: the plan costs the benchmark alone.
-            p.candidates.clear();
-            p.final_run = None;
-            p.sweep_seconds = 0.0;
-            p.inference.retain(|c| !c.what.starts_with("validation loss"));
-            p.total_seconds = p.inference.iter().map(|c| c.seconds).sum();
-            p.total_cost = p.gpu_hour_price.filter(|_| p.gpu).map(|price| price * p.total_seconds / 3600.0);
             extra.push("--benchmark-only: no training".into());
         }
         plan::write(&wf.dir, &plan::render("run classify", &p, &insp, &extra))?;
@@ -427,7 +422,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
         (None, None, None)
     } else {
         let sw: SweepResult = wf.phase("sweep", |_| sweep_phase::run(&options, &sweep_opts))?;
-        let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &["label".to_string()], args.benchmark_samples, args.max_new_tokens))?;
+        let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &cp.plan.candidates, &["label".to_string()], args.benchmark_samples, args.max_new_tokens))?;
         let fin: FinalRun = wf.phase("final run", |wf| {
             let skip = if w.skip_final {
                 Some("--skip-final".to_string())
@@ -456,6 +451,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             comparison: data.clone(),
             generated: insp.generated.clone(),
             inference_phases: &["benchmark", "promotion", "evaluation"],
+            eval_is_negative_reward: false,
         };
         report::write(wf, &input)
     })?;

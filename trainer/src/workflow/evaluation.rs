@@ -81,6 +81,42 @@ pub fn auto_evaluator(answers: &[String]) -> (Option<String>, String) {
     (None, "answers are free text: validation loss only".into())
 }
 
+/// A JSON schema the training answers (JSON objects) all satisfy: the keys every answer
+/// has are required, and each key's type is the one its values have (several when they
+/// differ; integers count as numbers when both occur). Other keys stay allowed.
+pub fn infer_schema(objects: &[serde_json::Map<String, Value>]) -> Value {
+    fn type_name(v: &Value) -> &'static str {
+        match v {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        }
+    }
+    let mut keys: Vec<&String> = objects.iter().flat_map(|o| o.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut required = Vec::new();
+    let mut properties = serde_json::Map::new();
+    for k in keys {
+        if objects.iter().all(|o| o.contains_key(k)) {
+            required.push(Value::String(k.clone()));
+        }
+        let mut types: Vec<&str> = objects.iter().filter_map(|o| o.get(k)).map(type_name).collect();
+        types.sort();
+        types.dedup();
+        if types.contains(&"number") {
+            types.retain(|t| *t != "integer");
+        }
+        let t = if types.len() == 1 { Value::from(types[0]) } else { Value::from(types) };
+        properties.insert(k.clone(), serde_json::json!({ "type": t }));
+    }
+    serde_json::json!({"type": "object", "required": required, "properties": properties})
+}
+
 /// The base and its adapters (loaded under their labels) on `cfg`'s device.
 pub fn load_with_adapters(cfg: &TrainConfig, adapters: &[(String, PathBuf)]) -> Result<LoadedModel> {
     let (mut model, tokenizer, source) = sft::load_base(cfg)?;
@@ -191,5 +227,18 @@ mod tests {
         assert_eq!(auto_evaluator(&s(&["pos", "neg", "pos", "neg"])).0.as_deref(), Some("label"));
         assert_eq!(auto_evaluator(&s(&["a long answer", "another one"])).0, None);
         assert_eq!(auto_evaluator(&[]).0, None);
+    }
+
+    #[test]
+    fn the_inferred_schema_requires_the_common_keys_with_their_types() {
+        let objs: Vec<serde_json::Map<String, Value>> = [r#"{"answer": 3, "topic": "math"}"#, r#"{"answer": 2.5, "topic": "math", "note": null}"#]
+            .iter()
+            .map(|s| serde_json::from_str(s).unwrap())
+            .collect();
+        let schema = infer_schema(&objs);
+        assert_eq!(schema["required"], serde_json::json!(["answer", "topic"]));
+        assert_eq!(schema["properties"]["answer"]["type"], "number");
+        assert_eq!(schema["properties"]["topic"]["type"], "string");
+        assert_eq!(schema["properties"]["note"]["type"], "null");
     }
 }

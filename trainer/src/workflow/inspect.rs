@@ -36,12 +36,25 @@ impl Inspection {
 
 /// Inspects `source` with `model`'s tokenizer and writes a converted copy when needed.
 pub fn run(dir: &Path, source: &Path, model: &str, max_sequence_length: usize, imbalance_threshold: f64) -> Result<Inspection> {
-    let ds = load_dataset(source, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    run_for(dir, source, model, max_sequence_length, imbalance_threshold, Format::Chat)
+}
+
+/// [`run`] for a workflow that trains on `wants` (chat, or preference pairs for `run dpo`).
+pub fn run_for(dir: &Path, user_file: &Path, model: &str, max_sequence_length: usize, imbalance_threshold: f64, wants: Format) -> Result<Inspection> {
     let mut conversions = Vec::new();
     let mut generated = Vec::new();
+    let rewritten = rewrite_tool_roles(dir, user_file)?;
+    if let Some((g, n)) = &rewritten {
+        conversions.push(format!("{} ({n} messages) -> {}", g.what, g.path.display()));
+        generated.push(g.clone());
+    }
+    let source_buf = rewritten.as_ref().map_or_else(|| user_file.to_path_buf(), |(g, _)| g.path.clone());
+    let source = source_buf.as_path();
+    let ds = load_dataset(source, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut dataset = source.to_path_buf();
     match ds.format {
-        Format::Chat => {}
+        f if f == wants => {}
+        Format::Chat => bail!("{}: chat data; this workflow takes {} data (see Dataset formats)", source.display(), wants),
         Format::Prompts => {
             let mut lines = Vec::with_capacity(ds.len());
             for (s, line) in ds.samples.iter().zip(&ds.lines) {
@@ -65,9 +78,9 @@ pub fn run(dir: &Path, source: &Path, model: &str, max_sequence_length: usize, i
             dataset = g.path.clone();
             generated.push(g);
         }
-        Format::Preference => bail!("{}: preference pairs; `run sft` and `run classify` train on chat data (prompts with ground_truth are converted)", source.display()),
+        Format::Preference => bail!("{}: preference pairs; `run sft` and `run classify` train on chat data (prompts with ground_truth are converted); `run dpo` takes pairs", source.display()),
     }
-    let used = if dataset == source { ds } else { load_dataset(&dataset, Some(Format::Chat)).map_err(|e| anyhow::anyhow!("{e}"))? };
+    let used = if dataset == source { ds } else { load_dataset(&dataset, Some(wants)).map_err(|e| anyhow::anyhow!("{e}"))? };
     let bundle = lora_models::load_tokenizer_bundle(model).with_context(|| format!("loading the tokenizer of {model}"))?;
     let template = crate::chat::template_for(&bundle)?;
     let options = StatsOptions { max_seq_len: max_sequence_length, imbalance_threshold, max_prompt_length: None };
@@ -78,7 +91,7 @@ pub fn run(dir: &Path, source: &Path, model: &str, max_sequence_length: usize, i
             bail!("{}:{line}: {why} ({} sample(s) cannot be trained on)", dataset.display(), t.failed.len());
         }
     }
-    let no_answer = used.samples.iter().filter(|s| !s.messages().any(|m| m.role == Role::Assistant && m.is_trainable())).count();
+    let no_answer = if wants == Format::Prompts { 0 } else { used.samples.iter().filter(|s| !s.messages().any(|m| m.role == Role::Assistant && m.is_trainable())).count() };
     if no_answer > 0 {
         bail!("{}: {no_answer} sample(s) have no assistant message to learn", dataset.display());
     }
@@ -86,7 +99,7 @@ pub fn run(dir: &Path, source: &Path, model: &str, max_sequence_length: usize, i
         tracing::warn!("{}: {w}", dataset.display());
     }
     Ok(Inspection {
-        source: source.to_path_buf(),
+        source: user_file.to_path_buf(),
         dataset,
         format: format!("{}", used.format),
         samples: used.len(),
@@ -94,6 +107,58 @@ pub fn run(dir: &Path, source: &Path, model: &str, max_sequence_length: usize, i
         conversions,
         generated,
     })
+}
+
+/// Roles other chat dialects give tool results, rewritten to `tool`: OpenAI's legacy
+/// `function`, Llama 3's `ipython`, ChatGLM's `observation`.
+const TOOL_DIALECTS: [&str; 3] = ["function", "ipython", "observation"];
+
+/// A copy of `source` with the tool roles of other dialects rewritten to `tool`, and how
+/// many messages changed; None when there is nothing to rewrite. Lines that are not JSON
+/// are copied as they are (the loader reports them with their line numbers).
+fn rewrite_tool_roles(dir: &Path, source: &Path) -> Result<Option<(Generated, usize)>> {
+    let text = std::fs::read_to_string(source).with_context(|| format!("reading {}", source.display()))?;
+    let mut changed = 0usize;
+    let mut lines: Vec<Result<Value, &str>> = Vec::new();
+    fn fix(v: &mut Value, changed: &mut usize) {
+        match v {
+            Value::Array(items) => items.iter_mut().for_each(|x| fix(x, changed)),
+            Value::Object(map) => {
+                if let Some(Value::String(role)) = map.get_mut("role") {
+                    if TOOL_DIALECTS.contains(&role.as_str()) {
+                        *role = "tool".into();
+                        *changed += 1;
+                    }
+                }
+                map.values_mut().for_each(|x| fix(x, changed));
+            }
+            _ => {}
+        }
+    }
+    for line in text.lines() {
+        match serde_json::from_str::<Value>(line) {
+            Ok(mut v) => {
+                fix(&mut v, &mut changed);
+                lines.push(Ok(v));
+            }
+            Err(_) => lines.push(Err(line)),
+        }
+    }
+    if changed == 0 {
+        return Ok(None);
+    }
+    let stem = source.file_stem().map_or("data".into(), |s| s.to_string_lossy().to_string());
+    let mut out = String::new();
+    for v in &lines {
+        match v {
+            Ok(v) => out.push_str(&serde_json::to_string(v)?),
+            Err(raw) => out.push_str(raw),
+        }
+        out.push('\n');
+    }
+    let what = format!("tool roles of other dialects ({}) rewritten to `tool`", TOOL_DIALECTS.join(", "));
+    let g = super::write_generated_text(&dir.join("data"), &format!("{stem}-tools"), source, &what, &out)?;
+    Ok(Some((g, changed)))
 }
 
 /// A ground truth as assistant text: a string as is, a list joined with ", ", a number
@@ -129,4 +194,29 @@ pub fn summary_lines(i: &Inspection) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_roles_of_other_dialects_are_rewritten_in_a_fresh_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("agent.jsonl");
+        let original = "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"function\", \"name\": \"f\", \"content\": \"1\"}, {\"role\": \"ipython\", \"content\": \"2\"}]}\nnot json\n";
+        std::fs::write(&src, original).unwrap();
+        let (g, n) = rewrite_tool_roles(dir.path(), &src).unwrap().unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(std::fs::read_to_string(&src).unwrap(), original, "the user's file is untouched");
+        let copy = std::fs::read_to_string(&g.path).unwrap();
+        let first: Value = serde_json::from_str(copy.lines().next().unwrap()).unwrap();
+        assert_eq!(first["messages"][1], json!({"role": "tool", "name": "f", "content": "1"}));
+        assert_eq!(first["messages"][2]["role"], "tool");
+        assert_eq!(copy.lines().nth(1), Some("not json"), "a broken line is copied for the loader to report");
+        assert!(g.path.file_name().unwrap().to_string_lossy().starts_with("agent-tools-20"));
+        let plain = dir.path().join("plain.jsonl");
+        std::fs::write(&plain, "{\"messages\": [{\"role\": \"tool\", \"content\": \"1\"}]}\n").unwrap();
+        assert!(rewrite_tool_roles(dir.path(), &plain).unwrap().is_none(), "nothing to rewrite, no copy");
+    }
 }

@@ -1,4 +1,4 @@
-//! `lora-train run sft|classify`: a dataset and a model to a promoted adapter and
+//! `lora-train run sft|classify|dpo|rft`: a dataset and a model to a promoted adapter and
 //! `final_report.md`, as the hosted fine-tuning agents do it, without an LLM in the loop.
 //!
 //! A workflow is a sequence of phases, one module each, shared by every workflow:
@@ -12,6 +12,7 @@
 //! and the final run continue at their candidate and checkpoint).
 pub mod approval;
 pub mod classify;
+pub mod dpo;
 pub mod evaluation;
 pub mod final_run;
 pub mod inspect;
@@ -19,6 +20,7 @@ pub mod plan;
 pub mod plots;
 pub mod promotion;
 pub mod report;
+pub mod rft;
 pub mod sft;
 pub mod sweep;
 
@@ -224,17 +226,21 @@ pub struct Generated {
 
 /// Writes `lines` (JSON objects) to a fresh file and its provenance sidecar.
 pub fn write_generated(dir: &Path, stem: &str, from: &Path, what: &str, lines: &[Value]) -> Result<Generated> {
-    let path = generated_path(dir, stem)?;
     let mut text = String::new();
     for l in lines {
         text.push_str(&serde_json::to_string(l)?);
         text.push('\n');
     }
+    write_generated_text(dir, stem, from, what, &text)
+}
+
+/// Writes `text` (JSON lines) to a fresh file in `dir` and its provenance sidecar.
+pub fn write_generated_text(dir: &Path, stem: &str, from: &Path, what: &str, text: &str) -> Result<Generated> {
+    let path = generated_path(dir, stem)?;
     lora_models::write_new(&path, text.as_bytes())?;
-    let g = Generated { path: path.clone(), from: from.to_path_buf(), what: what.into() };
     let sidecar = crate::output_file::with_suffix(&path, ".provenance.json");
     lora_models::write_new(&sidecar, &serde_json::to_vec_pretty(&serde_json::json!({"source": from, "conversion": what, "created_unix": now_unix(), "version": env!("CARGO_PKG_VERSION")}))?)?;
-    Ok(g)
+    Ok(Generated { path, from: from.to_path_buf(), what: what.into() })
 }
 
 /// Is there a person to ask? Both stdin (to read the answer) and stderr (to show the

@@ -61,6 +61,38 @@ pub struct Plan {
     /// How candidates and models are compared: `validation loss`, or evaluators.
     pub evaluators: Vec<String>,
     pub evaluator_reason: String,
+    /// The measured steps the time estimates are scaled by.
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
+}
+
+/// A few training steps of the first candidate, timed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Calibration {
+    pub candidate: String,
+    pub steps: usize,
+    pub tokens_per_s: f64,
+    /// The rate the steps reached, which every estimate uses.
+    pub flops_per_s: f64,
+    /// The rate the planner assumed before.
+    pub assumed_flops_per_s: f64,
+}
+
+/// Trains `steps` steps of candidate `c` (without evaluation) in a scratch directory next
+/// to the sweep's, removed afterwards, and turns its tokens per second into FLOP/s with the
+/// planner's FLOPs per token.
+fn calibrate(c: &crate::sweep::CandidateRecord, steps: usize, assumed: f64) -> Result<Calibration> {
+    let scratch = c.output.parent().and_then(Path::parent).and_then(Path::parent).context("no workflow directory")?.join(".calibration");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    }
+    eprintln!("plan: timing {steps} training steps of {}", c.name);
+    let cfg = TrainConfig { output: scratch.clone(), steps: Some(steps), epochs: None, eval_split: None, eval_dataset: None, ..c.config.clone() };
+    let summary = crate::recipes::sft::run(&cfg, &crate::engine::RunOptions { resume: false, quiet: true }).context("timing the calibration steps")?;
+    std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    let per_token = c.est_flops / c.est_tokens.max(1) as f64;
+    let flops_per_s = (summary.tokens_per_s * per_token).max(1.0);
+    Ok(Calibration { candidate: c.name.clone(), steps, tokens_per_s: summary.tokens_per_s, flops_per_s, assumed_flops_per_s: assumed })
 }
 
 /// What the plan needs besides the training options.
@@ -78,15 +110,27 @@ pub struct PlanInput<'a> {
     pub sides: usize,
     /// Extra inference the workflow does, in forward tokens (classify: label scoring).
     pub extra_inference: Option<(String, u64)>,
+    /// No training (`--benchmark-only`): no candidates, no sweep, no final run.
+    pub benchmark_only: bool,
+    /// Training steps timed to calibrate the estimates (0 = the planner's rate).
+    pub calibration_steps: usize,
 }
 
 pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     let dry = SweepOptions { dry_run: true, quiet: true, resume: false, ..inp.sweep.clone() };
     let record = sweep::run(inp.options.clone(), &dry).context("planning the sweep")?;
     let splan: sweep_plan::Plan = serde_json::from_value(record.plan.clone())?;
-    let device = splan.devices.first().cloned().context("the planner found no device")?;
-    let gpu = splan.devices.iter().any(|d| d.name.starts_with("cuda"));
-    let rate = device.flops_per_s.max(1.0);
+    let mut device = splan.devices.first().cloned().context("the planner found no device")?;
+    let planner_rate = device.flops_per_s.max(1.0);
+    // A few real steps of the first candidate replace the assumed rate (GEMM-based on CPU,
+    // a guess on GPU) with a measured one.
+    let calibration = match record.candidates.first().filter(|_| inp.calibration_steps > 0 && !inp.benchmark_only) {
+        Some(c) => Some(calibrate(c, inp.calibration_steps, planner_rate)?),
+        None => None,
+    };
+    let rate = calibration.as_ref().map_or(planner_rate, |c| c.flops_per_s);
+    device.flops_per_s = rate;
+    let scale = planner_rate / rate;
 
     let cfg: TrainConfig = inp.options.clone().resolve()?;
     let full_cfg = TrainConfig { max_train_samples: None, ..cfg.clone() };
@@ -94,9 +138,22 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
     let (train_n, held_n) = (train.len(), held.as_ref().map_or(0, |h| h.len()));
     let tuning_subsample = (inp.sweep.tuning_samples > 0 && train_n > inp.sweep.tuning_samples && cfg.max_train_samples.is_none()).then_some(inp.sweep.tuning_samples);
 
+    let all_tokens = inspection.tokens();
+    let samples = inspection.samples.max(1) as u64;
+    let per_sample = all_tokens as f64 / samples as f64;
+    let model_cfg = lora_models::load_model_config(&cfg.model)?;
+    let params = sweep_plan::base_parameters(&model_cfg);
+    let held_tokens = (per_sample * held_n as f64) as u64;
+    // A run evaluates on the held-out split before, after, and every --eval-interval steps
+    // (about 10 times by default): forward passes the training FLOPs do not count.
+    let eval_seconds = |steps: usize, interval: Option<usize>| -> f64 {
+        let evals = 2 + interval.map_or(10, |i| steps / i.max(1));
+        evals as f64 * 2.0 * params * held_tokens as f64 / rate
+    };
     let candidates: Vec<PlannedCandidate> = record
         .candidates
         .iter()
+        .filter(|_| !inp.benchmark_only)
         .map(|c| PlannedCandidate {
             name: c.name.clone(),
             overrides: c.overrides.clone(),
@@ -104,15 +161,13 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
             tokens: c.est_tokens,
             flops: c.est_flops,
             memory_bytes: c.est_memory_bytes,
-            seconds: c.est_seconds,
+            seconds: c.est_seconds * scale + eval_seconds(c.total_steps, c.config.eval_interval),
             device: c.device.clone(),
         })
         .collect();
+    let sweep_evals: f64 = record.candidates.iter().map(|c| eval_seconds(c.total_steps, c.config.eval_interval)).sum();
 
-    let all_tokens = inspection.tokens();
-    let samples = inspection.samples.max(1) as u64;
-    let per_sample = all_tokens as f64 / samples as f64;
-    let final_run = tuning_subsample.map(|_| {
+    let final_run = tuning_subsample.filter(|_| !inp.benchmark_only).map(|_| {
         let epochs = cfg.epochs.unwrap_or_else(|| TrainConfig::default_epochs(train_n));
         let tokens = match cfg.steps {
             // Fixed steps: the final run sees as many tokens as a candidate.
@@ -122,14 +177,11 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
         // FLOPs per token of the most expensive candidate (the winner is not known yet).
         let per_token = candidates.iter().map(|c| c.flops / c.tokens.max(1) as f64).fold(0.0, f64::max);
         let flops = per_token * tokens as f64;
-        Cost { what: "final run (winner, all training data)".into(), tokens, flops, seconds: flops / rate }
+        Cost { what: "final run (winner, all training data; with its evaluations)".into(), tokens, flops, seconds: flops / rate + eval_seconds(0, None) }
     });
 
-    let model_cfg = lora_models::load_model_config(&cfg.model)?;
-    let params = sweep_plan::base_parameters(&model_cfg);
-    let held_tokens = (per_sample * held_n as f64) as u64;
     let mut inference = Vec::new();
-    if held_n > 0 {
+    if held_n > 0 && !inp.benchmark_only {
         // A forward pass costs about 2 FLOPs per parameter and token.
         let tokens = held_tokens * inp.sides as u64;
         let flops = 2.0 * params * tokens as f64;
@@ -147,30 +199,58 @@ pub fn build(inp: &PlanInput, inspection: &Inspection) -> Result<Plan> {
         let flops = 2.0 * params * *tokens as f64;
         inference.push(Cost { what: what.clone(), tokens: *tokens, flops, seconds: flops / rate });
     }
-    let total_seconds = record_sweep_seconds(&splan) + final_run.as_ref().map_or(0.0, |f| f.seconds) + inference.iter().map(|c| c.seconds).sum::<f64>();
-    Ok(Plan {
-        model: cfg.model.clone(),
-        dataset: cfg.dataset.clone(),
-        train_samples: train_n,
-        held_out_samples: held_n,
-        tuning_subsample,
-        candidates,
-        sweep_seconds: record_sweep_seconds(&splan),
-        final_run,
-        inference,
-        total_seconds,
-        device: device.name.clone(),
-        device_flops_per_s: rate,
-        gpu,
-        gpu_hour_price: inp.gpu_hour_price,
-        total_cost: inp.gpu_hour_price.filter(|_| gpu).map(|p| p * total_seconds / 3600.0),
-        evaluators: inp.evaluators.clone(),
-        evaluator_reason: inp.evaluator_reason.clone(),
-    })
+    let mut p = Plan::on_device(&cfg.model, &cfg.dataset, &device, inp.gpu_hour_price);
+    p.train_samples = train_n;
+    p.held_out_samples = held_n;
+    p.tuning_subsample = tuning_subsample;
+    p.candidates = candidates;
+    p.sweep_seconds = if inp.benchmark_only { 0.0 } else { splan.est_seconds * scale + sweep_evals };
+    p.calibration = calibration;
+    p.final_run = final_run;
+    p.inference = inference;
+    p.evaluators = inp.evaluators.clone();
+    p.evaluator_reason = inp.evaluator_reason.clone();
+    Ok(p.with_totals())
 }
 
-fn record_sweep_seconds(p: &sweep_plan::Plan) -> f64 {
-    p.est_seconds
+impl Plan {
+    /// An empty plan on `device`; the workflow fills in its work, then [`Plan::with_totals`].
+    pub fn on_device(model: &str, dataset: &Path, device: &sweep_plan::DeviceSlot, gpu_hour_price: Option<f64>) -> Plan {
+        Plan {
+            model: model.to_string(),
+            dataset: dataset.to_path_buf(),
+            train_samples: 0,
+            held_out_samples: 0,
+            tuning_subsample: None,
+            candidates: Vec::new(),
+            sweep_seconds: 0.0,
+            final_run: None,
+            inference: Vec::new(),
+            total_seconds: 0.0,
+            device: device.name.clone(),
+            device_flops_per_s: device.flops_per_s.max(1.0),
+            gpu: device.name.starts_with("cuda"),
+            gpu_hour_price,
+            total_cost: None,
+            evaluators: Vec::new(),
+            evaluator_reason: String::new(),
+            calibration: None,
+        }
+    }
+
+    /// The total time (sweep, final run, inference) and its price on a GPU.
+    pub fn with_totals(mut self) -> Plan {
+        self.total_seconds = self.sweep_seconds + self.final_run.as_ref().map_or(0.0, |f| f.seconds) + self.inference.iter().map(|c| c.seconds).sum::<f64>();
+        self.total_cost = self.gpu_hour_price.filter(|_| self.gpu).map(|p| p * self.total_seconds / 3600.0);
+        self
+    }
+}
+
+/// The device a one-process workflow (`run dpo`, `run rft`) plans for: the first GPU when
+/// `--device` is auto or cuda and one exists, else the CPU at its measured rate.
+pub fn device_for(device: &str) -> sweep_plan::DeviceSlot {
+    let gpus = if device.starts_with("cuda") || device == "auto" { sweep_plan::gpu_devices() } else { Vec::new() };
+    gpus.into_iter().next().unwrap_or_else(sweep_plan::cpu_device)
 }
 
 fn price(plan: &Plan, seconds: f64) -> String {
@@ -204,13 +284,29 @@ pub fn render(title: &str, plan: &Plan, inspection: &Inspection, extra: &[String
         let _ = writeln!(s, "Validation loss, and evaluator(s) `{}` on greedy answers to held-out prompts ({}).", plan.evaluators.join("`, `"), plan.evaluator_reason);
     }
     let _ = writeln!(s, "\n## Cost\n");
-    let _ = writeln!(
-        s,
-        "Device `{}` at {:.2} TFLOP/s assumed{}.\n",
-        plan.device,
-        plan.device_flops_per_s / 1e12,
-        if plan.gpu { "" } else { " (measured f32 GEMM rate x 0.6)" }
-    );
+    match &plan.calibration {
+        Some(c) => {
+            let _ = writeln!(
+                s,
+                "Device `{}` at {:.3} TFLOP/s, measured over {} training steps of `{}` ({:.0} tokens/s; the planner assumed {:.3} TFLOP/s).\n",
+                plan.device,
+                c.flops_per_s / 1e12,
+                c.steps,
+                c.candidate,
+                c.tokens_per_s,
+                c.assumed_flops_per_s / 1e12
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "Device `{}` at {:.3} TFLOP/s assumed{}.\n",
+                plan.device,
+                plan.device_flops_per_s / 1e12,
+                if plan.gpu { "" } else { " (measured f32 GEMM rate x 0.6)" }
+            );
+        }
+    }
     let _ = writeln!(s, "| work | steps | tokens | TFLOPs | memory GiB | est. time | cost |");
     let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for c in &plan.candidates {
@@ -226,7 +322,9 @@ pub fn render(title: &str, plan: &Plan, inspection: &Inspection, extra: &[String
             price(plan, c.seconds)
         );
     }
-    let _ = writeln!(s, "| sweep, wall time | | | | | {} | {} |", fmt_duration(plan.sweep_seconds), price(plan, plan.sweep_seconds));
+    if !plan.candidates.is_empty() {
+        let _ = writeln!(s, "| sweep, wall time | | | | | {} | {} |", fmt_duration(plan.sweep_seconds), price(plan, plan.sweep_seconds));
+    }
     for c in plan.final_run.iter().chain(&plan.inference) {
         let _ = writeln!(s, "| {} | | {} | {:.3} | | {} | {} |", c.what, c.tokens, c.flops / 1e12, fmt_duration(c.seconds), price(plan, c.seconds));
     }

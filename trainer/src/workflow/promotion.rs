@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::evaluation;
+use super::plan::PlannedCandidate;
 use super::sweep::SweepResult;
 use super::Workflow;
 use crate::config::TrainConfig;
@@ -43,7 +44,9 @@ pub struct Promotion {
 }
 
 /// Scores the candidates, picks the winner and asks for the promotion.
-pub fn run(wf: &Workflow, sweep: &SweepResult, evaluators: &[String], eval_samples: usize, max_new_tokens: usize) -> Result<Promotion> {
+/// `planned` gives each candidate's estimated time (calibrated); the sweep's own estimate
+/// stands in for a candidate the plan lacks.
+pub fn run(wf: &Workflow, sweep: &SweepResult, planned: &[PlannedCandidate], evaluators: &[String], eval_samples: usize, max_new_tokens: usize) -> Result<Promotion> {
     let mut rows: Vec<Row> = sweep
         .candidates
         .iter()
@@ -55,7 +58,7 @@ pub fn run(wf: &Workflow, sweep: &SweepResult, evaluators: &[String], eval_sampl
             eval_loss: c.eval_loss,
             train_loss: c.train_loss,
             elapsed_s: c.elapsed_s,
-            est_seconds: c.est_seconds,
+            est_seconds: planned.iter().find(|p| p.name == c.name).map_or(c.est_seconds, |p| p.seconds),
             reward_mean: None,
             output: c.output.clone(),
         })
@@ -64,29 +67,35 @@ pub fn run(wf: &Workflow, sweep: &SweepResult, evaluators: &[String], eval_sampl
     let mut criterion = sweep.criterion.clone();
     let mut winner = sweep.winner.clone().context("the sweep has no winner")?;
     if !evaluators.is_empty() {
-        let cfg = &sweep.candidates[done[0]].config;
-        if let Some(ds) = evaluation::held_out(cfg)? {
-            let adapters: Vec<(String, PathBuf)> = done.iter().map(|&i| (rows[i].name.clone(), rows[i].output.clone())).collect();
+        // Candidates on one base share one loaded copy of it (a model sweep has several).
+        let mut bases: Vec<&str> = done.iter().map(|&i| sweep.candidates[i].config.model.as_str()).collect();
+        bases.sort_unstable();
+        bases.dedup();
+        for base in bases {
+            let group: Vec<usize> = done.iter().copied().filter(|&i| sweep.candidates[i].config.model == base).collect();
+            let cfg = &sweep.candidates[group[0]].config;
+            let Some(ds) = evaluation::held_out(cfg)? else { continue };
+            let adapters: Vec<(String, PathBuf)> = group.iter().map(|&i| (rows[i].name.clone(), rows[i].output.clone())).collect();
             let loaded = evaluation::load_with_adapters(cfg, &adapters)?;
             let prompts = evaluation::prompts(&loaded.tokenizer, &ds, eval_samples)?;
             let set = evaluation::evaluator_set(evaluators, &loaded.tokenizer, &prompts)?;
-            for &i in &done {
+            for &i in &group {
                 eprintln!("promotion: scoring {} on {} held-out prompts", rows[i].name, prompts.len());
                 rows[i].reward_mean = evaluation::generate_and_score(&loaded, Some(&rows[i].name), &prompts, &set, max_new_tokens)?.reward_mean;
             }
-            // Highest reward; equal rewards fall back to the lower validation loss.
-            let best = done
-                .iter()
-                .copied()
-                .filter(|&i| rows[i].reward_mean.is_some())
-                .max_by(|&a, &b| {
-                    let (ra, rb) = (rows[a].reward_mean.unwrap_or(0.0), rows[b].reward_mean.unwrap_or(0.0));
-                    ra.total_cmp(&rb).then_with(|| rows[b].eval_loss.unwrap_or(f64::MAX).total_cmp(&rows[a].eval_loss.unwrap_or(f64::MAX)))
-                });
-            if let Some(b) = best {
-                winner = rows[b].name.clone();
-                criterion = "reward".into();
-            }
+        }
+        // Highest reward; equal rewards fall back to the lower validation loss.
+        let best = done
+            .iter()
+            .copied()
+            .filter(|&i| rows[i].reward_mean.is_some())
+            .max_by(|&a, &b| {
+                let (ra, rb) = (rows[a].reward_mean.unwrap_or(0.0), rows[b].reward_mean.unwrap_or(0.0));
+                ra.total_cmp(&rb).then_with(|| rows[b].eval_loss.unwrap_or(f64::MAX).total_cmp(&rows[a].eval_loss.unwrap_or(f64::MAX)))
+            });
+        if let Some(b) = best {
+            winner = rows[b].name.clone();
+            criterion = "reward".into();
         }
     }
     let w = sweep.candidates.iter().find(|c| c.name == winner).context("winner not among the candidates")?;

@@ -30,6 +30,8 @@ pub struct ReportInput<'a> {
     pub generated: Vec<Generated>,
     /// Phases whose time counts as evaluation inference in "plan against actual".
     pub inference_phases: &'a [&'a str],
+    /// The runs' eval loss is minus a reward (GRPO): plot the reward.
+    pub eval_is_negative_reward: bool,
 }
 
 /// Writes the report files and returns the JSON.
@@ -39,8 +41,10 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
     let mut md = String::new();
     let _ = writeln!(md, "# {}\n", r.title);
     let adapter = r.final_run.map(|f| f.adapter.clone());
+    // The promoted adapter's base (a model sweep may promote another than --model).
+    let model = r.final_run.map_or(plan.model.clone(), |f| f.config.model.clone());
     if let (Some(p), Some(a)) = (r.promotion, &adapter) {
-        let _ = writeln!(md, "**Promoted adapter: `{}`** (candidate `{}`, {}), base model `{}`.\n", a.display(), p.winner, if r.final_run.is_some_and(|f| f.retrained) { "retrained on all the training data" } else { "as trained in the sweep" }, plan.model);
+        let _ = writeln!(md, "**Promoted adapter: `{}`** (candidate `{}`, {}), base model `{}`.\n", a.display(), p.winner, if r.final_run.is_some_and(|f| f.retrained) { "retrained on all the training data" } else { "as trained in the sweep" }, model);
     }
 
     // ---- plan against actual ----------------------------------------------------------
@@ -71,7 +75,7 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
     if let Some(p) = r.promotion {
         let _ = writeln!(md, "{}", promotion::render(&p.rows, &p.winner, &p.criterion));
         for row in &p.rows {
-            let points = eval_points(&row.output);
+            let points = eval_points(&row.output, r.eval_is_negative_reward);
             if !points.is_empty() {
                 curves.push(Curve { label: row.name.clone(), points });
             }
@@ -79,15 +83,16 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
     }
     if let Some(f) = r.final_run.filter(|f| f.retrained) {
         let run_dir = f.config.output.clone();
-        let points = eval_points(&run_dir);
+        let points = eval_points(&run_dir, r.eval_is_negative_reward);
         if !points.is_empty() {
             curves.push(Curve { label: "final run".into(), points });
         }
     }
     if !curves.is_empty() {
-        let svg = plots::curves_svg("Eval loss (train loss without held-out data)", "step", "loss", &curves)?;
+        let (title, y) = if r.eval_is_negative_reward { ("Held-out reward", "reward") } else { ("Eval loss (train loss without held-out data)", "loss") };
+        let svg = plots::curves_svg(title, "step", y, &curves)?;
         crate::checkpoint::write_atomic(&dir.join(CURVES_FILE), svg.as_bytes())?;
-        let _ = writeln!(md, "## Curves\n\n![loss per step]({CURVES_FILE})\n");
+        let _ = writeln!(md, "## Curves\n\n![{y} per step]({CURVES_FILE})\n");
     }
 
     // ---- base against fine-tuned ------------------------------------------------------
@@ -108,12 +113,12 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
         let (checks, text) = hosting_check(a)?;
         hosting = checks;
         md.push_str(&text);
-        md.push_str(&snippets(a, &plan.model, hosting["rank"].as_u64().unwrap_or(8)));
+        md.push_str(&snippets(a, &model, hosting["rank"].as_u64().unwrap_or(8)));
     }
     crate::checkpoint::write_atomic(&dir.join(REPORT_MD), md.as_bytes())?;
     let data = json!({
         "workflow": wf.state.workflow,
-        "model": plan.model,
+        "model": model,
         "adapter": adapter,
         "winner": r.promotion.map(|p| p.winner.clone()),
         "criterion": r.promotion.map(|p| p.criterion.clone()),
@@ -134,10 +139,12 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
     Ok(data)
 }
 
-/// (step, eval loss) of a run directory; its train loss when it has no eval rows.
-fn eval_points(run_dir: &Path) -> Vec<(f64, f64)> {
+/// (step, eval loss) of a run directory (minus it, the reward, for GRPO runs); its train
+/// loss when it has no eval rows.
+fn eval_points(run_dir: &Path, negate: bool) -> Vec<(f64, f64)> {
     let rows = crate::metrics::read_metrics(&run_dir.join(METRICS_FILE)).unwrap_or_default();
-    let eval: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.eval_loss.map(|v| (r.step as f64, v))).collect();
+    let sign = if negate { -1.0 } else { 1.0 };
+    let eval: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.eval_loss.map(|v| (r.step as f64, sign * v))).collect();
     if !eval.is_empty() {
         return eval;
     }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::approval::{self, Approval};
@@ -46,6 +46,10 @@ pub struct WorkflowArgs {
     /// Price of one GPU hour, for the plan's cost (GPU plans only).
     #[arg(long, value_name = "USD", help_heading = "Workflow")]
     pub gpu_hour_price: Option<f64>,
+    /// Training steps of the first candidate timed while planning, to calibrate the time
+    /// estimates (0: the planner's assumed rate).
+    #[arg(long, default_value_t = 3, help_heading = "Workflow")]
+    pub calibration_steps: usize,
     /// Promote the winning candidate as it is, without the full-data final run.
     #[arg(long, help_heading = "Workflow")]
     pub skip_final: bool,
@@ -108,10 +112,69 @@ pub struct SftArgs {
     /// Longest generated answer for the evaluators.
     #[arg(long, default_value_t = 128, help_heading = "Evaluation")]
     pub max_new_tokens: usize,
+    /// A model sweep: every candidate on each of these bases, comma-separated [default:
+    /// --model]. Eval losses of different tokenizers are not comparable: give an evaluator.
+    #[arg(long, value_delimiter = ',', help_heading = "Workflow")]
+    pub models: Option<Vec<String>>,
 }
 
-/// `--evaluator` as given, or `auto` resolved from the training answers.
-fn resolve_evaluators(specs: &[String], dataset: &Path) -> Result<(Vec<String>, String)> {
+/// The sweep of each base of a model sweep: its training options (into `DIR/sweep`, or
+/// `DIR/sweep/mK` with several bases) and its candidates' name prefix.
+fn model_sweeps(options: &TrainOptions, models: &[String], dir: &Path) -> Vec<(String, TrainOptions)> {
+    if models.len() <= 1 {
+        let model = models.first().cloned().or_else(|| options.model.clone());
+        return vec![(String::new(), TrainOptions { model, ..options.clone() })];
+    }
+    models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (format!("m{}-", i + 1), TrainOptions { model: Some(m.clone()), output: Some(dir.join("sweep").join(format!("m{}", i + 1))), ..options.clone() }))
+        .collect()
+}
+
+/// One plan for several bases: their candidates (prefixed) one sweep after another, the
+/// final run of the most expensive, the first base's evaluation.
+fn merge_plans(mut plans: Vec<(String, Plan)>) -> Result<Plan> {
+    let (prefix, mut first) = plans.remove(0);
+    first.candidates = first.candidates.into_iter().map(|c| plan::PlannedCandidate { name: format!("{prefix}{}", c.name), ..c }).collect();
+    for (prefix, p) in plans {
+        first.candidates.extend(p.candidates.into_iter().map(|c| plan::PlannedCandidate { name: format!("{prefix}{}", c.name), ..c }));
+        first.sweep_seconds += p.sweep_seconds;
+        // The promotion's scoring of these candidates (the first plan counted its own).
+        first.inference.extend(p.inference.into_iter().filter(|c| c.what.starts_with("generation")).map(|c| plan::Cost { what: format!("{prefix}* {}", c.what), ..c }));
+        if p.final_run.as_ref().map_or(0.0, |f| f.seconds) > first.final_run.as_ref().map_or(0.0, |f| f.seconds) {
+            first.final_run = p.final_run;
+        }
+    }
+    Ok(first.with_totals())
+}
+
+/// Several bases' sweeps as one: candidates prefixed, the winner by the first sweep's
+/// criterion over all of them.
+fn merge_sweeps(mut results: Vec<(String, SweepResult)>, dir: &Path) -> Result<SweepResult> {
+    if results.len() == 1 {
+        return Ok(results.remove(0).1);
+    }
+    let criterion = results[0].1.criterion.clone();
+    let mut merged = SweepResult { dir: dir.join("sweep"), winner: None, criterion: criterion.clone(), wall_s: 0.0, candidates: Vec::new() };
+    for (prefix, r) in results {
+        merged.wall_s += r.wall_s;
+        merged.candidates.extend(r.candidates.into_iter().map(|c| crate::sweep::CandidateRecord { name: format!("{prefix}{}", c.name), ..c }));
+    }
+    let key = |c: &crate::sweep::CandidateRecord| if criterion == "eval_loss" { c.eval_loss } else { c.train_loss };
+    merged.winner = merged
+        .candidates
+        .iter()
+        .filter(|c| c.status == crate::engine::RunStatus::Completed)
+        .filter_map(|c| key(c).filter(|v| v.is_finite()).map(|v| (v, c.name.clone())))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, n)| n);
+    Ok(merged)
+}
+
+/// `--evaluator` as given, or `auto` resolved from the training answers (for JSON
+/// answers: `json-schema` with a schema inferred from them, written to `dir/data/`).
+fn resolve_evaluators(specs: &[String], dataset: &Path, dir: &Path) -> Result<(Vec<String>, String)> {
     if specs.iter().any(|s| s == "auto") {
         if specs.len() > 1 {
             bail!("--evaluator auto chooses one evaluator; give it alone");
@@ -119,10 +182,21 @@ fn resolve_evaluators(specs: &[String], dataset: &Path) -> Result<(Vec<String>, 
         let ds = crate::data::load_chat_dataset(dataset)?;
         let answers: Vec<String> = ds.samples.iter().filter_map(evaluation::prompt_and_answer).map(|(_, a)| a).collect();
         let (spec, why) = evaluation::auto_evaluator(&answers);
+        if spec.as_deref() == Some("json") {
+            let objects: Vec<serde_json::Map<String, serde_json::Value>> = answers.iter().filter_map(|a| serde_json::from_str(a.trim()).ok()).collect();
+            let schema = evaluation::infer_schema(&objects);
+            std::fs::create_dir_all(dir.join("data"))?;
+            let path = crate::output_file::fresh_path(&dir.join("data"), "answers-schema", "json", "")?;
+            lora_models::write_new(&path, &serde_json::to_vec_pretty(&schema)?)?;
+            // Absolute: a resumed workflow may run from another directory.
+            let path = std::fs::canonicalize(&path).with_context(|| format!("resolving {}", path.display()))?;
+            let required: Vec<String> = schema["required"].as_array().map(|r| r.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()).unwrap_or_default();
+            return Ok((
+                vec![format!("json-schema:{}", path.display())],
+                format!("--evaluator auto: {why}; schema inferred from the {} answers in the data (required: {})", objects.len(), required.join(", ")),
+            ));
+        }
         return Ok((spec.into_iter().collect(), format!("--evaluator auto: {why}")));
-    }
-    for s in specs {
-        crate::evaluators::parse_spec(s).map_err(|e| anyhow::anyhow!("--evaluator {s}: {e:#}"))?;
     }
     Ok((specs.to_vec(), if specs.is_empty() { "the default".into() } else { "--evaluator".into() }))
 }
@@ -130,34 +204,54 @@ fn resolve_evaluators(specs: &[String], dataset: &Path) -> Result<(Vec<String>, 
 pub fn run(args: SftArgs) -> Result<()> {
     let w = &args.common;
     let cfg0 = w.options.clone().resolve()?;
+    // A bad spec fails before the output directory is claimed.
+    for s in args.evaluators.iter().filter(|s| *s != "auto") {
+        crate::evaluators::parse_spec(s).map_err(|e| anyhow::anyhow!("--evaluator {s}: {e:#}"))?;
+    }
     let mut settings = w.settings();
     settings["evaluators"] = json!(args.evaluators);
     settings["eval_samples"] = json!(args.eval_samples);
     settings["max_new_tokens"] = json!(args.max_new_tokens);
+    settings["models"] = json!(args.models);
     let mut wf = Workflow::open(&cfg0.output, "sft", settings, w.resume, w.yes, ORDER.to_vec())?;
 
     let insp: Inspection = wf.phase("inspect", |wf| inspect::run(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0))?;
     let (options, sweep_opts) = w.sweep_setup(&wf.dir, &insp.dataset)?;
+    let sweeps = model_sweeps(&options, args.models.as_deref().unwrap_or_default(), &wf.dir);
     let plan: Plan = wf.phase("plan", |wf| {
-        let (evaluators, reason) = resolve_evaluators(&args.evaluators, &insp.dataset)?;
-        let input = PlanInput {
-            options: &options,
-            sweep: &sweep_opts,
-            generations_per_side: if evaluators.is_empty() { 0 } else { args.eval_samples },
-            evaluators,
-            evaluator_reason: reason,
-            gpu_hour_price: w.gpu_hour_price,
-            max_new_tokens: args.max_new_tokens,
-            sides: 2,
-            extra_inference: None,
+        let (evaluators, reason) = resolve_evaluators(&args.evaluators, &insp.dataset, &wf.dir)?;
+        let mut plans = Vec::new();
+        for (prefix, options) in &sweeps {
+            let input = PlanInput {
+                options,
+                sweep: &sweep_opts,
+                generations_per_side: if evaluators.is_empty() { 0 } else { args.eval_samples },
+                evaluators: evaluators.clone(),
+                evaluator_reason: reason.clone(),
+                gpu_hour_price: w.gpu_hour_price,
+                max_new_tokens: args.max_new_tokens,
+                sides: 2,
+                extra_inference: None,
+                benchmark_only: false,
+                calibration_steps: w.calibration_steps,
+            };
+            plans.push((prefix.clone(), plan::build(&input, &insp)?));
+        }
+        let extra: Vec<String> = if sweeps.len() > 1 {
+            vec![format!("model sweep: {}", sweeps.iter().map(|(p, o)| format!("`{}*` on {}", p, o.model.as_deref().unwrap_or_default())).collect::<Vec<_>>().join(", "))]
+        } else {
+            Vec::new()
         };
-        let p = plan::build(&input, &insp)?;
-        plan::write(&wf.dir, &plan::render("run sft", &p, &insp, &[]))?;
+        let p = merge_plans(plans)?;
+        plan::write(&wf.dir, &plan::render("run sft", &p, &insp, &extra))?;
         Ok(p)
     })?;
     let _: Approval = wf.phase("approval", |wf| approval::require(wf, "plan", &wf.dir.join(PLAN_FILE)))?;
-    let sw: SweepResult = wf.phase("sweep", |_| sweep_phase::run(&options, &sweep_opts))?;
-    let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &plan.evaluators, args.eval_samples, args.max_new_tokens))?;
+    let sw: SweepResult = wf.phase("sweep", |wf| {
+        let results = sweeps.iter().map(|(prefix, o)| Ok((prefix.clone(), sweep_phase::run(o, &sweep_opts)?))).collect::<Result<Vec<_>>>()?;
+        merge_sweeps(results, &wf.dir)
+    })?;
+    let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &plan.candidates, &plan.evaluators, args.eval_samples, args.max_new_tokens))?;
     let fin: FinalRun = wf.phase("final run", |wf| {
         let skip = if w.skip_final {
             Some("--skip-final".to_string())
@@ -179,6 +273,7 @@ pub fn run(args: SftArgs) -> Result<()> {
             comparison: serde_json::to_value(&cmp)?,
             generated: insp.generated.clone(),
             inference_phases: &["promotion", "evaluation"],
+            eval_is_negative_reward: false,
         };
         report::write(wf, &input)
     })?;

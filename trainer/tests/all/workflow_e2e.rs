@@ -32,10 +32,15 @@ fn without_a_terminal_the_plan_stops_with_status_3_and_resume_yes_runs_through()
     assert_eq!(res.status.code(), Some(3), "{}", String::from_utf8_lossy(&res.stderr));
     assert!(String::from_utf8_lossy(&res.stderr).contains("--resume --yes"));
     let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
-    for needle in ["r8-lr1.5e-4", "r16-lr1e-4", "r32-lr5e-5", "TFLOPs", "**total**", "16 training, 4 held out"] {
+    for needle in ["r8-lr1.5e-4", "r16-lr1e-4", "r32-lr5e-5", "TFLOPs", "**total**", "16 training, 4 held out", "measured over 3 training steps of `r8-lr1.5e-4`"] {
         assert!(plan.contains(needle), "plan.md lacks {needle}:\n{plan}");
     }
     assert!(!out.join("sweep").exists(), "nothing is trained before the approval");
+    assert!(!out.join(".calibration").exists(), "the timed calibration steps leave nothing behind");
+    let stopped = state(&out);
+    let planned = &phase(&stopped, "plan")["outputs"];
+    assert!(planned["calibration"]["tokens_per_s"].as_f64().unwrap() > 0.0, "{planned}");
+    assert_eq!(planned["device_flops_per_s"], planned["calibration"]["flops_per_s"], "the estimates use the measured rate");
     assert_eq!(state(&out)["status"], "stopped");
     // A second fresh start refuses the directory; without --resume nothing is overwritten.
     assert!(!run_headless(&args).status.success());
@@ -99,6 +104,17 @@ fn prompts_with_ground_truth_train_from_a_fresh_converted_copy() {
     assert_eq!(report["hosting"]["rank_ok"], true);
     assert_eq!(report["final_run"]["skipped_because"], "--skip-final");
     assert!(std::fs::read_to_string(out.join("final_report.md")).unwrap().contains("Generated data"));
+
+    // JSON answers: auto infers a schema from them.
+    let out = tmp.path().join("wf-json");
+    let (d, o) = (repo().join("examples/json_answers.train.jsonl").display().to_string(), out.display().to_string());
+    let res = run_headless(&["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--steps", "1", "--candidate", "rank=4", "--evaluator", "auto", "--eval-samples", "2", "--max-new-tokens", "4", "--calibration-steps", "0"]);
+    assert_eq!(res.status.code(), Some(3));
+    let spec = phase(&state(&out), "plan")["outputs"]["evaluators"][0].as_str().unwrap().to_string();
+    let file = spec.strip_prefix("json-schema:").unwrap_or_else(|| panic!("{spec}"));
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    assert_eq!(schema["required"], serde_json::json!(["answer", "topic"]));
+    assert!(phase(&state(&out), "plan")["outputs"]["calibration"].is_null(), "--calibration-steps 0");
 }
 
 #[test]
@@ -213,4 +229,205 @@ fn classify_trains_and_scores_base_against_fine_tuned() {
     assert_eq!(report["hosting"]["rank_ok"], true);
     let md = std::fs::read_to_string(out.join("final_report.md")).unwrap();
     assert!(md.contains("accuracy (log-likelihood)") && md.contains("Scoreboard"));
+}
+
+#[test]
+fn dpo_sweeps_betas_compares_against_the_base_and_stops_at_the_target_win_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let data = repo().join("examples/json_preferences.train.jsonl").display().to_string();
+    let (m, o) = (tiny("qwen2"), out.display().to_string());
+    let args = [
+        "run", "dpo", "--model", &m, "--dataset", &data, "--output", &o, "--device", "cpu", "--epochs", "1", "--grid", "beta=0.1,0.5", "--evaluator", "json",
+        "--eval-samples", "4", "--max-new-tokens", "8",
+    ];
+    let res = run_headless(&args);
+    assert_eq!(res.status.code(), Some(3), "{}", String::from_utf8_lossy(&res.stderr));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("`beta0.1`") && plan.contains("`beta0.5`") && plan.contains("compare: 2 models"), "{plan}");
+    assert!(!out.join("sweep").exists());
+
+    let mut yes = args.to_vec();
+    yes.extend(["--resume", "--yes"]);
+    let res = run_headless(&yes);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    let board = report["scoreboard"].as_array().unwrap();
+    assert_eq!(board.len(), 2);
+    for row in board {
+        assert!(row["reward_mean"].as_f64().is_some(), "every candidate has a win rate: {row}");
+        assert!(row["eval_loss"].as_f64().unwrap() < row["eval_loss_before"].as_f64().unwrap(), "DPO lowers the held-out loss: {row}");
+    }
+    assert_eq!(report["final_run"]["retrained"], false);
+    assert!(report["comparison"]["compare"]["n"].as_u64().unwrap() == 4);
+    let generated = report["generated"].as_array().unwrap();
+    assert!(generated[0]["path"].as_str().unwrap().contains("heldout-prompts-20"));
+
+    // A target every candidate reaches stops the sweep after the first one.
+    let out2 = tmp.path().join("wf2");
+    let o2 = out2.display().to_string();
+    let mut early = args.to_vec();
+    early[7] = &o2;
+    early.extend(["--target-win-rate", "0", "--yes"]);
+    let res = run_headless(&early);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out2.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["scoreboard"].as_array().unwrap().len(), 1);
+    assert!(report["comparison"]["stopped_early_by"].as_str().unwrap().contains("beta0.1"));
+    assert!(!out2.join("sweep").join("beta0.5").exists(), "the second candidate never trained");
+
+    // ORPO through the same workflow: its run directories say so.
+    let out3 = tmp.path().join("wf3");
+    let o3 = out3.display().to_string();
+    let mut orpo = args.to_vec();
+    orpo[7] = &o3;
+    orpo.extend(["--method", "orpo", "--target-win-rate", "0", "--yes"]);
+    let res = run_headless(&orpo);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out3.join("sweep").join("beta0.1").join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["command"], "orpo", "{run}");
+}
+
+#[test]
+fn rft_benchmarks_the_base_sweeps_briefly_and_reports_reward_before_and_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let data = repo().join("examples/arithmetic.train.jsonl").display().to_string();
+    let (m, o) = (tiny("qwen2"), out.display().to_string());
+    let args = [
+        "run", "rft", "--model", &m, "--dataset", &data, "--output", &o, "--device", "cpu", "--steps", "4", "--sweep-steps", "2", "--num-generations", "2",
+        "--max-completion-length", "8", "--prompts-per-step", "2", "--evaluator", "numeric", "--eval-samples", "4", "--grid", "rank=4,8", "--tuning-samples", "20",
+    ];
+    let res = run_headless(&args);
+    assert_eq!(res.status.code(), Some(3), "{}", String::from_utf8_lossy(&res.stderr));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("`r4`") && plan.contains("final GRPO run (4 steps") && plan.contains("reward benchmark"), "{plan}");
+
+    let mut yes = args.to_vec();
+    yes.extend(["--resume", "--yes"]);
+    let res = run_headless(&yes);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let st = state(&out);
+    assert_eq!(phase(&st, "benchmark")["status"], "done");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert!(report["comparison"]["reward_before"].is_number() && report["comparison"]["reward_after"].is_number(), "{}", report["comparison"]);
+    let board = report["scoreboard"].as_array().unwrap();
+    assert_eq!(board.len(), 2);
+    assert!(board.iter().all(|r| r["status"] == "completed" && r["reward_mean"].is_number()));
+    for name in ["r4", "r8"] {
+        let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("sweep").join(name).join("run.json")).unwrap()).unwrap();
+        assert_eq!(run["summary"]["steps"], 2, "sweep candidates run --sweep-steps");
+        assert_eq!(run["summary"]["train_samples"], 20, "on the tuning subsample");
+    }
+    let fin: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final").join("run.json")).unwrap()).unwrap();
+    assert_eq!(fin["summary"]["steps"], 4);
+    assert!(fin["summary"]["train_samples"].as_u64().unwrap() > 20, "the final run takes all the prompts");
+    assert_eq!(report["final_run"]["retrained"], true);
+    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    assert!(svg.contains("Held-out reward"), "GRPO runs plot their reward, not minus it");
+}
+
+#[test]
+fn a_workflow_killed_in_its_sweep_resumes_at_the_unfinished_candidate() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_dataset(tmp.path(), "train.jsonl", 20);
+    let out = tmp.path().join("wf");
+    let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
+    // One candidate at a time, so the first finishes while the second trains.
+    let args = [
+        "run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "200", "--max-parallel", "1",
+        "--candidate", "rank=4,lr=1e-3", "--candidate", "rank=8,lr=5e-4", "--checkpoint-interval", "50", "--calibration-steps", "0", "--yes",
+    ];
+    // Its own process group: the kill takes the sweep's worker processes with it, as a
+    // Ctrl-C or a batch scheduler would.
+    let mut child = Command::new(bin()).args(args).env("LORA_TRAIN_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0).spawn().unwrap();
+    let cands = out.join("sweep").join("candidates");
+    let status = |name: &str| -> Option<String> {
+        let text = std::fs::read_to_string(cands.join(name).join("run.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["status"].as_str().map(str::to_string)
+    };
+    let t0 = Instant::now();
+    let (first, second) = loop {
+        let (a, b) = (status("r4-lr1e-3"), status("r8-lr5e-4"));
+        let done = |s: &Option<String>| s.as_deref() == Some("completed");
+        if done(&a) != done(&b) && (a.is_some() && b.is_some()) {
+            break if done(&a) { ("r4-lr1e-3", "r8-lr5e-4") } else { ("r8-lr5e-4", "r4-lr1e-3") };
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the workflow ended before one candidate finished and the other started");
+        assert!(t0.elapsed() < Duration::from_secs(300), "no finished candidate after 300 s");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let pgid = child.id().to_string();
+    let killed = Command::new("kill").args(["-s", "KILL", "--", &format!("-{pgid}")]).status().unwrap();
+    assert!(killed.success(), "kill -s KILL -- -{pgid} failed");
+    child.wait().unwrap();
+    let st = state(&out);
+    assert_eq!(phase(&st, "sweep")["status"], "running", "killed inside the sweep");
+    let kept = std::fs::read(cands.join(first).join("run.json")).unwrap();
+
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let res = run_headless(&resume);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let st = state(&out);
+    assert_eq!(st["status"], "completed");
+    assert_eq!(phase(&st, "sweep")["attempts"], 2);
+    assert_eq!(phase(&st, "plan")["attempts"], 1);
+    assert_eq!(std::fs::read(cands.join(first).join("run.json")).unwrap(), kept, "the finished candidate is not trained again");
+    assert_eq!(status(second).as_deref(), Some("completed"));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["scoreboard"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn dpo_on_prompts_only_makes_pairs_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wf");
+    let data = repo().join("examples/arithmetic.train.jsonl");
+    let before = std::fs::read(&data).unwrap();
+    let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
+    let base = ["run", "dpo", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--epochs", "1", "--judge-model", &m, "--eval-samples", "3", "--max-new-tokens", "4"];
+    let res = run_headless(&base);
+    assert!(!res.status.success() && String::from_utf8_lossy(&res.stderr).contains("--strong"), "prompts-only data needs a strong sampler");
+    let mut args = base.to_vec();
+    args.extend(["--strong", &m, "--pair-max-new-tokens", "6", "--yes"]);
+    let res = run_headless(&args);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("pairs by delta learning first") && plan.contains("pairs: 2 samplers x 96 prompts"), "{plan}");
+    let st = state(&out);
+    let pairs = phase(&st, "data")["outputs"]["pairs"]["path"].as_str().unwrap().to_string();
+    assert!(Path::new(&pairs).file_name().unwrap().to_string_lossy().starts_with("pairs-20"));
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("sweep").join("beta0.1").join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["config"]["dataset"].as_str().unwrap(), pairs, "the candidates train on the generated pairs");
+    assert_eq!(std::fs::read(&data).unwrap(), before, "the user's prompts are never modified");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    assert_eq!(report["generated"].as_array().unwrap().len(), 2, "the pairs and the comparison prompts");
+}
+
+#[test]
+fn a_model_sweep_trains_every_candidate_on_each_base_and_promotes_across_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_dataset(tmp.path(), "train.jsonl", 20);
+    let out = tmp.path().join("wf");
+    let (q, l) = (tiny("qwen2"), tiny("llama"));
+    let (d, o, models) = (data.display().to_string(), out.display().to_string(), format!("{q},{l}"));
+    let res = run_headless(&[
+        "run", "sft", "--model", &q, "--models", &models, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3",
+        "--evaluator", "exact", "--eval-samples", "2", "--max-new-tokens", "4", "--calibration-steps", "1", "--yes",
+    ]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let plan = std::fs::read_to_string(out.join("plan.md")).unwrap();
+    assert!(plan.contains("model sweep") && plan.contains("`m1-r4-lr1e-3`") && plan.contains("`m2-r4-lr1e-3`"), "{plan}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
+    let names: Vec<&str> = report["scoreboard"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["m1-r4-lr1e-3", "m2-r4-lr1e-3"]);
+    assert!(report["scoreboard"].as_array().unwrap().iter().all(|r| r["reward_mean"].is_number()), "each base's candidates are scored on that base");
+    for m in ["m1", "m2"] {
+        assert!(out.join("sweep").join(m).join("sweep.json").exists());
+    }
+    let winner = report["winner"].as_str().unwrap();
+    let expected_base = if winner.starts_with("m1-") { &q } else { &l };
+    assert_eq!(report["model"].as_str().unwrap(), expected_base.as_str(), "the report names the promoted adapter's base");
 }
