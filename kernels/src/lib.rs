@@ -6,9 +6,8 @@
 //!
 //! On CPU each function runs a fused candle custom op from [`ops`] (f32 compute,
 //! bf16/f16 storage widened on the fly; matmuls through the `gemm` crate). On CUDA
-//! (`cuda` feature) most call the NVRTC-compiled kernels of [`cuda::ops`]; the rest
-//! (`causal_attention`, `linear_cross_entropy_rows`), and every op on other devices,
-//! run the composite version in [`reference`]. Frozen tensors (base weights, biases, lm_head, norm
+//! (`cuda` feature) every one calls the NVRTC-compiled kernels of [`cuda`]; on other
+//! devices they run the composite version in [`reference`]. Frozen tensors (base weights, biases, lm_head, norm
 //! weights that are not `Var`s) never receive a gradient.
 use candle_core::{DType, Result, Tensor};
 
@@ -191,6 +190,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, scal
 /// packed samples; a query sees only keys in its own contiguous run of equal ids.
 /// Returns [b, hq, tq, d].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return cuda::attention::causal_attention(q, k, v, segments, scale);
+    }
     if !fused(q) {
         return reference::causal_attention(q, k, v, segments, scale);
     }
@@ -221,6 +224,10 @@ pub fn linear_cross_entropy(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor,
 /// `hidden @ lm_head^T`, differentiable w.r.t. `hidden` (per-token log-probs, as preference and RL
 /// methods need; no command uses it yet).
 pub fn linear_cross_entropy_rows(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() {
+        return cuda::ops::linear_cross_entropy_rows(hidden, lm_head, targets);
+    }
     if !fused(hidden) {
         return reference::linear_cross_entropy_rows(hidden, lm_head, targets);
     }

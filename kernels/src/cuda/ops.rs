@@ -19,16 +19,7 @@ macro_rules! dispatch {
         }
     };
 }
-macro_rules! dispatch16 {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::BF16 => { type $t = bf16; $body }
-            DType::F16 => { type $t = f16; $body }
-            d => bail!("lora-kernels CUDA: tensor-core kernels need bf16 or f16, got {d:?}"),
-        }
-    };
-}
-pub(super) use dispatch16;
+pub(super) use dispatch;
 
 pub(super) fn as_cuda(s: &candle_core::Storage) -> Result<&CudaStorage> {
     match s {
@@ -328,49 +319,78 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 // ------------------------------------------------------------------- fused LoRA linear
 
-/// Launch `lora_fwd*` / `lora_bwd_dx` on raw views. Returns (Y, Z).
+/// Ranks per launch of the fused kernels (their Z tile); larger ranks run as chunks.
+const RANK_CHUNK: usize = 64;
+
+/// Module holding a fused-linear kernel: `*_float` kernels are the f32 FMA ones.
+fn linear_module(kernel: &str) -> &'static str {
+    if kernel.ends_with("_float") {
+        "lora_f32"
+    } else {
+        "lora_linear"
+    }
+}
+
+type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
+type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
+
+/// Launch `lora_fwd*` / `lora_bwd_dx*` on raw views. Returns (Y, Z). Any rank: ranks
+/// above [`RANK_CHUNK`] run as one launch per 64-rank chunk, the first with W and bias,
+/// the others adding their term into Y (VEC_ACC) and writing their own columns of Z.
+/// bf16/f16 run on tensor cores (`lora_linear.cu`), f32 on FMA (`lora_f32.cu`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn lora_main<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr, O: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &candle_core::cuda_backend::CudaDevice,
     kernel: &str,
-    x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
-    w: Option<&candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>>,
-    d: Option<&candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>>,
-    u: Option<&candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>>,
-    bias: Option<&candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>>,
+    x: &View<'_, T>,
+    w: Option<&View<'_, T>>,
+    d: Option<&View<'_, T>>,
+    u: Option<&View<'_, T>>,
+    bias: Option<&View<'_, T>>,
     scale: f32,
     m: usize, nc: usize, kr: usize, r: usize, trans: bool, want_z: bool,
-) -> Result<(Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<O>>, Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>)> {
-    if r > 64 {
-        bail!("fused LoRA kernels support rank <= 64, got {r}");
-    }
-    let f = rt::func(dev, "lora_linear", kernel)?;
+) -> Result<(Option<Slice<O>>, Option<Slice<f32>>)> {
+    let f = rt::func(dev, linear_module(kernel), kernel)?;
+    let f32_kernel = linear_module(kernel) == "lora_f32";
     let mut y = if nc > 0 { Some(unsafe { dev.alloc::<O>(m * nc)? }) } else { None };
     let mut z = if want_z && r > 0 { Some(dev.alloc_zeros::<f32>(m * r)?) } else { None };
     // leading dimensions (elements) of each operand in its stored layout
     let (ldw, ldd, ldu) = if trans { (nc, r, nc) } else { (kr, kr, r) };
-    let mut vec = 0i32;
-    if rt::vec_ok(x, dev, kr) { vec |= 1; }
-    if w.map_or(true, |v| rt::vec_ok(v, dev, ldw)) { vec |= 2; }
-    if d.map_or(true, |v| rt::vec_ok(v, dev, ldd)) { vec |= 4; }
-    if u.map_or(true, |v| rt::vec_ok(v, dev, ldu)) { vec |= 8; }
-    if nc % 8 == 0 { vec |= 16; }
     let null = 0u64;
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    let (ldx, ldw, ldd, ldu, ldy, ldz) = (kr as i64, ldw as i64, ldd as i64, ldu as i64, nc as i64, r as i64);
-    let (m32, nc32, kr32, r32) = (m as i32, nc as i32, kr as i32, r as i32);
-    b.arg(x).arg(&ldx);
-    match w { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldw);
-    match d { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldd);
-    match u { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldu);
-    match bias { Some(v) => b.arg(v), None => b.arg(&null) };
-    b.arg(&scale);
-    match y.as_mut() { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldy);
-    match z.as_mut() { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldz);
-    b.arg(&m32).arg(&nc32).arg(&kr32).arg(&r32).arg(&vec);
-    let grid = (ceil_div(nc.max(1), 128), ceil_div(m, 64), 1);
-    unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+    let (grid_n, threads) = if f32_kernel { (64, 256) } else { (128, 128) };
+    let grid = (ceil_div(nc.max(1), grid_n), ceil_div(m, 64), 1);
+    let chunks: Vec<(usize, usize)> = if r == 0 { vec![(0, 0)] } else { (0..r).step_by(RANK_CHUNK).map(|c| (c, RANK_CHUNK.min(r - c))).collect() };
+    for (ci, &(c0, rc)) in chunks.iter().enumerate() {
+        // This chunk's ranks: forward D = A [r][K] rows, U = B [N][r] columns;
+        // backward D = B [N][r] columns, U = A [r][K] rows.
+        let rows_of = |v: &View<'_, T>, ld: usize| v.slice(c0 * ld..(c0 + rc) * ld);
+        let cols_of = |v: &View<'_, T>| v.slice(c0..);
+        let dc = d.map(|v| if trans { cols_of(v) } else { rows_of(v, kr) });
+        let uc = u.map(|v| if trans { rows_of(v, nc) } else { cols_of(v) });
+        let (wc, bc) = if ci == 0 { (w, bias) } else { (None, None) };
+        let mut vec = 0i32;
+        if rt::vec_ok(x, dev, kr) { vec |= 1; }
+        if wc.map_or(true, |v| rt::vec_ok(v, dev, ldw)) { vec |= 2; }
+        if dc.as_ref().map_or(true, |v| rt::vec_ok(v, dev, ldd)) { vec |= 4; }
+        if uc.as_ref().map_or(true, |v| rt::vec_ok(v, dev, ldu)) { vec |= 8; }
+        if nc % 8 == 0 { vec |= 16; }
+        if ci > 0 { vec |= 32; }
+        let mut b = stream.launch_builder(&f);
+        let (ldx, ldw, ldd, ldu, ldy, ldz) = (kr as i64, ldw as i64, ldd as i64, ldu as i64, nc as i64, r as i64);
+        let (m32, nc32, kr32, r32) = (m as i32, nc as i32, kr as i32, rc as i32);
+        let mut zc = z.as_mut().map(|z| z.slice_mut(c0..));
+        b.arg(x).arg(&ldx);
+        match wc { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldw);
+        match dc.as_ref() { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldd);
+        match uc.as_ref() { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldu);
+        match bc { Some(v) => b.arg(v), None => b.arg(&null) };
+        b.arg(&scale);
+        match y.as_mut() { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldy);
+        match zc.as_mut() { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldz);
+        b.arg(&m32).arg(&nc32).arg(&kr32).arg(&r32).arg(&vec);
+        unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+    }
     Ok((y, z))
 }
 
@@ -383,7 +403,9 @@ fn lora_wgrad<LT: candle_core::cuda_backend::cudarc::driver::DeviceRepr, RT: can
     r: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, RT>,
     scale: f32, m: usize, p: usize, q: usize,
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>> {
-    let f = rt::func(dev, "lora_linear", kernel)?;
+    // f32 has one weight-gradient kernel for both operand orders.
+    let f32_kernel = kernel.ends_with("_float");
+    let f = if f32_kernel { rt::func(dev, "lora_f32", "lora_wgrad_float")? } else { rt::func(dev, "lora_linear", kernel)? };
     let mut c = dev.alloc_zeros::<f32>(p * q)?;
     let tiles = (ceil_div(q, 64) * ceil_div(p, 64)) as usize;
     // enough blocks for ~2 waves on a 132-SM GPU, at least 256 rows per split
@@ -399,7 +421,8 @@ fn lora_wgrad<LT: candle_core::cuda_backend::cudarc::driver::DeviceRepr, RT: can
     let (m32, p32, q32, mc32) = (m as i32, p as i32, q as i32, mchunk as i32);
     b.arg(l).arg(&ldl).arg(r).arg(&ldr).arg(&scale).arg(&mut c).arg(&ldc).arg(&m32).arg(&p32).arg(&q32).arg(&mc32).arg(&vec);
     let grid = (ceil_div(q, 64), ceil_div(p, 64), splits as u32);
-    unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+    let threads = if f32_kernel { 256 } else { 128 };
+    unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }) }.w()?;
     Ok(c)
 }
 
@@ -430,7 +453,7 @@ impl CustomOp3 for LoraLinearCuda {
         *out_dims.last_mut().unwrap() = n;
         let y = with_cuda(&self.w, |ws, lw| {
             let bias_g = self.bias.as_ref().map(|t| t.storage_and_layout());
-            dispatch16!(x.dtype(), T => {
+            dispatch!(x.dtype(), T => {
                 let (xv, wv, av, bv) = (view::<T>(x, lx)?, view::<T>(ws, lw)?, view::<T>(a, la)?, view::<T>(b, lb)?);
                 let biasv = match &bias_g {
                     Some((st, l)) => match &**st {
@@ -467,7 +490,7 @@ pub fn lora_linear_bwd(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f3
     let (bg, lb) = b.storage_and_layout();
     let (gg, lg) = g.storage_and_layout();
     let (xs, ws, as_, bs, gs) = (as_cuda(&xg)?, as_cuda(&wg)?, as_cuda(&ag)?, as_cuda(&bg)?, as_cuda(&gg)?);
-    let (dx, da, db) = dispatch16!(x.dtype(), T => {
+    let (dx, da, db) = dispatch!(x.dtype(), T => {
         let (xv, wv, av, bv, gv) = (view::<T>(xs, lx)?, view::<T>(ws, lw)?, view::<T>(as_, la)?, view::<T>(bs, lb)?, view::<T>(gs, lg)?);
         let sfx = rt::suffix(x.dtype())?;
         // Z = X A^T  [M, r] f32
@@ -483,14 +506,11 @@ pub fn lora_linear_bwd(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f3
     Ok((tensor(dx, x.shape().clone()), f32_tensor(&dev, da, (r, k)), f32_tensor(&dev, db, (n, r))))
 }
 
-/// `x W^T (+ bias) + scale (x A^T) B^T` on tensor cores (bf16/f16, rank <= 64). Other
-/// dtypes or ranks fall back to the composite (cuBLAS) version. A/B may be f32 masters:
-/// they are cast to x's dtype (the cast is differentiable).
+/// `x W^T (+ bias) + scale (x A^T) B^T`: bf16/f16 on tensor cores, f32 on FMA, any
+/// rank (64-rank chunks). A/B may be f32 masters: they are cast to x's dtype (the cast
+/// is differentiable).
 pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let dt = x.dtype();
-    if !matches!(dt, DType::BF16 | DType::F16) || a.dim(0)? > 64 {
-        return crate::reference::lora_linear(x, w, bias, a, b, scale);
-    }
     let op = LoraLinearCuda {
         w: w.detach().to_dtype(dt)?.contiguous()?,
         bias: bias.map(|t| t.detach().to_dtype(dt).and_then(|t| t.contiguous())).transpose()?,
@@ -518,7 +538,7 @@ impl CustomOp1 for FrozenLinearCuda {
         *out_dims.last_mut().unwrap() = n;
         let y = with_cuda(&self.w, |ws, lw| {
             let bias_g = self.bias.as_ref().map(|t| t.storage_and_layout());
-            dispatch16!(x.dtype(), T => {
+            dispatch!(x.dtype(), T => {
                 let (xv, wv) = (view::<T>(x, lx)?, view::<T>(ws, lw)?);
                 let biasv = match &bias_g {
                     Some((st, l)) => match &**st {
@@ -541,7 +561,7 @@ impl CustomOp1 for FrozenLinearCuda {
         let m = x.elem_count() / k;
         let dev = rt::cuda_device(x.device())?.clone();
         let dx = with_cuda(&g, |gs, lg| with_cuda(&self.w, |ws, lw| {
-            dispatch16!(x.dtype(), T => {
+            dispatch!(x.dtype(), T => {
                 let (gv, wv) = (view::<T>(gs, lg)?, view::<T>(ws, lw)?);
                 let kern = format!("lora_bwd_dx_{}", rt::suffix(x.dtype())?);
                 let (dx, _) = lora_main::<T, T>(&dev, &kern, &gv, Some(&wv), None, None, None, 0.0, m, k, n, 0, true, false)?;
@@ -552,13 +572,10 @@ impl CustomOp1 for FrozenLinearCuda {
     }
 }
 
-/// `x W^T (+ bias)` with frozen W (backward: dX only), bf16/f16 on the same tensor-core
-/// kernel with rank 0; f32 falls back to the composite (cuBLAS) version.
+/// `x W^T (+ bias)` with frozen W (backward: dX only), on the fused kernels with rank 0
+/// (bf16/f16 tensor cores, f32 FMA).
 pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dt = x.dtype();
-    if !matches!(dt, DType::BF16 | DType::F16) {
-        return crate::reference::frozen_linear(x, w, bias);
-    }
     let op = FrozenLinearCuda {
         w: w.detach().to_dtype(dt)?.contiguous()?,
         bias: bias.map(|t| t.detach().to_dtype(dt).and_then(|t| t.contiguous())).transpose()?,
@@ -571,73 +588,98 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Te
 /// Sum over rows of `weights[r] * CE(hidden[r] lm_head^T, targets[r])`, computed in
 /// chunks of rows so only [chunk, vocab] f32 logits exist at a time; the gradient
 /// w.r.t. `hidden` is computed in the same pass (Liger's idea) and scaled by the
-/// upstream gradient in the backward. `hidden` [n, h] bf16/f16, `lm_head` [v, h],
+/// upstream gradient in the backward. `hidden` [n, h] bf16/f16/f32, `lm_head` [v, h],
 /// `targets` [n] u32, `weights` [n] f32.
 pub fn linear_cross_entropy(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let dt = hidden.dtype();
-    if !matches!(dt, DType::BF16 | DType::F16) {
-        return crate::reference::linear_cross_entropy(hidden, lm_head, targets, weights);
+    let weights = weights.to_dtype(DType::F32)?.contiguous()?;
+    let (rows, dh) = chunked_ce(hidden, lm_head, targets, &weights)?;
+    let total = rows.sum_all()?;
+    match dh {
+        None => Ok(total),
+        // d total / d hidden = dh (times the upstream scalar gradient).
+        Some(dh) => hidden.apply_op1(PrecomputedGrad { value: total, grad: dh }),
     }
+}
+
+/// Per-row cross-entropies [n] f32 (minus the target log-probabilities), the same
+/// chunked kernels as [`linear_cross_entropy`] with unit weights; differentiable w.r.t.
+/// `hidden` (row i's gradient is scaled by the upstream gradient's element i).
+pub fn linear_cross_entropy_rows(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let n = hidden.dim(0)?;
+    let ones = Tensor::ones(n, DType::F32, hidden.device())?;
+    let (rows, dh) = chunked_ce(hidden, lm_head, targets, &ones)?;
+    match dh {
+        None => Ok(rows),
+        Some(dh) => hidden.apply_op1(PrecomputedGrad { value: rows, grad: dh }),
+    }
+}
+
+/// Rows of logits per chunk: the f32 logits chunk (and its 16-bit or f32 gradient)
+/// stays under ~256 MiB + ~128 MiB whatever the vocabulary.
+fn ce_chunk_rows(n: usize, v: usize) -> usize {
+    ((64usize << 20) / v.max(1)).clamp(64, 4096).min(n.max(1))
+}
+
+/// The chunked pass: per-row weighted losses [n] f32 and, when `hidden` is tracked,
+/// d(loss_i)/d(hidden_i) [n, h] in hidden's dtype. Per chunk: logits = H_c W^T (f32
+/// output), `ce_rows_*` (losses, dlogits in place of a softmax), dH_c = dlogits W.
+fn chunked_ce(hidden: &Tensor, lm_head: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let dt = hidden.dtype();
     let (n, h) = hidden.dims2()?;
-    let v = lm_head.dim(0)?;
+    let (v, lh) = lm_head.dims2()?;
+    if lh != h || targets.elem_count() != n || weights.elem_count() != n {
+        bail!("linear-cross-entropy: hidden [{n}, {h}], lm_head {:?}, {} targets, {} weights", lm_head.dims(), targets.elem_count(), weights.elem_count());
+    }
     let w = lm_head.detach().to_dtype(dt)?.contiguous()?;
     let hid = hidden.detach().contiguous()?;
-    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
-    let weights = weights.to_dtype(DType::F32)?.contiguous()?;
+    let targets = targets.to_dtype(DType::U32)?.flatten_all()?.contiguous()?;
     let want_grad = hidden.track_op();
     let dev = rt::cuda_device(hidden.device())?.clone();
-    // chunk so that the f32 logits stay under ~256 MB
-    let chunk = ((64usize << 20) / v.max(1)).clamp(64, 4096).min(n.max(1));
-    let (loss, dh) = {
-        let (hg, lh) = hid.storage_and_layout();
-        let (wg, lw) = w.storage_and_layout();
-        let (tg, lt) = targets.storage_and_layout();
-        let (eg, le) = weights.storage_and_layout();
-        let (hs, ws, ts, es) = (as_cuda(&hg)?, as_cuda(&wg)?, as_cuda(&tg)?, as_cuda(&eg)?);
-        dispatch16!(dt, T => {
-            let sfx = rt::suffix(dt)?;
-            let (hv, wv, tv, ev) = (view::<T>(hs, lh)?, view::<T>(ws, lw)?, view::<u32>(ts, lt)?, view::<f32>(es, le)?);
-            let mut loss_s = dev.alloc_zeros::<f32>(n)?;
-            let mut dh_s = if want_grad { Some(dev.alloc_zeros::<T>(n * h)?) } else { None };
-            let ce = rt::func(&dev, "cross_entropy", &format!("ce_rows_{sfx}"))?;
-            let stream = dev.cuda_stream();
-            let mut r0 = 0;
-            while r0 < n {
-                let rows = chunk.min(n - r0);
-                let hc = hv.slice(r0 * h..(r0 + rows) * h);
-                let (logits, _) = lora_main::<T, f32>(&dev, &format!("lora_fwd_f32out_{sfx}"), &hc, Some(&wv), None, None, None, 0.0, rows, v, h, 0, false, false)?;
-                let logits = logits.unwrap();
-                let mut dl = if want_grad { Some(unsafe { dev.alloc::<T>(rows * v)? }) } else { None };
-                {
-                    let (tc, ec) = (tv.slice(r0..r0 + rows), ev.slice(r0..r0 + rows));
-                    let mut lc = loss_s.slice_mut(r0..r0 + rows);
-                    let mut b = stream.launch_builder(&ce);
-                    let (v32, gs, vec) = (v as i32, 1.0f32, (v % 4 == 0) as i32);
-                    let null = 0u64;
-                    b.arg(&logits).arg(&tc).arg(&ec).arg(&mut lc);
-                    match dl.as_mut() { Some(d) => b.arg(d), None => b.arg(&null) };
-                    b.arg(&v32).arg(&gs).arg(&vec);
-                    unsafe { b.launch(cfg((rows as u32, 1, 1), 256)) }.w()?;
-                }
-                if let (Some(dl), Some(dh_s)) = (dl, dh_s.as_mut()) {
-                    let (dhc, _) = lora_main::<T, T>(&dev, &format!("lora_bwd_dx_{sfx}"), &dl.slice(..), Some(&wv), None, None, None, 0.0, rows, h, v, 0, true, false)?;
-                    let mut dst = dh_s.slice_mut(r0 * h..(r0 + rows) * h);
-                    dev.memcpy_dtod(&dhc.unwrap(), &mut dst)?;
-                }
-                r0 += rows;
+    let chunk = ce_chunk_rows(n, v);
+    let (hg, lh_) = hid.storage_and_layout();
+    let (wg, lw) = w.storage_and_layout();
+    let (tg, lt) = targets.storage_and_layout();
+    let (eg, le) = weights.storage_and_layout();
+    let (hs, ws, ts, es) = (as_cuda(&hg)?, as_cuda(&wg)?, as_cuda(&tg)?, as_cuda(&eg)?);
+    dispatch!(dt, T => {
+        let sfx = rt::suffix(dt)?;
+        let (hv, wv, tv, ev) = (view::<T>(hs, lh_)?, view::<T>(ws, lw)?, view::<u32>(ts, lt)?, view::<f32>(es, le)?);
+        let mut loss_s = dev.alloc_zeros::<f32>(n.max(1))?;
+        let mut dh_s = if want_grad { Some(dev.alloc_zeros::<T>((n * h).max(1))?) } else { None };
+        let ce = rt::func(&dev, "cross_entropy", &format!("ce_rows_{sfx}"))?;
+        let stream = dev.cuda_stream();
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = chunk.min(n - r0);
+            let hc = hv.slice(r0 * h..(r0 + rows) * h);
+            let (logits, _) = lora_main::<T, f32>(&dev, &format!("lora_fwd_f32out_{sfx}"), &hc, Some(&wv), None, None, None, 0.0, rows, v, h, 0, false, false)?;
+            let logits = logits.expect("logits with v > 0");
+            let mut dl = if want_grad { Some(unsafe { dev.alloc::<T>(rows * v)? }) } else { None };
+            {
+                let (tc, ec) = (tv.slice(r0..r0 + rows), ev.slice(r0..r0 + rows));
+                let mut lc = loss_s.slice_mut(r0..r0 + rows);
+                let mut b = stream.launch_builder(&ce);
+                let (v32, gs, vec) = (v as i32, 1.0f32, (v % 4 == 0) as i32);
+                let null = 0u64;
+                b.arg(&logits).arg(&tc).arg(&ec).arg(&mut lc);
+                match dl.as_mut() { Some(d) => b.arg(d), None => b.arg(&null) };
+                b.arg(&v32).arg(&gs).arg(&vec);
+                unsafe { b.launch(cfg((rows as u32, 1, 1), 256)) }.w()?;
             }
-            let loss = tensor(CudaStorage::wrap_cuda_slice(loss_s, dev.clone()), n);
-            let dh = dh_s.map(|d| tensor(CudaStorage::wrap_cuda_slice(d, dev.clone()), (n, h)));
-            (loss, dh)
-        })
-    };
-    let total = loss.sum_all()?;
-    if !want_grad {
-        return Ok(total);
-    }
-    // Attach the precomputed gradient: d total / d hidden = dh (times upstream grad).
-    let dh = dh.expect("gradient computed when tracked");
-    hidden.apply_op1(PrecomputedGrad { value: total, grad: dh })
+            if let (Some(dl), Some(dh_s)) = (dl, dh_s.as_mut()) {
+                let (dhc, _) = lora_main::<T, T>(&dev, &format!("lora_bwd_dx_{sfx}"), &dl.slice(..), Some(&wv), None, None, None, 0.0, rows, h, v, 0, true, false)?;
+                let mut dst = dh_s.slice_mut(r0 * h..(r0 + rows) * h);
+                dev.memcpy_dtod(&dhc.expect("dH with h > 0"), &mut dst)?;
+            }
+            r0 += rows;
+        }
+        let loss = tensor(CudaStorage::wrap_cuda_slice(loss_s, dev.clone()), n.max(1)).narrow(0, 0, n)?;
+        let dh = match dh_s {
+            Some(d) => Some(tensor(CudaStorage::wrap_cuda_slice(d, dev.clone()), (n * h).max(1)).narrow(0, 0, n * h)?.reshape((n, h))?),
+            None => None,
+        };
+        Ok((loss, dh))
+    })
 }
 
 /// Returns `value` in the forward; its backward is `grad * upstream` for the input.
@@ -653,16 +695,23 @@ impl CustomOp1 for PrecomputedGrad {
         bail!("lora-precomputed-grad is CUDA only")
     }
     fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
-        with_cuda(&self.value, |s, l| {
+        let value = self.value.contiguous()?;
+        with_cuda(&value, |s, l| {
             let dev = &s.device;
             let src = view::<f32>(s, l)?;
-            let mut dst = unsafe { dev.alloc::<f32>(1)? };
-            dev.memcpy_dtod(&src, &mut dst)?;
-            Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), Shape::from(())))
+            let mut dst = unsafe { dev.alloc::<f32>(src.len().max(1))? };
+            if !src.is_empty() {
+                dev.memcpy_dtod(&src, &mut dst)?;
+            }
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), value.shape().clone()))
         })
     }
+    /// A scalar value (the summed loss) scales every row by the upstream scalar; a
+    /// per-row value [n] scales row i of `grad` [n, h] by the upstream element i.
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.grad.broadcast_mul(&grad.to_dtype(self.grad.dtype())?)?))
+        let g = grad.to_dtype(self.grad.dtype())?;
+        let g = if g.rank() == 1 { g.unsqueeze(1)? } else { g };
+        Ok(Some(self.grad.broadcast_mul(&g)?))
     }
 }
 

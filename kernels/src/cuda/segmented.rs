@@ -6,7 +6,7 @@
 //! The backward uses composite candle ops (cuBLAS), shared with every other device:
 //! [`crate::ops::segmented::composite_bwd`]. Its cost is the base dX GEMM plus rank-r
 //! GEMMs per segment, the same FLOPs as a fused version would spend.
-use super::ops::{as_cuda, dispatch16, lora_main, rows_cols};
+use super::ops::{as_cuda, dispatch, lora_main, rows_cols};
 use super::runtime::{self as rt, ceil_div, view, with_cuda};
 use crate::ops::segmented::{composite_bwd, concat_adapters, Plan};
 use crate::AdapterWeights;
@@ -99,7 +99,7 @@ impl CustomOp3 for SegmentedLoraCuda {
         let (av, bv) = (view::<f32>(a, la)?, view::<f32>(b, lb)?);
         let y = with_cuda(&self.w, |ws, lw| {
             let bias_g = self.bias.as_ref().map(|t| t.storage_and_layout());
-            dispatch16!(x.dtype(), T => {
+            dispatch!(x.dtype(), T => {
                 let (xv, wv) = (view::<T>(x, lx)?, view::<T>(ws, lw)?);
                 let biasv = match &bias_g {
                     Some((st, l)) => Some(view::<T>(as_cuda(st)?, l)?),
@@ -121,11 +121,12 @@ impl CustomOp3 for SegmentedLoraCuda {
     }
 }
 
-/// bf16/f16 x on the SGMV kernels (A/B read as f32 masters, f32 accumulation); f32 x
-/// (or an empty input or output) falls back to the composite (cuBLAS) version.
+/// The SGMV kernels for bf16/f16/f32 x (A/B read as f32 masters, f32 accumulation). An
+/// empty input or output has nothing to launch: the composite version returns its
+/// (empty) result.
 pub fn segmented_lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, adapters: &[AdapterWeights], plan: Plan) -> Result<Tensor> {
     let dt = x.dtype();
-    if !matches!(dt, DType::BF16 | DType::F16) || plan.n == 0 || plan.out == 0 {
+    if plan.n == 0 || plan.out == 0 {
         return crate::reference::segmented_lora_linear(x, w, bias, adapters, &plan.segments);
     }
     let (a_all, b_all) = concat_adapters(adapters)?;

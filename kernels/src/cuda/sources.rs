@@ -24,6 +24,11 @@ pub const MODULES: &[KernelModule] = &[
         kernels: per_dtype!("lora_fwd", "lora_fwd_f32out", "lora_bwd_dx", "lora_wgrad_tf", "lora_wgrad_ft"),
     },
     KernelModule {
+        name: "lora_f32",
+        source: include_str!("src/lora_f32.cu"),
+        kernels: &["lora_fwd_float", "lora_fwd_f32out_float", "lora_bwd_dx_float", "lora_wgrad_float"],
+    },
+    KernelModule {
         name: "rms_norm",
         source: include_str!("src/rms_norm.cu"),
         kernels: &[
@@ -52,6 +57,19 @@ pub const MODULES: &[KernelModule] = &[
         name: "sgmv",
         source: include_str!("src/sgmv.cu"),
         kernels: &["sgmv_shrink_bf16", "sgmv_shrink_f16", "sgmv_shrink_float", "sgmv_expand"],
+    },
+    KernelModule {
+        name: "attention",
+        source: include_str!("src/attention.cu"),
+        kernels: &[
+            "attn_fwd_bf16_d64", "attn_fwd_bf16_d128", "attn_fwd_bf16_d256",
+            "attn_bwd_bf16_d64", "attn_bwd_bf16_d128", "attn_bwd_bf16_d256", "attn_bwd_dot_bf16",
+            "attn_fwd_f16_d64", "attn_fwd_f16_d128", "attn_fwd_f16_d256",
+            "attn_bwd_f16_d64", "attn_bwd_f16_d128", "attn_bwd_f16_d256", "attn_bwd_dot_f16",
+            "attn_fwd_float_d64", "attn_fwd_float_d128", "attn_fwd_float_d256",
+            "attn_bwd_float_d64", "attn_bwd_float_d128", "attn_bwd_float_d256", "attn_bwd_dot_float",
+            "attn_seg_starts",
+        ],
     },
     KernelModule { name: "adamw", source: include_str!("src/adamw.cu"), kernels: &["adamw_multi", "sqnorm_multi"] },
 ];

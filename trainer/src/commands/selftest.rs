@@ -157,12 +157,13 @@ mod gpu {
                     &|t| cu::swiglu(&t[0], &t[1]))?;
             }
         }
-        for &dt in &[DType::BF16, DType::F16] {
-            for &(m, k, n, r) in &[(37usize, 96usize, 80usize, 8usize), (256, 512, 384, 16), (130, 200, 72, 64), (64, 100, 50, 4)] {
+        for &dt in &[DType::BF16, DType::F16, DType::F32] {
+            // ranks 4..256: above 64 the kernels run in 64-rank chunks
+            for &(m, k, n, r) in &[(37usize, 96usize, 80usize, 8usize), (256, 512, 384, 16), (130, 200, 72, 64), (64, 100, 50, 4), (70, 160, 136, 128), (33, 300, 96, 256)] {
                 let x = randn(&[m, k], 1.0)?;
                 let w = randn(&[n, k], 1.0 / (k as f32).sqrt())?;
                 let a = randn(&[r, k], 1.0 / (k as f32).sqrt())?;
-                let b = randn(&[n, r], 0.5)?;
+                let b = randn(&[n, r], 0.5 / (r as f32).sqrt())?;
                 let shape = format!("M{m} K{k} N{n} r{r}");
                 compare(&mut out, dev, "lora_linear", &shape, dt, &[x.clone(), w.clone(), a, b], &[true, false, true, true],
                     &|t| lora_kernels::lora_linear(&t[0], &t[1], None, &t[2], &t[3], 2.0),
@@ -180,13 +181,85 @@ mod gpu {
                 let tgc = Tensor::new(tg.as_slice(), &Device::Cpu)?;
                 let wtc = Tensor::new(wt.as_slice(), &Device::Cpu)?;
                 let (tgg, wtg) = (tgc.to_device(dev)?, wtc.to_device(dev)?);
-                compare(&mut out, dev, "linear_cross_entropy", &format!("n{n} h{h} v{v}"), dt, &[hid, lm], &[true, false],
+                compare(&mut out, dev, "linear_cross_entropy", &format!("n{n} h{h} v{v}"), dt, &[hid.clone(), lm.clone()], &[true, false],
                     &|t| lora_kernels::linear_cross_entropy(&t[0], &t[1], &tgc, &wtc),
                     &|t| cu::linear_cross_entropy(&t[0], &t[1], &tgg, &wtg))?;
+                compare(&mut out, dev, "linear_ce_rows", &format!("n{n} h{h} v{v}"), dt, &[hid, lm], &[true, false],
+                    &|t| lora_kernels::linear_cross_entropy_rows(&t[0], &t[1], &tgc),
+                    &|t| cu::linear_cross_entropy_rows(&t[0], &t[1], &tgg))?;
             }
+            attention_checks(dev, dt, &mut out)?;
+            segmented_checks(dev, dt, &mut out)?;
         }
         adamw_check(dev, &mut out)?;
         Ok(out)
+    }
+
+    /// Causal attention (flash kernels) against the CPU op: GQA, head dims 64 / 80 / 128 /
+    /// 256, packed segments, KV-cache queries (tq < tk) read from a strided cache view.
+    fn attention_checks(dev: &Device, dt: DType, out: &mut Vec<Check>) -> Result<()> {
+        // (b, hq, hkv, tq, tk, d, segment run lengths per row (empty = none), strided kv)
+        let cases: &[(usize, usize, usize, usize, usize, usize, &[usize], bool)] = &[
+            (2, 4, 2, 37, 37, 64, &[], false),
+            (2, 6, 2, 70, 70, 64, &[20, 30, 20], false),
+            (1, 3, 3, 50, 50, 80, &[1, 48, 1], false),
+            (2, 4, 1, 129, 129, 128, &[64, 65], false),
+            (1, 4, 2, 5, 45, 128, &[30, 15], true),
+            (2, 2, 1, 1, 40, 64, &[], true),
+            (1, 2, 1, 33, 33, 256, &[10, 23], false),
+        ];
+        for &(b, hq, hkv, tq, tk, d, runs, strided) in cases {
+            let q = randn(&[b, hq, tq, d], 1.0)?;
+            let k = randn(&[b, hkv, tk, d], 1.0)?;
+            let v = randn(&[b, hkv, tk, d], 1.0)?;
+            let seg: Option<Tensor> = if runs.is_empty() {
+                None
+            } else {
+                let row: Vec<u32> = runs.iter().enumerate().flat_map(|(i, &n)| std::iter::repeat(i as u32 + 7).take(n)).collect();
+                let all: Vec<u32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+                Some(Tensor::from_vec(all, (b, tk), &Device::Cpu)?)
+            };
+            let segg = seg.as_ref().map(|s| s.to_device(dev)).transpose()?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let shape = format!("b{b} h{hq}/{hkv} t{tq}/{tk} d{d}{}{}", if runs.is_empty() { "" } else { " seg" }, if strided { " cache" } else { "" });
+            // A KV-cache view: the planes of a longer buffer, narrowed (read in place).
+            let view = |t: &Tensor| -> candle_core::Result<Tensor> {
+                if !strided {
+                    return Ok(t.clone());
+                }
+                let pad = Tensor::zeros((b, hkv, 7, d), t.dtype(), t.device())?;
+                Tensor::cat(&[t, &pad], 2)?.narrow(2, 0, tk)
+            };
+            compare(out, dev, "causal_attention", &shape, dt, &[q, k, v], &[true, true, true],
+                &|t| lora_kernels::causal_attention(&t[0], &view(&t[1])?, &view(&t[2])?, seg.as_ref(), scale),
+                &|t| lora_kernels::cuda::attention::causal_attention(&t[0], &view(&t[1])?, &view(&t[2])?, segg.as_ref(), scale))?;
+        }
+        Ok(())
+    }
+
+    /// The segmented multi-adapter op (SGMV forward) against the CPU op: three adapters
+    /// of ranks 8 / 16 / 4, a gap of base-only rows, one adapter used twice.
+    fn segmented_checks(dev: &Device, dt: DType, out: &mut Vec<Check>) -> Result<()> {
+        use lora_kernels::{AdapterWeights, RowSegment};
+        let (m, k, n) = (90usize, 128usize, 72usize);
+        let ranks = [8usize, 16, 4];
+        let mut inputs = vec![randn(&[m, k], 1.0)?, randn(&[n, k], 1.0 / (k as f32).sqrt())?];
+        for &r in &ranks {
+            inputs.push(randn(&[r, k], 1.0 / (k as f32).sqrt())?);
+            inputs.push(randn(&[n, r], 0.5)?);
+        }
+        let segs = vec![
+            RowSegment { start: 0, len: 20, adapter: 1 },
+            RowSegment { start: 20, len: 30, adapter: 0 },
+            RowSegment { start: 60, len: 25, adapter: 2 },
+            RowSegment { start: 85, len: 5, adapter: 1 },
+        ];
+        let grad = [true, false, true, true, true, true, true, true];
+        let run = |t: &[Tensor]| -> candle_core::Result<Tensor> {
+            let ad: Vec<AdapterWeights> = (0..ranks.len()).map(|j| AdapterWeights { a: &t[2 + 2 * j], b: &t[3 + 2 * j], scale: 1.5 + j as f64 }).collect();
+            lora_kernels::segmented_lora_linear(&t[0], &t[1], None, &ad, &segs)
+        };
+        compare(out, dev, "segmented_lora", &format!("M{m} K{k} N{n} r8/16/4"), dt, &inputs, &grad, &run, &run)
     }
 
     fn adamw_check(dev: &Device, out: &mut Vec<Check>) -> Result<()> {

@@ -10,6 +10,16 @@ typedef unsigned long long u64;
 typedef long long i64;
 #define NEG_INF __int_as_float(0xff800000)
 
+// Flags of the fused linear kernels (lora_linear.cu, lora_f32.cu): operand X/W/D/U may be
+// read with 16-byte vectors (leading dimension a multiple of 16 bytes, base 16-byte
+// aligned), Y may be written in pairs, and VEC_ACC: add into Y instead of overwriting.
+#define VEC_X 1
+#define VEC_W 2
+#define VEC_D 4
+#define VEC_U 8
+#define VEC_Y 16
+#define VEC_ACC 32
+
 // Storage types: distinct structs so templates can tell bf16 from f16.
 struct bf16 { u16 x; };
 struct f16 { u16 x; };

@@ -25,13 +25,9 @@
 #define LL_SMEM_EPI ((LL_BM + LL_BN) * LL_LDR)
 #define LL_SMEM (LL_SMEM_MAIN > LL_SMEM_EPI ? LL_SMEM_MAIN : LL_SMEM_EPI)
 
-// vec bit flags (set by the host when the operand's leading dimension is a multiple of
-// 8 elements and its base pointer is 16-byte aligned)
-#define VEC_X 1
-#define VEC_W 2
-#define VEC_D 4
-#define VEC_U 8
-#define VEC_Y 16
+// vec bit flags: see common.cuh (VEC_X ... VEC_ACC). Ranks above LL_RMAX run as several
+// launches over 64-rank chunks: the first with W (and bias), the others with W == 0 and
+// VEC_ACC (Y += the chunk's term), each writing its own columns of Z.
 
 template <typename T, typename OT, bool TRANS>
 __device__ __forceinline__ void lora_fused(const T* __restrict__ X, i64 ldx, const T* __restrict__ W, i64 ldw,
@@ -45,7 +41,7 @@ __device__ __forceinline__ void lora_fused(const T* __restrict__ X, i64 ldx, con
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp & 1, wn = warp >> 1;
   const int m0 = blockIdx.y * LL_BM, n0 = blockIdx.x * LL_BN;
-  const bool main_on = Nc > 0;
+  const bool main_on = Nc > 0, w_on = Nc > 0 && W != 0;
 
   float acc[2][8][4];
   float zacc[2][4][4];
@@ -63,7 +59,7 @@ __device__ __forceinline__ void lora_fused(const T* __restrict__ X, i64 ldx, con
 
   for (int k0 = 0; k0 < Kr; k0 += LL_BK) {
     stage_kmajor<T, T, LL_BM, LL_BK, LL_LDK, LL_NT>(Xs, X, ldx, m0, M, k0, Kr, vec & VEC_X);
-    if (main_on) {
+    if (w_on) {
       if (!TRANS) stage_kmajor<T, T, LL_BN, LL_BK, LL_LDK, LL_NT>(Ws, W, ldw, n0, Nc, k0, Kr, vec & VEC_W);
       else stage_trans<T, T, LL_BN, LL_BK, LL_LDK, LL_NT>(Ws, W, ldw, n0, Nc, k0, Kr, vec & VEC_W);
     }
@@ -77,7 +73,7 @@ __device__ __forceinline__ void lora_fused(const T* __restrict__ X, i64 ldx, con
       u32 a[2][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) load_frag_a<LL_LDK>(a[mt], Xs, wm * 32 + mt * 16, kk, lane);
-      if (main_on) {
+      if (w_on) {
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
           u32 b[2];
@@ -154,8 +150,12 @@ __device__ __forceinline__ void lora_fused(const T* __restrict__ X, i64 ldx, con
       for (int h = 0; h < 2; ++h) {
         const int r = m0 + wm * 32 + mt * 16 + g + h * 8;
         if (r >= M) continue;
-        const float y0 = acc[mt][nt][2 * h] + b0, y1 = acc[mt][nt][2 * h + 1] + b1;
+        float y0 = acc[mt][nt][2 * h] + b0, y1 = acc[mt][nt][2 * h + 1] + b1;
         OT* p = Y + r * ldy + c;
+        if (vec & VEC_ACC) {
+          if (c < Nc) y0 += to_f32(p[0]);
+          if (c + 1 < Nc) y1 += to_f32(p[1]);
+        }
         if ((vec & VEC_Y) && sizeof(OT) == 2 && c + 1 < Nc) {
           *reinterpret_cast<u32*>(p) = pack2<T>(y0, y1);
         } else if ((vec & VEC_Y) && sizeof(OT) == 4 && c + 1 < Nc) {
