@@ -188,3 +188,46 @@ template <typename T> __device__ __forceinline__ void store8(T* p, const float* 
   st16(p, pack16<T>(v));
   if (sizeof(T) == 4) st16(p + 4, pack16<T>(v + 4));
 }
+
+// ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers, so the
+// next K tile loads while the current one is multiplied. Below sm_80 a plain copy.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+  u64 s64;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(s64) : "l"(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((u32)s64), "l"(gmem));
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+// stage_kmajor for a 16-bit source of the tile's own type: full 16-byte chunks go
+// through cp.async (completion: cp_async_wait + __syncthreads), edges are zero-filled
+// with plain stores.
+template <typename T, int ROWS, int KT, int LD, int NTHREADS>
+__device__ __forceinline__ void stage_kmajor_async(u16* s, const T* src, i64 ld, int row0, int nrows, int k0,
+                                                   int nk, bool vec) {
+  constexpr int CH = 8;
+  constexpr int CPR = KT / CH;
+  for (int c = threadIdx.x; c < ROWS * CPR; c += NTHREADS) {
+    const int r = c / CPR, kc = (c % CPR) * CH;
+    const int gr = row0 + r, gk = k0 + kc;
+    if (gr < nrows && vec && gk + CH <= nk) {
+      cp_async16(s + r * LD + kc, src + gr * ld + gk);
+    } else {
+      float v[CH];
+#pragma unroll
+      for (int i = 0; i < CH; ++i) v[i] = (gr < nrows && gk + i < nk) ? to_f32(src[gr * ld + gk + i]) : 0.f;
+      st16(s + r * LD + kc, pack16<T>(v));
+    }
+  }
+}

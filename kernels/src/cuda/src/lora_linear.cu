@@ -11,7 +11,8 @@
 // intermediate never goes through global memory except the f32 copy kept for backward.
 //
 // Block: 128 threads (4 warps, 2 x 2), tile 64 x 128 x 32; each warp owns 32 x 64 of Y
-// (2 x 8 mma tiles) and 32 x 32 of Z (2 x 4 mma tiles). R <= 64.
+// (2 x 8 mma tiles) and 32 x 32 of Z (2 x 4 mma tiles). R <= 64 per launch. Two-stage
+// pipeline: tile k+1 is copied with cp.async (sm_80+) while tile k is multiplied.
 // Grid: (ceil(Nc / 128), ceil(M / 64)). Nc == 0 computes only Z (used to recompute X A^T).
 
 #define LL_BM 64
@@ -23,7 +24,8 @@
 #define LL_LDR (LL_RMAX + 8)
 #define LL_SMEM_MAIN ((LL_BM + LL_BN + LL_RMAX) * LL_LDK)
 #define LL_SMEM_EPI ((LL_BM + LL_BN) * LL_LDR)
-#define LL_SMEM (LL_SMEM_MAIN > LL_SMEM_EPI ? LL_SMEM_MAIN : LL_SMEM_EPI)
+// Two K-tile stages (double buffering with cp.async): 2 x 20 KiB, reused by the epilogue.
+#define LL_SMEM (2 * LL_SMEM_MAIN > LL_SMEM_EPI ? 2 * LL_SMEM_MAIN : LL_SMEM_EPI)
 
 // vec bit flags: see common.cuh (VEC_X ... VEC_ACC). Ranks above LL_RMAX run as several
 // launches over 64-rank chunks: the first with W (and bias), the others with W == 0 and
@@ -35,9 +37,6 @@ __device__ __forceinline__ void lora_fused(const T* __restrict__ X, i64 ldx, con
                                            const T* __restrict__ bias, float scale, OT* __restrict__ Y, i64 ldy,
                                            float* __restrict__ Z, i64 ldz, int M, int Nc, int Kr, int R, int vec) {
   __shared__ __align__(16) u16 smem[LL_SMEM];
-  u16* Xs = smem;
-  u16* Ws = Xs + LL_BM * LL_LDK;
-  u16* Ds = Ws + LL_BN * LL_LDK;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp & 1, wn = warp >> 1;
   const int m0 = blockIdx.y * LL_BM, n0 = blockIdx.x * LL_BN;
@@ -57,17 +56,40 @@ __device__ __forceinline__ void lora_fused(const T* __restrict__ X, i64 ldx, con
       for (int q = 0; q < 4; ++q) zacc[i][j][q] = 0.f;
   }
 
-  for (int k0 = 0; k0 < Kr; k0 += LL_BK) {
-    stage_kmajor<T, T, LL_BM, LL_BK, LL_LDK, LL_NT>(Xs, X, ldx, m0, M, k0, Kr, vec & VEC_X);
+  // Stage K tile `kt` into buffer `buf`: k-major operands (X always; W and D in the
+  // forward) with cp.async, the transposed ones (backward W and D) with plain stores.
+  auto stage = [&](int kt, int buf) {
+    u16* Xs = smem + buf * LL_SMEM_MAIN;
+    u16* Ws = Xs + LL_BM * LL_LDK;
+    u16* Ds = Ws + LL_BN * LL_LDK;
+    const int k0 = kt * LL_BK;
+    stage_kmajor_async<T, LL_BM, LL_BK, LL_LDK, LL_NT>(Xs, X, ldx, m0, M, k0, Kr, vec & VEC_X);
     if (w_on) {
-      if (!TRANS) stage_kmajor<T, T, LL_BN, LL_BK, LL_LDK, LL_NT>(Ws, W, ldw, n0, Nc, k0, Kr, vec & VEC_W);
+      if (!TRANS) stage_kmajor_async<T, LL_BN, LL_BK, LL_LDK, LL_NT>(Ws, W, ldw, n0, Nc, k0, Kr, vec & VEC_W);
       else stage_trans<T, T, LL_BN, LL_BK, LL_LDK, LL_NT>(Ws, W, ldw, n0, Nc, k0, Kr, vec & VEC_W);
     }
     if (R > 0) {
-      if (!TRANS) stage_kmajor<T, T, LL_RMAX, LL_BK, LL_LDK, LL_NT>(Ds, D, ldd, 0, R, k0, Kr, vec & VEC_D);
+      if (!TRANS) stage_kmajor_async<T, LL_RMAX, LL_BK, LL_LDK, LL_NT>(Ds, D, ldd, 0, R, k0, Kr, vec & VEC_D);
       else stage_trans<T, T, LL_RMAX, LL_BK, LL_LDK, LL_NT>(Ds, D, ldd, 0, R, k0, Kr, vec & VEC_D);
     }
+    cp_async_commit();
+  };
+  const int nkt = (Kr + LL_BK - 1) / LL_BK;
+  if (nkt > 0) stage(0, 0);
+  for (int kt = 0; kt < nkt; ++kt) {
+    const int cur = kt & 1;
+    // Issue the next tile into the other buffer (free: the previous iteration ended with
+    // a barrier), then wait only for the current one.
+    if (kt + 1 < nkt) {
+      stage(kt + 1, cur ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
+    const u16* Xs = smem + cur * LL_SMEM_MAIN;
+    const u16* Ws = Xs + LL_BM * LL_LDK;
+    const u16* Ds = Ws + LL_BN * LL_LDK;
 #pragma unroll
     for (int kk = 0; kk < LL_BK; kk += 16) {
       u32 a[2][4];
