@@ -364,10 +364,8 @@ pub(super) fn lora_main<T: candle_core::cuda_backend::CudaDType + candle_core::c
     for (ci, &(c0, rc)) in chunks.iter().enumerate() {
         // This chunk's ranks: forward D = A [r][K] rows, U = B [N][r] columns;
         // backward D = B [N][r] columns, U = A [r][K] rows.
-        let rows_of = |v: &View<'_, T>, ld: usize| v.slice(c0 * ld..(c0 + rc) * ld);
-        let cols_of = |v: &View<'_, T>| v.slice(c0..);
-        let dc = d.map(|v| if trans { cols_of(v) } else { rows_of(v, kr) });
-        let uc = u.map(|v| if trans { rows_of(v, nc) } else { cols_of(v) });
+        let dc = d.map(|v| if trans { v.slice(c0..) } else { v.slice(c0 * kr..(c0 + rc) * kr) });
+        let uc = u.map(|v| if trans { v.slice(c0 * nc..(c0 + rc) * nc) } else { v.slice(c0..) });
         let (wc, bc) = if ci == 0 { (w, bias) } else { (None, None) };
         let mut vec = 0i32;
         if rt::vec_ok(x, dev, kr) { vec |= 1; }
@@ -376,10 +374,10 @@ pub(super) fn lora_main<T: candle_core::cuda_backend::CudaDType + candle_core::c
         if uc.as_ref().map_or(true, |v| rt::vec_ok(v, dev, ldu)) { vec |= 8; }
         if nc % 8 == 0 { vec |= 16; }
         if ci > 0 { vec |= 32; }
-        let mut b = stream.launch_builder(&f);
         let (ldx, ldw, ldd, ldu, ldy, ldz) = (kr as i64, ldw as i64, ldd as i64, ldu as i64, nc as i64, r as i64);
         let (m32, nc32, kr32, r32) = (m as i32, nc as i32, kr as i32, rc as i32);
         let mut zc = z.as_mut().map(|z| z.slice_mut(c0..));
+        let mut b = stream.launch_builder(&f);
         b.arg(x).arg(&ldx);
         match wc { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldw);
         match dc.as_ref() { Some(v) => b.arg(v), None => b.arg(&null) }.arg(&ldd);

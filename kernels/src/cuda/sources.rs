@@ -21,12 +21,12 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "lora_linear",
         source: include_str!("src/lora_linear.cu"),
-        kernels: per_dtype!("lora_fwd", "lora_fwd_f32out", "lora_bwd_dx", "lora_wgrad_tf", "lora_wgrad_ft"),
+        kernels: per_dtype!("lora_fwd", "lora_fwd_f32out", "lora_bwd_dx", "lora_bwd_dx_f32out", "lora_wgrad_tf", "lora_wgrad_ft"),
     },
     KernelModule {
         name: "lora_f32",
         source: include_str!("src/lora_f32.cu"),
-        kernels: &["lora_fwd_float", "lora_fwd_f32out_float", "lora_bwd_dx_float", "lora_wgrad_float"],
+        kernels: &["lora_fwd_float", "lora_fwd_f32out_float", "lora_bwd_dx_float", "lora_bwd_dx_f32out_float", "lora_wgrad_float"],
     },
     KernelModule {
         name: "rms_norm",
@@ -56,7 +56,11 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "sgmv",
         source: include_str!("src/sgmv.cu"),
-        kernels: &["sgmv_shrink_bf16", "sgmv_shrink_f16", "sgmv_shrink_float", "sgmv_expand"],
+        kernels: &[
+            "sgmv_shrink_bf16", "sgmv_shrink_f16", "sgmv_shrink_float", "sgmv_expand",
+            "sgmv_wgrad_a_bf16", "sgmv_wgrad_a_f16", "sgmv_wgrad_a_float",
+            "sgmv_wgrad_b_bf16", "sgmv_wgrad_b_f16", "sgmv_wgrad_b_float",
+        ],
     },
     KernelModule {
         name: "attention",

@@ -1,7 +1,7 @@
 //! `lora-train selftest --device cuda:0`: every CUDA kernel against the CPU
 //! implementation on fresh random inputs of several shapes (forward and every gradient,
 //! relative L2 error with a per-dtype threshold, pass/fail), then the fused LoRA linear
-//! timed against the unfused (cuBLAS) path. The one command a GPU user runs to trust the
+//! (bf16 and f32) and the flash attention timed against the unfused composite paths. The one command a GPU user runs to trust the
 //! build. Without a GPU (or without the `cuda` feature) it says so and exits non-zero.
 use crate::device;
 
@@ -341,6 +341,47 @@ mod gpu {
             let unfused_ms = time_it(dev, 10, &|| step(false))?;
             out.push(Bench { shape: format!("M{m} K{k} N{n} r{r} bf16 fwd+bwd"), fused_ms, unfused_ms });
         }
+        // f32 on the FMA kernel against cuBLAS (which may use TF32 if the build allows).
+        {
+            let (m, k, n, r) = (4096usize, 2048usize, 2048usize, 16usize);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), dev)?)?;
+            let w = Tensor::randn(0f32, 0.02, (n, k), dev)?;
+            let a = Var::from_tensor(&Tensor::randn(0f32, 0.02, (r, k), dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.02, (n, r), dev)?)?;
+            let step = |fused: bool| -> Result<()> {
+                let y = if fused {
+                    cu::lora_linear(x.as_tensor(), &w, None, a.as_tensor(), b.as_tensor(), 2.0)?
+                } else {
+                    lora_kernels::reference::lora_linear(x.as_tensor(), &w, None, a.as_tensor(), b.as_tensor(), 2.0)?
+                };
+                let _ = y.sum_all()?.backward()?;
+                Ok(())
+            };
+            let fused_ms = time_it(dev, 10, &|| step(true))?;
+            let unfused_ms = time_it(dev, 10, &|| step(false))?;
+            out.push(Bench { shape: format!("M{m} K{k} N{n} r{r} f32 fwd+bwd"), fused_ms, unfused_ms });
+        }
+        // Flash attention against the composite (host mask + full scores) path.
+        for &(b, hq, hkv, t, d) in &[(4usize, 32usize, 8usize, 2048usize, 128usize), (8, 9, 3, 512, 64)] {
+            let dt = DType::BF16;
+            let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hq, t, d), dev)?.to_dtype(dt)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hkv, t, d), dev)?.to_dtype(dt)?)?;
+            let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hkv, t, d), dev)?.to_dtype(dt)?)?;
+            let seg = Tensor::zeros((b, t), DType::U32, dev)?;
+            let scale = 1.0 / (d as f64).sqrt();
+            let step = |fused: bool| -> Result<()> {
+                let y = if fused {
+                    lora_kernels::cuda::attention::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&seg), scale)?
+                } else {
+                    lora_kernels::reference::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&seg), scale)?
+                };
+                let _ = y.to_dtype(DType::F32)?.sum_all()?.backward()?;
+                Ok(())
+            };
+            let fused_ms = time_it(dev, 5, &|| step(true))?;
+            let unfused_ms = time_it(dev, 5, &|| step(false))?;
+            out.push(Bench { shape: format!("attention b{b} h{hq}/{hkv} t{t} d{d} bf16 fwd+bwd"), fused_ms, unfused_ms });
+        }
         Ok(out)
     }
 
@@ -381,7 +422,7 @@ mod gpu {
             }
             println!("\n{} checks, {} failed", checks.len(), failed);
             for b in &benches {
-                println!("fused LoRA linear {}: fused {:.3} ms, unfused {:.3} ms, speed-up {:.2}x", b.shape, b.fused_ms, b.unfused_ms, b.unfused_ms / b.fused_ms);
+                println!("{}: fused {:.3} ms, unfused {:.3} ms, speed-up {:.2}x", b.shape, b.fused_ms, b.unfused_ms, b.unfused_ms / b.fused_ms);
             }
         }
         if failed > 0 {

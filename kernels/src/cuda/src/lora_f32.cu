@@ -233,6 +233,9 @@ extern "C" __global__ void __launch_bounds__(LF_NT, 2) lora_fwd_f32out_float(LOR
 extern "C" __global__ void __launch_bounds__(LF_NT, 2) lora_bwd_dx_float(LORA_F32_ARGS) {
   lora_fused_f32<true>(LORA_F32_PASS);
 }
+extern "C" __global__ void __launch_bounds__(LF_NT, 2) lora_bwd_dx_f32out_float(LORA_F32_ARGS) {
+  lora_fused_f32<true>(LORA_F32_PASS);
+}
 extern "C" __global__ void __launch_bounds__(LF_NT)
     lora_wgrad_float(const float *L, i64 ldl, const float *Rt, i64 ldr, float scale, float *C, i64 ldc, int M,
                      int P, int Q, int mchunk, int vec) {

@@ -268,6 +268,9 @@ __device__ __forceinline__ void wgrad(const LT* __restrict__ L, i64 ldl, const R
   extern "C" __global__ void __launch_bounds__(LL_NT) lora_bwd_dx_##T(LORA_FUSED_ARGS(T, T)) {              \
     lora_fused<T, T, true>(LORA_FUSED_PASS);                                                                \
   }                                                                                                         \
+  extern "C" __global__ void __launch_bounds__(LL_NT) lora_bwd_dx_f32out_##T(LORA_FUSED_ARGS(T, float)) {   \
+    lora_fused<T, float, true>(LORA_FUSED_PASS);                                                            \
+  }                                                                                                         \
   extern "C" __global__ void __launch_bounds__(128)                                                         \
       lora_wgrad_tf_##T(const T *L, i64 ldl, const float *Rt, i64 ldr, float scale, float *C, i64 ldc,      \
                         int M, int P, int Q, int mchunk, int vec) {                                         \

@@ -96,10 +96,97 @@ extern "C" __global__ void __launch_bounds__(SE_NT)
     if (r < nr) y[(i64)r * N] += s * acc[r];
 }
 
+
+// Backward weight gradients of every segment in one launch (f32 atomics, so several
+// segments of one adapter and several row chunks of one segment add up):
+//   A mode: dA_j[r][k] += s_j sum_i V_s[i][r] X[start + i][k]     (V_s = dY_s B_j, f32)
+//   B mode: dB_j[o][r] += s_j sum_i dY[start + i][o] Z_s[i][r]   (Z_s = X_s A_j^T, f32)
+// `Xr` is the [m][ld] row-major activation (x in A mode, dY in B mode), `Zb` the f32
+// per-segment buffer (V or Z, rows of R at the segment's Z offset), `G` dA_all / dB_all.
+// 64 x 64 tile of the [P][Q] gradient per block over SW_ROWS rows of the segment;
+// 256 threads as 16 x 16, each 4 x 4 (strided by 16). Grid: (max tiles over segments,
+// segments, ceil(longest segment / SW_ROWS)).
+#define SW_ROWS 256
+#define SW_BK 16
+#define SW_LD 68
+
+template <typename T, bool AMODE>
+__device__ __forceinline__ void sgmv_wgrad_impl(const T* __restrict__ Xr, int ld, const float* __restrict__ Zb,
+                                                const i64* __restrict__ table, const float* __restrict__ scales,
+                                                float* __restrict__ G) {
+  __shared__ float Ls[SW_BK * SW_LD];
+  __shared__ float Rs[SW_BK * SW_LD];
+  const i64* seg = table + (i64)blockIdx.y * SEG_FIELDS;
+  const i64 start = seg[0], rows = seg[1];
+  const int R = (int)seg[2];
+  const int P = AMODE ? R : ld, Q = AMODE ? ld : R;
+  const int tiles_q = (Q + 63) / 64;
+  if ((int)blockIdx.x >= ((P + 63) / 64) * tiles_q) return;  // whole block: before any barrier
+  const i64 i_beg = (i64)blockIdx.z * SW_ROWS;
+  if (i_beg >= rows) return;
+  const i64 i_end = rows - i_beg < SW_ROWS ? rows : i_beg + SW_ROWS;
+  const int p0 = (blockIdx.x / tiles_q) * 64, q0 = (blockIdx.x % tiles_q) * 64;
+  const float* z = Zb + seg[5];
+  float* C = G + (AMODE ? seg[3] : seg[4]);
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (i64 k0 = i_beg; k0 < i_end; k0 += SW_BK) {
+    for (int idx = threadIdx.x; idx < SW_BK * 64; idx += 256) {
+      const int kk = idx / 64, c = idx % 64;
+      const i64 i = k0 + kk;
+      const bool in = i < i_end;
+      // L[i][p] and R[i][q] of this mode
+      const int p = p0 + c, q = q0 + c;
+      float lv = 0.f, rv = 0.f;
+      if (in && p < P) lv = AMODE ? z[i * R + p] : to_f32(Xr[(start + i) * ld + p]);
+      if (in && q < Q) rv = AMODE ? to_f32(Xr[(start + i) * ld + q]) : z[i * R + q];
+      Ls[kk * SW_LD + c] = lv;
+      Rs[kk * SW_LD + c] = rv;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < SW_BK; ++kk) {
+      float a[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = Ls[kk * SW_LD + ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float b = Rs[kk * SW_LD + tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i][j] = fmaf(a[i], b, acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+  const float s = scales[blockIdx.y];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int p = p0 + ty + 16 * i;
+    if (p >= P) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int q = q0 + tx + 16 * j;
+      if (q < Q) atomicAdd(C + (i64)p * Q + q, s * acc[i][j]);
+    }
+  }
+}
+
 #define INSTANTIATE_SGMV(T)                                                                                \
   extern "C" __global__ void __launch_bounds__(SG_WARPS * 32)                                              \
       sgmv_shrink_##T(const T *X, int K, const float *A, const i64 *table, float *Z) {                     \
     sgmv_shrink_impl<T>(X, K, A, table, Z);                                                                \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(256) sgmv_wgrad_a_##T(                                      \
+      const T *X, int ld, const float *Zb, const i64 *table, const float *scales, float *G) {              \
+    sgmv_wgrad_impl<T, true>(X, ld, Zb, table, scales, G);                                                 \
+  }                                                                                                        \
+  extern "C" __global__ void __launch_bounds__(256) sgmv_wgrad_b_##T(                                      \
+      const T *X, int ld, const float *Zb, const i64 *table, const float *scales, float *G) {              \
+    sgmv_wgrad_impl<T, false>(X, ld, Zb, table, scales, G);                                                \
   }
 
 INSTANTIATE_SGMV(bf16)
