@@ -226,8 +226,8 @@ impl CustomOp3 for CausalAttention {
         Ok((storage_from_f32(out, sq.dtype())?, lq.shape().clone()))
     }
 
-    // No cuda_fwd and no fused CUDA attention kernel yet: on CUDA, `lora_kernels::causal_attention`
-    // runs the composite `reference::causal_attention`. A cuda_fwd must also fill `self.lse`.
+    // No cuda_fwd: on CUDA, `lora_kernels::causal_attention` runs its own op,
+    // `cuda::attention::CausalAttentionCuda` (flash-style kernels of cuda/src/attention.cu).
 
     fn bwd(
         &self,

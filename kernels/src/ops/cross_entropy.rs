@@ -100,8 +100,8 @@ impl CustomOp1 for LinearCrossEntropy {
         Ok((CpuStorage::F32(loss), Shape::from(n)))
     }
 
-    // No cuda_fwd: on CUDA, `lora_kernels::linear_cross_entropy` calls `cuda::ops::linear_cross_entropy`
-    // (cuda/src/cross_entropy.cu); `linear_cross_entropy_rows` runs the composite reference there.
+    // No cuda_fwd: on CUDA, `lora_kernels::linear_cross_entropy` and `linear_cross_entropy_rows`
+    // call `cuda::ops::linear_cross_entropy{,_rows}` (chunked, cuda/src/cross_entropy.cu).
 
     fn bwd(&self, hidden: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         if !hidden.track_op() {
