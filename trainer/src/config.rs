@@ -108,7 +108,7 @@ pub struct TrainOptions {
     /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). `sft` also takes
     /// a list (cuda:0,cuda:1): data-parallel replicas sharing each step's micro-batches.
     /// [default: auto]
-    #[arg(long, visible_alias = "devices", help_heading = "Data and model")]
+    #[arg(long, help_heading = "Data and model")]
     pub device: Option<String>,
 
     /// Optimizer steps to run (overrides --epochs).
