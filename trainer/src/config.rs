@@ -105,7 +105,9 @@ pub struct TrainOptions {
     /// stays in --dtype. [default: --dtype]
     #[arg(long, help_heading = "Data and model", value_enum)]
     pub base_dtype: Option<DTypeArg>,
-    /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). [default: auto]
+    /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). `sft` also takes
+    /// a list (cuda:0,cuda:1): data-parallel replicas sharing each step's micro-batches.
+    /// [default: auto]
     #[arg(long, help_heading = "Data and model")]
     pub device: Option<String>,
 

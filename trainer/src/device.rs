@@ -102,9 +102,25 @@ pub fn list_gpus() -> Result<Vec<GpuInfo>> {
     }
 }
 
+/// `--device` as a list of replicas: `cuda:0,cuda:1` trains one run data-parallel over
+/// both (`sft` only); a single device is a list of one. Every entry is checked here.
+pub fn device_list(spec: &str) -> Result<Vec<String>> {
+    let list: Vec<String> = spec.split(',').map(|d| d.trim().to_string()).collect();
+    for d in &list {
+        parse_spec(d).map_err(|e| anyhow!("--device {spec}: {e}"))?;
+    }
+    if list.len() > 1 && list.iter().any(|d| parse_spec(d).ok() == Some(DeviceSpec::Auto)) {
+        bail!("--device {spec}: name each device of a data-parallel run (cpu, cuda:N), not auto");
+    }
+    Ok(list)
+}
+
 /// Parse `--device` into a candle device. Errors (never panics) when CUDA is asked for
 /// and cannot be had; `auto` falls back to the CPU silently except for a log line.
 pub fn parse_device(spec: &str) -> Result<Device> {
+    if spec.contains(',') {
+        bail!("--device {spec}: several devices (data-parallel training) are supported by `sft` only; give one device");
+    }
     match parse_spec(spec)? {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Cuda(i) => cuda_device(i).map_err(|e| anyhow!("--device {spec}: {e}")),

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pair_data;
 pub mod optim;
 pub mod output_file;
+pub mod parallel;
 pub mod progress;
 pub mod recipes;
 pub mod report;

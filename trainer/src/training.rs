@@ -28,6 +28,11 @@ impl GradAccumulator {
         Self { grads: vec![None; n_params] }
     }
 
+    /// Gradients already summed elsewhere (across data-parallel replicas), one per parameter.
+    pub fn from_sums(grads: Vec<Tensor>) -> Self {
+        Self { grads: grads.into_iter().map(Some).collect() }
+    }
+
     /// Back-propagate `loss` and add the gradient of every parameter. Fails when no
     /// parameter got a gradient at all (a broken graph must not train silently).
     pub fn backward(&mut self, loss: &Tensor, params: &[(String, Var)]) -> Result<()> {

@@ -9,28 +9,43 @@
 //! row block (frozen base GEMM once over all rows, each adapter's LoRA on its own rows,
 //! reference rows through the base alone), and one backward pass gives every run the
 //! gradient of its own loss. A run that diverges is retired; the others go on.
+pub mod data_parallel;
 pub mod method;
 pub mod run;
 pub mod run_dir;
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use lora_models::{Model, Route};
 
 pub use method::{step_positions, BatchTokens, EvalOutput, InputRows, Method, MicroLoss};
 pub use run::{Run, RunOptions, RunSummary};
 pub use run_dir::{prepare_run_dir, read_status, write_run_json, RunStatus, METRICS_FILE, RUN_FILE};
 
+use crate::parallel::Communicator;
 use crate::training::derive_seed;
+use run::StepSums;
 
 /// Train every run to its last step (or until it diverges). Errors that are not a run's
 /// own divergence (I/O, a failed forward) stop all runs: they share the forward pass.
 pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
+    train_replicated(model, runs, None)
+}
+
+/// [`train`], as the leader (rank 0) of a data-parallel group when `comm` is given: each
+/// step it tells the followers ([`data_parallel::follow`]) the step and the adapter's
+/// weights, computes its own share of the micro-batches, and finishes the step with the
+/// sums of every replica.
+fn train_replicated<M: Method>(model: &Model, runs: &mut [Run<M>], comm: Option<&dyn Communicator>) -> Result<()> {
     for run in runs.iter_mut().filter(|r| r.is_active()) {
         run.initial_eval(model)?;
     }
     loop {
         let active: Vec<usize> = (0..runs.len()).filter(|&i| runs[i].is_active()).collect();
+        if let Some(comm) = comm {
+            let run = active.first().map(|&i| &runs[i]);
+            data_parallel::lead_step(comm, run.map(|r| (r.step(), r.params())))?;
+        }
         if active.is_empty() {
             return Ok(());
         }
@@ -45,58 +60,29 @@ pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
         let denominators: Vec<f64> = active.iter().zip(&batches).map(|(&i, b)| runs[i].method.denominator(b).max(f64::MIN_POSITIVE)).collect();
         let mut sums: Vec<_> = active.iter().map(|&i| runs[i].new_sums()).collect();
         let micro_batches = batches.iter().map(Vec::len).max().unwrap_or(0);
-        for m in 0..micro_batches {
+        let (rank, world) = comm.map_or((0, 1), |c| (c.rank(), c.world_size()));
+        // Data-parallel: this replica's block of the step's micro-batches (all of them alone).
+        for m in data_parallel::share(rank, world, micro_batches) {
             // Runs with fewer micro-batches this step (other accumulation) sit this one out.
-            let members: Vec<usize> = (0..active.len()).filter(|&k| batches[k].len() > m).collect();
-            let inputs: Vec<Vec<InputRows>> = members.iter().map(|&k| runs[active[k]].method.inputs(&batches[k][m])).collect();
-            let packed = PackedRows::new(&inputs);
-            let routes: Vec<Route> = members
-                .iter()
-                .zip(&inputs)
-                .flat_map(|(&k, rows)| {
-                    let run = &runs[active[k]];
-                    let seed = derive_seed(run.cfg.seed, run.step() as u64, m as u64);
-                    let reference = run.method.reference_adapter();
-                    rows.iter().map(move |r| Route {
-                        rows: r.batch_size,
-                        adapter: if r.through_adapter { Some(run.name.as_str()) } else { reference },
-                        dropout_seed: Some(seed),
-                    })
-                })
-                .collect();
-            let _routing = model.route(&routes)?;
-            let hidden = packed.forward(model)?;
-            let mut total: Option<Tensor> = None;
-            let mut row = 0;
-            for (&k, rows) in members.iter().zip(&inputs) {
+            let mut members: Vec<Member<'_, M>> = Vec::new();
+            for (k, s) in sums.iter_mut().enumerate().filter(|(k, _)| batches[*k].len() > m) {
                 let run = &runs[active[k]];
-                let mut own = Vec::with_capacity(rows.len());
-                for r in rows {
-                    own.push(hidden.narrow(0, row, r.batch_size)?.narrow(1, 0, r.seq_len)?);
-                    row += r.batch_size;
-                }
-                let batch = &batches[k][m];
-                let loss = run.method.loss(model, batch, &own).with_context(|| format!("{}: loss", run.name))?;
-                let s = &mut sums[k];
-                s.loss_sum += loss.sum.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-                for (name, v) in loss.metrics {
-                    *s.metric_sums.entry(name).or_default() += v;
-                }
-                let counts = run.method.batch_tokens(batch);
-                s.tokens += counts.tokens;
-                s.loss_tokens += counts.loss_tokens;
-                s.micro_batches += 1;
-                let scaled = (loss.sum / denominators[k])?;
-                total = Some(match total {
-                    None => scaled,
-                    Some(t) => (t + scaled)?,
+                members.push(Member {
+                    name: &run.name,
+                    method: &run.method,
+                    params: run.params(),
+                    dropout_seed: derive_seed(run.cfg.seed, run.step() as u64, m as u64),
+                    batch: &batches[k][m],
+                    denominator: denominators[k],
+                    sums: s,
                 });
             }
-            let Some(total) = total else { continue };
-            let grads = total.backward()?;
-            for &k in &members {
-                sums[k].grads.add(&grads, runs[active[k]].params()).with_context(|| format!("{}: gradients", runs[active[k]].name))?;
-            }
+            micro_batch(model, &mut members)?;
+        }
+        if let Some(comm) = comm {
+            let [s] = sums.as_mut_slice() else { anyhow::bail!("data-parallel training takes one run") };
+            let run = &runs[active[0]];
+            *s = data_parallel::reduce_sums(comm, std::mem::replace(s, run.new_sums()), run.params())?;
         }
         for ((k, &i), s) in active.iter().enumerate().zip(sums) {
             runs[i].finish_step(model, s, denominators[k])?;
@@ -104,6 +90,9 @@ pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
         // SIGTERM / SIGINT / Slurm's SIGUSR1 (jobs/process.rs): stop between steps, with a
         // checkpoint of the step just finished, so `--resume` continues bit-exactly.
         if let Some(signal) = crate::jobs::stop_requested() {
+            if let Some(comm) = comm {
+                data_parallel::lead_step(comm, None)?;
+            }
             let mut checkpoints = Vec::new();
             for run in runs.iter_mut().filter(|r| r.is_active()) {
                 checkpoints.extend(run.checkpoint_now(model)?);
@@ -111,6 +100,70 @@ pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
             return Err(crate::jobs::Interrupted { signal, checkpoints }.into());
         }
     }
+}
+
+/// One run's part of a micro-batch pass.
+struct Member<'a, M: Method> {
+    /// The adapter the run's policy rows go through.
+    name: &'a str,
+    method: &'a M,
+    params: &'a [(String, Var)],
+    dropout_seed: u64,
+    batch: &'a M::Batch,
+    /// What the run's summed micro-losses of the whole step are divided by.
+    denominator: f64,
+    sums: &'a mut StepSums,
+}
+
+/// Forward the members' rows as one routed batch, take each member's loss, and add the
+/// gradients of one backward pass and the counts to each member's sums.
+fn micro_batch<M: Method>(model: &Model, members: &mut [Member<'_, M>]) -> Result<()> {
+    let inputs: Vec<Vec<InputRows>> = members.iter().map(|mb| mb.method.inputs(mb.batch)).collect();
+    let packed = PackedRows::new(&inputs);
+    let routes: Vec<Route> = members
+        .iter()
+        .zip(&inputs)
+        .flat_map(|(mb, rows)| {
+            let reference = mb.method.reference_adapter();
+            rows.iter().map(move |r| Route {
+                rows: r.batch_size,
+                adapter: if r.through_adapter { Some(mb.name) } else { reference },
+                dropout_seed: Some(mb.dropout_seed),
+            })
+        })
+        .collect();
+    let _routing = model.route(&routes)?;
+    let hidden = packed.forward(model)?;
+    let mut total: Option<Tensor> = None;
+    let mut row = 0;
+    for (mb, rows) in members.iter_mut().zip(&inputs) {
+        let mut own = Vec::with_capacity(rows.len());
+        for r in rows {
+            own.push(hidden.narrow(0, row, r.batch_size)?.narrow(1, 0, r.seq_len)?);
+            row += r.batch_size;
+        }
+        let loss = mb.method.loss(model, mb.batch, &own).with_context(|| format!("{}: loss", mb.name))?;
+        let s = &mut *mb.sums;
+        s.loss_sum += loss.sum.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+        for (name, v) in loss.metrics {
+            *s.metric_sums.entry(name).or_default() += v;
+        }
+        let counts = mb.method.batch_tokens(mb.batch);
+        s.tokens += counts.tokens;
+        s.loss_tokens += counts.loss_tokens;
+        s.micro_batches += 1;
+        let scaled = (loss.sum / mb.denominator)?;
+        total = Some(match total {
+            None => scaled,
+            Some(t) => (t + scaled)?,
+        });
+    }
+    let Some(total) = total else { return Ok(()) };
+    let grads = total.backward()?;
+    for mb in members.iter_mut() {
+        mb.sums.grads.add(&grads, mb.params).with_context(|| format!("{}: gradients", mb.name))?;
+    }
+    Ok(())
 }
 
 /// Train one run (`sft`, `dpo`, `grpo`, ...) and return its summary, or its failure

@@ -62,6 +62,12 @@ pub(super) struct StepSums {
     pub loss_tokens: usize,
 }
 
+impl StepSums {
+    pub fn new(n_params: usize) -> Self {
+        StepSums { grads: GradAccumulator::new(n_params), loss_sum: 0.0, metric_sums: BTreeMap::new(), micro_batches: 0, tokens: 0, loss_tokens: 0 }
+    }
+}
+
 pub struct Run<M: Method> {
     /// The adapter's name in the model (the candidate name in a sweep).
     pub name: String,
@@ -181,7 +187,7 @@ impl<M: Method> Run<M> {
         &self.params
     }
     pub(super) fn new_sums(&self) -> StepSums {
-        StepSums { grads: GradAccumulator::new(self.params.len()), loss_sum: 0.0, metric_sums: BTreeMap::new(), micro_batches: 0, tokens: 0, loss_tokens: 0 }
+        StepSums::new(self.params.len())
     }
     fn elapsed(&self) -> f64 {
         self.elapsed_before + self.started.elapsed().as_secs_f64()

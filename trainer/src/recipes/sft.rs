@@ -26,8 +26,11 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let resume_from = engine::prepare_run_dir(&cfg.output, cfg, opts.resume)?;
 
     // ---- 2. Data (validated first: cheaper than a model load), model, tokens ------------
+    let devices = crate::device::device_list(&cfg.device)?;
+    // Several devices: one run, data-parallel over replicas of the model (`parallel/`).
+    let comms = if devices.len() > 1 { Some(crate::parallel::communicators(&devices)?) } else { None };
     let (train_ds, eval_ds) = load_split(cfg)?;
-    let (mut model, bundle, base_source) = load_base(cfg)?;
+    let (mut model, bundle, base_source) = load_base_on(cfg, &devices[0])?;
     let data = SftData::tokenize(&bundle, &train_ds, eval_ds.as_ref(), cfg)?;
 
     // ---- 3. The method, 4. the engine ---------------------------------------------------
@@ -35,13 +38,25 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let method = Sft::new(&data, cfg);
     let name = lora_models::DEFAULT_ADAPTER;
     let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
-    engine::train_one(&model, run)
+    let Some(comms) = comms else { return engine::train_one(&model, run) };
+    // Data-parallel: one more replica per device, each with its own copy of the base and
+    // the same method over the same tokenized data.
+    engine::data_parallel::train_one_data_parallel(&model, run, comms, |rank| {
+        let (mut replica, _, _) = load_base_on(cfg, &devices[rank])?;
+        replica.add_adapter(name, &cfg.lora_config(), cfg.seed)?;
+        Ok((replica, Sft::new(&data, cfg)))
+    })
 }
 
 /// The frozen base model of a run on its device, its tokenizer, and where it came from
 /// (written into the adapter's `base_model_name_or_path`).
 pub fn load_base(cfg: &TrainConfig) -> Result<(Model, TokenizerBundle, String)> {
-    let device = crate::device::parse_device(&cfg.device)?;
+    load_base_on(cfg, &cfg.device)
+}
+
+/// [`load_base`] on `device` (one replica of a data-parallel run).
+pub fn load_base_on(cfg: &TrainConfig, device: &str) -> Result<(Model, TokenizerBundle, String)> {
+    let device = crate::device::parse_device(device)?;
     tracing::info!("loading {} ({:?}, compute {:?}, base weights {:?})", cfg.model, device, cfg.dtype, cfg.base_dtype);
     let loaded = lora_models::load_model_mixed(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle())
         .with_context(|| format!("loading model {}", cfg.model))?;

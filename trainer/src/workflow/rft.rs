@@ -23,6 +23,7 @@ use super::{Workflow, PLAN_FILE};
 use crate::config::{TrainConfig, TrainOptions};
 use crate::engine::{RunOptions, RunStatus, METRICS_FILE, RUN_FILE};
 use crate::evaluators::EvaluatorArgs;
+use crate::recipes::grpo::agent::AgentOptions;
 use crate::recipes::grpo::{self, prompts, GrpoOptions};
 use crate::sweep::candidates;
 use crate::sweep::plan as sweep_plan;
@@ -135,7 +136,7 @@ pub fn run(args: RftArgs) -> Result<()> {
             if crate::engine::read_status(run_dir) != Some(RunStatus::Completed) {
                 eprintln!("rft: candidate {} ({} steps)", c.name, args.sweep_steps);
                 let resume = run_dir.join(RUN_FILE).exists();
-                if let Err(e) = grpo::run(&c.config, &args.grpo, &args.evaluators, &RunOptions { resume, quiet: false }) {
+                if let Err(e) = grpo::run(&c.config, &args.grpo, &AgentOptions::local(), &args.evaluators, &RunOptions { resume, quiet: false }) {
                     tracing::warn!("candidate {}: {e:#}", c.name);
                 }
             }
@@ -183,7 +184,7 @@ pub fn run(args: RftArgs) -> Result<()> {
         // The winner's configuration with the user's length and all the prompts.
         let cfg = TrainConfig { output: wf.dir.join("final"), steps: base_cfg.steps, epochs: base_cfg.epochs, max_train_samples: base_cfg.max_train_samples, ..promo.winner_config.clone() };
         let resume = cfg.output.join(RUN_FILE).exists();
-        let s = grpo::run(&cfg, &args.grpo, &args.evaluators, &RunOptions { resume, quiet: false })?;
+        let s = grpo::run(&cfg, &args.grpo, &AgentOptions::local(), &args.evaluators, &RunOptions { resume, quiet: false })?;
         Ok(FinalRun { adapter: s.adapter.clone(), retrained: true, skipped_because: None, config: cfg, elapsed_s: Some(s.elapsed_s), train_loss: s.train_loss, eval_loss: s.eval_loss })
     })?;
     let tuned: SideScores = wf.phase("evaluation", |_| reward(&base_cfg, Some(&fin.adapter), &args))?;

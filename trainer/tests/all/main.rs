@@ -3,6 +3,7 @@
 //! instead of a new file under tests/.
 mod agent_e2e;
 mod common;
+mod data_parallel;
 mod dpo_e2e;
 mod eval_golden;
 mod evaluators;

@@ -54,6 +54,11 @@ pub struct AgentOptions {
 }
 
 impl AgentOptions {
+    /// Rollouts sampled in-process (no agent): what `run rft` trains with.
+    pub fn local() -> Self {
+        AgentOptions { agent_url: None, agent_timeout: 300.0, agent_concurrency: 8 }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if let Some(url) = &self.agent_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
