@@ -237,7 +237,7 @@ mod gpu {
         Ok(())
     }
 
-    /// The segmented multi-adapter op (SGMV forward) against the CPU op: three adapters
+    /// The segmented multi-adapter op (SGMV forward and backward) against the CPU op: three adapters
     /// of ranks 8 / 16 / 4, a gap of base-only rows, one adapter used twice.
     fn segmented_checks(dev: &Device, dt: DType, out: &mut Vec<Check>) -> Result<()> {
         use lora_kernels::{AdapterWeights, RowSegment};
@@ -339,7 +339,7 @@ mod gpu {
             };
             let fused_ms = time_it(dev, 10, &|| step(true))?;
             let unfused_ms = time_it(dev, 10, &|| step(false))?;
-            out.push(Bench { shape: format!("M{m} K{k} N{n} r{r} bf16 fwd+bwd"), fused_ms, unfused_ms });
+            out.push(Bench { shape: format!("lora_linear M{m} K{k} N{n} r{r} bf16 fwd+bwd"), fused_ms, unfused_ms });
         }
         // f32 on the FMA kernel against cuBLAS (which may use TF32 if the build allows).
         {
@@ -359,7 +359,7 @@ mod gpu {
             };
             let fused_ms = time_it(dev, 10, &|| step(true))?;
             let unfused_ms = time_it(dev, 10, &|| step(false))?;
-            out.push(Bench { shape: format!("M{m} K{k} N{n} r{r} f32 fwd+bwd"), fused_ms, unfused_ms });
+            out.push(Bench { shape: format!("lora_linear M{m} K{k} N{n} r{r} f32 fwd+bwd"), fused_ms, unfused_ms });
         }
         // Flash attention against the composite (host mask + full scores) path.
         for &(b, hq, hkv, t, d) in &[(4usize, 32usize, 8usize, 2048usize, 128usize), (8, 9, 3, 512, 64)] {
