@@ -2,7 +2,9 @@
 # The GPU-less CUDA checks of CI, timed step by step:
 #   1. fetch the CUDA 12 pip wheels (NVRTC, ptxas, runtime headers)      [cached]
 #   2. NVRTC -> PTX -> ptxas for sm_80 and sm_90 of every kernel source, with
-#      registers / spills per kernel (CUDA 12.6 and, when unpacked, 11.8)
+#      registers / spills per kernel (CUDA 12.6 and, when unpacked, 11.8); then the
+#      kernels run on the CPU emulator (emulate.sh: attention fwd+bwd, LoRA linear f32
+#      and bf16) against naive references
 #   3. fetch + unpack Debian's CUDA 11.8 toolkit (apt-get download, dpkg -x) [cached]
 #   4. cargo build -p lora-train --features cuda against it (own target dir)
 #   5. the built binary starts with only the stub libcuda and fails cleanly:
@@ -45,6 +47,7 @@ if [[ "${LORA_TRAIN_SKIP_CUDA_BUILD:-0}" != 1 ]]; then
   step "fetch + unpack Debian CUDA 11.8" bash "$ROOT/scripts/cuda/fetch-toolkit.sh"
 fi
 step "NVRTC+ptxas check sm_80/sm_90" bash "$ROOT/scripts/cuda/check-kernels.sh"
+step "kernels on the CPU emulator" bash "$ROOT/scripts/cuda/emulate.sh"
 if [[ "${LORA_TRAIN_SKIP_CUDA_BUILD:-0}" != 1 ]]; then
   step "cargo build --features cuda" bash "$ROOT/scripts/cuda/build.sh" --quiet
   step "cuda binary without GPU: clean errors" smoke

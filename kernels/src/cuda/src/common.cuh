@@ -26,17 +26,22 @@ struct f16 { u16 x; };
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float(((u32)v.x) << 16); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+#ifndef LORA_EMU
 __device__ __forceinline__ float to_f32(f16 v) {
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x)); return f;
 }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) {
   bf16 r; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.x) : "f"(v)); return r;
 }
 template <> __device__ __forceinline__ f16 from_f32<f16>(float v) {
   f16 r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(v)); return r;
 }
+#else
+// The CPU emulator (tools/cuda-emu) provides the 16-bit conversions in plain C++.
+LORA_EMU_CONVERSIONS
+#endif
 
 // Two 16-bit values packed into one 32-bit register (the mma operand format).
 template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi) {
@@ -99,6 +104,7 @@ __device__ __forceinline__ float block_max(float v, float* sh) {
 //   B (16x8, col):  b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
 //   C (16x8):       c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1]
 template <typename T> __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b);
+#ifndef LORA_EMU
 template <> __device__ __forceinline__ void mma16816<bf16>(float* c, const u32* a, const u32* b) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -111,6 +117,7 @@ template <> __device__ __forceinline__ void mma16816<f16>(float* c, const u32* a
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 // Shared-memory tiles are stored [rows][LD] of 16-bit values with the reduction index
 // contiguous. LD = 16*k + 8 keeps the fragment loads below free of bank conflicts.

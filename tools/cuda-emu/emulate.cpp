@@ -1,0 +1,228 @@
+// Runs lora-kernels CUDA kernels on the CPU emulator (emu.h) against naive double
+// references: flash attention forward + backward (f32 and bf16, GQA, segments, KV-cache
+// queries on strided planes, head dims 64 / 80), the segment starts, the f32 fused LoRA
+// linear (rank 128 = two 64-rank chunks with VEC_ACC, forward and backward dX, weight
+// gradients), and the bf16 tensor-core LoRA linear (emulated mma, cp.async fallback path).
+// Prints one line per check and exits non-zero on any failure.
+// Build and run: bash scripts/cuda/emulate.sh
+#include "emu.h"
+#include <cstdio>
+#include <random>
+#include <string>
+#include "../../kernels/src/cuda/src/common.cuh"
+#include "emu_mma.h"
+#include "../../kernels/src/cuda/src/lora_linear.cu"
+#include "../../kernels/src/cuda/src/lora_f32.cu"
+#include "../../kernels/src/cuda/src/attention.cu"
+
+static int failures = 0;
+static std::mt19937 rng(7);
+static std::vector<float> randv(size_t n, float s = 1.f) {
+  std::normal_distribution<float> d(0.f, s);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+static double rel(const std::vector<float>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+static void check(const std::string& what, double err, double tol) {
+  const bool ok = err <= tol;
+  if (!ok) ++failures;
+  std::printf("%-58s rel err %.2e (tol %.0e) %s\n", what.c_str(), err, tol, ok ? "pass" : "FAIL");
+}
+template <typename T> static std::vector<T> cvt(const std::vector<float>& v) {
+  std::vector<T> o(v.size());
+  for (size_t i = 0; i < v.size(); ++i) o[i] = from_f32<T>(v[i]);
+  return o;
+}
+template <typename T> static std::vector<float> back(const std::vector<T>& v) {
+  std::vector<float> o(v.size());
+  for (size_t i = 0; i < v.size(); ++i) o[i] = to_f32(v[i]);
+  return o;
+}
+
+// ---------------------------------------------------------------------------- attention
+struct AttnCase { int b, hq, hkv, tq, tk, d; std::vector<int> runs; int pad; };
+
+template <typename T>
+static void attention_case(const AttnCase& c, double tol) {
+  const int b = c.b, hq = c.hq, hkv = c.hkv, tq = c.tq, tk = c.tk, d = c.d, off = tk - tq, rep = hq / hkv;
+  const int tkp = tk + c.pad;  // cache planes of tkp rows, the first tk viewed
+  const long long ks1 = (long long)tkp * d, ks0 = ks1 * hkv;
+  auto qf = randv((size_t)b * hq * tq * d), kf = randv((size_t)b * hkv * tkp * d), vf = randv((size_t)b * hkv * tkp * d);
+  auto go = randv((size_t)b * hq * tq * d);
+  // round inputs to T so the reference sees what the kernel sees
+  qf = back(cvt<T>(qf)); kf = back(cvt<T>(kf)); vf = back(cvt<T>(vf)); go = back(cvt<T>(go));
+  std::vector<int> seg(b * tk, 0), starts(b * tk, 0);
+  for (int bi = 0; bi < b; ++bi) {
+    int j = 0;
+    for (size_t r = 0; r < c.runs.size(); ++r)
+      for (int n = 0; n < c.runs[r]; ++n) seg[bi * tk + j++] = 3 + (int)r;
+  }
+  const bool has_seg = !c.runs.empty();
+  // device segment starts
+  std::vector<u32> segu(seg.begin(), seg.end());
+  std::vector<int> dstarts(b * tk, -1);
+  if (has_seg) {
+    emu_launch({(unsigned)b, 1, 1}, 1024, [&] { attn_seg_starts(segu.data(), dstarts.data(), tk); });
+    for (int bi = 0; bi < b; ++bi)
+      for (int j = 0; j < tk; ++j) starts[bi * tk + j] = (j > 0 && seg[bi * tk + j] == seg[bi * tk + j - 1]) ? starts[bi * tk + j - 1] : j;
+    int bad = 0;
+    for (int i = 0; i < b * tk; ++i) bad += dstarts[i] != starts[i];
+    check("attn_seg_starts", bad, 0);
+  }
+  const double scale = 1.0 / std::sqrt((double)d);
+  auto K = [&](int bi, int h, int j, int x) { return (double)kf[bi * ks0 + h * ks1 + (long long)j * d + x]; };
+  auto V = [&](int bi, int h, int j, int x) { return (double)vf[bi * ks0 + h * ks1 + (long long)j * d + x]; };
+  // reference forward + backward in double
+  std::vector<double> O((size_t)b * hq * tq * d), L((size_t)b * hq * tq), dQ(O.size(), 0.0), dK((size_t)b * hkv * tk * d, 0.0), dV(dK.size(), 0.0);
+  for (int bi = 0; bi < b; ++bi)
+    for (int h = 0; h < hq; ++h)
+      for (int i = 0; i < tq; ++i) {
+        const int pos = i + off, lo = starts[bi * tk + pos], hk = h / rep;
+        const double* dummy = nullptr; (void)dummy;
+        const size_t row = ((size_t)bi * hq + h) * tq + i;
+        std::vector<double> s(tk, -INFINITY), p(tk, 0.0);
+        double mx = -INFINITY;
+        for (int j = lo; j <= pos; ++j) {
+          double acc = 0;
+          for (int x = 0; x < d; ++x) acc += qf[row * d + x] * K(bi, hk, j, x);
+          s[j] = acc * scale;
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (int j = lo; j <= pos; ++j) sum += std::exp(s[j] - mx);
+        L[row] = mx + std::log(sum);
+        for (int j = lo; j <= pos; ++j) p[j] = std::exp(s[j] - L[row]);
+        for (int x = 0; x < d; ++x) {
+          double acc = 0;
+          for (int j = lo; j <= pos; ++j) acc += p[j] * V(bi, hk, j, x);
+          O[row * d + x] = acc;
+        }
+        double delta = 0;
+        for (int x = 0; x < d; ++x) delta += go[row * d + x] * O[row * d + x];
+        for (int j = lo; j <= pos; ++j) {
+          double dp = 0;
+          for (int x = 0; x < d; ++x) dp += go[row * d + x] * V(bi, hk, j, x);
+          const double ds = p[j] * (dp - delta);
+          const size_t kr = (((size_t)bi * hkv + hk) * tk + j) * d;
+          for (int x = 0; x < d; ++x) {
+            dV[kr + x] += p[j] * go[row * d + x];
+            dK[kr + x] += scale * ds * qf[row * d + x];
+            dQ[row * d + x] += scale * ds * K(bi, hk, j, x);
+          }
+        }
+      }
+  auto q = cvt<T>(qf), k = cvt<T>(kf), v = cvt<T>(vf), g = cvt<T>(go);
+  std::vector<T> o((size_t)b * hq * tq * d);
+  std::vector<float> lse((size_t)b * hq * tq), dq(o.size(), 0.f), dk(dK.size(), 0.f), dv(dV.size(), 0.f), delta(lse.size());
+  const int* sp = has_seg ? dstarts.data() : nullptr;
+  const float sc = (float)scale;
+  const int dm = d <= 64 ? 64 : d <= 128 ? 128 : 256;
+  emu_launch({(unsigned)((tq + 63) / 64), (unsigned)hq, (unsigned)b}, 256, [&] {
+    if (dm == 64) attn_fwd_impl<T, 64>(q.data(), k.data(), v.data(), sp, o.data(), lse.data(), hq, hkv, tq, tk, d, ks0, ks1, sc);
+    else attn_fwd_impl<T, 128>(q.data(), k.data(), v.data(), sp, o.data(), lse.data(), hq, hkv, tq, tk, d, ks0, ks1, sc);
+  });
+  const long long rows = (long long)b * hq * tq;
+  emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, [&] { attn_bwd_dot_impl<T>(g.data(), o.data(), delta.data(), rows, d); });
+  emu_launch({(unsigned)((tk + 31) / 32), (unsigned)hkv, (unsigned)b}, 256, [&] {
+    if (dm == 64) attn_bwd_impl<T, 64, 64>(q.data(), k.data(), v.data(), sp, g.data(), lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), hq, hkv, tq, tk, d, ks0, ks1, sc);
+    else attn_bwd_impl<T, 128, 64>(q.data(), k.data(), v.data(), sp, g.data(), lse.data(), delta.data(), dq.data(), dk.data(), dv.data(), hq, hkv, tq, tk, d, ks0, ks1, sc);
+  });
+  char name[160];
+  std::snprintf(name, sizeof name, "attention %s b%d h%d/%d t%d/%d d%d%s%s", sizeof(T) == 4 ? "f32" : "bf16", b, hq, hkv, tq, tk, d,
+                has_seg ? " seg" : "", c.pad ? " cache-view" : "");
+  check(std::string(name) + " O", rel(back(o), O), tol);
+  check(std::string(name) + " lse", rel(lse, L), tol);
+  check(std::string(name) + " dQ", rel(dq, dQ), tol);
+  check(std::string(name) + " dK", rel(dk, dK), tol);
+  check(std::string(name) + " dV", rel(dv, dV), tol);
+}
+
+// --------------------------------------------------------------------------- LoRA linear
+// Y = X W^T + s (X A^T) B^T, dX = dY W + s (dY B) A, dA = s (dY B)^T X, dB = s dY^T (X A^T),
+// launched as the host does (64-rank chunks, VEC_ACC after the first).
+template <typename T>
+static void lora_case(int m, int k, int n, int r, double tol) {
+  const bool f32 = sizeof(T) == 4;
+  auto xf = back(cvt<T>(randv((size_t)m * k))), wf = back(cvt<T>(randv((size_t)n * k, 0.1f)));
+  auto af = back(cvt<T>(randv((size_t)r * k, 0.1f))), bf = back(cvt<T>(randv((size_t)n * r, 0.2f)));
+  auto gf = back(cvt<T>(randv((size_t)m * n)));
+  const float s = 1.5f;
+  std::vector<double> Y((size_t)m * n), Z((size_t)m * r), dX((size_t)m * k), V((size_t)m * r);
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < r; ++j) { double a = 0; for (int x = 0; x < k; ++x) a += xf[i * k + x] * af[j * k + x]; Z[i * r + j] = a; }
+    for (int o = 0; o < n; ++o) {
+      double a = 0; for (int x = 0; x < k; ++x) a += xf[i * k + x] * wf[o * k + x];
+      double l = 0; for (int j = 0; j < r; ++j) l += Z[i * r + j] * bf[o * r + j];
+      Y[i * n + o] = a + s * l;
+    }
+    for (int j = 0; j < r; ++j) { double a = 0; for (int o = 0; o < n; ++o) a += gf[i * n + o] * bf[o * r + j]; V[i * r + j] = a; }
+    for (int x = 0; x < k; ++x) {
+      double a = 0; for (int o = 0; o < n; ++o) a += gf[i * n + o] * wf[o * k + x];
+      double l = 0; for (int j = 0; j < r; ++j) l += V[i * r + j] * af[j * k + x];
+      dX[i * k + x] = a + s * l;
+    }
+  }
+  auto X = cvt<T>(xf), W = cvt<T>(wf), A = cvt<T>(af), B = cvt<T>(bf), G = cvt<T>(gf);
+  std::vector<T> y((size_t)m * n), dx((size_t)m * k);
+  std::vector<float> z((size_t)m * r, 0.f), v((size_t)m * r, 0.f);
+  const unsigned bn = f32 ? 64 : 128, nt = f32 ? 256 : 128;
+  for (int c0 = 0; c0 < r; c0 += 64) {
+    const int rc = std::min(64, r - c0);
+    const int vec = (f32 ? 0 : 0) | 1 | 2 | 4 | 8 | (n % 8 == 0 ? 16 : 0) | (c0 > 0 ? 32 : 0);
+    const int vecx = (k % 8 == 0 ? 1 : 0) | (k % 8 == 0 ? 2 : 0) | (k % 8 == 0 ? 4 : 0) | (r % 8 == 0 ? 8 : 0) | (n % 8 == 0 ? 16 : 0) | (c0 > 0 ? 32 : 0);
+    (void)vec;
+    const T* Wp = c0 == 0 ? W.data() : nullptr;
+    // forward: D = A rows c0.., U = B columns c0..
+    emu_launch({(unsigned)((n + bn - 1) / bn), (unsigned)((m + 63) / 64), 1}, nt, [&] {
+      if constexpr (sizeof(T) == 4)
+        lora_fused_f32<false>(X.data(), k, Wp, k, A.data() + (size_t)c0 * k, k, B.data() + c0, r, nullptr, s, y.data(), n, z.data() + c0, r, m, n, k, rc, vecx);
+      else
+        lora_fused<T, T, false>(X.data(), k, Wp, k, A.data() + (size_t)c0 * k, k, B.data() + c0, r, nullptr, s, y.data(), n, z.data() + c0, r, m, n, k, rc, vecx);
+    });
+    // backward dX: X := dY [m][n], W [n][k] (ld k), D = B [n][r] cols, U = A [r][k] rows
+    const int vecb = (n % 8 == 0 ? 1 : 0) | (k % 8 == 0 ? 2 : 0) | (r % 8 == 0 ? 4 : 0) | (k % 8 == 0 ? 8 : 0) | (k % 8 == 0 ? 16 : 0) | (c0 > 0 ? 32 : 0);
+    emu_launch({(unsigned)((k + bn - 1) / bn), (unsigned)((m + 63) / 64), 1}, nt, [&] {
+      if constexpr (sizeof(T) == 4)
+        lora_fused_f32<true>(G.data(), n, Wp, k, B.data() + c0, r, A.data() + (size_t)c0 * k, k, nullptr, s, dx.data(), k, v.data() + c0, r, m, k, n, rc, vecb);
+      else
+        lora_fused<T, T, true>(G.data(), n, Wp, k, B.data() + c0, r, A.data() + (size_t)c0 * k, k, nullptr, s, dx.data(), k, v.data() + c0, r, m, k, n, rc, vecb);
+    });
+  }
+  char name[120];
+  std::snprintf(name, sizeof name, "lora_linear %s M%d K%d N%d r%d", f32 ? "f32" : "bf16", m, k, n, r);
+  check(std::string(name) + " Y", rel(back(y), Y), tol);
+  check(std::string(name) + " Z = X A^T", rel(z, Z), tol);
+  check(std::string(name) + " dX", rel(back(dx), dX), tol);
+  check(std::string(name) + " V = dY B", rel(v, V), tol);
+  if constexpr (sizeof(T) == 4) {
+    // dA = s V^T X [r][k] via the f32 weight-gradient kernel, two row splits
+    std::vector<double> dA((size_t)r * k, 0.0);
+    for (int j = 0; j < r; ++j) for (int x = 0; x < k; ++x) { double a = 0; for (int i = 0; i < m; ++i) a += V[i * r + j] * xf[i * k + x]; dA[j * k + x] = s * a; }
+    std::vector<float> da((size_t)r * k, 0.f);
+    const int mchunk = ((m + 1) / 2 + 31) / 32 * 32;
+    emu_launch({(unsigned)((k + 63) / 64), (unsigned)((r + 63) / 64), (unsigned)((m + mchunk - 1) / mchunk)}, 256,
+               [&] { wgrad_f32(v.data(), r, X.data(), k, s, da.data(), k, m, r, k, mchunk, 0); });
+    check(std::string(name) + " dA (wgrad)", rel(da, dA), tol);
+  }
+}
+
+int main() {
+  attention_case<float>({2, 4, 2, 70, 70, 64, {20, 30, 20}, 0}, 1e-5);
+  attention_case<float>({1, 4, 2, 5, 45, 80, {30, 15}, 7}, 1e-5);
+  attention_case<float>({2, 2, 1, 1, 40, 64, {}, 3}, 1e-5);
+  attention_case<bf16>({1, 2, 1, 37, 37, 64, {}, 0}, 2e-2);
+  lora_case<float>(70, 96, 72, 128, 1e-5);
+  lora_case<float>(33, 40, 20, 8, 1e-5);
+  lora_case<bf16>(70, 96, 136, 16, 2e-2);
+  lora_case<bf16>(40, 64, 72, 80, 2e-2);
+  std::printf("%d failure(s)\n", failures);
+  return failures ? 1 : 0;
+}
