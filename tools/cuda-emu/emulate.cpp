@@ -2,7 +2,8 @@
 // references: flash attention forward + backward (f32 and bf16, GQA, segments, KV-cache
 // queries on strided planes, head dims 64 / 80), the segment starts, the f32 fused LoRA
 // linear (rank 128 = two 64-rank chunks with VEC_ACC, forward and backward dX, weight
-// gradients), and the bf16 tensor-core LoRA linear (emulated mma, cp.async fallback path).
+// gradients), the bf16 tensor-core LoRA linear (emulated mma, cp.async fallback path),
+// the SGMV multi-adapter kernels (forward and backward) and the cross-entropy rows.
 // Prints one line per check and exits non-zero on any failure.
 // Build and run: bash scripts/cuda/emulate.sh
 #include "emu.h"
@@ -14,6 +15,8 @@
 #include "../../kernels/src/cuda/src/lora_linear.cu"
 #include "../../kernels/src/cuda/src/lora_f32.cu"
 #include "../../kernels/src/cuda/src/attention.cu"
+#include "../../kernels/src/cuda/src/sgmv.cu"
+#include "../../kernels/src/cuda/src/cross_entropy.cu"
 
 static int failures = 0;
 static std::mt19937 rng(7);
@@ -214,6 +217,91 @@ static void lora_case(int m, int k, int n, int r, double tol) {
   }
 }
 
+
+// ------------------------------------------------------------------------------- SGMV
+// Two adapters (ranks 8 and 20), three segments with a gap, adapter 1 used twice;
+// launched as cuda/segmented.rs does (forward: shrink + expand; backward: shrink with
+// B^T + expand with A^T for dX, one wgrad launch each for dA and dB).
+static void sgmv_case() {
+  const int m = 50, k = 40, n = 36;
+  const int ranks[2] = {8, 20};
+  const float scales_a[2] = {1.5f, 0.5f};
+  struct Seg { int start, len, ad; } segs[3] = {{0, 10, 1}, {10, 20, 0}, {35, 15, 1}};
+  const int a_off[2] = {0, ranks[0] * k}, b_off[2] = {0, n * ranks[0]};
+  const int a_len = (ranks[0] + ranks[1]) * k, b_len = n * (ranks[0] + ranks[1]);
+  auto x = randv((size_t)m * k), g = randv((size_t)m * n), A = randv(a_len, 0.2f), B = randv(b_len, 0.2f);
+  std::vector<long long> table, swapped;
+  std::vector<float> scales;
+  int z_len = 0;
+  for (auto& sg : segs) {
+    const int r = ranks[sg.ad];
+    table.insert(table.end(), {sg.start, sg.len, r, a_off[sg.ad], b_off[sg.ad], z_len});
+    swapped.insert(swapped.end(), {sg.start, sg.len, r, b_off[sg.ad], a_off[sg.ad], z_len});
+    scales.push_back(scales_a[sg.ad]);
+    z_len += sg.len * r;
+  }
+  std::vector<float> At(a_len), Bt(b_len);
+  for (int j = 0; j < 2; ++j) {
+    const int r = ranks[j];
+    for (int a = 0; a < r; ++a) for (int c = 0; c < k; ++c) At[a_off[j] + c * r + a] = A[a_off[j] + a * k + c];
+    for (int o = 0; o < n; ++o) for (int a = 0; a < r; ++a) Bt[b_off[j] + a * n + o] = B[b_off[j] + o * r + a];
+  }
+  // references
+  std::vector<double> Y((size_t)m * n, 0.0), dX((size_t)m * k, 0.0), dA(a_len, 0.0), dB(b_len, 0.0);
+  for (auto& sg : segs) {
+    const int j = sg.ad, r = ranks[j];
+    const double s = scales_a[j];
+    for (int i = sg.start; i < sg.start + sg.len; ++i) {
+      std::vector<double> z(r), v(r);
+      for (int a = 0; a < r; ++a) {
+        double zz = 0, vv = 0;
+        for (int c = 0; c < k; ++c) zz += x[i * k + c] * A[a_off[j] + a * k + c];
+        for (int o = 0; o < n; ++o) vv += g[i * n + o] * B[b_off[j] + o * r + a];
+        z[a] = zz; v[a] = vv;
+      }
+      for (int o = 0; o < n; ++o) for (int a = 0; a < r; ++a) { Y[i * n + o] += s * z[a] * B[b_off[j] + o * r + a]; dB[b_off[j] + o * r + a] += s * g[i * n + o] * z[a]; }
+      for (int c = 0; c < k; ++c) for (int a = 0; a < r; ++a) { dX[i * k + c] += s * v[a] * A[a_off[j] + a * k + c]; dA[a_off[j] + a * k + c] += s * v[a] * x[i * k + c]; }
+    }
+  }
+  const unsigned nseg = 3, longest = 20;
+  std::vector<float> z(z_len, 0.f), v(z_len, 0.f), y((size_t)m * n, 0.f), dx((size_t)m * k, 0.f), da(a_len, 0.f), db(b_len, 0.f), z2(z_len, 0.f);
+  emu_launch({(longest + SG_WARPS - 1) / SG_WARPS, nseg, 1}, SG_WARPS * 32, [&] { sgmv_shrink_impl<float>(x.data(), k, A.data(), table.data(), z.data()); });
+  emu_launch({(unsigned)((n + SE_NT - 1) / SE_NT), (longest + SE_ROWS - 1) / SE_ROWS, nseg}, SE_NT, [&] { sgmv_expand(z.data(), B.data(), table.data(), scales.data(), y.data(), n); });
+  check("sgmv forward (shrink + expand) Y", rel(y, Y), 1e-5);
+  emu_launch({(longest + SG_WARPS - 1) / SG_WARPS, nseg, 1}, SG_WARPS * 32, [&] { sgmv_shrink_impl<float>(g.data(), n, Bt.data(), swapped.data(), v.data()); });
+  emu_launch({(unsigned)((k + SE_NT - 1) / SE_NT), (longest + SE_ROWS - 1) / SE_ROWS, nseg}, SE_NT, [&] { sgmv_expand(v.data(), At.data(), swapped.data(), scales.data(), dx.data(), k); });
+  check("sgmv backward dX (adapter part)", rel(dx, dX), 1e-5);
+  emu_launch({1, nseg, (longest + SW_ROWS - 1) / SW_ROWS}, 256, [&] { sgmv_wgrad_impl<float, true>(x.data(), k, v.data(), table.data(), scales.data(), da.data()); });
+  check("sgmv backward dA (all segments, one launch)", rel(da, dA), 1e-5);
+  emu_launch({(longest + SG_WARPS - 1) / SG_WARPS, nseg, 1}, SG_WARPS * 32, [&] { sgmv_shrink_impl<float>(x.data(), k, A.data(), table.data(), z2.data()); });
+  emu_launch({1, nseg, (longest + SW_ROWS - 1) / SW_ROWS}, 256, [&] { sgmv_wgrad_impl<float, false>(g.data(), n, z2.data(), table.data(), scales.data(), db.data()); });
+  check("sgmv backward dB (all segments, one launch)", rel(db, dB), 1e-5);
+}
+
+// ------------------------------------------------------------------------ cross-entropy
+static void ce_case() {
+  const int rows = 9, V = 1003;
+  auto lg = randv((size_t)rows * V, 3.f);
+  std::vector<u32> tg(rows);
+  std::vector<float> w(rows);
+  for (int r = 0; r < rows; ++r) { tg[r] = (u32)((r * 379) % V); w[r] = r % 4 == 0 ? 0.f : 1.f + 0.1f * r; }
+  tg[5] = V + 3;  // an ignore index: loss and gradient 0
+  std::vector<double> L(rows, 0.0), dL((size_t)rows * V, 0.0);
+  for (int r = 0; r < rows; ++r) {
+    if (tg[r] >= (u32)V || w[r] == 0.f) continue;
+    double mx = -INFINITY, sum = 0;
+    for (int j = 0; j < V; ++j) mx = std::max(mx, (double)lg[r * V + j]);
+    for (int j = 0; j < V; ++j) sum += std::exp(lg[r * V + j] - mx);
+    const double lse = mx + std::log(sum);
+    L[r] = w[r] * (lse - lg[r * V + tg[r]]);
+    for (int j = 0; j < V; ++j) dL[r * V + j] = w[r] * (std::exp(lg[r * V + j] - lse) - (j == (int)tg[r] ? 1.0 : 0.0));
+  }
+  std::vector<float> loss(rows, -1.f), dl((size_t)rows * V, -1.f);
+  emu_launch({(unsigned)rows, 1, 1}, 256, [&] { ce_rows_impl<float>(lg.data(), tg.data(), w.data(), loss.data(), dl.data(), V, 1.f, 0); });
+  check("ce_rows loss (weights, ignore index)", rel(loss, L), 1e-5);
+  check("ce_rows dlogits", rel(dl, dL), 1e-5);
+}
+
 int main() {
   attention_case<float>({2, 4, 2, 70, 70, 64, {20, 30, 20}, 0}, 1e-5);
   attention_case<float>({1, 4, 2, 5, 45, 80, {30, 15}, 7}, 1e-5);
@@ -223,6 +311,8 @@ int main() {
   lora_case<float>(33, 40, 20, 8, 1e-5);
   lora_case<bf16>(70, 96, 136, 16, 2e-2);
   lora_case<bf16>(40, 64, 72, 80, 2e-2);
+  sgmv_case();
+  ce_case();
   std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }
