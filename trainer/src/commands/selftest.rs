@@ -149,6 +149,14 @@ mod gpu {
                     &|t| lora_kernels::softmax_last_dim(&t[0]),
                     &|t| cu::softmax_last_dim(&t[0]))?;
             }
+            // causal softmax over [.., tq, tk] scores (query i at position i + tk - tq)
+            for &(tq, tk) in &[(20usize, 30usize), (64, 64)] {
+                let x = randn(&[2, 3, tq, tk], 2.0)?;
+                let mask = lora_kernels::reference::causal_mask(1, tq, tk, None, &Device::Cpu)?;
+                compare(&mut out, dev, "causal_softmax", &format!("[2,3,{tq},{tk}]"), dt, &[x], &[true],
+                    &|t| lora_kernels::softmax_last_dim(&t[0].affine(0.125, 0.0)?.broadcast_add(&mask)?),
+                    &|t| cu::causal_softmax(&t[0], 0.125))?;
+            }
             for &(rows, cols) in &[(33usize, 256usize), (5, 77)] {
                 let g = randn(&[rows, cols], 2.0)?;
                 let u = randn(&[rows, cols], 1.0)?;
@@ -275,6 +283,12 @@ mod gpu {
             let v = randn(&[n], 0.1)?.abs()?;
             cpu_state.push([p.to_vec1::<f32>()?, g.to_vec1::<f32>()?, m.to_vec1::<f32>()?, v.to_vec1::<f32>()?]);
             gpu_state.push([p.to_device(dev)?, g.to_device(dev)?, m.to_device(dev)?, v.to_device(dev)?]);
+        }
+        {
+            let refs: Vec<(&Tensor, &Tensor, &Tensor, &Tensor)> = gpu_state.iter().map(|s| (&s[0], &s[1], &s[2], &s[3])).collect();
+            let got = cu::AdamW::grad_norm(&refs)? as f64;
+            let want = cpu_state.iter().flat_map(|s| s[1].iter()).map(|g| (*g as f64) * (*g as f64)).sum::<f64>().sqrt();
+            out.push(Check { op: "grad_norm".into(), shape: format!("{} tensors", sizes.len()), dtype: DType::F32, what: "global L2".into(), rel_err: (got - want).abs() / want.max(1e-12), tol: 1e-5 });
         }
         for step in 1..=3 {
             let refs: Vec<(&Tensor, &Tensor, &Tensor, &Tensor)> = gpu_state.iter().map(|s| (&s[0], &s[1], &s[2], &s[3])).collect();
