@@ -8,8 +8,8 @@
 #      same seed and data: the per-step losses must agree (max relative difference
 #      <= LOSS_TOL, default 0.02; f32 on both sides, only the summation order differs);
 #      the same run in bf16 on the GPU is reported against the CPU curve (looser, BF16_TOL);
-#   3. training throughput (bf16, batch 8 x 512, 30 steps) and decoding throughput
-#      (greedy, 8 prompts x 256 new tokens) on the GPU;
+#   3. training throughput (bf16, batch 8 x 512, 30 steps; peak GPU memory polled with
+#      nvidia-smi) and decoding throughput (greedy, 8 prompts x 256 new tokens) on the GPU;
 #   4. one JSON summary ($OUT/gpu-check.json, also printed) with "passed".
 # Exits non-zero when any check fails.
 #
@@ -64,10 +64,24 @@ log "2/3 SFT 20 steps f32: CPU"
 log "2/3 SFT 20 steps bf16: GPU"
 "$BIN" "${SFT[@]}" --dtype bf16 --device "$DEVICE" -o "$OUT/sft-gpu-bf16" > "$OUT/sft-gpu-bf16.json" 2> "$OUT/sft-gpu-bf16.log" || echo '{}' > "$OUT/sft-gpu-bf16.json"
 
+# Peak GPU memory of the training benchmark (for the planner's memory model,
+# BENCHMARKS.md), polled with nvidia-smi when it is there.
+GPU_INDEX="${DEVICE#cuda:}"; [[ "$GPU_INDEX" =~ ^[0-9]+$ ]] || GPU_INDEX=0
+poll_mem() {
+  local peak=0 v
+  while true; do
+    v=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$GPU_INDEX" 2>/dev/null | head -n 1 | tr -dc 0-9 || true)
+    [[ -n "$v" && "$v" -gt "$peak" ]] && { peak=$v; echo "$peak" > "$OUT/bench-train.peak_mib"; }
+    sleep 0.5
+  done
+}
+MEM_PID=
+if command -v nvidia-smi >/dev/null; then poll_mem & MEM_PID=$!; fi
 log "3/3 benchmarks: training (bf16, batch 8 x 512, 30 steps)"
 "$BIN" sft --model "$MODEL" --dataset "$DATA" --steps 30 --batch-size 8 --max-sequence-length 512 --packing \
   --eval-split 0 --seed 7 --checkpoint-interval 1000 --dtype bf16 --device "$DEVICE" --json \
   -o "$OUT/bench-train" > "$OUT/bench-train.json" 2> "$OUT/bench-train.log" || echo '{}' > "$OUT/bench-train.json"
+if [[ -n "$MEM_PID" ]]; then kill "$MEM_PID" 2>/dev/null || true; wait "$MEM_PID" 2>/dev/null || true; fi
 log "3/3 benchmarks: decoding (greedy, 8 prompts x 256 new tokens, bf16)"
 PROMPTS=()
 for p in "Once upon a time" "The capital of France" "def fibonacci(n):" "In 1905, Einstein" \
@@ -106,6 +120,11 @@ gpu, cpu, bf = losses("sft-gpu-f32"), losses("sft-cpu-f32"), losses("sft-gpu-bf1
 d32, d16 = curve_diff(gpu, cpu), curve_diff(bf, cpu)
 train = losses("bench-train")
 dec = load("bench-decode.json") or {}
+try:
+    with open(os.path.join(out, "bench-train.peak_mib")) as f:
+        peak_mib = int(f.read().strip())
+except Exception:
+    peak_mib = None
 def tps(rows):
     if len(rows) < 2:
         return None
@@ -131,7 +150,7 @@ summary = {
         "gpu_f32": [x[1] for x in gpu], "cpu_f32": [x[1] for x in cpu], "gpu_bf16": [x[1] for x in bf],
         "tokens_per_s_gpu_f32": tps(gpu), "tokens_per_s_cpu_f32": tps(cpu), "tokens_per_s_gpu_bf16": tps(bf),
     },
-    "bench_train_bf16_batch8x512": {"tokens_per_s": tps(train), "steps": len(train)},
+    "bench_train_bf16_batch8x512": {"tokens_per_s": tps(train), "steps": len(train), "peak_gpu_memory_mib": peak_mib},
     "bench_decode_bf16_8x256": {"tokens_per_s": dec.get("tokens_per_s"), "generated_tokens": dec.get("generated_tokens")},
 }
 with open(os.path.join(out, "gpu-check.json"), "w") as f:
