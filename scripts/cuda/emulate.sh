@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the CUDA kernels on the CPU emulator (tools/cuda-emu) against naive references:
 # flash attention forward + backward (GQA, segments, KV-cache views, f32 and bf16), the
-# fused LoRA linear f32 (rank chunks) and bf16 (emulated mma). No GPU, no CUDA toolkit:
+# fused LoRA linear f32 (rank chunks), TF32 and bf16 (emulated mma), SGMV, cross-entropy
+# rows. No GPU, no CUDA toolkit:
 # g++ >= 12 (C++20). Small shapes only (one std::thread per CUDA thread). ~1-3 min.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"

@@ -52,6 +52,7 @@ inline float __logf(float x) { return std::log(x); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __int_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 using std::fmaf;
 using std::fmaxf;
 inline int min(int a, int b) { return a < b ? a : b; }

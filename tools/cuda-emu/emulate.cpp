@@ -14,6 +14,7 @@
 #include "emu_mma.h"
 #include "../../kernels/src/cuda/src/lora_linear.cu"
 #include "../../kernels/src/cuda/src/lora_f32.cu"
+#include "../../kernels/src/cuda/src/lora_tf32.cu"
 #include "../../kernels/src/cuda/src/attention.cu"
 #include "../../kernels/src/cuda/src/sgmv.cu"
 #include "../../kernels/src/cuda/src/cross_entropy.cu"
@@ -151,7 +152,7 @@ static void attention_case(const AttnCase& c, double tol) {
 // --------------------------------------------------------------------------- LoRA linear
 // Y = X W^T + s (X A^T) B^T, dX = dY W + s (dY B) A, dA = s (dY B)^T X, dB = s dY^T (X A^T),
 // launched as the host does (64-rank chunks, VEC_ACC after the first).
-template <typename T>
+template <typename T, bool TF = false>
 static void lora_case(int m, int k, int n, int r, double tol) {
   const bool f32 = sizeof(T) == 4;
   auto xf = back(cvt<T>(randv((size_t)m * k))), wf = back(cvt<T>(randv((size_t)n * k, 0.1f)));
@@ -176,7 +177,7 @@ static void lora_case(int m, int k, int n, int r, double tol) {
   auto X = cvt<T>(xf), W = cvt<T>(wf), A = cvt<T>(af), B = cvt<T>(bf), G = cvt<T>(gf);
   std::vector<T> y((size_t)m * n), dx((size_t)m * k);
   std::vector<float> z((size_t)m * r, 0.f), v((size_t)m * r, 0.f);
-  const unsigned bn = f32 ? 64 : 128, nt = f32 ? 256 : 128;
+  const unsigned bn = f32 ? 64 : 128, nt = f32 && !TF ? 256 : 128;
   for (int c0 = 0; c0 < r; c0 += 64) {
     const int rc = std::min(64, r - c0);
     const int vec = (f32 ? 0 : 0) | 1 | 2 | 4 | 8 | (n % 8 == 0 ? 16 : 0) | (c0 > 0 ? 32 : 0);
@@ -185,7 +186,9 @@ static void lora_case(int m, int k, int n, int r, double tol) {
     const T* Wp = c0 == 0 ? W.data() : nullptr;
     // forward: D = A rows c0.., U = B columns c0..
     emu_launch({(unsigned)((n + bn - 1) / bn), (unsigned)((m + 63) / 64), 1}, nt, [&] {
-      if constexpr (sizeof(T) == 4)
+      if constexpr (TF)
+        lora_fused_tf32<false>(X.data(), k, Wp, k, A.data() + (size_t)c0 * k, k, B.data() + c0, r, nullptr, s, y.data(), n, z.data() + c0, r, m, n, k, rc, vecx);
+      else if constexpr (sizeof(T) == 4)
         lora_fused_f32<false>(X.data(), k, Wp, k, A.data() + (size_t)c0 * k, k, B.data() + c0, r, nullptr, s, y.data(), n, z.data() + c0, r, m, n, k, rc, vecx);
       else
         lora_fused<T, T, false>(X.data(), k, Wp, k, A.data() + (size_t)c0 * k, k, B.data() + c0, r, nullptr, s, y.data(), n, z.data() + c0, r, m, n, k, rc, vecx);
@@ -193,19 +196,21 @@ static void lora_case(int m, int k, int n, int r, double tol) {
     // backward dX: X := dY [m][n], W [n][k] (ld k), D = B [n][r] cols, U = A [r][k] rows
     const int vecb = (n % 8 == 0 ? 1 : 0) | (k % 8 == 0 ? 2 : 0) | (r % 8 == 0 ? 4 : 0) | (k % 8 == 0 ? 8 : 0) | (k % 8 == 0 ? 16 : 0) | (c0 > 0 ? 32 : 0);
     emu_launch({(unsigned)((k + bn - 1) / bn), (unsigned)((m + 63) / 64), 1}, nt, [&] {
-      if constexpr (sizeof(T) == 4)
+      if constexpr (TF)
+        lora_fused_tf32<true>(G.data(), n, Wp, k, B.data() + c0, r, A.data() + (size_t)c0 * k, k, nullptr, s, dx.data(), k, v.data() + c0, r, m, k, n, rc, vecb);
+      else if constexpr (sizeof(T) == 4)
         lora_fused_f32<true>(G.data(), n, Wp, k, B.data() + c0, r, A.data() + (size_t)c0 * k, k, nullptr, s, dx.data(), k, v.data() + c0, r, m, k, n, rc, vecb);
       else
         lora_fused<T, T, true>(G.data(), n, Wp, k, B.data() + c0, r, A.data() + (size_t)c0 * k, k, nullptr, s, dx.data(), k, v.data() + c0, r, m, k, n, rc, vecb);
     });
   }
   char name[120];
-  std::snprintf(name, sizeof name, "lora_linear %s M%d K%d N%d r%d", f32 ? "f32" : "bf16", m, k, n, r);
+  std::snprintf(name, sizeof name, "lora_linear %s M%d K%d N%d r%d", TF ? "tf32" : f32 ? "f32" : "bf16", m, k, n, r);
   check(std::string(name) + " Y", rel(back(y), Y), tol);
   check(std::string(name) + " Z = X A^T", rel(z, Z), tol);
   check(std::string(name) + " dX", rel(back(dx), dX), tol);
   check(std::string(name) + " V = dY B", rel(v, V), tol);
-  if constexpr (sizeof(T) == 4) {
+  if constexpr (sizeof(T) == 4 && !TF) {
     // dA = s V^T X [r][k] via the f32 weight-gradient kernel, two row splits
     std::vector<double> dA((size_t)r * k, 0.0);
     for (int j = 0; j < r; ++j) for (int x = 0; x < k; ++x) { double a = 0; for (int i = 0; i < m; ++i) a += V[i * r + j] * xf[i * k + x]; dA[j * k + x] = s * a; }
@@ -310,6 +315,8 @@ int main() {
   lora_case<float>(70, 96, 72, 128, 1e-5);
   lora_case<float>(33, 40, 20, 8, 1e-5);
   lora_case<bf16>(70, 96, 136, 16, 2e-2);
+  lora_case<float, true>(70, 96, 136, 16, 3e-3);
+  lora_case<float, true>(40, 100, 72, 80, 3e-3);
   lora_case<bf16>(40, 64, 72, 80, 2e-2);
   sgmv_case();
   ce_case();

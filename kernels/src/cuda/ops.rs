@@ -322,12 +322,51 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// Ranks per launch of the fused kernels (their Z tile); larger ranks run as chunks.
 const RANK_CHUNK: usize = 64;
 
-/// Module holding a fused-linear kernel: `*_float` kernels are the f32 FMA ones.
+/// Module holding a fused-linear kernel: `*_float` kernels are the f32 FMA ones,
+/// `*_tf32` the f32 tensor-core ones.
 fn linear_module(kernel: &str) -> &'static str {
     if kernel.ends_with("_float") {
         "lora_f32"
+    } else if kernel.ends_with("_tf32") {
+        "lora_tf32"
     } else {
         "lora_linear"
+    }
+}
+
+/// Whether f32 linears may run on TF32 tensor cores (10-bit mantissa operands, f32
+/// accumulation): only when the user sets `LORA_TRAIN_TF32=1`, like PyTorch's
+/// `allow_tf32`; otherwise f32 stays exact (FMA kernels).
+pub fn tf32_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match TF32_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => *ALLOWED.get_or_init(|| matches!(std::env::var("LORA_TRAIN_TF32").as_deref(), Ok("1") | Ok("true"))),
+    }
+}
+
+static TF32_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Force TF32 on or off for this process (`None`: back to `LORA_TRAIN_TF32`); `selftest`
+/// uses it to check both f32 kernels.
+pub fn set_tf32_override(allowed: Option<bool>) {
+    let v = match allowed {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    TF32_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The kernel that runs an f32 fused-linear launch: the TF32 one when allowed.
+fn f32_kernel_choice(kernel: &str) -> &str {
+    if !kernel.ends_with("_float") || kernel.starts_with("lora_wgrad") || !tf32_allowed() {
+        kernel
+    } else if kernel.starts_with("lora_bwd_dx") {
+        "lora_bwd_dx_tf32"
+    } else {
+        "lora_fwd_tf32"
     }
 }
 
@@ -337,7 +376,8 @@ type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
 /// Launch `lora_fwd*` / `lora_bwd_dx*` on raw views. Returns (Y, Z). Any rank: ranks
 /// above [`RANK_CHUNK`] run as one launch per 64-rank chunk, the first with W and bias,
 /// the others adding their term into Y (VEC_ACC) and writing their own columns of Z.
-/// bf16/f16 run on tensor cores (`lora_linear.cu`), f32 on FMA (`lora_f32.cu`).
+/// bf16/f16 run on tensor cores (`lora_linear.cu`), f32 on FMA (`lora_f32.cu`) or, with
+/// [`tf32_allowed`], on TF32 tensor cores (`lora_tf32.cu`, 64-column tiles, 128 threads).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn lora_main<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr, O: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &candle_core::cuda_backend::CudaDevice,
@@ -350,15 +390,19 @@ pub(super) fn lora_main<T: candle_core::cuda_backend::CudaDType + candle_core::c
     scale: f32,
     m: usize, nc: usize, kr: usize, r: usize, trans: bool, want_z: bool,
 ) -> Result<(Option<Slice<O>>, Option<Slice<f32>>)> {
+    let kernel = f32_kernel_choice(kernel);
     let f = rt::func(dev, linear_module(kernel), kernel)?;
-    let f32_kernel = linear_module(kernel) == "lora_f32";
     let mut y = if nc > 0 { Some(unsafe { dev.alloc::<O>(m * nc)? }) } else { None };
     let mut z = if want_z && r > 0 { Some(dev.alloc_zeros::<f32>(m * r)?) } else { None };
     // leading dimensions (elements) of each operand in its stored layout
     let (ldw, ldd, ldu) = if trans { (nc, r, nc) } else { (kr, kr, r) };
     let null = 0u64;
     let stream = dev.cuda_stream();
-    let (grid_n, threads) = if f32_kernel { (64, 256) } else { (128, 128) };
+    let (grid_n, threads) = match linear_module(kernel) {
+        "lora_f32" => (64, 256),
+        "lora_tf32" => (64, 128),
+        _ => (128, 128),
+    };
     let grid = (ceil_div(nc.max(1), grid_n), ceil_div(m, 64), 1);
     let chunks: Vec<(usize, usize)> = if r == 0 { vec![(0, 0)] } else { (0..r).step_by(RANK_CHUNK).map(|c| (c, RANK_CHUNK.min(r - c))).collect() };
     for (ci, &(c0, rc)) in chunks.iter().enumerate() {

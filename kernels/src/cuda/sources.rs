@@ -28,6 +28,7 @@ pub const MODULES: &[KernelModule] = &[
         source: include_str!("src/lora_f32.cu"),
         kernels: &["lora_fwd_float", "lora_fwd_f32out_float", "lora_bwd_dx_float", "lora_bwd_dx_f32out_float", "lora_wgrad_float"],
     },
+    KernelModule { name: "lora_tf32", source: include_str!("src/lora_tf32.cu"), kernels: &["lora_fwd_tf32", "lora_bwd_dx_tf32"] },
     KernelModule {
         name: "rms_norm",
         source: include_str!("src/rms_norm.cu"),

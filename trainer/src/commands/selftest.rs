@@ -199,6 +199,7 @@ mod gpu {
             attention_checks(dev, dt, &mut out)?;
             segmented_checks(dev, dt, &mut out)?;
         }
+        tf32_checks(dev, &mut out)?;
         adamw_check(dev, &mut out)?;
         Ok(out)
     }
@@ -268,6 +269,35 @@ mod gpu {
             lora_kernels::segmented_lora_linear(&t[0], &t[1], None, &ad, &segs)
         };
         compare(out, dev, "segmented_lora", &format!("M{m} K{k} N{n} r8/16/4"), dt, &inputs, &grad, &run, &run)
+    }
+
+    /// The f32 linears on TF32 tensor cores (what `LORA_TRAIN_TF32=1` selects), against the
+    /// exact CPU result with a TF32-sized tolerance (10-bit mantissa operands).
+    fn tf32_checks(dev: &Device, out: &mut Vec<Check>) -> Result<()> {
+        cu::set_tf32_override(Some(true));
+        let res = (|| -> Result<()> {
+            for &(m, k, n, r) in &[(256usize, 512usize, 384usize, 16usize), (70, 160, 136, 128)] {
+                let x = randn(&[m, k], 1.0)?;
+                let w = randn(&[n, k], 1.0 / (k as f32).sqrt())?;
+                let a = randn(&[r, k], 1.0 / (k as f32).sqrt())?;
+                let b = randn(&[n, r], 0.5 / (r as f32).sqrt())?;
+                let shape = format!("M{m} K{k} N{n} r{r}");
+                let first = out.len();
+                compare(out, dev, "lora_linear_tf32", &shape, DType::F32, &[x.clone(), w.clone(), a, b], &[true, false, true, true],
+                    &|t| lora_kernels::lora_linear(&t[0], &t[1], None, &t[2], &t[3], 2.0),
+                    &|t| cu::lora_linear(&t[0], &t[1], None, &t[2], &t[3], 2.0))?;
+                let bias = randn(&[n], 1.0)?;
+                compare(out, dev, "frozen_linear_tf32", &shape, DType::F32, &[x, w, bias], &[true, false, false],
+                    &|t| lora_kernels::frozen_linear(&t[0], &t[1], Some(&t[2])),
+                    &|t| cu::frozen_linear(&t[0], &t[1], Some(&t[2])))?;
+                for c in &mut out[first..] {
+                    c.tol = 5e-3;
+                }
+            }
+            Ok(())
+        })();
+        cu::set_tf32_override(None);
+        res
     }
 
     fn adamw_check(dev: &Device, out: &mut Vec<Check>) -> Result<()> {
