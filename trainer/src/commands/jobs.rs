@@ -279,7 +279,9 @@ fn retry(store: &Store, id: i64, json: bool) -> Result<()> {
         bail!("job {id} completed; there is nothing to retry");
     }
     let mut argv = jobs::relaunch_argv(&job.argv);
-    let started = job.output.as_deref().is_some_and(|o| o.join(crate::engine::RUN_FILE).exists() || o.join(crate::sweep::SWEEP_FILE).exists());
+    let started = job.output.as_deref().is_some_and(|o| {
+        [crate::engine::RUN_FILE, crate::sweep::SWEEP_FILE, crate::workflow::STATE_FILE].iter().any(|f| o.join(f).exists())
+    });
     if started && !argv.iter().any(|a| a == "--resume") {
         argv.push("--resume".into());
     }

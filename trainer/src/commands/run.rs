@@ -29,12 +29,21 @@ pub enum Workflow {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    match args.workflow {
-        Workflow::Sft(a) => workflow::sft::run(*a),
-        Workflow::Classify(a) => workflow::classify::run(*a),
-        Workflow::Dpo(a) => workflow::dpo::run(*a),
-        Workflow::Rft(a) => workflow::rft::run(*a),
-    }
+    // A workflow is one job of the job store (`jobs list`, `--detach`, `--backend slurm`:
+    // the whole workflow runs as one batch job; its sweep's workers are its children).
+    let (command, common) = match &args.workflow {
+        Workflow::Sft(a) => ("run sft", &a.common),
+        Workflow::Classify(a) => ("run classify", &a.common),
+        Workflow::Dpo(a) => ("run dpo", &a.common),
+        Workflow::Rft(a) => ("run rft", &a.common),
+    };
+    let launch = crate::jobs::Launch { command, job: &common.job, output: common.options.output.clone(), json: common.json, dry_run: false };
+    crate::jobs::run_training(launch, || match &args.workflow {
+        Workflow::Sft(a) => workflow::sft::run((**a).clone()),
+        Workflow::Classify(a) => workflow::classify::run((**a).clone()),
+        Workflow::Dpo(a) => workflow::dpo::run((**a).clone()),
+        Workflow::Rft(a) => workflow::rft::run((**a).clone()),
+    })
 }
 
 #[cfg(test)]

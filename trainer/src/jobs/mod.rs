@@ -207,6 +207,12 @@ fn record_end(id: i64, launch: &Launch, result: &Result<()>) -> Result<()> {
                 Some(stop) => {
                     store.finish(id, JobStatus::Cancelled, 128 + stop.signal as i64, Some(&stop.to_string()), checkpoint.as_deref(), false)?;
                 }
+                // A workflow waiting at a gate (no terminal, no --yes): exit status 3, and
+                // the reason says how to go on (`--resume --yes`).
+                None if e.downcast_ref::<crate::workflow::Stopped>().is_some() => {
+                    let code = crate::workflow::EXIT_NEEDS_APPROVAL as i64;
+                    store.finish(id, JobStatus::Failed, code, Some(&format!("{e:#}")), checkpoint.as_deref(), false)?;
+                }
                 None => {
                     store.finish(id, JobStatus::Failed, 1, Some(&format!("{e:#}")), checkpoint.as_deref(), false)?;
                 }

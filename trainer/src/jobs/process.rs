@@ -62,6 +62,11 @@ pub fn install_stop_handlers() {
     }
 }
 
+/// Ask the training loop to stop as if `signal` had arrived (a worker whose sweep died).
+pub fn request_stop(signal: i32) {
+    let _ = STOP.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+}
+
 /// The signal that asked this process to stop, if one did.
 pub fn stop_requested() -> Option<i32> {
     match STOP.load(Ordering::SeqCst) {

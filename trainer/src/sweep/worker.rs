@@ -103,14 +103,16 @@ pub fn read_peak_rss(result_file: &Path) -> Option<u64> {
 
 /// Stop when the sweep process that started us is gone (killed with -9, say): an orphaned
 /// worker would otherwise keep writing into candidate directories that `sweep --resume`
-/// hands to a new worker. The candidates resume from their newest checkpoint.
+/// hands to a new worker. It stops the way `jobs cancel` stops it (as on SIGTERM): after
+/// the current optimizer step, with a checkpoint that the resumed sweep continues from.
 fn exit_with_parent() {
     let parent = std::os::unix::process::parent_id();
     std::thread::spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
         if std::os::unix::process::parent_id() != parent {
-            eprintln!("error: the sweep process exited; stopping this worker (resume the sweep with --resume)");
-            std::process::exit(3);
+            eprintln!("error: the sweep process exited; this worker checkpoints and stops (resume the sweep with --resume)");
+            crate::jobs::process::request_stop(libc::SIGTERM);
+            return;
         }
     });
 }

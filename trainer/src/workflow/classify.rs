@@ -61,10 +61,6 @@ pub struct ClassifyArgs {
     /// Longest generated answer in the free-generation scoring.
     #[arg(long, default_value_t = 16, help_heading = "Classification")]
     pub max_new_tokens: usize,
-    /// Print the report's data as one JSON object on stdout: per model `accuracy`,
-    /// `per_label` (accuracy, precision, recall, f1, support) and `confusion`.
-    #[arg(long, help_heading = "Classification")]
-    pub json: bool,
 }
 
 /// The labels of the data.
@@ -456,7 +452,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
         report::write(wf, &input)
     })?;
     wf.finish()?;
-    if args.json {
+    if args.common.json {
         println!("{}", serde_json::to_string(&data)?);
     }
     Ok(())

@@ -373,9 +373,7 @@ pub fn run(args: DpoArgs) -> Result<()> {
         };
         report::write(wf, &input)
     })?;
-    wf.finish()?;
-    eprintln!("done: adapter {}\n      report {}", fin.adapter.display(), wf.dir.join(super::REPORT_MD).display());
-    Ok(())
+    wf.finish_with_report(&fin.adapter, args.common.json)
 }
 
 /// What the candidates train and are compared on.

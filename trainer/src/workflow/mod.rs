@@ -191,6 +191,19 @@ impl Workflow {
         self.state.status = "completed".into();
         self.save()
     }
+
+    /// The end of a workflow with a promoted adapter: mark it completed, say where the
+    /// adapter and the report are, and with `--json` print `final_report.json` on stdout.
+    pub fn finish_with_report(&mut self, adapter: &Path, json: bool) -> Result<()> {
+        self.finish()?;
+        eprintln!("done: adapter {}\n      report {}", adapter.display(), self.dir.join(REPORT_MD).display());
+        if json {
+            let path = self.dir.join(REPORT_JSON);
+            let report: Value = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Ok(())
+    }
 }
 
 /// `key: old in the workflow, new now` for every top-level key that differs.

@@ -206,9 +206,7 @@ pub fn run(args: RftArgs) -> Result<()> {
         };
         report::write(wf, &input)
     })?;
-    wf.finish()?;
-    eprintln!("done: adapter {}\n      report {}", fin.adapter.display(), wf.dir.join(super::REPORT_MD).display());
-    Ok(())
+    wf.finish_with_report(&fin.adapter, args.common.json)
 }
 
 fn wf_sweep_dir(cands: &[Candidate]) -> PathBuf {

@@ -59,6 +59,14 @@ pub struct WorkflowArgs {
     /// Continue the workflow in --output at the phase (and candidate) where it stopped.
     #[arg(long, help_heading = "Workflow")]
     pub resume: bool,
+    /// Print the report's data as one JSON object on stdout (`run classify`: per model
+    /// `accuracy`, `per_label` and `confusion`; the others: `final_report.json`); with
+    /// --detach, the job id.
+    #[arg(long, help_heading = "Workflow")]
+    pub json: bool,
+    /// The job-store row, --detach and --backend slurm (the whole workflow as one job).
+    #[command(flatten)]
+    pub job: crate::jobs::JobArgs,
 }
 
 impl WorkflowArgs {
@@ -277,9 +285,7 @@ pub fn run(args: SftArgs) -> Result<()> {
         };
         report::write(wf, &input)
     })?;
-    wf.finish()?;
-    eprintln!("done: adapter {}\n      report {}", fin.adapter.display(), wf.dir.join(super::REPORT_MD).display());
-    Ok(())
+    wf.finish_with_report(&fin.adapter, args.common.json)
 }
 
 fn comparison_md(c: &Comparison) -> String {

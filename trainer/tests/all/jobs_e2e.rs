@@ -199,3 +199,29 @@ fn slurm_dry_run_prints_the_sbatch_script_and_registers_nothing() {
     let local = lt(&home, &sft_args(&m, &d, &o, "5").into_iter().chain(["--dry-run"]).collect::<Vec<_>>());
     assert!(!local.status.success() && String::from_utf8_lossy(&local.stderr).contains("--backend slurm"));
 }
+
+#[test]
+fn a_workflow_is_a_job_detached_waited_for_and_its_gate_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let data = write_dataset(tmp.path(), "train.jsonl", 12);
+    let (m, d) = (tiny("qwen2"), data.display().to_string());
+    let out = tmp.path().join("wf").display().to_string();
+    let args = ["run", "sft", "--model", &m, "--dataset", &d, "--output", &out, "--devices", "cpu", "--steps", "2", "--candidate", "rank=4", "--calibration-steps", "0", "--skip-final"];
+    // In the background there is no terminal: without --yes it stops at the plan (status 3).
+    let id = detach(&home, &args);
+    let waited = lt(&home, &["jobs", "wait", &id.to_string()]);
+    assert_eq!(waited.status.code(), Some(3), "{}", String::from_utf8_lossy(&waited.stderr));
+    let j = job(&home, id);
+    assert_eq!((j["command"].as_str(), j["status"].as_str()), (Some("run sft"), Some("failed")), "{j}");
+    assert!(j["exit_reason"].as_str().unwrap_or_default().contains("--yes"), "{j}");
+    // Continued in the background with the approval given.
+    let mut yes = args.to_vec();
+    yes.extend(["--resume", "--yes"]);
+    let id = detach(&home, &yes);
+    let waited = lt(&home, &["jobs", "wait", &id.to_string()]);
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
+    let j = job(&home, id);
+    assert_eq!(j["status"], "completed", "{j}");
+    assert!(Path::new(&out).join("final_report.json").exists());
+}

@@ -198,3 +198,50 @@ fn resume_finishes_a_killed_sweep_to_the_same_adapters() {
     }
     assert_eq!(std::fs::read_to_string(out.join("candidates/r16-steps2/metrics.jsonl")).unwrap(), r16_metrics, "a completed candidate is not retrained");
 }
+
+/// The processes whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Fields after the command name (which may hold spaces) in parentheses: state, ppid.
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_sweep_killed_with_sigkill_takes_its_workers_down_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_dataset(tmp.path(), "train.jsonl", 10);
+    let out = tmp.path().join("sweep");
+    let (m, d, o) = (tiny("llama"), data.display().to_string(), out.display().to_string());
+    let mut args = sweep_args(&m, &d, &o);
+    args.extend(["--steps", "100000", "--checkpoint-interval", "100000", "--candidate", "rank=4"]);
+    let mut sweep = Command::new(bin()).args(&args).env("LORA_TRAIN_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let metrics = out.join("candidates/r4/metrics.jsonl");
+    let t0 = Instant::now();
+    // Wait until the worker trains (a step is written), then kill the sweep alone.
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 2) {
+        assert!(sweep.try_wait().unwrap().is_none(), "the sweep ended early");
+        assert!(t0.elapsed() < Duration::from_secs(120), "the worker never trained a step");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let workers = children_of(sweep.id());
+    assert_eq!(workers.len(), 1, "one worker process");
+    sweep.kill().unwrap();
+    sweep.wait().unwrap();
+    let worker_gone = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')));
+    let t1 = Instant::now();
+    while !worker_gone(workers[0]) {
+        assert!(t1.elapsed() < Duration::from_secs(60), "the worker outlived its sweep by 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It stopped the way `jobs cancel` stops a run: with a checkpoint to resume from.
+    let checkpoints = std::fs::read_dir(out.join("candidates/r4/checkpoints")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("step-")).count();
+    assert_eq!(checkpoints, 1, "the worker wrote its checkpoint on the way out");
+}
