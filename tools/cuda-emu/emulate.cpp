@@ -129,9 +129,10 @@ static void attention_case(const AttnCase& c, double tol) {
   const int* sp = has_seg ? dstarts.data() : nullptr;
   const float sc = (float)scale;
   const int dm = d <= 64 ? 64 : d <= 128 ? 128 : 256;
-  emu_launch({(unsigned)((tq + 63) / 64), (unsigned)hq, (unsigned)b}, 256, [&] {
-    if (dm == 64) attn_fwd_impl<T, 64>(q.data(), k.data(), v.data(), sp, o.data(), lse.data(), hq, hkv, tq, tk, d, ks0, ks1, sc);
-    else attn_fwd_impl<T, 128>(q.data(), k.data(), v.data(), sp, o.data(), lse.data(), hq, hkv, tq, tk, d, ks0, ks1, sc);
+  const int hp = tq < 64 ? rep : 1;  // as the host packs heads for short queries
+  emu_launch({(unsigned)((hp * tq + 63) / 64), (unsigned)(hq / hp), (unsigned)b}, 256, [&] {
+    if (dm == 64) attn_fwd_impl<T, 64>(q.data(), k.data(), v.data(), sp, o.data(), lse.data(), hq, hkv, tq, tk, d, ks0, ks1, sc, hp);
+    else attn_fwd_impl<T, 128>(q.data(), k.data(), v.data(), sp, o.data(), lse.data(), hq, hkv, tq, tk, d, ks0, ks1, sc, hp);
   });
   const long long rows = (long long)b * hq * tq;
   emu_launch({(unsigned)((rows + 7) / 8), 1, 1}, 256, [&] { attn_bwd_dot_impl<T>(g.data(), o.data(), delta.data(), rows, d); });
@@ -311,6 +312,7 @@ int main() {
   attention_case<float>({2, 4, 2, 70, 70, 64, {20, 30, 20}, 0}, 1e-5);
   attention_case<float>({1, 4, 2, 5, 45, 80, {30, 15}, 7}, 1e-5);
   attention_case<float>({2, 2, 1, 1, 40, 64, {}, 3}, 1e-5);
+  attention_case<float>({1, 8, 2, 20, 90, 64, {50, 40}, 5}, 1e-5);
   attention_case<bf16>({1, 2, 1, 37, 37, 64, {}, 0}, 2e-2);
   lora_case<float>(70, 96, 72, 128, 1e-5);
   lora_case<float>(33, 40, 20, 8, 1e-5);

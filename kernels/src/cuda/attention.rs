@@ -104,8 +104,11 @@ impl CustomOp3 for CausalAttentionCuda {
                 let (hq32, hkv32, tq32, tk32, d32) = (hq as i32, hkv as i32, tq as i32, tk as i32, d as i32);
                 l.arg(&qv).arg(&kv).arg(&vv);
                 push_opt(&mut l, sv.as_ref(), &null);
-                l.arg(&mut o).arg(&mut lse).arg(&hq32).arg(&hkv32).arg(&tq32).arg(&tk32).arg(&d32).arg(&ks0).arg(&ks1).arg(&self.scale);
-                unsafe { l.launch(cfg((ceil_div(tq, 64), hq as u32, b as u32), 256)) }.w()?;
+                // Short queries (decoding): the heads sharing a kv head fill one block's rows.
+                let hp = if tq < 64 { hq / hkv } else { 1 };
+                let hp32 = hp as i32;
+                l.arg(&mut o).arg(&mut lse).arg(&hq32).arg(&hkv32).arg(&tq32).arg(&tk32).arg(&d32).arg(&ks0).arg(&ks1).arg(&self.scale).arg(&hp32);
+                unsafe { l.launch(cfg((ceil_div(hp * tq, 64), (hq / hp) as u32, b as u32), 256)) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(o, dev.clone())
         });

@@ -72,14 +72,19 @@ __device__ __forceinline__ int at_start(const int* starts, int b, int tk, int po
 }
 
 // ------------------------------------------------------------------------------ forward
-// Grid: (ceil(tq / 64), hq, b). Writes O [b, hq, tq, d] and lse [b, hq, tq] (f32).
+// Writes O [b, hq, tq, d] and lse [b, hq, tq] (f32). `hp` query heads of one kv head are
+// packed into one block's rows (their planes are adjacent, so the hp x tq rows are
+// contiguous): hp = 1 for training shapes, hp = hq / hkv for short queries (decoding),
+// where one head alone would leave most of the 64 rows idle. Row r of the packed rows
+// is query (r % tq) of head h0 + r / tq.
+// Grid: (ceil(hp * tq / 64), hq / hp, b).
 #define AF_BQ 64
 
 template <typename T, int DMAX>
 __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* __restrict__ K,
                                               const T* __restrict__ V, const int* __restrict__ starts,
                                               T* __restrict__ O, float* __restrict__ lse, int hq, int hkv, int tq,
-                                              int tk, int D, i64 ks0, i64 ks1, float scale) {
+                                              int tk, int D, i64 ks0, i64 ks1, float scale, int hp) {
   constexpr int NJ = DMAX / 16;
   constexpr int STAGE = AT_DC * (AF_BQ + 1) + AT_DC * (AT_BK + 1);
   constexpr int VBUF = AT_BK * (DMAX + 1);
@@ -87,22 +92,33 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
   __shared__ float Ps[AF_BQ * (AT_BK + 1)];
   __shared__ float Ms[AF_BQ], Ls[AF_BQ], Al[AF_BQ];
   __shared__ int Lo[AF_BQ], Hi[AF_BQ];
+  __shared__ int Kb[2];
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * AF_BQ;
-  const int hk = h / (hq / hkv), off = tk - tq;
-  const T* Qp = Q + ((i64)b * hq + h) * tq * D;
+  const int b = blockIdx.z, h0 = blockIdx.y * hp, q0 = blockIdx.x * AF_BQ;
+  const int hk = h0 / (hq / hkv), off = tk - tq, rows = hp * tq;
+  const T* Qp = Q + ((i64)b * hq + h0) * tq * D;
   const T* Kp = K + b * ks0 + hk * ks1;
   const T* Vp = V + b * ks0 + hk * ks1;
-  const int nq = min(AF_BQ, tq - q0);
+  const int nq = min(AF_BQ, rows - q0);
   for (int r = threadIdx.x; r < AF_BQ; r += AT_NT) {
-    const int pos = q0 + r + off;
+    const int pos = (q0 + r) % tq + off;
     Lo[r] = r < nq ? at_start(starts, b, tk, pos) : 1;
     Hi[r] = r < nq ? pos : 0;
     Ms[r] = NEG_INF;
     Ls[r] = 0.f;
   }
   __syncthreads();
-  const int kbeg = Lo[0], kend = q0 + nq - 1 + off + 1;
+  if (threadIdx.x == 0) {  // the keys any row of the block sees
+    int lo = tk, hi = 0;
+    for (int r = 0; r < nq; ++r) {
+      lo = min(lo, Lo[r]);
+      hi = max(hi, Hi[r]);
+    }
+    Kb[0] = lo;
+    Kb[1] = hi + 1;
+  }
+  __syncthreads();
+  const int kbeg = Kb[0], kend = Kb[1];
   float o[4][NJ];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -110,7 +126,7 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
     for (int j = 0; j < NJ; ++j) o[i][j] = 0.f;
   for (int k0 = kbeg; k0 < kend; k0 += AT_BK) {
     float s[4][2];
-    at_scores<T, AF_BQ, 4>(s, buf, buf + AT_DC * (AF_BQ + 1), Qp, q0, tq, Kp, k0, tk, D);
+    at_scores<T, AF_BQ, 4>(s, buf, buf + AT_DC * (AF_BQ + 1), Qp, q0, rows, Kp, k0, tk, D);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -161,7 +177,7 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
     }
     __syncthreads();
   }
-  T* Op = O + ((i64)b * hq + h) * tq * D;
+  T* Op = O + ((i64)b * hq + h0) * tq * D;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int r = ty + 16 * i;
@@ -173,7 +189,7 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
       const int c = tx + 16 * j;
       if (c < D) Op[(i64)(q0 + r) * D + c] = from_f32<T>(o[i][j] * inv);
     }
-    if (tx == 0) lse[((i64)b * hq + h) * tq + q0 + r] = Ms[r] + __logf(l);
+    if (tx == 0) lse[((i64)b * hq + h0) * tq + q0 + r] = Ms[r] + __logf(l);
   }
 }
 
@@ -360,8 +376,8 @@ extern "C" __global__ void __launch_bounds__(1024) attn_seg_starts(const u32* __
 #define AT_FWD(T, DM)                                                                                       \
   extern "C" __global__ void __launch_bounds__(AT_NT, 2) attn_fwd_##T##_d##DM(                                 \
       const T *Q, const T *K, const T *V, const int *starts, T *O, float *lse, int hq, int hkv, int tq,       \
-      int tk, int D, i64 ks0, i64 ks1, float scale) {                                                       \
-    attn_fwd_impl<T, DM>(Q, K, V, starts, O, lse, hq, hkv, tq, tk, D, ks0, ks1, scale);                     \
+      int tk, int D, i64 ks0, i64 ks1, float scale, int hp) {                                               \
+    attn_fwd_impl<T, DM>(Q, K, V, starts, O, lse, hq, hkv, tq, tk, D, ks0, ks1, scale, hp);                 \
   }
 #define AT_BWD(T, DM, BQ)                                                                                   \
   extern "C" __global__ void __launch_bounds__(AT_NT) attn_bwd_##T##_d##DM(                                 \
