@@ -143,6 +143,16 @@ static void attention_case(const AttnCase& c, double tol) {
   char name[160];
   std::snprintf(name, sizeof name, "attention %s b%d h%d/%d t%d/%d d%d%s%s", sizeof(T) == 4 ? "f32" : "bf16", b, hq, hkv, tq, tk, d,
                 has_seg ? " seg" : "", c.pad ? " cache-view" : "");
+  if constexpr (sizeof(T) == 2) {  // the tensor-core forward (bf16/f16, d <= 128), same grid rows
+    std::vector<T> o2(o.size());
+    std::vector<float> lse2(lse.size());
+    emu_launch({(unsigned)((hp * tq + 63) / 64), (unsigned)(hq / hp), (unsigned)b}, 128, [&] {
+      if (dm == 64) attn_fwd_tc_impl<T, 64>(q.data(), k.data(), v.data(), sp, o2.data(), lse2.data(), hq, hkv, tq, tk, d, ks0, ks1, sc, hp);
+      else attn_fwd_tc_impl<T, 128>(q.data(), k.data(), v.data(), sp, o2.data(), lse2.data(), hq, hkv, tq, tk, d, ks0, ks1, sc, hp);
+    });
+    check(std::string(name) + " O (tensor cores)", rel(back(o2), O), tol);
+    check(std::string(name) + " lse (tensor cores)", rel(lse2, L), tol);
+  }
   check(std::string(name) + " O", rel(back(o), O), tol);
   check(std::string(name) + " lse", rel(lse, L), tol);
   check(std::string(name) + " dQ", rel(dq, dQ), tol);
@@ -314,6 +324,8 @@ int main() {
   attention_case<float>({2, 2, 1, 1, 40, 64, {}, 3}, 1e-5);
   attention_case<float>({1, 8, 2, 20, 90, 64, {50, 40}, 5}, 1e-5);
   attention_case<bf16>({1, 2, 1, 37, 37, 64, {}, 0}, 2e-2);
+  attention_case<bf16>({2, 4, 2, 150, 150, 128, {60, 90}, 0}, 2e-2);
+  attention_case<bf16>({1, 8, 2, 3, 100, 80, {40, 60}, 6}, 2e-2);
   lora_case<float>(70, 96, 72, 128, 1e-5);
   lora_case<float>(33, 40, 20, 8, 1e-5);
   lora_case<bf16>(70, 96, 136, 16, 2e-2);

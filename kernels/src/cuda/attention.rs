@@ -1,5 +1,7 @@
 //! CUDA path of [`crate::causal_attention`]: the flash-style kernels of `attention.cu`
 //! (forward saves the row log-sum-exp; backward recomputes probabilities tile by tile).
+//! The forward runs on tensor cores for bf16/f16 with head dim <= 128 (`attn_fwd_tc_*`),
+//! on CUDA cores otherwise; the backward on CUDA cores.
 //! Segment ids become per-key segment starts on the device (`attn_seg_starts`); no mask
 //! of any size is built, on the host or the device. GQA is handled by index (k/v are
 //! never repeated) and k/v may be KV-cache views whose (batch, head) planes are
@@ -97,7 +99,10 @@ impl CustomOp3 for CausalAttentionCuda {
             let sv = match &starts_g { Some((st, l)) => Some(view::<u32>(as_cuda(st)?, l)?), None => None };
             let mut o = unsafe { dev.alloc::<T>((b * hq * tq * d).max(1))? };
             if tq > 0 {
-                let f = rt::func(&dev, "attention", &format!("attn_fwd_{}_d{dm}", rt::suffix(q.dtype())?))?;
+                // bf16/f16 with d <= 128 on tensor cores; f32 and d > 128 on CUDA cores.
+                let tc = matches!(q.dtype(), DType::BF16 | DType::F16) && dm <= 128;
+                let name = if tc { format!("attn_fwd_tc_{}_d{dm}", rt::suffix(q.dtype())?) } else { format!("attn_fwd_{}_d{dm}", rt::suffix(q.dtype())?) };
+                let f = rt::func(&dev, "attention", &name)?;
                 let stream = dev.cuda_stream();
                 let mut l = stream.launch_builder(&f);
                 let null = 0u64;
@@ -108,7 +113,7 @@ impl CustomOp3 for CausalAttentionCuda {
                 let hp = if tq < 64 { hq / hkv } else { 1 };
                 let hp32 = hp as i32;
                 l.arg(&mut o).arg(&mut lse).arg(&hq32).arg(&hkv32).arg(&tq32).arg(&tk32).arg(&d32).arg(&ks0).arg(&ks1).arg(&self.scale).arg(&hp32);
-                unsafe { l.launch(cfg((ceil_div(hp * tq, 64), (hq / hp) as u32, b as u32), 256)) }.w()?;
+                unsafe { l.launch(cfg((ceil_div(hp * tq, 64), (hq / hp) as u32, b as u32), if tc { 128 } else { 256 })) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(o, dev.clone())
         });

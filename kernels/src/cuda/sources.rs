@@ -74,6 +74,7 @@ pub const MODULES: &[KernelModule] = &[
             "attn_fwd_float_d64", "attn_fwd_float_d128", "attn_fwd_float_d256",
             "attn_bwd_float_d64", "attn_bwd_float_d128", "attn_bwd_float_d256", "attn_bwd_dot_float",
             "attn_seg_starts",
+            "attn_fwd_tc_bf16_d64", "attn_fwd_tc_bf16_d128", "attn_fwd_tc_f16_d64", "attn_fwd_tc_f16_d128",
         ],
     },
     KernelModule { name: "adamw", source: include_str!("src/adamw.cu"), kernels: &["adamw_multi", "sqnorm_multi"] },

@@ -193,6 +193,151 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
   }
 }
 
+// ------------------------------------------------------------- forward on tensor cores
+// bf16/f16, head dim <= 128: the same contract and grid rows as attn_fwd_impl, computed
+// FlashAttention-2 style with mma.sync m16n8k16 (f32 accumulation): 4 warps, each owning
+// 16 of the block's 64 query rows; Q fragments stay in registers, key tiles of 64 are
+// staged as K [key][d] and V^T [d][key] (16-bit); S = Q K^T and O += P V on tensor cores,
+// the online softmax on the accumulator fragments (row statistics reduced over the 4
+// lanes of a quad; P is rounded to T before P V, as in FlashAttention-2).
+// Grid: (ceil(hp * tq / 64), hq / hp, b), 128 threads.
+#define TC_BK 64
+
+template <typename T, int DMAX>
+__device__ __forceinline__ void attn_fwd_tc_impl(const T* __restrict__ Q, const T* __restrict__ K,
+                                                 const T* __restrict__ V, const int* __restrict__ starts,
+                                                 T* __restrict__ O, float* __restrict__ lse, int hq, int hkv, int tq,
+                                                 int tk, int D, i64 ks0, i64 ks1, float scale, int hp) {
+  constexpr int LDK = DMAX + 8, LDV = TC_BK + 8;
+  constexpr int NK = DMAX / 16, ND = DMAX / 8, NT = TC_BK / 8;
+  __shared__ __align__(16) u16 Ks[TC_BK * LDK];
+  __shared__ __align__(16) u16 Vt[DMAX * LDV];
+  __shared__ int Lo[64], Hi[64];
+  __shared__ int Kb[2];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int b = blockIdx.z, h0 = blockIdx.y * hp, q0 = blockIdx.x * 64;
+  const int hk = h0 / (hq / hkv), off = tk - tq, rows = hp * tq;
+  const T* Qp = Q + ((i64)b * hq + h0) * tq * D;
+  const T* Kp = K + b * ks0 + hk * ks1;
+  const T* Vp = V + b * ks0 + hk * ks1;
+  const int nq = min(64, rows - q0);
+  for (int r = threadIdx.x; r < 64; r += 128) {
+    const int pos = (q0 + r) % tq + off;
+    Lo[r] = r < nq ? at_start(starts, b, tk, pos) : 1;
+    Hi[r] = r < nq ? pos : 0;
+  }
+  // Q tile through Ks into registers (A fragments of the warp's 16 rows)
+  stage_kmajor<T, T, 64, DMAX, LDK, 128>(Ks, Qp, D, q0, rows, 0, D, false);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int lo = tk, hi = 0;
+    for (int r = 0; r < nq; ++r) {
+      lo = min(lo, Lo[r]);
+      hi = max(hi, Hi[r]);
+    }
+    Kb[0] = lo;
+    Kb[1] = hi + 1;
+  }
+  u32 qf[NK][4];
+#pragma unroll
+  for (int kk = 0; kk < NK; ++kk) load_frag_a<LDK>(qf[kk], Ks, warp * 16, kk * 16, lane);
+  __syncthreads();
+  const int kbeg = Kb[0], kend = Kb[1];
+  const int r0 = warp * 16 + g, r1 = r0 + 8;  // this lane's two rows
+  const int lo0 = Lo[r0], hi0 = Hi[r0], lo1 = Lo[r1], hi1 = Hi[r1];
+  float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+  float o[ND][4];
+#pragma unroll
+  for (int j = 0; j < ND; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  for (int k0 = kbeg; k0 < kend; k0 += TC_BK) {
+    stage_kmajor<T, T, TC_BK, DMAX, LDK, 128>(Ks, Kp, D, k0, tk, 0, D, false);
+    stage_trans<T, T, DMAX, TC_BK, LDV, 128>(Vt, Vp + (i64)k0 * D, D, 0, D, 0, tk - k0, false);
+    __syncthreads();
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < NK; ++kk) {
+        u32 bf[2];
+        load_frag_b<LDK>(bf, Ks, nt * 8, kk * 16, lane);
+        mma16816<T>(s[nt], qf[kk], bf);
+      }
+    }
+    // mask, scale, running max
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + nt * 8 + 2 * t + (e & 1);
+        const bool vis = (e < 2) ? (key >= lo0 && key <= hi0) : (key >= lo1 && key <= hi1);
+        s[nt][e] = vis ? s[nt][e] * scale : NEG_INF;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float m_new = fmaxf(m[h], mx[h]);
+      alpha[h] = (m[h] == NEG_INF) ? 0.f : __expf(m[h] - m_new);
+      m[h] = m_new;
+      l[h] *= alpha[h];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float mh = m[e >> 1];
+        const float p = (mh == NEG_INF) ? 0.f : __expf(s[nt][e] - mh);
+        s[nt][e] = p;
+        l[e >> 1] += p;
+      }
+#pragma unroll
+    for (int j = 0; j < ND; ++j) {
+      o[j][0] *= alpha[0]; o[j][1] *= alpha[0];
+      o[j][2] *= alpha[1]; o[j][3] *= alpha[1];
+    }
+    // O += P V: the S accumulators of n-tiles 2j, 2j+1 are the A fragment of keys 16j..16j+15
+#pragma unroll
+    for (int j = 0; j < NT / 2; ++j) {
+      u32 pa[4];
+      pa[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
+      pa[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
+      pa[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
+      pa[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
+#pragma unroll
+      for (int dt = 0; dt < ND; ++dt) {
+        u32 bf[2];
+        load_frag_b<LDV>(bf, Vt, dt * 8, j * 16, lane);
+        mma16816<T>(o[dt], pa, bf);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+  T* Op = O + ((i64)b * hq + h0) * tq * D;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = h == 0 ? r0 : r1;
+    if (r >= nq) continue;
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < ND; ++dt) {
+      const int c = dt * 8 + 2 * t;
+      if (c < D) Op[(i64)(q0 + r) * D + c] = from_f32<T>(o[dt][2 * h] * inv);
+      if (c + 1 < D) Op[(i64)(q0 + r) * D + c + 1] = from_f32<T>(o[dt][2 * h + 1] * inv);
+    }
+    if (t == 0) lse[((i64)b * hq + h0) * tq + q0 + r] = m[h] + __logf(l[h]);
+  }
+}
+
 // ----------------------------------------------------------------------------- backward
 // Delta[row] = sum_c dO[row][c] * O[row][c] (f32), one warp per row, 8 rows per block.
 template <typename T>
@@ -387,6 +532,12 @@ extern "C" __global__ void __launch_bounds__(1024) attn_seg_starts(const u32* __
     attn_bwd_impl<T, DM, BQ>(Q, K, V, starts, dO, lse, delta, dQ, dK, dV, hq, hkv, tq, tk, D, ks0, ks1,     \
                              scale);                                                                        \
   }
+#define AT_FWD_TC(T, DM)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(128) attn_fwd_tc_##T##_d##DM(                                \
+      const T *Q, const T *K, const T *V, const int *starts, T *O, float *lse, int hq, int hkv, int tq,       \
+      int tk, int D, i64 ks0, i64 ks1, float scale, int hp) {                                               \
+    attn_fwd_tc_impl<T, DM>(Q, K, V, starts, O, lse, hq, hkv, tq, tk, D, ks0, ks1, scale, hp);              \
+  }
 #define AT_ALL(T)                                                                                           \
   AT_FWD(T, 64) AT_FWD(T, 128) AT_FWD(T, 256)                                                               \
   AT_BWD(T, 64, 64) AT_BWD(T, 128, 64) AT_BWD(T, 256, 32)                                                   \
@@ -398,3 +549,5 @@ extern "C" __global__ void __launch_bounds__(1024) attn_seg_starts(const u32* __
 AT_ALL(bf16)
 AT_ALL(f16)
 AT_ALL(float)
+AT_FWD_TC(bf16, 64) AT_FWD_TC(bf16, 128)
+AT_FWD_TC(f16, 64) AT_FWD_TC(f16, 128)
