@@ -41,6 +41,43 @@ pub fn gemm_ceiling_gflops(n: usize, reps: usize) -> f64 {
     2.0 * (n as f64).powi(3) / best / 1e9
 }
 
+/// Best-of-`reps` bf16 x bf16 -> f32 GEMM throughput (GFLOP/s) of an n^3 product
+/// through `lora_kernels::gemm_bf16` (AVX512-BF16, packing included), or None where
+/// the CPU has no bf16 dot product (bf16 matmuls then run the f32 GEMM).
+pub fn bf16_gemm_ceiling_gflops(n: usize, reps: usize) -> Option<f64> {
+    use lora_kernels::gemm_bf16::{matmul, AnyMat, Src};
+    if !lora_kernels::gemm_bf16::available() {
+        return None;
+    }
+    let a: Vec<half::bf16> = (0..n * n).map(|i| half::bf16::from_f32(((i * 7 % 13) as f32) * 0.01)).collect();
+    let mut c = vec![0f32; n * n];
+    let best = time_best(reps, || {
+        matmul(&mut c, n, false, AnyMat::new(Src::Bf16(&a), n, n), AnyMat::new(Src::Bf16(&a), n, n), 1.0);
+    });
+    std::hint::black_box(&c);
+    Some(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+/// What the benchmark ran on: CPU model and the SIMD features that pick our kernels.
+pub fn cpu_info() -> serde_json::Value {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    serde_json::json!({
+        "model": field("model name"),
+        "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "avx2": has("avx2"), "fma": has("fma"), "avx512f": has("avx512f"),
+        "avx512_bf16": has("avx512_bf16"), "amx_bf16": has("amx_bf16"), "amx_tile": has("amx_tile"),
+    })
+}
+
 /// Shapes needed to count the FLOPs of a step.
 pub struct StepShape {
     pub layers: usize,

@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use lora_benches::{gemm_ceiling_gflops, peak_rss_mb, StepShape};
+use lora_benches::{bf16_gemm_ceiling_gflops, cpu_info, gemm_ceiling_gflops, peak_rss_mb, StepShape};
 use lora_models::lora::LoraConfig;
 use std::time::Instant;
 
@@ -123,6 +123,7 @@ fn main() -> Result<()> {
     let a = parse()?;
     let dev = Device::Cpu;
     let gemm_gflops = gemm_ceiling_gflops(2048, 3);
+    let bf16_gflops = bf16_gemm_ceiling_gflops(2048, 3);
     let t_load = Instant::now();
     let mut loaded = lora_models::load_model(&a.model, &dev, a.dtype)?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -172,6 +173,13 @@ fn main() -> Result<()> {
     }
     // The ceiling again after the run; keep the better one (other jobs share the cores).
     let gemm_gflops = gemm_gflops.max(gemm_ceiling_gflops(2048, 3));
+    let bf16_gflops = bf16_gflops.zip(bf16_gemm_ceiling_gflops(2048, 3)).map(|(a, b)| a.max(b));
+    // The ceiling of the GEMM this run's frozen matmuls use: the bf16 kernel for bf16
+    // weights where the CPU has it, the f32 sgemm otherwise.
+    let ceiling = match (a.dtype, bf16_gflops) {
+        (DType::BF16, Some(g)) => g,
+        _ => gemm_gflops,
+    };
     let steps = a.steps.max(1) as f64;
     let step_s = each.iter().sum::<f64>() / steps;
     let shape = StepShape {
@@ -210,11 +218,15 @@ fn main() -> Result<()> {
         "load_s": load_s,
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_after_load_mb": rss_after_load_mb,
+        "cpu": cpu_info(),
+        "bf16_dot": lora_kernels::gemm_bf16::available(),
         "gemm_gflops": gemm_gflops,
+        "bf16_gemm_gflops": bf16_gflops,
+        "ceiling_gflops": ceiling,
         "model_gflop_per_step": flops / 1e9,
         "achieved_gflops": flops / 1e9 / step_s,
-        "mfu": flops / 1e9 / step_s / gemm_gflops,
-        "floor_step_s": flops / 1e9 / gemm_gflops,
+        "mfu": flops / 1e9 / step_s / ceiling,
+        "floor_step_s": flops / 1e9 / ceiling,
         "profile": if a.profile { serde_json::Value::Object(profile) } else { serde_json::Value::Null },
         "profile_other_s_per_step": if a.profile { serde_json::json!(step_s - in_ops / steps) } else { serde_json::Value::Null },
     });
