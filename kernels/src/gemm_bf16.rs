@@ -23,6 +23,7 @@ use crate::cpu::Elem;
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Rows of a micro-tile.
@@ -148,6 +149,13 @@ impl PackedB {
 }
 
 static DETECTED: OnceLock<bool> = OnceLock::new();
+static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many products the bf16 kernel has computed in this process (tests check
+/// that a path really ran it).
+pub fn calls() -> usize {
+    CALLS.load(Ordering::Relaxed)
+}
 thread_local! {
     static FORCE_FALLBACK: Cell<bool> = const { Cell::new(false) };
 }
@@ -202,6 +210,7 @@ pub fn matmul(dst: &mut [f32], ld: usize, accumulate: bool, a: AnyMat, b: AnyMat
 /// As [`matmul`] with B already packed.
 pub fn matmul_packed(dst: &mut [f32], ld: usize, accumulate: bool, a: AnyMat, b: &PackedB, alpha: f32) {
     assert!(cpu_has_bf16_dot(), "bf16 GEMM called on a CPU without AVX512-BF16");
+    CALLS.fetch_add(1, Ordering::Relaxed);
     let (m, k, n) = (a.rows, a.cols, b.n);
     assert_eq!(k, b.k, "matmul inner dims");
     if m == 0 || n == 0 {
