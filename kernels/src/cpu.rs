@@ -266,9 +266,12 @@ pub(crate) fn frozen_matmul(dst: &mut [f32], accumulate: bool, x: &[f32], n: usi
         let (ws, wl) = wc.storage_and_layout();
         let (start, end) = wl.contiguous_offsets().unwrap_or((0, 0));
         let CpuStorage::BF16(wv) = cpu_storage(&ws, op)? else { bail!("{op}: bf16 weight expected") };
-        let wm = AnyMat::new(Src::Bf16(&wv[start..end]), out, in_);
-        let b = if prod == WProd::XWt { wm.t() } else { wm };
-        crate::gemm_bf16::matmul(dst, cols, accumulate, AnyMat::new(Src::F32(x), n, k), b, 1.0);
+        let xm = AnyMat::new(Src::F32(x), n, k);
+        let wv = &wv[start..end];
+        match prod {
+            WProd::XWt => crate::gemm_bf16::matmul_xwt(dst, cols, accumulate, xm, wv, out, 1.0),
+            WProd::GW => crate::gemm_bf16::matmul(dst, cols, accumulate, xm, AnyMat::new(Src::Bf16(wv), out, in_), 1.0),
+        }
         return Ok(());
     }
     bind_f32!(wv = w, op);

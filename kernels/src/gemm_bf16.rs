@@ -236,7 +236,7 @@ pub fn matmul_packed(dst: &mut [f32], ld: usize, accumulate: bool, a: AnyMat, b:
             let ap = &pa[pi * kp * MR..(pi + 1) * kp * MR];
             // SAFETY: the CPU has AVX512-BF16 (asserted above); the panels hold kp
             // pairs of MR and NR lanes.
-            unsafe { x86::tile(ap.as_ptr(), bp.as_ptr(), kp, &mut tile) };
+            unsafe { x86::tile(ap.as_ptr(), 1, MR, bp.as_ptr(), kp, &mut tile) };
             for (i, row) in tile.iter().enumerate().take(MR.min(m - pi * MR)) {
                 let r = pi * MR + i;
                 // SAFETY: tiles of different tasks cover disjoint (row, column) cells
@@ -252,27 +252,103 @@ pub fn matmul_packed(dst: &mut [f32], ld: usize, accumulate: bool, a: AnyMat, b:
     });
 }
 
+/// `dst [n, out] (leading dim ld) = [dst +] alpha * x [n, k] W^T` for a row-major
+/// bf16 `w` [out, k]: the forward of a frozen linear. Computed as `(W x^T)^T`, so W
+/// is read in place as the A operand (its rows already hold consecutive k pairs) and
+/// only the activations are packed: no per-call copy of the weight. Odd k packs W.
+pub fn matmul_xwt(dst: &mut [f32], ld: usize, accumulate: bool, x: AnyMat, w: &[bf16], out: usize, alpha: f32) {
+    assert!(cpu_has_bf16_dot(), "bf16 GEMM called on a CPU without AVX512-BF16");
+    let (n, k) = (x.rows, x.cols);
+    assert!(w.len() >= out * k, "weight buffer too small");
+    if k % 2 == 1 {
+        let wm = AnyMat::new(Src::Bf16(w), out, k);
+        return matmul(dst, ld, accumulate, x, wm.t(), alpha);
+    }
+    CALLS.fetch_add(1, Ordering::Relaxed);
+    if n == 0 || out == 0 {
+        return;
+    }
+    assert!(ld >= out && dst.len() >= (n - 1) * ld + out, "matmul dst too small");
+    let kp = k / 2;
+    // SAFETY: bf16 is a u16; k is even, so row j's pairs are u32 j*kp..(j+1)*kp
+    // (read unaligned below).
+    let w32 = w.as_ptr() as *const u32;
+    let xt = PackedB::new(&x.t()); // [k, n]: tokens are the columns
+    let row_panels = out.div_ceil(MR);
+    let col_panels = n.div_ceil(NR);
+    let per_task = (ROWS_PER_TASK / MR).max(1);
+    let row_tasks = row_panels.div_ceil(per_task);
+    let dptr = SendPtr(dst.as_mut_ptr());
+    let wptr = SendConst(w32);
+    // Tasks: token panel outer (B micro-panel reused from L2), weight rows inner.
+    (0..col_panels * row_tasks).into_par_iter().for_each(|t| {
+        let (dptr, wptr) = (dptr, wptr);
+        let (pj, rt) = (t / row_tasks, t % row_tasks);
+        let bp = &xt.data[pj * kp * NR..(pj + 1) * kp * NR];
+        let width = NR.min(n - pj * NR);
+        let mut tile = [[0f32; NR]; MR];
+        let mut tail = Vec::new();
+        for pi in rt * per_task..((rt + 1) * per_task).min(row_panels) {
+            let rows = MR.min(out - pi * MR);
+            // SAFETY: full panels read rows pi*MR..pi*MR+MR < out of w; a partial last
+            // panel is copied into a zero-padded packed panel first.
+            unsafe {
+                if rows == MR {
+                    x86::tile(wptr.0.add(pi * MR * kp), kp, 1, bp.as_ptr(), kp, &mut tile);
+                } else {
+                    tail.clear();
+                    tail.resize(kp * MR, 0u32);
+                    for i in 0..rows {
+                        for p in 0..kp {
+                            tail[p * MR + i] = std::ptr::read_unaligned(wptr.0.add((pi * MR + i) * kp + p));
+                        }
+                    }
+                    x86::tile(tail.as_ptr(), 1, MR, bp.as_ptr(), kp, &mut tile);
+                }
+            }
+            // tile[i][jj] = y[token pj*NR+jj, feature pi*MR+i]: stored transposed.
+            for jj in 0..width {
+                let r = pj * NR + jj;
+                // SAFETY: each task owns features pi*MR.. of tokens pj*NR.., disjoint
+                // across tasks and inside the asserted bounds.
+                let d = unsafe { std::slice::from_raw_parts_mut(dptr.0.add(r * ld + pi * MR), rows) };
+                for (i, d) in d.iter_mut().enumerate() {
+                    let v = alpha * tile[i][jj];
+                    *d = if accumulate { *d + v } else { v };
+                }
+            }
+        }
+    });
+}
+
+#[derive(Clone, Copy)]
+struct SendConst(*const u32);
+unsafe impl Send for SendConst {}
+unsafe impl Sync for SendConst {}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// `tile = A_panel @ B_panel` over `kp` pairs.
+    /// `tile = A_panel @ B_panel` over `kp` pairs; A's pair p of row i is at
+    /// `ap[i * a_rs + p * a_ps]` (packed panel: `a_rs = 1, a_ps = MR`; rows of a
+    /// row-major bf16 matrix read in place: `a_rs = kp, a_ps = 1`).
     ///
     /// # Safety
-    /// The CPU must have AVX512F and AVX512-BF16; `ap` holds `kp * MR` and `bp`
-    /// `kp * NR` pairs.
+    /// The CPU must have AVX512F and AVX512-BF16; `ap` covers every (i, p) above and
+    /// `bp` holds `kp * NR` pairs.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(ap: *const u32, bp: *const u32, kp: usize, tile: &mut [[f32; NR]; MR]) {
+    pub(super) unsafe fn tile(ap: *const u32, a_rs: usize, a_ps: usize, bp: *const u32, kp: usize, tile: &mut [[f32; NR]; MR]) {
         let mut acc = [[_mm512_setzero_ps(); 3]; MR];
         for p in 0..kp {
             let b = bp.add(p * NR) as *const __m512i;
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(1)));
             let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(2)));
-            let a = ap.add(p * MR);
+            let a = ap.add(p * a_ps);
             for (i, acc) in acc.iter_mut().enumerate() {
-                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i) as i32));
+                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i * a_rs) as i32));
                 acc[0] = _mm512_dpbf16_ps(acc[0], ai, b0);
                 acc[1] = _mm512_dpbf16_ps(acc[1], ai, b1);
                 acc[2] = _mm512_dpbf16_ps(acc[2], ai, b2);
@@ -288,7 +364,7 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
-    pub(super) unsafe fn tile(_: *const u32, _: *const u32, _: usize, _: &mut [[f32; super::NR]; super::MR]) {
+    pub(super) unsafe fn tile(_: *const u32, _: usize, _: usize, _: *const u32, _: usize, _: &mut [[f32; super::NR]; super::MR]) {
         unreachable!("bf16 GEMM without x86_64")
     }
 }
@@ -324,7 +400,7 @@ mod tests {
             return;
         }
         // Odd k, partial row and column panels, several row tasks.
-        for &(m, k, n) in &[(1, 1, 1), (9, 37, 50), (130, 576, 97), (256, 64, 192)] {
+        for &(m, k, n) in &[(1, 1, 1), (9, 37, 50), (130, 576, 97), (256, 64, 192), (50, 2, 3), (7, 300, 1030)] {
             let av = data(m * k, 1);
             let bv = data(k * n, 2);
             let ab: Vec<bf16> = av.iter().map(|v| bf16::from_f32(*v)).collect();
@@ -352,6 +428,15 @@ mod tests {
                 for (g, w) in got.iter().zip(&want) {
                     assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}x{k}x{n}: {g} vs {w}");
                 }
+            }
+            // The forward entry point: W [n, k] bf16 read in place (k odd takes the packed path).
+            let btb: Vec<bf16> = bt.iter().map(|v| bf16::from_f32(*v)).collect();
+            let a = AnyMat::new(Src::F32(&av), m, k);
+            let want = naive(&a, &AnyMat::new(Src::Bf16(&btb), n, k).t());
+            let mut got = vec![1f32; m * n];
+            matmul_xwt(&mut got, n, true, a, &btb, n, 0.5);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - (1.0 + 0.5 * w)).abs() <= 1e-4 * (1.0 + w.abs()), "xwt {m}x{k}x{n}: {g} vs {}", 1.0 + 0.5 * w);
             }
         }
         assert_eq!(round(1.0), 1.0);

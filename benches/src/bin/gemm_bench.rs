@@ -55,15 +55,28 @@ fn main() {
         });
         let bf16_s = gemm_bf16::available().then(|| {
             time_best(reps, || {
+                let xm = AnyMat::new(Src::F32(&x), m, k);
+                if wt {
+                    // The forward entry point: W read in place, x packed.
+                    gemm_bf16::matmul_xwt(&mut c, n, false, xm, &wb, n, 1.0)
+                } else {
+                    let bm = AnyMat { data: Src::Bf16(&wb), rows: k, cols: n, rs: b_rs, cs: b_cs };
+                    gemm_bf16::matmul(&mut c, n, false, xm, bm, 1.0)
+                }
+            })
+        });
+        let pack_s = gemm_bf16::available().then(|| {
+            time_best(reps, || {
                 let bm = AnyMat { data: Src::Bf16(&wb), rows: k, cols: n, rs: b_rs, cs: b_cs };
-                gemm_bf16::matmul(&mut c, n, false, AnyMat::new(Src::F32(&x), m, k), bm, 1.0)
+                std::hint::black_box(gemm_bf16::PackedB::new(&bm));
             })
         });
         let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
         println!(
             "{}",
             serde_json::json!({"shape": name, "m": m, "k": k, "n": n,
-                "f32_gflops": gf(f32_s), "bf16_widen_f32_gflops": gf(widen_s), "bf16_dot_gflops": bf16_s.map(gf)})
+                "f32_gflops": gf(f32_s), "bf16_widen_f32_gflops": gf(widen_s), "bf16_dot_gflops": bf16_s.map(gf),
+                "bf16_pack_b_share": bf16_s.zip(pack_s).map(|(t, p)| p / t)})
         );
     }
 }

@@ -24,7 +24,8 @@ fn chunk_rows(vocab: usize) -> usize {
 /// weight prepared once per call: packed for the bf16 kernel (bf16 hidden states and
 /// lm_head on an AVX512-BF16 CPU, see `cpu::use_bf16_dot`), else an f32 view.
 enum LmHead<'a> {
-    Bf16 { t: gemm_bf16::PackedB, plain: Option<gemm_bf16::PackedB>, v: usize, h: usize },
+    /// `w` is read in place for the logits; `plain` is packed for d(hidden).
+    Bf16 { w: &'a [half::bf16], plain: Option<gemm_bf16::PackedB>, v: usize, h: usize },
     F32 { w: std::borrow::Cow<'a, [f32]>, v: usize, h: usize },
 }
 
@@ -36,7 +37,7 @@ impl<'a> LmHead<'a> {
                 use gemm_bf16::{AnyMat, PackedB, Src};
                 let wm = AnyMat::new(Src::Bf16(&w[start..end]), v, h);
                 let plain = if want_grad { Some(PackedB::new(&wm)) } else { None };
-                return Ok(LmHead::Bf16 { t: PackedB::new(&wm.t()), plain, v, h });
+                return Ok(LmHead::Bf16 { w: &w[start..end], plain, v, h });
             }
         }
         Ok(LmHead::F32 { w: f32_view(lm, l, op)?, v, h })
@@ -45,7 +46,7 @@ impl<'a> LmHead<'a> {
     /// `logits [m, v] = hidden [m, h] lm_head^T`.
     fn logits(&self, lg: &mut [f32], hc: &[f32], m: usize) {
         match self {
-            LmHead::Bf16 { t, v, h, .. } => gemm_bf16::matmul_packed(lg, *v, false, gemm_bf16::AnyMat::new(gemm_bf16::Src::F32(hc), m, *h), t, 1.0),
+            LmHead::Bf16 { w, v, h, .. } => gemm_bf16::matmul_xwt(lg, *v, false, gemm_bf16::AnyMat::new(gemm_bf16::Src::F32(hc), m, *h), w, *v, 1.0),
             LmHead::F32 { w, v, h } => matmul(lg, false, Mat::new(hc, m, *h), Mat::new(w, *v, *h).t(), 1.0, Par::All),
         }
     }
@@ -91,7 +92,9 @@ impl CustomOp1 for LinearCrossEntropy {
         let hid = f32_view(s, l, op)?;
         let lm_c = self.lm_head.contiguous()?;
         let lm_g = lm_c.storage_and_layout();
+        let _pp = crate::profile::part("linear-cross-entropy/prepare");
         let lm_prod = LmHead::new(crate::cpu::cpu_storage(&lm_g.0, op)?, lm_g.1, s.dtype(), self.want_grad, op)?;
+        drop(_pp);
         let active: Vec<usize> = match &self.weights {
             Some(w) => (0..n).filter(|&i| w[i] != 0.0).collect(),
             None => (0..n).collect(),
@@ -109,7 +112,10 @@ impl CustomOp1 for LinearCrossEntropy {
                 hc[j * h..(j + 1) * h].copy_from_slice(&hid[i * h..(i + 1) * h]);
             }
             let lg = &mut logits[..m * v];
-            lm_prod.logits(lg, &hc[..m * h], m);
+            {
+                let _p = crate::profile::part("linear-cross-entropy/logits");
+                lm_prod.logits(lg, &hc[..m * h], m);
+            }
             let want_grad = self.want_grad;
             let nll: Vec<f32> = lg
                 .par_chunks_mut(v)
@@ -134,6 +140,7 @@ impl CustomOp1 for LinearCrossEntropy {
                 loss[i] = l;
             }
             if self.want_grad {
+                let _p = crate::profile::part("linear-cross-entropy/dhidden");
                 lm_prod.dhidden(&mut dhc[..m * h], lg, m);
                 for (j, &i) in rows.iter().enumerate() {
                     dh[i * h..(i + 1) * h].copy_from_slice(&dhc[j * h..(j + 1) * h]);

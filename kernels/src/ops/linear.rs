@@ -150,7 +150,11 @@ impl CustomOp3 for LoraLinear {
         let x = f32_view(sx, lx, op)?;
         let a = f32_view(sa, la, op)?;
         let b = f32_view(sb, lb, op)?;
-        let mut y = base_forward(&x, n, k, &self.w, self.bias.as_ref(), sx.dtype(), op)?;
+        let mut y = {
+            let _p = crate::profile::part("lora-linear/base");
+            base_forward(&x, n, k, &self.w, self.bias.as_ref(), sx.dtype(), op)?
+        };
+        let _p = crate::profile::part("lora-linear/lora+casts");
         let mut xa = crate::cpu::uninit::<f32>(n * r);
         matmul(&mut xa, false, Mat::new(&x, n, k), Mat::new(&a, r, k).t(), 1.0, Par::All);
         matmul(&mut y, true, Mat::new(&xa, n, r), Mat::new(&b, out, r).t(), self.scale as f32, Par::All);
@@ -227,7 +231,10 @@ impl LoraLinear {
         };
         let dx = if x.track_op() {
             let mut dx = crate::cpu::uninit::<f32>(n * k);
-            frozen_matmul(&mut dx, false, g.data, n, &self.w, WProd::GW, grad.dtype(), op)?;
+            {
+                let _p = crate::profile::part("lora-linear-bwd/base-dx");
+                frozen_matmul(&mut dx, false, g.data, n, &self.w, WProd::GW, grad.dtype(), op)?;
+            }
             matmul(&mut dx, true, Mat::new(&gx, n, r), Mat::new(&av, r, k), 1.0, Par::All);
             Some(tensor_from_f32(dx, x.shape(), x.dtype())?)
         } else {
