@@ -65,6 +65,9 @@ for case in cases:
                 if f32:
                     line += f"; vs our f32: {o['tokens_per_s'] / f32['tokens_per_s']:.2f}x tokens/s (target >= 0.95x), {o['peak_rss_mb'] / f32['peak_rss_mb']:.2f}x RSS (target <= 0.75x)"
             print(line)
+            if t.get("tokens_per_cpu_s") and o.get("tokens_per_cpu_s"):
+                print(f"  per CPU-second: torch {t['tokens_per_cpu_s']:.1f}, ours {o['tokens_per_cpu_s']:.1f} tokens -> {o['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x"
+                      f" (CPU share of their threads' cores: torch {t.get('cpu_share', float('nan')):.2f}, ours {o.get('cpu_share', float('nan')):.2f})")
             ceiling = o.get("ceiling_gflops", o["gemm_gflops"])
             print(f"  step = {o['model_gflop_per_step']:.0f} GFLOP; ceiling {ceiling:.0f} GFLOP/s ({'bf16 dot' if ceiling != o['gemm_gflops'] else 'sgemm'})"
                   f" -> floor {o['floor_step_s']:.3f}s; ours {o['achieved_gflops']:.0f} GFLOP/s = MFU {o['mfu']*100:.0f}%;"
@@ -77,5 +80,6 @@ for case in cases:
                 print(f"    {'other (candle ops)':28s} {o['profile_other_s_per_step']:.3f}  ({o['profile_other_s_per_step']/o['step_s']*100:4.1f}%)")
             summary["runs"].append({"case": case, "dtype": dt, "impl": label, "torch_tokens_per_s": t["tokens_per_s"], "ours_tokens_per_s": o["tokens_per_s"],
                                     "torch_peak_rss_mb": t["peak_rss_mb"], "ours_peak_rss_mb": o["peak_rss_mb"], "speed_ratio": sp, "rss_ratio": rss,
+                                    "per_cpu_s_ratio": (o["tokens_per_cpu_s"] / t["tokens_per_cpu_s"]) if t.get("tokens_per_cpu_s") and o.get("tokens_per_cpu_s") else None,
                                     "floor_step_s": o["floor_step_s"], "mfu": o["mfu"], "target": tgt})
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)

@@ -18,6 +18,19 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU seconds (user + system) this process has used so far (/proc/self/stat; its
+/// clock ticks are 100 per second on Linux).
+pub fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14, 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    if f.len() < 13 {
+        return f64::NAN;
+    }
+    (f[11] + f[12]) / 100.0
+}
+
 /// Best-of-`reps` f32 GEMM throughput (GFLOP/s) of an n^3 product through the
 /// `gemm` crate on all rayon threads: this machine's practical FLOP ceiling.
 pub fn gemm_ceiling_gflops(n: usize, reps: usize) -> f64 {

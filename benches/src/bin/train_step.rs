@@ -143,6 +143,7 @@ fn main() -> Result<()> {
     let mut each = vec![];
     let (mut fwd_s, mut bwd_s, mut opt_s) = (0.0, 0.0, 0.0);
     let mut last_loss = f32::NAN;
+    let mut cpu_s = 0.0;
     let mut grads_ok = true;
     for step in 0..a.warmup + a.steps {
         let timed = step >= a.warmup;
@@ -151,6 +152,7 @@ fn main() -> Result<()> {
         }
         let ids = Tensor::from_vec(batch_ids(&mut rng, b * t, cfg.vocab_size), (b, t), &dev)?;
         let t0 = Instant::now();
+        let c0 = lora_benches::process_cpu_s();
         let hidden = model.forward_hidden(&ids, &positions, None)?;
         let loss = (model.loss_sum(&hidden, &ids, &mask)? / (b * (t - 1)) as f64)?;
         last_loss = loss.to_scalar::<f32>()?;
@@ -166,6 +168,7 @@ fn main() -> Result<()> {
         let t3 = Instant::now();
         if timed {
             each.push((t3 - t0).as_secs_f64());
+            cpu_s += lora_benches::process_cpu_s() - c0;
             fwd_s += (t1 - t0).as_secs_f64();
             bwd_s += (t2 - t1).as_secs_f64();
             opt_s += (t3 - t2).as_secs_f64();
@@ -216,6 +219,10 @@ fn main() -> Result<()> {
         "tokens_per_s": (b * t) as f64 / step_s,
         "step_s": step_s,
         "step_s_each": each,
+        // On a shared machine: how much of its threads' cores the step got (1.0 = all),
+        // and tokens per CPU-second (comparable across loads, like the PyTorch side's).
+        "cpu_share": cpu_s / (each.iter().sum::<f64>() * rayon::current_num_threads() as f64),
+        "tokens_per_cpu_s": (b * t) as f64 * steps / cpu_s,
         "fwd_s": fwd_s / steps, "bwd_s": bwd_s / steps, "opt_s": opt_s / steps,
         "load_s": load_s,
         "peak_rss_mb": peak_rss_mb(),
