@@ -40,12 +40,13 @@ impl FusedWeights {
         Ok(Some(Self { weight, bias }))
     }
 
-    /// The members' outputs on `x` from one GEMM over the concatenated weight plus
+    /// The members' outputs on `x`, concatenated along the last dim (callers take
+    /// views, so no per-member copy stays in the graph), from one GEMM over the concatenated weight plus
     /// each member's LoRA term: `x W_cat^T + (x A_cat^T) B_bd^T`, with A_cat the
     /// members' A stacked and B_bd block-diagonal (member i's `scale_i B_i` in its
     /// rows and rank columns). None when a member needs another path (several
     /// adapters, partial rows, dropout): then each projection runs on its own.
-    fn forward(&self, members: &[&Linear], x: &Tensor) -> candle_core::Result<Option<Vec<Tensor>>> {
+    fn forward(&self, members: &[&Linear], x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let mut paths = Vec::with_capacity(members.len());
         for l in members {
             match l.plain_path(x)? {
@@ -74,14 +75,7 @@ impl FusedWeights {
             let b_bd = Tensor::cat(&blocks, 0)?;
             lora_kernels::lora_linear(x, &self.weight, self.bias.as_ref(), &a_cat, &b_bd, 1.0)?
         };
-        let last = y.rank() - 1;
-        let mut off = 0;
-        let mut outs = Vec::with_capacity(members.len());
-        for l in members {
-            outs.push(y.narrow(last, off, l.out_features())?);
-            off += l.out_features();
-        }
-        Ok(Some(outs))
+        Ok(Some(y))
     }
 }
 
@@ -456,14 +450,11 @@ impl Decoder {
                 Some(f) => f.forward(&[&mlp.gate_proj, &mlp.up_proj], &x)?,
                 None => None,
             };
-            let (gate, up) = match fused {
-                Some(mut o) => {
-                    let up = o.pop().expect("two outputs");
-                    (o.pop().expect("two outputs"), up)
-                }
-                None => (mlp.gate_proj.forward(&x)?, mlp.up_proj.forward(&x)?),
+            let act = match fused {
+                // [gate | up] read in place by the op.
+                Some(y) => lora_kernels::swiglu_cat(&y)?,
+                None => lora_kernels::swiglu(&mlp.gate_proj.forward(&x)?, &mlp.up_proj.forward(&x)?)?,
             };
-            let act = lora_kernels::swiglu(&gate, &up)?;
             h = (residual + mlp.down_proj.forward(&act)?)?;
         }
         lora_kernels::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
@@ -485,17 +476,16 @@ impl Decoder {
             Some(f) => f.forward(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], x)?,
             None => None,
         };
-        let (q, k, v) = match fused {
-            Some(mut o) => {
-                let v = o.pop().expect("three outputs");
-                let k = o.pop().expect("three outputs");
-                (o.pop().expect("three outputs"), k, v)
+        let (mut q, mut k, v) = match fused {
+            // [b, t, nh + 2 nkv, hd] is a view of the fused output; q/k/v are strided
+            // views of it ([b, heads, t, hd] with unit stride in hd, which rope and
+            // attention read in place).
+            Some(y) => {
+                let y = y.reshape((b, t, nh + 2 * nkv, hd))?;
+                (y.narrow(2, 0, nh)?.transpose(1, 2)?, y.narrow(2, nh, nkv)?.transpose(1, 2)?, y.narrow(2, nh + nkv, nkv)?.transpose(1, 2)?)
             }
-            None => (attn.q_proj.forward(x)?, attn.k_proj.forward(x)?, attn.v_proj.forward(x)?),
+            None => (heads(attn.q_proj.forward(x)?, nh)?, heads(attn.k_proj.forward(x)?, nkv)?, heads(attn.v_proj.forward(x)?, nkv)?),
         };
-        let mut q = heads(q, nh)?;
-        let mut k = heads(k, nkv)?;
-        let v = heads(v, nkv)?;
         if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
             q = lora_kernels::rms_norm(&q, qn, self.cfg.rms_norm_eps)?;
             k = lora_kernels::rms_norm(&k, kn, self.cfg.rms_norm_eps)?;

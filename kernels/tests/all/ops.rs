@@ -370,3 +370,22 @@ fn rope_strided_input_gradient() {
         );
     }
 }
+
+#[test]
+fn swiglu_cat_matches_reference() {
+    for dtype in DTYPES {
+        for shape in [vec![2, 9, 74], vec![5, 96], vec![1, 3, 3072]] {
+            let i = shape[shape.len() - 1] / 2;
+            check(
+                "swiglu_cat",
+                dtype,
+                vec![inp((randn(&shape) * 2.0).unwrap(), true)],
+                |t| k::swiglu_cat(&t[0]),
+                move |t| {
+                    let last = t[0].rank() - 1;
+                    r::swiglu(&t[0].narrow(last, 0, i)?, &t[0].narrow(last, i, i)?)
+                },
+            );
+        }
+    }
+}
