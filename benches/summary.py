@@ -37,7 +37,8 @@ targets = {
     "bf16": (2.0, 0.5) if avx512 else None,
 }
 long_target = (2.0, 0.5)
-print(f"machine: {cpu.get('model', '?')}, {cpu.get('logical_cpus', os.cpu_count())} logical CPUs, kind: {kind}")
+print(f"machine: {cpu.get('model', '?')} (family {cpu.get('family')}, model {cpu.get('model_number')}, stepping {cpu.get('stepping')}),"
+      f" {cpu.get('logical_cpus', os.cpu_count())} logical CPUs, kind: {kind}")
 print("  flags: " + ", ".join(f"{f}={'yes' if cpu.get(f) else 'no'}" for f in ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]))
 print(f"  ceilings (in-process, best of before/after each run): sgemm 2048^3 {first.get('gemm_gflops', float('nan')):.0f} GFLOP/s"
       + (f", bf16 dot 2048^3 {first['bf16_gemm_gflops']:.0f} GFLOP/s" if first.get("bf16_gemm_gflops") else ", no bf16 dot product (bf16 computes in f32)"))

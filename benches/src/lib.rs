@@ -83,8 +83,12 @@ pub fn cpu_info() -> serde_json::Value {
     };
     let flags = field("flags");
     let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let num = |name: &str| field(name).parse::<u32>().ok();
     serde_json::json!({
         "model": field("model name"),
+        // AMD: family 25 = Zen 3/4 (model 17 = Genoa, Zen 4: 512-bit ops on 256-bit
+        // units), 26 = Zen 5 (full 512-bit units, ~2x the AVX-512 FLOP rate).
+        "family": num("cpu family"), "model_number": num("model"), "stepping": num("stepping"),
         "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "avx2": has("avx2"), "fma": has("fma"), "avx512f": has("avx512f"),
         "avx512_bf16": has("avx512_bf16"), "amx_bf16": has("amx_bf16"), "amx_tile": has("amx_tile"),
