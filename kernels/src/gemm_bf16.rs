@@ -199,6 +199,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// A method, so closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `dst (m x n, leading dim ld) = [dst +] alpha * a @ b` in bf16 x bf16 -> f32, on all
 /// rayon threads. Panics if the CPU lacks AVX512-BF16: check [`available`] first.
 pub fn matmul(dst: &mut [f32], ld: usize, accumulate: bool, a: AnyMat, b: AnyMat, alpha: f32) {
@@ -225,7 +232,6 @@ pub fn matmul_packed(dst: &mut [f32], ld: usize, accumulate: bool, a: AnyMat, b:
     // Task order: column panel outer, so consecutive tasks (one thread's share)
     // reuse the same B micro-panel from L2.
     (0..col_panels * row_tasks).into_par_iter().for_each(|t| {
-        let out = out;
         let (pj, rt) = (t / row_tasks, t % row_tasks);
         let bp = &b.data[pj * kp * NR..(pj + 1) * kp * NR];
         let width = NR.min(n - pj * NR);
@@ -241,7 +247,7 @@ pub fn matmul_packed(dst: &mut [f32], ld: usize, accumulate: bool, a: AnyMat, b:
                 let r = pi * MR + i;
                 // SAFETY: tiles of different tasks cover disjoint (row, column) cells
                 // of dst, inside the bounds asserted above.
-                let d = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * ld + pj * NR), width) };
+                let d = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * ld + pj * NR), width) };
                 if accumulate {
                     d.iter_mut().zip(row).for_each(|(d, v)| *d += alpha * v);
                 } else {
@@ -282,7 +288,6 @@ pub fn matmul_xwt(dst: &mut [f32], ld: usize, accumulate: bool, x: AnyMat, w: &[
     let wptr = SendConst(w32);
     // Tasks: token panel outer (B micro-panel reused from L2), weight rows inner.
     (0..col_panels * row_tasks).into_par_iter().for_each(|t| {
-        let (dptr, wptr) = (dptr, wptr);
         let (pj, rt) = (t / row_tasks, t % row_tasks);
         let bp = &xt.data[pj * kp * NR..(pj + 1) * kp * NR];
         let width = NR.min(n - pj * NR);
@@ -294,24 +299,25 @@ pub fn matmul_xwt(dst: &mut [f32], ld: usize, accumulate: bool, x: AnyMat, w: &[
             // panel is copied into a zero-padded packed panel first.
             unsafe {
                 if rows == MR {
-                    x86::tile(wptr.0.add(pi * MR * kp), kp, 1, bp.as_ptr(), kp, &mut tile);
+                    x86::tile(wptr.get().add(pi * MR * kp), kp, 1, bp.as_ptr(), kp, &mut tile);
                 } else {
                     tail.clear();
                     tail.resize(kp * MR, 0u32);
                     for i in 0..rows {
                         for p in 0..kp {
-                            tail[p * MR + i] = std::ptr::read_unaligned(wptr.0.add((pi * MR + i) * kp + p));
+                            tail[p * MR + i] = std::ptr::read_unaligned(wptr.get().add((pi * MR + i) * kp + p));
                         }
                     }
                     x86::tile(tail.as_ptr(), 1, MR, bp.as_ptr(), kp, &mut tile);
                 }
             }
             // tile[i][jj] = y[token pj*NR+jj, feature pi*MR+i]: stored transposed.
+            #[allow(clippy::needless_range_loop)] // jj indexes tile columns and dst rows
             for jj in 0..width {
                 let r = pj * NR + jj;
                 // SAFETY: each task owns features pi*MR.. of tokens pj*NR.., disjoint
                 // across tasks and inside the asserted bounds.
-                let d = unsafe { std::slice::from_raw_parts_mut(dptr.0.add(r * ld + pi * MR), rows) };
+                let d = unsafe { std::slice::from_raw_parts_mut(dptr.get().add(r * ld + pi * MR), rows) };
                 for (i, d) in d.iter_mut().enumerate() {
                     let v = alpha * tile[i][jj];
                     *d = if accumulate { *d + v } else { v };
@@ -325,6 +331,12 @@ pub fn matmul_xwt(dst: &mut [f32], ld: usize, accumulate: bool, x: AnyMat, w: &[
 struct SendConst(*const u32);
 unsafe impl Send for SendConst {}
 unsafe impl Sync for SendConst {}
+
+impl SendConst {
+    fn get(self) -> *const u32 {
+        self.0
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {

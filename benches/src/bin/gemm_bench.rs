@@ -6,6 +6,7 @@
 use lora_benches::{time_best, cpu_info};
 use lora_kernels::gemm_bf16::{self, AnyMat, Src};
 
+#[allow(clippy::too_many_arguments)] // the gemm crate's own strided interface
 fn sgemm(c: &mut [f32], m: usize, k: usize, n: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize) {
     let threads = rayon::current_num_threads();
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };

@@ -124,7 +124,7 @@ impl CustomOp1 for SwigluCat {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _p = crate::profile::scope(self.name());
         let two_i = *l.dims().last().unwrap_or(&0);
-        if two_i % 2 != 0 {
+        if !two_i.is_multiple_of(2) {
             bail!("swiglu: the last dim ({two_i}) must hold gate and up halves");
         }
         let i = two_i / 2;
