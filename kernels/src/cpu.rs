@@ -92,7 +92,8 @@ pub(crate) use with_float_slice;
 
 /// Widen a slice to f32 in parallel.
 pub(crate) fn widen<T: Elem>(v: &[T]) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
+    // Every element is written below: skip the zero-fill (a whole extra pass).
+    let mut out = uninit::<f32>(v.len());
     out.par_chunks_mut(PAR_CHUNK)
         .zip(v.par_chunks(PAR_CHUNK))
         .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = i.to_f32()));
@@ -229,6 +230,56 @@ pub(crate) fn matmul_ld(dst: &mut [f32], ld: usize, accumulate: bool, a: Mat, b:
 pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, alpha: f32, par: Par) {
     let n = b.cols;
     matmul_ld(dst, n, accumulate, a, b, alpha, par)
+}
+
+/// Which product of a frozen weight `W` [out, in] [`frozen_matmul`] computes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum WProd {
+    /// `dst [n, out] = x [n, in] W^T` (forward).
+    XWt,
+    /// `dst [n, in] = g [n, out] W` (input gradient).
+    GW,
+}
+
+/// Whether products with a frozen `w` run the bf16 dot-product kernel: bf16
+/// activations (`x_dtype`, so `x` is bf16-exact) times a bf16 `w`, on a CPU with
+/// AVX512-BF16. Everything else computes in f32.
+pub(crate) fn use_bf16_dot(x_dtype: DType, w: &Tensor) -> bool {
+    x_dtype == DType::BF16 && w.dtype() == DType::BF16 && crate::gemm_bf16::available()
+}
+
+/// `dst (+)= x op(W)` (see [`WProd`]) for a frozen `W` of any float dtype, `x`
+/// holding `n` rows. bf16 x bf16 runs `gemm_bf16` ([`use_bf16_dot`]); otherwise W
+/// is viewed as f32 (widened when stored narrower) and the f32 GEMM runs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn frozen_matmul(dst: &mut [f32], accumulate: bool, x: &[f32], n: usize, w: &Tensor, prod: WProd, x_dtype: DType, op: &str) -> Result<()> {
+    let (out, in_) = w.dims2()?;
+    let (k, cols) = match prod {
+        WProd::XWt => (in_, out),
+        WProd::GW => (out, in_),
+    };
+    if x.len() < n * k || dst.len() < n * cols {
+        bail!("{op}: {n} rows of {k} features do not fit the weight {:?}", w.dims());
+    }
+    if use_bf16_dot(x_dtype, w) {
+        use crate::gemm_bf16::{AnyMat, Src};
+        let wc = w.contiguous()?;
+        let (ws, wl) = wc.storage_and_layout();
+        let (start, end) = wl.contiguous_offsets().unwrap_or((0, 0));
+        let CpuStorage::BF16(wv) = cpu_storage(&ws, op)? else { bail!("{op}: bf16 weight expected") };
+        let xm = AnyMat::new(Src::F32(x), n, k);
+        let wv = &wv[start..end];
+        match prod {
+            WProd::XWt => crate::gemm_bf16::matmul_xwt(dst, cols, accumulate, xm, wv, out, 1.0),
+            WProd::GW => crate::gemm_bf16::matmul(dst, cols, accumulate, xm, AnyMat::new(Src::Bf16(wv), out, in_), 1.0),
+        }
+        return Ok(());
+    }
+    bind_f32!(wv = w, op);
+    let wm = Mat::new(&wv, out, in_);
+    let b = if prod == WProd::XWt { wm.t() } else { wm };
+    matmul(dst, accumulate, Mat::new(x, n, k), b, 1.0, Par::All);
+    Ok(())
 }
 
 /// The CPU storage of a tensor, or an error naming the op.

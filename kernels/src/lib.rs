@@ -13,6 +13,7 @@ use candle_core::{DType, Result, Tensor};
 
 pub mod cpu;
 pub mod cuda;
+pub mod gemm_bf16;
 pub mod ops;
 pub mod profile;
 pub mod reference;
@@ -92,6 +93,17 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return reference::swiglu(gate, up);
     }
     gate.contiguous()?.apply_op2(&up.contiguous()?, ops::swiglu::Swiglu)
+}
+
+/// `silu(gate) * up` for `x` = `[gate | up]` along the last dim (the fused gate/up
+/// projection's output): half the last dim out, the gradient as one `[dgate | dup]`.
+pub fn swiglu_cat(x: &Tensor) -> Result<Tensor> {
+    let i = x.dim(candle_core::D::Minus1)? / 2;
+    if !fused(x) {
+        let last = x.rank() - 1;
+        return reference::swiglu(&x.narrow(last, 0, i)?, &x.narrow(last, i, i)?);
+    }
+    x.contiguous()?.apply_op1(ops::swiglu::SwigluCat)
 }
 
 /// `x @ w^T (+ bias)` for a frozen `w` [out, in]; `x` is [..., in]. The backward

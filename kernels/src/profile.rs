@@ -45,6 +45,17 @@ pub fn scope(name: &'static str) -> Option<Scope> {
     enabled().then(|| Scope { name, start: Instant::now() })
 }
 
+/// A part of an op's time (name `op/part`): inside the op's own scope, so a sum
+/// over ops must skip names with a `/` ([`is_part`]).
+pub fn part(name: &'static str) -> Option<Scope> {
+    scope(name)
+}
+
+/// Whether a profile entry is a part of another entry's time.
+pub fn is_part(name: &str) -> bool {
+    name.contains('/')
+}
+
 /// (op, seconds, calls) accumulated since the last reset.
 pub fn totals() -> Vec<(&'static str, f64, u64)> {
     TOTALS.lock().unwrap().iter().map(|(k, v)| (*k, v.0, v.1)).collect()

@@ -10,7 +10,78 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
+/// Frozen weights of projections that read the same input (q/k/v; gate/up),
+/// concatenated once at load ([sum of outs, in]); each member `Linear`'s weight and
+/// bias are views of its rows, so nothing is stored twice. One GEMM over the
+/// concatenation replaces one per projection (issue 15: fewer, bigger GEMMs);
+/// adapters stay per projection, PEFT-shaped.
+pub struct FusedWeights {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl FusedWeights {
+    /// Concatenate the members' weights (and biases: all or none) and point each
+    /// member at its rows. None when the members cannot share one GEMM.
+    fn fuse(members: &mut [&mut Linear]) -> Result<Option<Self>> {
+        let with_bias = members.iter().filter(|l| l.bias.is_some()).count();
+        if members.len() < 2 || (with_bias != 0 && with_bias != members.len()) {
+            return Ok(None);
+        }
+        let weight = Tensor::cat(&members.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
+        let bias = if with_bias > 0 { Some(Tensor::cat(&members.iter().map(|l| l.bias.as_ref().expect("checked")).collect::<Vec<_>>(), 0)?) } else { None };
+        let mut off = 0;
+        for l in members.iter_mut() {
+            let out = l.out_features();
+            l.weight = weight.narrow(0, off, out)?;
+            l.bias = bias.as_ref().map(|b| b.narrow(0, off, out)).transpose()?;
+            off += out;
+        }
+        Ok(Some(Self { weight, bias }))
+    }
+
+    /// The members' outputs on `x`, concatenated along the last dim (callers take
+    /// views, so no per-member copy stays in the graph), from one GEMM over the concatenated weight plus
+    /// each member's LoRA term: `x W_cat^T + (x A_cat^T) B_bd^T`, with A_cat the
+    /// members' A stacked and B_bd block-diagonal (member i's `scale_i B_i` in its
+    /// rows and rank columns). None when a member needs another path (several
+    /// adapters, partial rows, dropout): then each projection runs on its own.
+    fn forward(&self, members: &[&Linear], x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let mut paths = Vec::with_capacity(members.len());
+        for l in members {
+            match l.plain_path(x)? {
+                Some(p) => paths.push(p),
+                None => return Ok(None),
+            }
+        }
+        let rank: usize = paths.iter().flatten().map(|(a, _, _)| a.dim(0)).sum::<candle_core::Result<usize>>()?;
+        let y = if rank == 0 {
+            lora_kernels::frozen_linear(x, &self.weight, self.bias.as_ref())?
+        } else {
+            let a_cat = Tensor::cat(&paths.iter().flatten().map(|(a, _, _)| a).collect::<Vec<_>>(), 0)?;
+            let mut col = 0;
+            let mut blocks = Vec::with_capacity(members.len());
+            for (l, p) in members.iter().zip(&paths) {
+                blocks.push(match p {
+                    Some((a, b, scale)) => {
+                        let r = a.dim(0)?;
+                        let blk = (b * *scale)?.pad_with_zeros(1, col, rank - col - r)?;
+                        col += r;
+                        blk
+                    }
+                    None => Tensor::zeros((l.out_features(), rank), DType::F32, x.device())?,
+                });
+            }
+            let b_bd = Tensor::cat(&blocks, 0)?;
+            lora_kernels::lora_linear(x, &self.weight, self.bias.as_ref(), &a_cat, &b_bd, 1.0)?
+        };
+        Ok(Some(y))
+    }
+}
+
 pub struct Attention {
+    /// q/k/v concatenated (CPU only; see [`FusedWeights`]).
+    pub qkv: Option<FusedWeights>,
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
@@ -20,6 +91,8 @@ pub struct Attention {
 }
 
 pub struct Mlp {
+    /// gate/up concatenated (CPU only; see [`FusedWeights`]).
+    pub gate_up: Option<FusedWeights>,
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
@@ -289,7 +362,8 @@ impl Decoder {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let qkv_bias = cfg.attention_bias;
-            let self_attn = Attention {
+            let mut self_attn = Attention {
+                qkv: None,
                 q_proj: linear(format!("{p}.self_attn.q_proj"), nh * hd, h, qkv_bias)?,
                 k_proj: linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, qkv_bias)?,
                 v_proj: linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, qkv_bias)?,
@@ -297,11 +371,18 @@ impl Decoder {
                 q_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.q_norm.weight"), &[hd])?) } else { None },
                 k_norm: if cfg.qk_norm { Some(get(&format!("{p}.self_attn.k_norm.weight"), &[hd])?) } else { None },
             };
-            let mlp = Mlp {
+            let mut mlp = Mlp {
+                gate_up: None,
                 gate_proj: linear(format!("{p}.mlp.gate_proj"), i, h, false)?,
                 up_proj: linear(format!("{p}.mlp.up_proj"), i, h, false)?,
                 down_proj: linear(format!("{p}.mlp.down_proj"), h, i, false)?,
             };
+            // On CPU one GEMM per group; other devices keep one kernel per projection.
+            if device.is_cpu() {
+                let a = &mut self_attn;
+                a.qkv = FusedWeights::fuse(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+                mlp.gate_up = FusedWeights::fuse(&mut [&mut mlp.gate_proj, &mut mlp.up_proj])?;
+            }
             layers.push(Layer {
                 input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn,
@@ -365,7 +446,15 @@ impl Decoder {
             let residual = h.clone();
             let x = lora_kernels::rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
             let mlp = &layer.mlp;
-            let act = lora_kernels::swiglu(&mlp.gate_proj.forward(&x)?, &mlp.up_proj.forward(&x)?)?;
+            let fused = match &mlp.gate_up {
+                Some(f) => f.forward(&[&mlp.gate_proj, &mlp.up_proj], &x)?,
+                None => None,
+            };
+            let act = match fused {
+                // [gate | up] read in place by the op.
+                Some(y) => lora_kernels::swiglu_cat(&y)?,
+                None => lora_kernels::swiglu(&mlp.gate_proj.forward(&x)?, &mlp.up_proj.forward(&x)?)?,
+            };
             h = (residual + mlp.down_proj.forward(&act)?)?;
         }
         lora_kernels::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
@@ -383,9 +472,20 @@ impl Decoder {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let mut q = heads(attn.q_proj.forward(x)?, nh)?;
-        let mut k = heads(attn.k_proj.forward(x)?, nkv)?;
-        let v = heads(attn.v_proj.forward(x)?, nkv)?;
+        let fused = match &attn.qkv {
+            Some(f) => f.forward(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], x)?,
+            None => None,
+        };
+        let (mut q, mut k, v) = match fused {
+            // [b, t, nh + 2 nkv, hd] is a view of the fused output; q/k/v are strided
+            // views of it ([b, heads, t, hd] with unit stride in hd, which rope and
+            // attention read in place).
+            Some(y) => {
+                let y = y.reshape((b, t, nh + 2 * nkv, hd))?;
+                (y.narrow(2, 0, nh)?.transpose(1, 2)?, y.narrow(2, nh, nkv)?.transpose(1, 2)?, y.narrow(2, nh + nkv, nkv)?.transpose(1, 2)?)
+            }
+            None => (heads(attn.q_proj.forward(x)?, nh)?, heads(attn.k_proj.forward(x)?, nkv)?, heads(attn.v_proj.forward(x)?, nkv)?),
+        };
         if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
             q = lora_kernels::rms_norm(&q, qn, self.cfg.rms_norm_eps)?;
             k = lora_kernels::rms_norm(&k, kn, self.cfg.rms_norm_eps)?;

@@ -43,10 +43,24 @@ pub fn load_model(model_ref: &str, device: &Device, dtype: DType) -> Result<Load
     load_model_mixed(model_ref, device, dtype, dtype)
 }
 
+/// bf16 activations on a CPU without a bf16 dot product (AVX512-BF16) would run
+/// every matmul as widen-to-f32 + f32 GEMM plus candle's slow bf16 element-wise ops:
+/// slower than f32. There, bf16 keeps its storage (half the weight memory) and the
+/// activations compute in f32; said once per load.
+fn cpu_compute_dtype(device: &Device, requested: DType) -> DType {
+    if device.is_cpu() && requested == DType::BF16 && !lora_kernels::gemm_bf16::available() {
+        let why = if lora_kernels::gemm_bf16::cpu_has_bf16_dot() { "LORA_KERNELS_NO_BF16_DOT is set" } else { "this CPU has no AVX512-BF16" };
+        tracing::warn!("--dtype bf16 on CPU: {why}, so the weights stay bf16 (half the memory) and compute runs in f32 (never slower than f32)");
+        return DType::F32;
+    }
+    requested
+}
+
 /// As [`load_model`], with the frozen weights stored in `weight_dtype` and the
 /// activations in `compute_dtype` (e.g. bf16 weights under f32 compute: half the
 /// weight memory, f32 numerics everywhere else).
 pub fn load_model_mixed(model_ref: &str, device: &Device, compute_dtype: DType, weight_dtype: DType) -> Result<LoadedModel> {
+    let compute_dtype = cpu_compute_dtype(device, compute_dtype);
     let (decoder, tokenizer) = match source::resolve(model_ref)? {
         ModelSource::HfDir(dir) => {
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;

@@ -278,6 +278,31 @@ impl Linear {
         }
     }
 
+    /// How this projection's forward on `x` would run, when it is the frozen GEMM
+    /// alone (`Some(None)`) or the frozen GEMM plus one adapter over every row
+    /// without dropout (`Some(Some((A, B, scale)))`, A/B as the forward sees them);
+    /// None for anything else (several adapters, partial rows, dropout). The
+    /// decoder's fused projections (q/k/v, gate/up as one GEMM) take only these paths.
+    pub fn plain_path(&self, x: &Tensor) -> candle_core::Result<Option<Option<(Tensor, Tensor, f64)>>> {
+        let batch_rows = x.dim(0)?;
+        let row_len = x.elem_count() / (batch_rows.max(1) * self.in_features().max(1));
+        let mut segments = self.switch.segments(batch_rows, row_len)?;
+        segments.retain(|s| self.adapter(s.adapter).is_some() && s.len > 0);
+        Ok(match segments.as_slice() {
+            [] => Some(None),
+            [s] if s.len == batch_rows * row_len => {
+                let l = self.adapter(s.adapter).expect("retained above");
+                if s.dropout_seed.is_some() && l.dropout > 0.0 {
+                    None
+                } else {
+                    let (a, b) = l.weights(self.switch.inference());
+                    Some(Some((a, b, l.scale)))
+                }
+            }
+            _ => None,
+        })
+    }
+
     /// Base GEMM once over all rows, then each segment's LoRA term (with PEFT's dropout on
     /// the LoRA input) from candle ops, stitched back in row order with zeros between.
     /// With one segment over all rows this is exactly the single-adapter dropout path.

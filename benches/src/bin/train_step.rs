@@ -13,7 +13,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use lora_benches::{gemm_ceiling_gflops, peak_rss_mb, StepShape};
+use lora_benches::{bf16_gemm_ceiling_gflops, cpu_info, gemm_ceiling_gflops, peak_rss_mb, StepShape};
 use lora_models::lora::LoraConfig;
 use std::time::Instant;
 
@@ -123,6 +123,7 @@ fn main() -> Result<()> {
     let a = parse()?;
     let dev = Device::Cpu;
     let gemm_gflops = gemm_ceiling_gflops(2048, 3);
+    let bf16_gflops = bf16_gemm_ceiling_gflops(2048, 3);
     let t_load = Instant::now();
     let mut loaded = lora_models::load_model(&a.model, &dev, a.dtype)?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -142,6 +143,7 @@ fn main() -> Result<()> {
     let mut each = vec![];
     let (mut fwd_s, mut bwd_s, mut opt_s) = (0.0, 0.0, 0.0);
     let mut last_loss = f32::NAN;
+    let mut cpu_s = 0.0;
     let mut grads_ok = true;
     for step in 0..a.warmup + a.steps {
         let timed = step >= a.warmup;
@@ -150,6 +152,7 @@ fn main() -> Result<()> {
         }
         let ids = Tensor::from_vec(batch_ids(&mut rng, b * t, cfg.vocab_size), (b, t), &dev)?;
         let t0 = Instant::now();
+        let c0 = lora_benches::process_cpu_s();
         let hidden = model.forward_hidden(&ids, &positions, None)?;
         let loss = (model.loss_sum(&hidden, &ids, &mask)? / (b * (t - 1)) as f64)?;
         last_loss = loss.to_scalar::<f32>()?;
@@ -165,6 +168,7 @@ fn main() -> Result<()> {
         let t3 = Instant::now();
         if timed {
             each.push((t3 - t0).as_secs_f64());
+            cpu_s += lora_benches::process_cpu_s() - c0;
             fwd_s += (t1 - t0).as_secs_f64();
             bwd_s += (t2 - t1).as_secs_f64();
             opt_s += (t3 - t2).as_secs_f64();
@@ -172,6 +176,13 @@ fn main() -> Result<()> {
     }
     // The ceiling again after the run; keep the better one (other jobs share the cores).
     let gemm_gflops = gemm_gflops.max(gemm_ceiling_gflops(2048, 3));
+    let bf16_gflops = bf16_gflops.zip(bf16_gemm_ceiling_gflops(2048, 3)).map(|(a, b)| a.max(b));
+    // The ceiling of the GEMM this run's frozen matmuls use: the bf16 kernel for bf16
+    // weights where the CPU has it, the f32 sgemm otherwise.
+    let ceiling = match (a.dtype, bf16_gflops) {
+        (DType::BF16, Some(g)) => g,
+        _ => gemm_gflops,
+    };
     let steps = a.steps.max(1) as f64;
     let step_s = each.iter().sum::<f64>() / steps;
     let shape = StepShape {
@@ -190,7 +201,9 @@ fn main() -> Result<()> {
     let mut profile = serde_json::Map::new();
     let mut in_ops = 0.0;
     for (name, secs, calls) in lora_kernels::profile::totals() {
-        in_ops += secs;
+        if !lora_kernels::profile::is_part(name) {
+            in_ops += secs;
+        }
         profile.insert(name.to_string(), serde_json::json!({"s_per_step": secs / steps, "calls_per_step": calls as f64 / steps}));
     }
     let out = serde_json::json!({
@@ -206,15 +219,23 @@ fn main() -> Result<()> {
         "tokens_per_s": (b * t) as f64 / step_s,
         "step_s": step_s,
         "step_s_each": each,
+        // On a shared machine: how much of its threads' cores the step got (1.0 = all),
+        // and tokens per CPU-second (comparable across loads, like the PyTorch side's).
+        "cpu_share": cpu_s / (each.iter().sum::<f64>() * rayon::current_num_threads() as f64),
+        "tokens_per_cpu_s": (b * t) as f64 * steps / cpu_s,
         "fwd_s": fwd_s / steps, "bwd_s": bwd_s / steps, "opt_s": opt_s / steps,
         "load_s": load_s,
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_after_load_mb": rss_after_load_mb,
+        "cpu": cpu_info(),
+        "bf16_dot": lora_kernels::gemm_bf16::available(),
         "gemm_gflops": gemm_gflops,
+        "bf16_gemm_gflops": bf16_gflops,
+        "ceiling_gflops": ceiling,
         "model_gflop_per_step": flops / 1e9,
         "achieved_gflops": flops / 1e9 / step_s,
-        "mfu": flops / 1e9 / step_s / gemm_gflops,
-        "floor_step_s": flops / 1e9 / gemm_gflops,
+        "mfu": flops / 1e9 / step_s / ceiling,
+        "floor_step_s": flops / 1e9 / ceiling,
         "profile": if a.profile { serde_json::Value::Object(profile) } else { serde_json::Value::Null },
         "profile_other_s_per_step": if a.profile { serde_json::json!(step_s - in_ops / steps) } else { serde_json::Value::Null },
     });

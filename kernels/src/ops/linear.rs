@@ -5,9 +5,9 @@
 //! computes `y = x W^T + b + s (x A^T) B^T` without forming `W + s B A`, keeps
 //! `x A^T` for backward, and returns dX, dA, dB from one backward call.
 use super::gemv;
-use crate::cpu::{bind_f32, f32_view, matmul, storage_from_f32, tensor_from_f32, Mat, Par};
+use crate::cpu::{bind_f32, f32_view, frozen_matmul, matmul, storage_from_f32, tensor_from_f32, Mat, Par, WProd};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
 pub(crate) fn out_shape(x: &Layout, out: usize) -> Shape {
@@ -17,7 +17,8 @@ pub(crate) fn out_shape(x: &Layout, out: usize) -> Shape {
 }
 
 /// `y = x W^T + bias` into a fresh f32 buffer (bias broadcast first, then gemm accumulates).
-pub(crate) fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Option<&Tensor>, op: &str) -> Result<Vec<f32>> {
+/// `x_dtype`: the activations' storage dtype (picks the bf16 kernel, see [`frozen_matmul`]).
+pub(crate) fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Option<&Tensor>, x_dtype: DType, op: &str) -> Result<Vec<f32>> {
     let (out, in_) = w.dims2()?;
     if in_ != k {
         bail!("{op}: x has {k} features but the weight expects {in_}");
@@ -42,8 +43,7 @@ pub(crate) fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Opti
             return Ok(y);
         }
     }
-    bind_f32!(wv = w, op);
-    matmul(&mut y, acc, Mat::new(x, n, k), Mat::new(&wv, out, k).t(), 1.0, Par::All);
+    frozen_matmul(&mut y, acc, x, n, w, WProd::XWt, x_dtype, op)?;
     Ok(y)
 }
 
@@ -64,7 +64,7 @@ impl CustomOp1 for FrozenLinear {
         let k = *l.dims().last().unwrap_or(&1);
         let n = l.shape().elem_count() / k.max(1);
         let x = f32_view(s, l, op)?;
-        let y = base_forward(&x, n, k, &self.w, self.bias.as_ref(), op)?;
+        let y = base_forward(&x, n, k, &self.w, self.bias.as_ref(), s.dtype(), op)?;
         let out = self.w.dim(0)?;
         Ok((storage_from_f32(y, s.dtype())?, out_shape(l, out)))
     }
@@ -104,8 +104,7 @@ impl CustomOp1 for FrozenLinearBwd {
         let n = l.shape().elem_count() / out.max(1);
         let g = f32_view(s, l, op)?;
         let mut dx = crate::cpu::uninit::<f32>(n * in_);
-        bind_f32!(wv = self.w, op);
-        matmul(&mut dx, false, Mat::new(&g, n, out), Mat::new(&wv, out, in_), 1.0, Par::All);
+        frozen_matmul(&mut dx, false, &g, n, &self.w, WProd::GW, s.dtype(), op)?;
         Ok((storage_from_f32(dx, self.dtype)?, out_shape(l, in_)))
     }
 }
@@ -151,7 +150,11 @@ impl CustomOp3 for LoraLinear {
         let x = f32_view(sx, lx, op)?;
         let a = f32_view(sa, la, op)?;
         let b = f32_view(sb, lb, op)?;
-        let mut y = base_forward(&x, n, k, &self.w, self.bias.as_ref(), op)?;
+        let mut y = {
+            let _p = crate::profile::part("lora-linear/base");
+            base_forward(&x, n, k, &self.w, self.bias.as_ref(), sx.dtype(), op)?
+        };
+        let _p = crate::profile::part("lora-linear/lora+casts");
         let mut xa = crate::cpu::uninit::<f32>(n * r);
         matmul(&mut xa, false, Mat::new(&x, n, k), Mat::new(&a, r, k).t(), 1.0, Par::All);
         matmul(&mut y, true, Mat::new(&xa, n, r), Mat::new(&b, out, r).t(), self.scale as f32, Par::All);
@@ -229,8 +232,8 @@ impl LoraLinear {
         let dx = if x.track_op() {
             let mut dx = crate::cpu::uninit::<f32>(n * k);
             {
-                bind_f32!(wv = self.w, op);
-                matmul(&mut dx, false, g, Mat::new(&wv, out, k), 1.0, Par::All);
+                let _p = crate::profile::part("lora-linear-bwd/base-dx");
+                frozen_matmul(&mut dx, false, g.data, n, &self.w, WProd::GW, grad.dtype(), op)?;
             }
             matmul(&mut dx, true, Mat::new(&gx, n, r), Mat::new(&av, r, k), 1.0, Par::All);
             Some(tensor_from_f32(dx, x.shape(), x.dtype())?)

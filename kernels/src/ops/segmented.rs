@@ -187,7 +187,7 @@ impl CustomOp3 for SegmentedLora {
         let x = f32_view(sx, lx, op)?;
         let a = f32_view(sa, la, op)?;
         let b = f32_view(sb, lb, op)?;
-        let mut y = base_forward(&x, p.n, p.k, &self.w, self.bias.as_ref(), op)?;
+        let mut y = base_forward(&x, p.n, p.k, &self.w, self.bias.as_ref(), sx.dtype(), op)?;
         let xa = self.down_projections(&x, &a);
         let rows = carve(&mut y, p.segments.iter().map(|s| (s.start * p.out, s.len * p.out)));
         let items: Vec<_> = p.segments.iter().zip(&p.xa_off).zip(rows).collect();
@@ -248,10 +248,7 @@ impl SegmentedLora {
         }
         let dx = if x.track_op() {
             let mut dx = crate::cpu::uninit::<f32>(n * k);
-            {
-                bind_f32!(wv = self.w, op);
-                matmul(&mut dx, false, Mat::new(&g, n, out), Mat::new(&wv, out, k), 1.0, Par::All);
-            }
+            crate::cpu::frozen_matmul(&mut dx, false, &g, n, &self.w, crate::cpu::WProd::GW, grad.dtype(), op)?;
             let rows = carve(&mut dx, p.segments.iter().map(|s| (s.start * k, s.len * k)));
             let items: Vec<_> = p.segments.iter().zip(&p.xa_off).zip(rows).collect();
             for_each(items, |((s, &off), dxs), par| {

@@ -169,7 +169,11 @@ fn swiglu_matches_reference() {
 
 #[test]
 fn frozen_linear_matches_reference() {
-    for dtype in DTYPES {
+    frozen_linear_cases(&DTYPES);
+}
+
+fn frozen_linear_cases(dtypes: &[DType]) {
+    for &dtype in dtypes {
         for (lead, i, o, bias) in [(vec![2, 13], 24, 40, false), (vec![37], 17, 5, true), (vec![3, 4, 5], 64, 33, true)] {
             let mut x_shape = lead.clone();
             x_shape.push(i);
@@ -190,7 +194,11 @@ fn frozen_linear_matches_reference() {
 
 #[test]
 fn lora_linear_matches_reference() {
-    for dtype in DTYPES {
+    lora_linear_cases(&DTYPES);
+}
+
+fn lora_linear_cases(dtypes: &[DType]) {
+    for &dtype in dtypes {
         for (lead, i, o, rank, bias) in [(vec![2, 11], 24, 40, 4, false), (vec![53], 17, 31, 16, true), (vec![3, 2, 5], 64, 18, 8, true)] {
             let mut x_shape = lead.clone();
             x_shape.push(i);
@@ -273,7 +281,11 @@ fn attention_with_bias_has_gradients() {
 
 #[test]
 fn linear_cross_entropy_matches_reference() {
-    for dtype in DTYPES {
+    cross_entropy_cases(&DTYPES);
+}
+
+fn cross_entropy_cases(dtypes: &[DType]) {
+    for &dtype in dtypes {
         for (n, h, v) in [(37, 24, 101), (64, 16, 2000), (5, 8, 33)] {
             let targets: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % v) as u32).collect();
             let targets = Tensor::from_vec(targets, n, &CPU).unwrap();
@@ -298,6 +310,34 @@ fn linear_cross_entropy_matches_reference() {
             );
         }
     }
+}
+
+/// The bf16 cases of the matmul ops with the AVX512-BF16 kernel switched off on this
+/// thread: the f32 path every CPU without the instructions runs. (The tests above
+/// run the kernel wherever the CPU has it.)
+#[test]
+fn bf16_matmul_ops_on_the_f32_fallback() {
+    lora_kernels::gemm_bf16::force_fallback(|| {
+        assert!(!lora_kernels::gemm_bf16::available());
+        frozen_linear_cases(&[DType::BF16]);
+        lora_linear_cases(&[DType::BF16]);
+        cross_entropy_cases(&[DType::BF16]);
+    });
+}
+
+/// The same cases on the AVX512-BF16 kernel, checked to have run it.
+#[test]
+fn bf16_matmul_ops_on_the_bf16_kernel() {
+    if !lora_kernels::gemm_bf16::available() {
+        eprintln!("SKIPPED bf16_matmul_ops_on_the_bf16_kernel: no AVX512-BF16 on this CPU (or LORA_KERNELS_NO_BF16_DOT set)");
+        return;
+    }
+    let before = lora_kernels::gemm_bf16::calls();
+    frozen_linear_cases(&[DType::BF16]);
+    lora_linear_cases(&[DType::BF16]);
+    cross_entropy_cases(&[DType::BF16]);
+    // frozen fwd + dX (3 shapes), lora fwd + dX (3 shapes), cross-entropy logits + dh.
+    assert!(lora_kernels::gemm_bf16::calls() >= before + 14, "the bf16 kernel did not run");
 }
 
 #[test]
@@ -328,5 +368,24 @@ fn rope_strided_input_gradient() {
             |x| k::rope(&x[0].transpose(1, 2)?, &x[1], &x[2]),
             move |x| r::rope(&x[0].transpose(1, 2)?.contiguous()?, &c2, &s2),
         );
+    }
+}
+
+#[test]
+fn swiglu_cat_matches_reference() {
+    for dtype in DTYPES {
+        for shape in [vec![2, 9, 74], vec![5, 96], vec![1, 3, 3072]] {
+            let i = shape[shape.len() - 1] / 2;
+            check(
+                "swiglu_cat",
+                dtype,
+                vec![inp((randn(&shape) * 2.0).unwrap(), true)],
+                |t| k::swiglu_cat(&t[0]),
+                move |t| {
+                    let last = t[0].rank() - 1;
+                    r::swiglu(&t[0].narrow(last, 0, i)?, &t[0].narrow(last, i, i)?)
+                },
+            );
+        }
     }
 }
