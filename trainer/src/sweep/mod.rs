@@ -360,6 +360,7 @@ fn execute(dir: &Path, plan: &Plan, record: &mut SweepRecord, opts: &SweepOption
         }
         running = still;
     }
+    bars.update(record);
     bars.finish();
     Ok(())
 }
@@ -487,6 +488,13 @@ impl Bars {
                 let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));
                 b.set_message(format!("loss {} eval {}", f(c.train_loss), f(c.eval_loss.or(c.eval_loss_before))));
             }
+        }
+        // The sweep's job row (`jobs list`): the steps of all candidates together and the
+        // lowest train loss so far.
+        let (done, total) = record.candidates.iter().fold((0, 0), |(d, t), c| (d + c.steps, t + c.total_steps));
+        let best = record.candidates.iter().filter_map(|c| c.train_loss).reduce(f64::min);
+        if total > 0 {
+            crate::jobs::on_step(done, total.max(done), best);
         }
     }
 

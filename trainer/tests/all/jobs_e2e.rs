@@ -225,3 +225,19 @@ fn a_workflow_is_a_job_detached_waited_for_and_its_gate_recorded() {
     assert_eq!(j["status"], "completed", "{j}");
     assert!(Path::new(&out).join("final_report.json").exists());
 }
+
+#[test]
+fn a_sweep_job_row_shows_the_steps_of_all_its_candidates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let data = write_dataset(tmp.path(), "train.jsonl", 10);
+    let (m, d) = (tiny("llama"), data.display().to_string());
+    let out = tmp.path().join("sweep").display().to_string();
+    lt_ok(&home, &["sweep", "--model", &m, "--dataset", &d, "--output", &out, "--devices", "cpu", "--json", "--steps", "3", "--candidate", "rank=4", "--candidate", "rank=8,steps=2"]);
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(&out).join("sweep.json")).unwrap()).unwrap();
+    let best = record["candidates"].as_array().unwrap().iter().filter_map(|c| c["train_loss"].as_f64()).fold(f64::MAX, f64::min);
+    let list = stdout_json(&lt_ok(&home, &["jobs", "list", "--json"]));
+    let row = list["jobs"].as_array().unwrap().iter().find(|j| j["command"] == "sweep").unwrap_or_else(|| panic!("no sweep job in {list}"));
+    assert_eq!((row["step"].as_i64(), row["total_steps"].as_i64()), (Some(5), Some(5)), "{row}");
+    assert!((row["loss"].as_f64().unwrap() - best).abs() < 1e-9, "{row} vs best train loss {best}");
+}
