@@ -11,7 +11,8 @@ if [ -n "${LORA_TRAIN_BIN:-}" ]; then
   bin="$LORA_TRAIN_BIN"
 else
   cargo build --release -p lora-train
-  bin=target/release/lora-train
+  # Where cargo put it: $CARGO_TARGET_DIR when set (a shared build cache), else ./target.
+  bin="${CARGO_TARGET_DIR:-target}/release/lora-train"
 fi
 t_built=$(date +%s)
 
