@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor, Var};
 use lora_models::Model;
 
 use super::run::StepSums;
-use super::{micro_batch, train_replicated, Member, Method, Run, RunSummary};
+use super::{into_summary, micro_batch, train_replicated, Member, Method, Run, RunSummary};
 use crate::parallel::{all_reduce_tensors, broadcast_tensors, is_abort, Communicator};
 use crate::training::{derive_seed, GradAccumulator};
 
@@ -65,16 +65,13 @@ where
             .collect();
         (led, followed)
     });
-    // Report the replica's own failure, not the "another replica failed" it caused.
-    let own_errors: Vec<anyhow::Error> = std::iter::once(led).chain(followed).filter_map(Result::err).collect();
-    if let Some(e) = own_errors.iter().position(|e| !is_abort(e)).or((!own_errors.is_empty()).then_some(0)) {
-        return Err(own_errors.into_iter().nth(e).expect("index from position"));
+    // Report the failing replica's own error, not the "another replica failed" it caused.
+    let mut errors: Vec<anyhow::Error> = std::iter::once(led).chain(followed).filter_map(Result::err).collect();
+    if !errors.is_empty() {
+        let own = errors.iter().position(|e| !is_abort(e)).unwrap_or(0);
+        return Err(errors.swap_remove(own));
     }
-    let run = runs.pop().expect("one run");
-    match run.summary {
-        Some(summary) => Ok(summary),
-        None => bail!("{}", run.failure.unwrap_or_else(|| "the run stopped before its last step".into())),
-    }
+    into_summary(runs.pop().expect("one run"))
 }
 
 /// The micro-batches (of `n` in the step) that replica `rank` of `world` computes: a

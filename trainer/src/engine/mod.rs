@@ -80,9 +80,8 @@ fn train_replicated<M: Method>(model: &Model, runs: &mut [Run<M>], comm: Option<
             micro_batch(model, &mut members)?;
         }
         if let Some(comm) = comm {
-            let [s] = sums.as_mut_slice() else { anyhow::bail!("data-parallel training takes one run") };
-            let run = &runs[active[0]];
-            *s = data_parallel::reduce_sums(comm, std::mem::replace(s, run.new_sums()), run.params())?;
+            let (Some(own), true) = (sums.pop(), sums.is_empty()) else { anyhow::bail!("data-parallel training takes one run") };
+            sums.push(data_parallel::reduce_sums(comm, own, runs[active[0]].params())?);
         }
         for ((k, &i), s) in active.iter().enumerate().zip(sums) {
             runs[i].finish_step(model, s, denominators[k])?;
@@ -171,7 +170,11 @@ fn micro_batch<M: Method>(model: &Model, members: &mut [Member<'_, M>]) -> Resul
 pub fn train_one<M: Method>(model: &Model, run: Run<M>) -> Result<RunSummary> {
     let mut runs = vec![run];
     train(model, &mut runs)?;
-    let run = runs.pop().context("the run vanished")?;
+    into_summary(runs.pop().context("the run vanished")?)
+}
+
+/// A finished run's summary, or why it has none (divergence, an early stop) as the error.
+fn into_summary<M: Method>(run: Run<M>) -> Result<RunSummary> {
     match run.summary {
         Some(summary) => Ok(summary),
         None => anyhow::bail!("{}", run.failure.unwrap_or_else(|| "the run stopped before its last step".into())),

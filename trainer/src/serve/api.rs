@@ -89,6 +89,13 @@ pub struct Sampling {
     pub logit_bias: Option<Value>,
 }
 
+impl Sampling {
+    /// `stream_options.include_usage`: a last chunk with the token counts.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false)
+    }
+}
+
 #[derive(Deserialize, Debug)]
 pub struct ChatRequest {
     pub model: String,

@@ -327,7 +327,7 @@ async fn chat(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Resp
     let id = format!("chatcmpl-{}", st.next_row.fetch_add(1, Ordering::Relaxed));
     let created = super::unix_seconds();
     if req.sampling.stream {
-        let include_usage = req.sampling.stream_options.as_ref().and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+        let include_usage = req.sampling.include_usage();
         let head: Vec<String> = (0..p.n)
             .map(|i| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]}).to_string())
@@ -387,7 +387,7 @@ async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Resu
     let echo = if req.echo { prompt_text } else { String::new() };
     let want_logprobs = req.logprobs.is_some();
     if req.sampling.stream {
-        let include_usage = req.sampling.stream_options.as_ref().and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
+        let include_usage = req.sampling.include_usage();
         let head: Vec<String> = if echo.is_empty() {
             vec![]
         } else {
