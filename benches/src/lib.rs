@@ -2,9 +2,9 @@
 //! FLOP counts of a LoRA training step.
 use std::time::Instant;
 
-/// See [`lora_kernels::configure_cpu_threads`].
+/// See [`lora_kernels::configure_cpu`].
 pub fn init_threads() {
-    lora_kernels::configure_cpu_threads();
+    lora_kernels::configure_cpu();
 }
 
 /// Peak resident set size of this process in MiB (VmHWM).

@@ -11,6 +11,7 @@
 //! weights that are not `Var`s) never receive a gradient.
 use candle_core::{DType, Result, Tensor};
 
+pub mod alloc;
 pub mod cpu;
 pub mod cuda;
 pub mod gemm_bf16;
@@ -18,11 +19,18 @@ pub mod ops;
 pub mod profile;
 pub mod reference;
 
-/// Call at the start of `main`, before any candle op: runs candle's element-wise
-/// ops on the calling thread (`CANDLE_NUM_THREADS=1`) unless the user set it.
-/// candle 0.11.1 runs them on its own spin-waiting barrier pool, which competes with
-/// rayon (our fused ops and gemm) for the same cores; on the 2-core benchmark machine
-/// under load the spinning cost ~2 s of an ~8 s training step (measured, BENCHMARKS.md).
+/// Call at the start of `main`, before any candle op: sets up the process for the
+/// CPU kernels ([`configure_cpu_threads`], [`alloc::keep_freed_memory`]).
+pub fn configure_cpu() {
+    configure_cpu_threads();
+    alloc::keep_freed_memory();
+}
+
+/// Runs candle's element-wise ops on the calling thread (`CANDLE_NUM_THREADS=1`)
+/// unless the user set it. candle 0.11.1 runs them on its own spin-waiting barrier
+/// pool, which competes with rayon (our fused ops and gemm) for the same cores; on the
+/// 2-core benchmark machine under load the spinning cost ~2 s of an ~8 s training step
+/// (measured, BENCHMARKS.md).
 pub fn configure_cpu_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");

@@ -71,8 +71,8 @@ fn parse_command_line() -> Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    // Before any candle op starts its thread pool (see the function's comment).
-    lora_kernels::configure_cpu_threads();
+    // Before any candle op starts its thread pool or allocates (see the function's comment).
+    lora_kernels::configure_cpu();
     lora_train::logging::init();
     let cli = parse_command_line();
     let result = match cli.command {
