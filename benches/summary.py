@@ -30,6 +30,9 @@ avx512 = cpu.get("avx512f", False)
 kind = ("AVX-512 + AVX512-BF16" if cpu.get("avx512_bf16") else "AVX-512 (no BF16)") if avx512 else ("AVX2" if cpu.get("avx2") else "no AVX2")
 if cpu.get("amx_bf16"):
     kind += " + AMX"
+if read(f"{out}/isa.txt") == "avx2":  # run.sh --isa avx2: the AVX2 code paths on this host
+    kind = f"AVX2 proxy (AVX-512 and bf16-dot code paths off on an {kind} host)"
+    avx512 = False
 # Issue 15's targets per kind of CPU: (tokens/s ratio, RSS ratio) vs PyTorch+PEFT; on
 # AVX2, bf16 is held against our own f32 (PyTorch has no usable bf16 there).
 targets = {

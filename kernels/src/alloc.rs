@@ -14,14 +14,14 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keep freed memory mapped for a minute before mimalloc may return it to the OS (a
 /// long-lived `serve` still shrinks when idle). `MIMALLOC_PURGE_DELAY` set by the user
-/// wins. Does nothing when the linked mimalloc is not v3 (the option index differs).
+/// wins. Does nothing when the linked mimalloc is not v3 (`mi_version` 3xxyy; the option index differs in v2).
 pub fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
     }
     // SAFETY: plain FFI calls into mimalloc's option table; valid at any time.
     unsafe {
-        if libmimalloc_sys::mi_version() >= 300 {
+        if (30_000..40_000).contains(&libmimalloc_sys::mi_version()) {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 60_000);
         }
     }

@@ -3,6 +3,11 @@
 //! GFLOP/s for the matmul ops and the machine's 2048^3 sgemm ceiling.
 //!
 //!     ops_bench [--dtype f32|bf16] [--reps 5]
+//!     ops_bench --attention-seq 4096 [--dtype f32|bf16] [--reps 3]
+//!
+//! `--attention-seq T` times only the fused causal attention (forward, forward +
+//! backward) at batch 1 x T tokens, SmolLM2's 9 query / 3 kv heads of 64, against the
+//! sgemm ceiling (the composite would hold a 9 x T x T score tensor).
 //!
 //! Prints one JSON line.
 #[global_allocator]
@@ -41,13 +46,18 @@ fn main() -> Result<()> {
     lora_benches::init_threads();
     let mut dtype = DType::F32;
     let mut reps = 5usize;
+    let mut attention_seq = None;
     let args: Vec<String> = std::env::args().collect();
     for i in 1..args.len() {
         match args[i].as_str() {
             "--dtype" if args.get(i + 1).map(String::as_str) == Some("bf16") => dtype = DType::BF16,
             "--reps" => reps = args[i + 1].parse()?,
+            "--attention-seq" => attention_seq = Some(args[i + 1].parse::<usize>()?),
             _ => {}
         }
+    }
+    if let Some(t) = attention_seq {
+        return attention_only(t, dtype, reps);
     }
     let (b, t, h, inter, hq, hkv, d, vocab, rank) = (4usize, 256usize, 576usize, 1536usize, 9usize, 3usize, 64usize, 49152usize, 16usize);
     let n = b * t;
@@ -188,5 +198,30 @@ fn main() -> Result<()> {
         "ops": rows,
     });
     println!("{out}");
+    Ok(())
+}
+
+/// `--attention-seq T`: the fused causal attention alone at batch 1 x T tokens.
+fn attention_only(t: usize, dtype: DType, reps: usize) -> Result<()> {
+    let (hq, hkv, d) = (9usize, 3usize, 64usize);
+    let q = var(&[1, hq, t, d], dtype);
+    let kk = var(&[1, hkv, t, d], dtype);
+    let v = var(&[1, hkv, t, d], dtype);
+    let s = 1.0 / (d as f64).sqrt();
+    let ceiling = gemm_ceiling_gflops(2048, 3);
+    let (f, fb_s) = (fwd(reps, || k::causal_attention(&q, &kk, &v, None, s)), fb(reps, || k::causal_attention(&q, &kk, &v, None, s)));
+    // Causal FLOPs: forward 2 T^2 d per head (QK^T and PV over the visible half),
+    // backward 5 products (QK^T recomputed, dV, dP, dQ, dK): 7 T^2 d per head in all.
+    let (gf_fwd, gf_all) = (2.0 * (t * t * d * hq) as f64 / 1e9, 7.0 * (t * t * d * hq) as f64 / 1e9);
+    println!(
+        "{}",
+        serde_json::json!({
+            "op": format!("causal_attention b=1 T={t} {hq}q/{hkv}kv heads d={d}"), "dtype": format!("{dtype:?}"),
+            "fwd_ms": f * 1e3, "fwd_bwd_ms": fb_s * 1e3,
+            "fwd_gflops": gf_fwd / f, "fwd_bwd_gflops": gf_all / fb_s,
+            "sgemm_ceiling_gflops": ceiling, "fwd_bwd_frac_of_ceiling": gf_all / fb_s / ceiling,
+            "isa": format!("{:?}", lora_kernels::simd::isa()),
+        })
+    );
     Ok(())
 }

@@ -5,15 +5,18 @@
 //! key/value head `h / (hq/hkv)`, as `repeat_kv` lays them out). Query `i` sits at
 //! position `i + tk - tq` (so a KV-cache decode step works) and sees key `j` when
 //! `j <= i + tk - tq` and, with segment ids [b, tk], when `j` lies in the same
-//! contiguous run of equal ids. Scores are computed in blocks of `BQ` query rows and
-//! only over the visible key range; nothing of size [hq, tq, tk] is ever held. The
+//! contiguous run of equal ids. Scores are computed in blocks of `BQ` query rows
+//! times a key tile ([`key_tile`]) over the visible key range only, with an online
+//! softmax across the tiles (flash attention): nothing of size [hq, tq, tk], nor even
+//! a block row against all keys, is ever held, so long sequences stay in L2. The
 //! forward saves the per-row log-sum-exp; the backward recomputes the probabilities
-//! block by block.
+//! tile by tile.
 //!
 //! k and v may be strided views whose (batch, head) planes are each contiguous, such
 //! as `narrow(2, 0, len)` of a preallocated KV-cache buffer: the forward reads them
 //! in place, so a decode step does not copy the whole cache.
-use crate::cpu::{bind_f32, exp_shift_sum, f32_view, fast_exp, max_f32, matmul, matmul_ld, storage_from_f32, tensor_from_f32, Elem, Mat, Par};
+use crate::cpu::{bind_f32, exp_shift_sum, f32_view, fast_exp, max_f32, matmul, storage_from_f32, tensor_from_f32, Elem, Mat, Par};
+use crate::simd::isa_dispatch;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -21,7 +24,7 @@ use std::borrow::Cow;
 use std::sync::Mutex;
 
 /// Query rows per block.
-const BQ: usize = 64;
+const BQ: usize = 128;
 
 pub struct CausalAttention {
     pub scale: f32,
@@ -146,28 +149,192 @@ fn widen_planes<T: Elem>(v: &[T], at: PlaneIndex, b: usize, h: usize) -> Vec<f32
     out
 }
 
-/// Fill `s` ([rows, kw], keys from `k0`) with probabilities: scale*qk^T already in `s`,
-/// masked outside [start, pos], normalised with `lse` (backward) or computing it (forward).
-#[inline]
-fn probs_row(s: &mut [f32], k0: usize, lo: usize, hi: usize, lse: Option<f32>) -> f32 {
-    // visible keys: lo..=hi (absolute), so columns lo-k0 ..= hi-k0
-    let (a, e) = (lo - k0, hi - k0 + 1);
-    s[..a].fill(0.0);
-    s[e..].fill(0.0);
-    let row = &mut s[a..e];
-    match lse {
-        Some(l) => {
-            row.iter_mut().for_each(|v| *v = fast_exp(*v - l));
-            l
+/// Keys per tile: the score tile (`BQ` x this), the K and V tiles and their gradients
+/// stay in L2 together (~400 KiB at head dim 64, ~650 KiB at 128).
+fn key_tile(d: usize) -> usize {
+    (16384 / d.max(1)).clamp(64, 256)
+}
+
+/// The read-only inputs of one (batch, query head): its query plane, the planes of its
+/// key/value head, where each key's segment starts, and the query -> key position offset.
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    starts: &'a [usize],
+    off: usize,
+    d: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    /// Keys some query in `q0..q1` sees: from the first query's segment start to the
+    /// last query's position (exclusive end).
+    fn keys(&self, q0: usize, q1: usize) -> (usize, usize) {
+        (self.starts[q0 + self.off], q1 + self.off)
+    }
+
+    /// The columns of key tile `kt0..kt1` that query `i` sees, if any.
+    #[inline(always)]
+    fn visible_in(&self, i: usize, kt0: usize, kt1: usize) -> Option<(usize, usize)> {
+        let pos = i + self.off;
+        let (lo, hi) = (self.starts[pos].max(kt0), (pos + 1).min(kt1));
+        (lo < hi).then(|| (lo - kt0, hi - kt0))
+    }
+
+    /// `s` (rows x kw) = scale * Q[q0..q1] K[kt0..kt1]^T with the keys a row does not see
+    /// set to 0. Returns each row's visible column range (the caller's loop over them
+    /// stays in the caller's instruction set: a closure here would not).
+    #[inline(always)]
+    fn scores_tile(&self, q0: usize, q1: usize, kt0: usize, kt1: usize, s: &mut [f32]) -> [(usize, usize); BQ] {
+        let (d, kw) = (self.d, kt1 - kt0);
+        let qb = Mat::new(&self.q[q0 * d..q1 * d], q1 - q0, d);
+        matmul(s, false, qb, Mat::new(&self.k[kt0 * d..kt1 * d], kw, d).t(), self.scale, Par::Seq);
+        let mut seen = [(0, 0); BQ];
+        for (r, row) in s.chunks_exact_mut(kw).enumerate() {
+            let (a, e) = self.visible_in(q0 + r, kt0, kt1).unwrap_or((0, 0));
+            row[..a].fill(0.0);
+            row[e..].fill(0.0);
+            seen[r] = (a, e);
         }
-        None => {
-            let m = max_f32(row);
-            let sum = exp_shift_sum(row, m);
-            let inv = 1.0 / sum;
-            row.iter_mut().for_each(|v| *v *= inv);
-            m + sum.ln()
+        seen
+    }
+}
+
+/// What the backward reads besides [`Head`]: the forward's output, the output
+/// gradient and the per-row log-sum-exp, for the same (batch, query head).
+struct HeadGrads<'a> {
+    o: &'a [f32],
+    go: &'a [f32],
+    lse: &'a [f32],
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
         }
     }
+    tail + acc.iter().sum::<f32>()
+}
+
+isa_dispatch! {
+    /// Output rows `q0..q1` of one head (`o`: their rows x d block, `lse`: their rows):
+    /// flash attention's online softmax over key tiles, so only a BQ x key-tile block
+    /// of scores exists at a time whatever the sequence length.
+    fn forward_block(h: &Head<'_>, q0: usize, q1: usize, o: &mut [f32], lse: &mut [f32]) {
+        let (d, rows) = (h.d, q1 - q0);
+        let (k_lo, k_hi) = h.keys(q0, q1);
+        let bk = key_tile(d).min(k_hi - k_lo);
+        let mut s = vec![0f32; rows * bk];
+        let mut max = [f32::NEG_INFINITY; BQ];
+        let mut sum = [0f32; BQ];
+        o.fill(0.0);
+        let mut kt0 = k_lo;
+        while kt0 < k_hi {
+            let kt1 = (kt0 + bk).min(k_hi);
+            let kw = kt1 - kt0;
+            let sb = &mut s[..rows * kw];
+            let seen = h.scores_tile(q0, q1, kt0, kt1, sb);
+            for (r, &(a, e)) in seen[..rows].iter().enumerate().filter(|(_, (a, e))| a < e) {
+                let row = &mut sb[r * kw + a..r * kw + e];
+                let m = max[r].max(max_f32(row));
+                // Rescale what earlier tiles summed to the new max (0 on the first tile).
+                let alpha = fast_exp(max[r] - m);
+                sum[r] = sum[r] * alpha + exp_shift_sum(row, m);
+                if alpha != 1.0 {
+                    o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= alpha);
+                }
+                max[r] = m;
+            }
+            matmul(o, true, Mat::new(sb, rows, kw), Mat::new(&h.v[kt0 * d..kt1 * d], kw, d), 1.0, Par::Seq);
+            kt0 = kt1;
+        }
+        for r in 0..rows {
+            let inv = 1.0 / sum[r];
+            o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+            lse[r] = max[r] + sum[r].ln();
+        }
+    }
+}
+
+isa_dispatch! {
+    /// Gradients from output rows `q0..q1` of one head: writes their dQ rows (`dq`, a
+    /// rows x d block) and adds into the head's dK/dV planes, key tile by key tile,
+    /// recomputing the probabilities from the saved log-sum-exp.
+    fn backward_block(h: &Head<'_>, g: &HeadGrads<'_>, q0: usize, q1: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+        let (d, rows, scale) = (h.d, q1 - q0, h.scale);
+        let (k_lo, k_hi) = h.keys(q0, q1);
+        let bk = key_tile(d).min(k_hi - k_lo);
+        let mut p = vec![0f32; rows * bk];
+        let mut dp = vec![0f32; rows * bk];
+        // D_i = rowsum(dO_i o O_i): the softmax backward's correction term.
+        let mut di = [0f32; BQ];
+        for r in 0..rows {
+            let i = q0 + r;
+            di[r] = dot(&g.go[i * d..(i + 1) * d], &g.o[i * d..(i + 1) * d]);
+        }
+        dq.fill(0.0);
+        let qb = Mat::new(&h.q[q0 * d..q1 * d], rows, d);
+        let gb = Mat::new(&g.go[q0 * d..q1 * d], rows, d);
+        let mut kt0 = k_lo;
+        while kt0 < k_hi {
+            let kt1 = (kt0 + bk).min(k_hi);
+            let kw = kt1 - kt0;
+            let (pb, dpb) = (&mut p[..rows * kw], &mut dp[..rows * kw]);
+            let kb = Mat::new(&h.k[kt0 * d..kt1 * d], kw, d);
+            let vb = Mat::new(&h.v[kt0 * d..kt1 * d], kw, d);
+            let seen = h.scores_tile(q0, q1, kt0, kt1, pb);
+            for (r, &(a, e)) in seen[..rows].iter().enumerate() {
+                let l = g.lse[q0 + r];
+                pb[r * kw + a..r * kw + e].iter_mut().for_each(|x| *x = fast_exp(*x - l));
+            }
+            // dV += P^T dO
+            matmul(&mut dv[kt0 * d..kt1 * d], true, Mat::new(pb, rows, kw).t(), gb, 1.0, Par::Seq);
+            // dP = dO V^T ; dS = P o (dP - D)
+            matmul(dpb, false, gb, vb.t(), 1.0, Par::Seq);
+            for r in 0..rows {
+                let (pr, dr) = (&pb[r * kw..(r + 1) * kw], &mut dpb[r * kw..(r + 1) * kw]);
+                dr.iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - di[r]));
+            }
+            // dQ += scale dS K ; dK += scale dS^T Q
+            matmul(dq, true, Mat::new(dpb, rows, kw), kb, scale, Par::Seq);
+            matmul(&mut dk[kt0 * d..kt1 * d], true, Mat::new(dpb, rows, kw).t(), qb, scale, Par::Seq);
+            kt0 = kt1;
+        }
+    }
+}
+
+/// Cuts query blocks `0..nqb` into at most `parts` contiguous runs of about equal
+/// causal work (block `i` sees about `(i + 1) * BQ + off` keys). Returns the bounds.
+fn split_blocks(nqb: usize, parts: usize, off: usize) -> Vec<usize> {
+    let work = |i: usize| ((i + 1) * BQ + off) as f64;
+    let total: f64 = (0..nqb).map(work).sum();
+    let mut bounds = vec![0];
+    let mut acc = 0.0;
+    for i in 0..nqb {
+        acc += work(i);
+        let target = total * bounds.len() as f64 / parts as f64;
+        if acc >= target && i + 1 < nqb && bounds.len() < parts {
+            bounds.push(i + 1);
+        }
+    }
+    bounds.push(nqb);
+    bounds
+}
+
+/// One backward task: a run of query blocks of one (batch, query head), the dQ rows
+/// they own, and a dK/dV partial of its own (summed per kv head afterwards).
+struct BackwardTask<'a> {
+    bh: usize,
+    blocks: std::ops::Range<usize>,
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
 }
 
 impl CustomOp3 for CausalAttention {
@@ -194,33 +361,22 @@ impl CustomOp3 for CausalAttention {
         let (rep, off, scale) = (hq / hkv, tk - tq, self.scale);
         let mut out = crate::cpu::uninit::<f32>(b * hq * tq * d);
         let mut lse = vec![0f32; b * hq * tq];
+        // One task per (batch, query head, query block): independent in the forward.
         out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
             let (bi, hi) = (bh / hq, bh % hq);
-            let qp = &q[bh * tq * d..(bh + 1) * tq * d];
-            let kp = k.plane(bi, hi / rep);
-            let vp = v.plane(bi, hi / rep);
-            let st = &starts[bi * tk..(bi + 1) * tk];
-            let mut s = vec![0f32; BQ * tk];
-            for q0 in (0..tq).step_by(BQ) {
-                let q1 = (q0 + BQ).min(tq);
-                let rows = q1 - q0;
-                let (k0, k1) = (st[q0 + off], q1 - 1 + off + 1);
-                let kw = k1 - k0;
-                let sb = &mut s[..rows * kw];
-                matmul(
-                    sb,
-                    false,
-                    Mat::new(&qp[q0 * d..q1 * d], rows, d),
-                    Mat::new(&kp[k0 * d..k1 * d], kw, d).t(),
-                    scale,
-                    Par::Seq,
-                );
-                for r in 0..rows {
-                    let pos = q0 + r + off;
-                    l[q0 + r] = probs_row(&mut sb[r * kw..(r + 1) * kw], k0, st[pos], pos, None);
-                }
-                matmul(&mut o[q0 * d..q1 * d], false, Mat::new(sb, rows, kw), Mat::new(&vp[k0 * d..k1 * d], kw, d), 1.0, Par::Seq);
-            }
+            let head = Head {
+                q: &q[bh * tq * d..(bh + 1) * tq * d],
+                k: k.plane(bi, hi / rep),
+                v: v.plane(bi, hi / rep),
+                starts: &starts[bi * tk..(bi + 1) * tk],
+                off,
+                d,
+                scale,
+            };
+            o.par_chunks_mut(BQ * d).zip(l.par_chunks_mut(BQ)).enumerate().for_each(|(qb, (ob, lb))| {
+                let q0 = qb * BQ;
+                forward_block(&head, q0, q0 + lb.len(), ob, lb);
+            });
         });
         *self.lse.lock().unwrap() = Some(lse);
         Ok((storage_from_f32(out, sq.dtype())?, lq.shape().clone()))
@@ -257,60 +413,50 @@ impl CustomOp3 for CausalAttention {
         bind_f32!(gv = grad, op);
         let starts = self.segment_starts(b, tk)?;
         let (rep, off, scale) = (hq / hkv, tk - tq, self.scale);
+        // Tasks: runs of query blocks of one (batch, query head), each with its own dK/dV
+        // partial, summed over the runs and the query heads of a kv head afterwards.
+        // One run per head while there are >= 4 heads per thread; at batch 1 (9 heads
+        // on 2 threads) each head is cut into runs of equal causal work so no core idles.
+        let nqb = tq.div_ceil(BQ);
+        let threads = rayon::current_num_threads();
+        let parts = if b * hq >= 4 * threads { 1 } else { (4 * threads).div_ceil(b * hq).min(nqb).max(1) };
+        let bounds = split_blocks(nqb, parts, off);
+        let parts = bounds.len() - 1;
         let mut dq = crate::cpu::uninit::<f32>(b * hq * tq * d);
-        // One task per (batch, query head), each with its own dK/dV partial, summed over
-        // the query heads of a kv head afterwards. One task per kv head instead leaves a
-        // core idle at batch 1 (3 kv heads on 2 cores: 2/3 of the machine); the partials
-        // cost rep x the dK/dV memory (18 MiB at 4096 tokens, SmolLM2).
-        let mut dkh = vec![0f32; b * hq * tk * d];
-        let mut dvh = vec![0f32; b * hq * tk * d];
-        dq.par_chunks_mut(tq * d)
-            .zip(dkh.par_chunks_mut(tk * d).zip(dvh.par_chunks_mut(tk * d)))
-            .enumerate()
-            .for_each(|(bh, (dqp, (dkp, dvp)))| {
-                let bi = bh / hq;
-                let bkv = bi * hkv + (bh % hq) / rep;
-                let kp = &kv[bkv * tk * d..(bkv + 1) * tk * d];
-                let vp = &vv[bkv * tk * d..(bkv + 1) * tk * d];
-                let st = &starts[bi * tk..(bi + 1) * tk];
-                let mut p = vec![0f32; BQ * tk];
-                let mut dp = vec![0f32; BQ * tk];
-                let qp = &qv[bh * tq * d..(bh + 1) * tq * d];
-                let op_ = &ov[bh * tq * d..(bh + 1) * tq * d];
-                let gp = &gv[bh * tq * d..(bh + 1) * tq * d];
-                let lp = &lse[bh * tq..(bh + 1) * tq];
-                for q0 in (0..tq).step_by(BQ) {
-                    let q1 = (q0 + BQ).min(tq);
-                    let rows = q1 - q0;
-                    let (k0, k1) = (st[q0 + off], q1 - 1 + off + 1);
-                    let kw = k1 - k0;
-                    let pb = &mut p[..rows * kw];
-                    let dpb = &mut dp[..rows * kw];
-                    let qb = Mat::new(&qp[q0 * d..q1 * d], rows, d);
-                    let gb = Mat::new(&gp[q0 * d..q1 * d], rows, d);
-                    let kb = Mat::new(&kp[k0 * d..k1 * d], kw, d);
-                    let vb = Mat::new(&vp[k0 * d..k1 * d], kw, d);
-                    matmul(pb, false, qb, kb.t(), scale, Par::Seq);
-                    for r in 0..rows {
-                        let pos = q0 + r + off;
-                        probs_row(&mut pb[r * kw..(r + 1) * kw], k0, st[pos], pos, Some(lp[q0 + r]));
-                    }
-                    // dV += P^T dO
-                    matmul(&mut dvp[k0 * d..k1 * d], true, Mat::new(pb, rows, kw).t(), gb, 1.0, Par::Seq);
-                    // dP = dO V^T ; dS = P (dP - rowsum(dO o))
-                    matmul(dpb, false, gb, vb.t(), 1.0, Par::Seq);
-                    for r in 0..rows {
-                        let i = q0 + r;
-                        let di: f32 = gp[i * d..(i + 1) * d].iter().zip(&op_[i * d..(i + 1) * d]).map(|(a, b)| a * b).sum();
-                        let pr = &pb[r * kw..(r + 1) * kw];
-                        dpb[r * kw..(r + 1) * kw].iter_mut().zip(pr).for_each(|(g, p)| *g = p * (*g - di));
-                    }
-                    // dQ = scale dS K ; dK += scale dS^T Q
-                    matmul_ld(&mut dqp[q0 * d..q1 * d], d, false, Mat::new(dpb, rows, kw), kb, scale, Par::Seq);
-                    matmul(&mut dkp[k0 * d..k1 * d], true, Mat::new(dpb, rows, kw).t(), qb, scale, Par::Seq);
-                }
-            });
-        let (dk, dv) = (sum_groups(dkh, rep, tk * d), sum_groups(dvh, rep, tk * d));
+        let mut dkh = vec![0f32; b * hq * parts * tk * d];
+        let mut dvh = vec![0f32; b * hq * parts * tk * d];
+        let mut tasks = Vec::with_capacity(b * hq * parts);
+        for (bh, ((dqp, dkp), dvp)) in dq.chunks_mut(tq * d).zip(dkh.chunks_mut(parts * tk * d)).zip(dvh.chunks_mut(parts * tk * d)).enumerate() {
+            let mut rest = dqp;
+            for ((pi, dk), dv) in (0..parts).zip(dkp.chunks_mut(tk * d)).zip(dvp.chunks_mut(tk * d)) {
+                let blocks = bounds[pi]..bounds[pi + 1];
+                let rows = (blocks.end * BQ).min(tq) - blocks.start * BQ;
+                let (mine, tail) = rest.split_at_mut(rows * d);
+                rest = tail;
+                tasks.push(BackwardTask { bh, blocks, dq: mine, dk, dv });
+            }
+        }
+        tasks.into_par_iter().for_each(|t| {
+            let bi = t.bh / hq;
+            let bkv = bi * hkv + (t.bh % hq) / rep;
+            let span = |n: usize, i: usize| i * n..(i + 1) * n;
+            let head = Head {
+                q: &qv[span(tq * d, t.bh)],
+                k: &kv[span(tk * d, bkv)],
+                v: &vv[span(tk * d, bkv)],
+                starts: &starts[bi * tk..(bi + 1) * tk],
+                off,
+                d,
+                scale,
+            };
+            let grads = HeadGrads { o: &ov[span(tq * d, t.bh)], go: &gv[span(tq * d, t.bh)], lse: &lse[span(tq, t.bh)] };
+            let first_row = t.blocks.start * BQ;
+            for qb in t.blocks.clone() {
+                let (q0, q1) = (qb * BQ, ((qb + 1) * BQ).min(tq));
+                backward_block(&head, &grads, q0, q1, &mut t.dq[(q0 - first_row) * d..(q1 - first_row) * d], t.dk, t.dv);
+            }
+        });
+        let (dk, dv) = (sum_groups(dkh, rep * parts, tk * d), sum_groups(dvh, rep * parts, tk * d));
         let dq = if q.track_op() { Some(tensor_from_f32(dq, q.shape(), q.dtype())?) } else { None };
         let dk = if k.track_op() { Some(tensor_from_f32(dk, k.shape(), k.dtype())?) } else { None };
         let dv = if v.track_op() { Some(tensor_from_f32(dv, v.shape(), v.dtype())?) } else { None };
@@ -318,8 +464,8 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
-/// Sum each run of `rep` consecutive planes of `plane` elements (the query heads of one
-/// kv head) into one plane.
+/// Sum each run of `rep` consecutive planes of `plane` elements (the partials of the
+/// query heads of one kv head) into one plane.
 fn sum_groups(parts: Vec<f32>, rep: usize, plane: usize) -> Vec<f32> {
     if rep == 1 {
         return parts;

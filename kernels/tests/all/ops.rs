@@ -245,6 +245,10 @@ fn causal_attention_matches_reference() {
             (1, 3, 1, 130, 130, 8, false),
             (2, 2, 2, 70, 70, 12, true),
             (2, 4, 1, 5, 69, 16, false),
+            // Several key tiles (256 keys at head dim 16): the online softmax across
+            // tiles, segments starting inside a tile, and a query offset (KV cache).
+            (1, 2, 1, 600, 600, 16, true),
+            (1, 2, 2, 70, 650, 16, false),
         ] {
             let seg = packed.then(|| {
                 let ids: Vec<u32> = (0..b * tk).map(|i| ((i % tk) as u32 * 3) / tk as u32 + (i / tk) as u32).collect();
