@@ -17,7 +17,7 @@
 # equals its AVX-512 peak, like Zen 3's): ours is built from a copy of the workspace
 # with the `gemm` crate's AVX-512 kernels compiled out (its `x86-v4` feature; its own
 # target dir under ~/.cache/lora-train/avx2-proxy) and runs with
-# LORA_KERNELS_NO_BF16_DOT=1; PyTorch runs with ATEN_CPU_CAPABILITY=avx2,
+# LORA_KERNELS_NO_BF16_DOT=1 LORA_KERNELS_ISA=avx2; PyTorch runs with ATEN_CPU_CAPABILITY=avx2,
 # MKL_ENABLE_INSTRUCTIONS=AVX2 and ONEDNN_MAX_CPU_ISA=AVX2.
 # Writes every run's JSON and summary.json (machine + all ratios) to $OUT.
 set -euo pipefail
@@ -49,7 +49,7 @@ case "$ISA" in
     echo "== building the AVX2 proxy binary in $PROXY (first time: a full release build of candle)" >&2
     (cd "$PROXY/src" && CARGO_TARGET_DIR="$PROXY/target" cargo build --release -q -p lora-benches --bins)
     BIN=$PROXY/target/release
-    export LORA_KERNELS_NO_BF16_DOT=1 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+    export LORA_KERNELS_NO_BF16_DOT=1 LORA_KERNELS_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
     echo avx2 > "$OUT/isa.txt";;
   *) echo "--isa takes avx2 (or leave it out for the host's own code paths)" >&2; exit 2;;
 esac

@@ -41,8 +41,12 @@ fn two_cpu_replicas_train_the_adapter_of_one_device_with_the_same_global_batch()
     let s2 = run_sft(&m, &d, &two, "cpu,cpu", &extra);
     assert_eq!(s1["steps"], s2["steps"]);
     assert_eq!(s1["tokens"], s2["tokens"], "both must see the same global batches");
+    // Each micro-batch's gradient is bit-identical on both sides; only the order of the
+    // sum over micro-batches differs (per replica, then across), and AdamW's g/sqrt(v)
+    // magnifies that rounding in near-zero gradients: 1.5e-5 after 4 steps with the
+    // key-tiled attention (a wrong micro-batch split or a lost gradient gives >1e-2).
     let diff = max_relative_difference(&one, &two);
-    assert!(diff < 1e-5, "adapters differ by {diff} (relative to each tensor's largest value)");
+    assert!(diff < 3e-5, "adapters differ by {diff} (relative to each tensor's largest value)");
     // The step losses are the same numbers (summed through f32 across replicas).
     for (a, b) in metrics(&one).iter().zip(metrics(&two).iter()) {
         let (la, lb) = (a["loss"].as_f64().unwrap_or(0.0), b["loss"].as_f64().unwrap_or(0.0));
