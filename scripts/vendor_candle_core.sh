@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Recreates third_party/candle-core from the crates.io release and applies
-# third_party/candle-core-backprop.patch (see third_party/README.md).
+# third_party/candle-core.patch (see third_party/README.md).
 #   bash scripts/vendor_candle_core.sh [VERSION]   (default 0.11.1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +23,5 @@ s = open(p).read()
 s = re.sub(r'\n\[\[(example|test|bench)\]\]\n(?:[^\[\n][^\n]*\n)*', '\n', s)  # their sources are not copied
 open(p, 'w').write(s)
 PY
-patch -d third_party/candle-core -p1 < third_party/candle-core-backprop.patch
-echo "third_party/candle-core: candle-core $VERSION + backprop patch"
+patch -d third_party/candle-core -p1 < third_party/candle-core.patch
+echo "third_party/candle-core: candle-core $VERSION + third_party/candle-core.patch"

@@ -216,10 +216,25 @@ fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 #[test]
 fn bf16_compute_tracks_f32_and_every_lora_tensor_gets_a_gradient() -> Result<()> {
+    bf16_compute_case()
+}
+
+/// The same bf16 model where the CPU has no bf16 dot product (forced here): bf16
+/// activations stay bf16 and the matmuls widen to f32 GEMMs.
+#[test]
+fn bf16_compute_without_the_bf16_dot_product_tracks_f32_too() -> Result<()> {
+    lora_kernels::gemm_bf16::force_fallback(|| {
+        assert!(!lora_kernels::gemm_bf16::available());
+        bf16_compute_case()
+    })
+}
+
+fn bf16_compute_case() -> Result<()> {
     let name = "qwen3-tiny";
     let g = Golden::load(name)?;
     let valid = g.attention_mask()?;
     let mut m = load_model(golden_dir().join("models").join(name).to_str().unwrap(), &Device::Cpu, DType::BF16)?;
+    assert_eq!(m.model.compute_dtype(), DType::BF16, "bf16 computes in bf16 on every CPU");
     m.model.load_adapter(&golden_dir().join("adapters").join(name))?;
     let lora = logits_of(&m, &g)?;
     let err = rel_err_valid(&lora, g.get("lora_logits"), &valid)?;

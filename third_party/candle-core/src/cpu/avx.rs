@@ -332,6 +332,7 @@ pub(crate) unsafe fn vec_add_f16(a_row: *const f16, b_row: *const f16, c: *mut f
 }
 
 #[target_feature(enable = "avx2")]
+#[allow(dead_code)] // lora-train patch: bf16 add/mul now in kernels.rs (bf16_zip_map)
 pub(crate) unsafe fn vec_add_bf16(a_row: *const bf16, b_row: *const bf16, c: *mut bf16, k: usize) {
     let mut i = 0;
     while i + CurrentCpuBF16::STEP <= k {

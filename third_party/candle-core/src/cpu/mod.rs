@@ -121,6 +121,7 @@ unsafe fn scalar_vec_add_f16(a_row: *const f16, b_row: *const f16, c: *mut f16, 
 
 #[inline(always)]
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+#[allow(dead_code)] // lora-train patch: bf16 add/mul now in kernels.rs (bf16_zip_map)
 unsafe fn scalar_vec_add_bf16(a_row: *const bf16, b_row: *const bf16, c: *mut bf16, k: usize) {
     for i in 0..k {
         *c.add(i) = *a_row.add(i) + *b_row.add(i);
@@ -287,6 +288,7 @@ pub(crate) unsafe fn vec_add_f16(a_row: *const f16, b_row: *const f16, c: *mut f
 }
 
 #[inline(always)]
+#[allow(dead_code)] // lora-train patch: bf16 add/mul now in kernels.rs (bf16_zip_map)
 pub(crate) unsafe fn vec_add_bf16(a_row: *const bf16, b_row: *const bf16, c: *mut bf16, k: usize) {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     if use_avx2() {
@@ -333,6 +335,7 @@ pub(crate) unsafe fn vec_scalar_add_f16(scalar: f16, xs: *const f16, ys: *mut f1
 }
 
 #[inline(always)]
+#[allow(dead_code)] // lora-train patch: bf16 add/mul now in kernels.rs (bf16_zip_map)
 pub(crate) unsafe fn vec_mul_bf16(a_row: *const bf16, b_row: *const bf16, c: *mut bf16, k: usize) {
     #[cfg(any(
         target_arch = "aarch64",
