@@ -54,7 +54,17 @@ for case in cases:
         t = load(f"{out}/torch_{tag}.json")
         for label, prefix in [("lora-train", "ours"), ("lora-train (EXTRA_BIN)", "extra")]:
             o = load(f"{out}/{prefix}_{tag}.json")
-            if o is None or t is None:
+            if o is None:
+                continue
+            if t is None:  # PyTorch not run (bf16 on the AVX2 paths): ours against our f32
+                f32 = load(f"{out}/{prefix}_f32_{case}.json")
+                print(f"\n[{dt} {case}] {label}: batch {o['batch']}x{o['seq']} (PyTorch not run)")
+                print(f"  ours         : {o['tokens_per_s']:8.1f} tokens/s  step {o['step_s']:.3f}s  peak RSS {o['peak_rss_mb']:8.1f} MB")
+                if f32:
+                    sp, rss = o["tokens_per_s"] / f32["tokens_per_s"], o["peak_rss_mb"] / f32["peak_rss_mb"]
+                    print(f"  vs our f32   : {sp:.2f}x tokens/s (target >= 0.95x), {rss:.2f}x RSS (target <= 0.75x)")
+                    summary["runs"].append({"case": case, "dtype": dt, "impl": label, "vs": "our f32", "ours_tokens_per_s": o["tokens_per_s"],
+                                            "ours_peak_rss_mb": o["peak_rss_mb"], "speed_ratio": sp, "rss_ratio": rss, "target": (0.95, 0.75)})
                 continue
             sp = o["tokens_per_s"] / t["tokens_per_s"]
             rss = o["peak_rss_mb"] / t["peak_rss_mb"]

@@ -145,9 +145,20 @@ fn preemption_usr1_checkpoints_requeues_and_the_requeued_job_resumes_to_the_same
     let stopped = j["checkpoint"].as_str().expect("the checkpoint the signal wrote").to_string();
     // Slurm holds a requeued job back for a while (its begin time); let it start now.
     wait_for(60, "the job back in the queue", || squeue_state(&sid) == "PENDING");
+    // slurmd refuses a launch whose credential is not newer (1 s resolution) than the
+    // revocation of the job's previous run ("Job credential revoked", the job FAILED with
+    // exit 1 in a run where all this happened within one second): Slurm's own begin-time
+    // delay avoids that, and so does waiting 2 s before starting it by hand.
+    std::thread::sleep(std::time::Duration::from_secs(2));
     let _ = Command::new("scontrol").args(["update", &format!("JobId={sid}"), "StartTime=now"]).status();
     let waited = lt(&home, &["jobs", "wait", &id.to_string(), "--timeout", "300"]);
-    assert_eq!(waited.status.code(), Some(0), "{}", job(&home, id));
+    if waited.status.code() != Some(0) {
+        // Keep the job's log in the failure message (the test's temp dir is gone after it).
+        let j = job(&home, id);
+        let log = j["log"].as_str().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+        panic!("the requeued job did not succeed: {j}\n--- its log (last 40 lines) ---\n{}", tail.join("\n"));
+    }
     let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     let resumed = run["summary"]["resumed_from_step"].as_u64().expect("the requeued job resumed");
     assert!(stopped.ends_with(&format!("step-{resumed}")), "resumed from {resumed}, the signal's checkpoint was {stopped}");
