@@ -4,6 +4,7 @@
 mod agent_e2e;
 mod common;
 mod data_parallel;
+mod devices_cli;
 mod dpo_e2e;
 mod eval_golden;
 mod evaluators;
