@@ -49,32 +49,33 @@ fn detected() -> Isa {
     Isa::Baseline
 }
 
-/// Defines `fn name(args) -> ret { body }` whose body is compiled for baseline x86-64,
+/// Defines `fn name(args) -> ret { body }` (or `fn name<T: Bound>(...)`, one type
+/// parameter) whose body is compiled for baseline x86-64,
 /// AVX2+FMA and AVX-512 and chosen by [`isa`] at each call (a cached load). The body
 /// must be safe code; everything it calls that is `#[inline]` is compiled with the
 /// wider instructions too, but a closure it passes elsewhere is not (measured: the
 /// attention forward ran 20% slower with its softmax rows in a closure), so keep hot
 /// loops in the body itself.
 macro_rules! isa_dispatch {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident $(<$g:ident: $bound:path>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            fn imp $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                unsafe fn avx512 $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? { imp $(::<$g>)? ($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                unsafe fn avx2 $(<$g: $bound>)? ($($arg: $ty),*) $(-> $ret)? { imp $(::<$g>)? ($($arg),*) }
                 match $crate::simd::isa() {
                     // SAFETY: isa() only reports instruction sets the CPU has.
-                    $crate::simd::Isa::Avx512 => return unsafe { avx512($($arg),*) },
-                    $crate::simd::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::simd::Isa::Avx512 => return unsafe { avx512 $(::<$g>)? ($($arg),*) },
+                    $crate::simd::Isa::Avx2 => return unsafe { avx2 $(::<$g>)? ($($arg),*) },
                     $crate::simd::Isa::Baseline => {}
                 }
             }
-            imp($($arg),*)
+            imp $(::<$g>)? ($($arg),*)
         }
     };
 }

@@ -3,19 +3,66 @@
 //! forward:  r = 1/sqrt(mean(x^2) + eps), y = x r w
 //! backward: g = dy w, dx = r (g - x r^2 mean(g x)), dw = sum_rows dy x r
 use crate::cpu::{with_float_slice, Elem};
+use crate::simd::isa_dispatch;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per rayon task.
 const ROWS: usize = 16;
 
-#[inline]
+/// 1 / rms(x), the sum of squares over 16 independent lanes (a single running sum is a
+/// 576-long dependency chain per row and does not vectorise).
+#[inline(always)]
 fn inv_rms<T: Elem>(x: &[T], eps: f32) -> f32 {
-    let ss: f32 = x.iter().map(|v| {
-        let v = v.to_f32();
-        v * v
-    }).sum();
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|v| v.to_f32() * v.to_f32()).sum();
+    for c in chunks {
+        for i in 0..16 {
+            let v = c[i].to_f32();
+            acc[i] += v * v;
+        }
+    }
+    let ss = tail + acc.iter().sum::<f32>();
     1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+isa_dispatch! {
+    /// One block of rows of the forward: `y = x / rms(x) * w`.
+    fn forward_rows<T: Elem>(yc: &mut [T], xc: &[T], w: &[f32], d: usize, eps: f32) {
+        for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+            let r = inv_rms(xr, eps);
+            for ((o, i), w) in yr.iter_mut().zip(xr).zip(w) {
+                *o = T::from_f32(i.to_f32() * r * w);
+            }
+        }
+    }
+}
+
+isa_dispatch! {
+    /// One block of rows of the backward: their dX, and their share of dW added to `dw`
+    /// (empty when W is frozen).
+    fn backward_rows<T: Elem>(dxc: &mut [f32], xc: &[T], gc: &[f32], w: &[f32], dw: &mut [f32], d: usize, eps: f32) {
+        for ((dxr, xr), gr) in dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
+            let r = inv_rms(xr, eps);
+            let mut acc = [0f32; 16];
+            let (xs, gs, ws) = (xr.chunks_exact(16), gr.chunks_exact(16), w.chunks_exact(16));
+            let tail: f32 = xs.remainder().iter().zip(gs.remainder()).zip(ws.remainder()).map(|((x, g), w)| g * w * x.to_f32()).sum();
+            for ((x, g), w) in xs.zip(gs).zip(ws) {
+                for i in 0..16 {
+                    acc[i] += g[i] * w[i] * x[i].to_f32();
+                }
+            }
+            let dot = tail + acc.iter().sum::<f32>();
+            let c = dot * r * r / d as f32;
+            for (((o, x), g), w) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
+                *o = r * (g * w - x.to_f32() * c);
+            }
+            for ((a, x), g) in dw.iter_mut().zip(xr).zip(gr) {
+                *a += g * x.to_f32() * r;
+            }
+        }
+    }
 }
 
 fn weight_f32(s: &CpuStorage, l: &Layout, d: usize, op: &str) -> Result<Vec<f32>> {
@@ -43,14 +90,7 @@ impl CustomOp2 for RmsNorm {
         let eps = self.eps;
         fn run<T: Elem>(x: &[T], w: &[f32], d: usize, eps: f32) -> CpuStorage {
             let mut y: Vec<T> = crate::cpu::uninit(x.len());
-            y.par_chunks_mut(d * ROWS).zip(x.par_chunks(d * ROWS)).for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                    let r = inv_rms(xr, eps);
-                    for ((o, i), w) in yr.iter_mut().zip(xr).zip(w) {
-                        *o = T::from_f32(i.to_f32() * r * w);
-                    }
-                }
-            });
+            y.par_chunks_mut(d * ROWS).zip(x.par_chunks(d * ROWS)).for_each(|(yc, xc)| forward_rows(yc, xc, w, d, eps));
             T::wrap(y)
         }
         let out = with_float_slice!(sx, lx, op, |x| run(x, &w, d, eps));
@@ -115,22 +155,7 @@ impl CustomOp3 for RmsNormBwd {
                 .zip(g.par_chunks(d * ROWS))
                 .map(|((dxc, xc), gc)| {
                     let mut dw = if want_dw { vec![0f32; d] } else { Vec::new() };
-                    for ((dxr, xr), gr) in dxc.chunks_exact_mut(d).zip(xc.chunks_exact(d)).zip(gc.chunks_exact(d)) {
-                        let r = inv_rms(xr, eps);
-                        let mut dot = 0f32;
-                        for ((x, g), w) in xr.iter().zip(gr).zip(w) {
-                            dot += g * w * x.to_f32();
-                        }
-                        let c = dot * r * r / d as f32;
-                        for (((o, x), g), w) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
-                            *o = r * (g * w - x.to_f32() * c);
-                        }
-                        if want_dw {
-                            for ((a, x), g) in dw.iter_mut().zip(xr).zip(gr) {
-                                *a += g * x.to_f32() * r;
-                            }
-                        }
-                    }
+                    backward_rows(dxc, xc, gc, w, &mut dw, d, eps);
                     dw
                 })
                 .reduce(Vec::new, |mut a, b| {

@@ -2,6 +2,7 @@
 //! `dgate = dy up sig(g) (1 + g (1 - sig(g)))`, `dup = dy silu(g)`.
 use crate::cpu::{f32_view, with_float_slice, Elem, PAR_CHUNK};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use crate::simd::isa_dispatch;
 use rayon::prelude::*;
 
 pub struct Swiglu;
@@ -104,6 +105,28 @@ impl CustomOp3 for SwigluBwd {
 /// gradient as one `[dgate | dup]` tensor.
 pub struct SwigluCat;
 
+isa_dispatch! {
+    /// `o = silu(g) * u` for one row.
+    fn swiglu_row<T: Elem>(g: &[T], u: &[T], o: &mut [T]) {
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            let g = g.to_f32();
+            *o = T::from_f32(g * sigmoid(g) * u.to_f32());
+        }
+    }
+}
+
+isa_dispatch! {
+    /// dgate and dup of one row.
+    fn swiglu_bwd_row<T: Elem>(g: &[T], u: &[T], dy: &[f32], dg: &mut [T], du: &mut [T]) {
+        for c in 0..dy.len() {
+            let g = g[c].to_f32();
+            let s = sigmoid(g);
+            dg[c] = T::from_f32(dy[c] * u[c].to_f32() * s * (1.0 + g * (1.0 - s)));
+            du[c] = T::from_f32(dy[c] * g * s);
+        }
+    }
+}
+
 /// Rows of `2i` inputs -> rows of `i` outputs, `f(gate, up, j)` per element.
 fn per_half_row<T: Elem, O: Send>(x: &[T], i: usize, out: &mut [O], width: usize, f: impl Fn(&[T], &[T], &mut [O], usize) + Sync) {
     out.par_chunks_mut(width * (PAR_CHUNK / width.max(1)).max(1)).enumerate().for_each(|(c, oc)| {
@@ -130,12 +153,7 @@ impl CustomOp1 for SwigluCat {
         let i = two_i / 2;
         fn run<T: Elem>(x: &[T], i: usize) -> CpuStorage {
             let mut y: Vec<T> = crate::cpu::uninit(x.len() / 2);
-            per_half_row(x, i, &mut y, i, |g, u, o, _| {
-                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                    let g = g.to_f32();
-                    *o = T::from_f32(g * sigmoid(g) * u.to_f32());
-                }
-            });
+            per_half_row(x, i, &mut y, i, |g, u, o, _| swiglu_row(g, u, o));
             T::wrap(y)
         }
         let out = with_float_slice!(s, l, self.name(), |x| run(x, i));
@@ -171,13 +189,7 @@ impl CustomOp2 for SwigluCatBwd {
             let mut out: Vec<T> = crate::cpu::uninit(x.len());
             per_half_row(x, i, &mut out, 2 * i, |g, u, o, row| {
                 let (dg, du) = o.split_at_mut(i);
-                let dyr = &dy[row * i..(row + 1) * i];
-                for c in 0..i {
-                    let g = g[c].to_f32();
-                    let s = sigmoid(g);
-                    dg[c] = T::from_f32(dyr[c] * u[c].to_f32() * s * (1.0 + g * (1.0 - s)));
-                    du[c] = T::from_f32(dyr[c] * g * s);
-                }
+                swiglu_bwd_row(g, u, &dy[row * i..(row + 1) * i], dg, du);
             });
             T::wrap(out)
         }
