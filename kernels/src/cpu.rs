@@ -8,6 +8,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
+use crate::simd::isa_dispatch;
+
 /// Elements per rayon task for memory-bound element-wise loops.
 pub(crate) const PAR_CHUNK: usize = 1 << 14;
 
@@ -94,10 +96,24 @@ pub(crate) use with_float_slice;
 pub(crate) fn widen<T: Elem>(v: &[T]) -> Vec<f32> {
     // Every element is written below: skip the zero-fill (a whole extra pass).
     let mut out = uninit::<f32>(v.len());
-    out.par_chunks_mut(PAR_CHUNK)
-        .zip(v.par_chunks(PAR_CHUNK))
-        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = i.to_f32()));
+    out.par_chunks_mut(PAR_CHUNK).zip(v.par_chunks(PAR_CHUNK)).for_each(|(o, i)| widen_chunk(o, i));
     out
+}
+
+isa_dispatch! {
+    fn widen_chunk<T: Elem>(o: &mut [f32], i: &[T]) {
+        for (o, i) in o.iter_mut().zip(i) {
+            *o = i.to_f32();
+        }
+    }
+}
+
+isa_dispatch! {
+    fn narrow_chunk<T: Elem>(o: &mut [T], i: &[f32]) {
+        for (o, i) in o.iter_mut().zip(i) {
+            *o = T::from_f32(*i);
+        }
+    }
 }
 
 /// Narrow an f32 buffer to `T` in parallel.
@@ -108,9 +124,7 @@ pub(crate) fn narrow<T: Elem>(v: &[f32]) -> Vec<T> {
     unsafe {
         out.set_len(v.len())
     };
-    out.par_chunks_mut(PAR_CHUNK)
-        .zip(v.par_chunks(PAR_CHUNK))
-        .for_each(|(o, i)| o.iter_mut().zip(i).for_each(|(o, i)| *o = T::from_f32(*i)));
+    out.par_chunks_mut(PAR_CHUNK).zip(v.par_chunks(PAR_CHUNK)).for_each(|(o, i)| narrow_chunk(o, i));
     out
 }
 
