@@ -7,6 +7,7 @@
 //! never repeated) and k/v may be KV-cache views whose (batch, head) planes are
 //! contiguous: they are read in place.
 use super::ops::{as_cuda, dispatch};
+use crate::ops::attention::{dims, Dims};
 use super::runtime::{self as rt, ceil_div, cfg, tensor, view};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
@@ -36,25 +37,6 @@ fn plane_strides(l: &Layout) -> Result<(i64, i64)> {
 /// The storage of a k/v operand from its first element (strides apply from there).
 fn plane_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-}
-
-struct Dims {
-    b: usize,
-    hq: usize,
-    hkv: usize,
-    tq: usize,
-    tk: usize,
-    d: usize,
-}
-
-fn dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
-    let (&[b, hq, tq, d], &[kb, hkv, tk, kd]) = (q, k) else {
-        bail!("causal-attention: q {q:?} and k {k:?} must be 4-d");
-    };
-    if kb != b || kd != d || k != v || hkv == 0 || hq % hkv != 0 || tq > tk {
-        bail!("causal-attention: incompatible q {q:?}, k {k:?}, v {v:?}");
-    }
-    Ok(Dims { b, hq, hkv, tq, tk, d })
 }
 
 pub struct CausalAttentionCuda {

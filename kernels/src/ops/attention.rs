@@ -34,28 +34,30 @@ pub struct CausalAttention {
     pub lse: Mutex<Option<Vec<f32>>>,
 }
 
-struct Dims {
-    b: usize,
-    hq: usize,
-    hkv: usize,
-    tq: usize,
-    tk: usize,
-    d: usize,
+/// The sizes of a causal-attention call (shared with the CUDA op).
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) hq: usize,
+    pub(crate) hkv: usize,
+    pub(crate) tq: usize,
+    pub(crate) tk: usize,
+    pub(crate) d: usize,
+}
+
+/// q [b, hq, tq, d], k and v [b, hkv, tk, d] with hq a multiple of hkv and tq <= tk.
+pub(crate) fn dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
+    let (&[b, hq, tq, d], &[kb, hkv, tk, kd]) = (q, k) else {
+        bail!("causal-attention: q {q:?} and k {k:?} must be 4-d");
+    };
+    if kb != b || kd != d || k != v || hkv == 0 || hq % hkv != 0 || tq > tk {
+        bail!("causal-attention: incompatible q {q:?}, k {k:?}, v {v:?}");
+    }
+    Ok(Dims { b, hq, hkv, tq, tk, d })
 }
 
 impl CausalAttention {
     pub fn new(scale: f32, segments: Option<Vec<u32>>) -> Self {
         CausalAttention { scale, segments, lse: Mutex::new(None) }
-    }
-
-    fn dims(q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
-        let (&[b, hq, tq, d], &[kb, hkv, tk, kd]) = (q, k) else {
-            bail!("causal-attention: q {q:?} and k {k:?} must be 4-d");
-        };
-        if kb != b || kd != d || k != v || hkv == 0 || hq % hkv != 0 || tq > tk {
-            bail!("causal-attention: incompatible q {q:?}, k {k:?}, v {v:?}");
-        }
-        Ok(Dims { b, hq, hkv, tq, tk, d })
     }
 
     /// For each batch row, `start[j]` = first key of the segment containing key `j`.
@@ -355,7 +357,7 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let _p = crate::profile::scope(self.name());
         let op = self.name();
-        let Dims { b, hq, hkv, tq, tk, d } = Self::dims(lq.dims(), lk.dims(), lv.dims())?;
+        let Dims { b, hq, hkv, tq, tk, d } = dims(lq.dims(), lk.dims(), lv.dims())?;
         let q = f32_view(sq, lq, op)?;
         let k = planes(sk, lk, op)?;
         let v = planes(sv, lv, op)?;
@@ -403,7 +405,7 @@ impl CustomOp3 for CausalAttention {
         }
         let op = "causal-attention-bwd";
         let _p = crate::profile::scope(op);
-        let Dims { b, hq, hkv, tq, tk, d } = Self::dims(q.dims(), k.dims(), v.dims())?;
+        let Dims { b, hq, hkv, tq, tk, d } = dims(q.dims(), k.dims(), v.dims())?;
         let lse = match self.lse.lock().unwrap().take() {
             Some(l) => l,
             None => bail!("{op}: forward state missing (backward called twice?)"),
