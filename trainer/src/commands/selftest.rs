@@ -366,8 +366,14 @@ mod gpu {
 
     fn bench(dev: &Device) -> Result<Vec<Bench>> {
         let mut out = Vec::new();
-        for &(m, k, n, r) in &[(4096usize, 2048usize, 2048usize, 16usize), (4096, 4096, 4096, 16), (8192, 2048, 8192, 64)] {
-            let dt = DType::BF16;
+        // bf16 on the tensor-core kernel; f32 on the FMA kernel against cuBLAS (which may use
+        // TF32 if the build allows).
+        for &(m, k, n, r, dt) in &[
+            (4096usize, 2048usize, 2048usize, 16usize, DType::BF16),
+            (4096, 4096, 4096, 16, DType::BF16),
+            (8192, 2048, 8192, 64, DType::BF16),
+            (4096, 2048, 2048, 16, DType::F32),
+        ] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), dev)?.to_dtype(dt)?)?;
             let w = Tensor::randn(0f32, 0.02, (n, k), dev)?.to_dtype(dt)?;
             let a = Var::from_tensor(&Tensor::randn(0f32, 0.02, (r, k), dev)?.to_dtype(dt)?)?;
@@ -383,27 +389,8 @@ mod gpu {
             };
             let fused_ms = time_it(dev, 10, &|| step(true))?;
             let unfused_ms = time_it(dev, 10, &|| step(false))?;
-            out.push(Bench { shape: format!("lora_linear M{m} K{k} N{n} r{r} bf16 fwd+bwd"), fused_ms, unfused_ms });
-        }
-        // f32 on the FMA kernel against cuBLAS (which may use TF32 if the build allows).
-        {
-            let (m, k, n, r) = (4096usize, 2048usize, 2048usize, 16usize);
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (m, k), dev)?)?;
-            let w = Tensor::randn(0f32, 0.02, (n, k), dev)?;
-            let a = Var::from_tensor(&Tensor::randn(0f32, 0.02, (r, k), dev)?)?;
-            let b = Var::from_tensor(&Tensor::randn(0f32, 0.02, (n, r), dev)?)?;
-            let step = |fused: bool| -> Result<()> {
-                let y = if fused {
-                    cu::lora_linear(x.as_tensor(), &w, None, a.as_tensor(), b.as_tensor(), 2.0)?
-                } else {
-                    lora_kernels::reference::lora_linear(x.as_tensor(), &w, None, a.as_tensor(), b.as_tensor(), 2.0)?
-                };
-                let _ = y.sum_all()?.backward()?;
-                Ok(())
-            };
-            let fused_ms = time_it(dev, 10, &|| step(true))?;
-            let unfused_ms = time_it(dev, 10, &|| step(false))?;
-            out.push(Bench { shape: format!("lora_linear M{m} K{k} N{n} r{r} f32 fwd+bwd"), fused_ms, unfused_ms });
+            let name = if dt == DType::F32 { "f32" } else { "bf16" };
+            out.push(Bench { shape: format!("lora_linear M{m} K{k} N{n} r{r} {name} fwd+bwd"), fused_ms, unfused_ms });
         }
         // Flash attention against the composite (host mask + full scores) path.
         for &(b, hq, hkv, t, d) in &[(4usize, 32usize, 8usize, 2048usize, 128usize), (8, 9, 3, 512, 64)] {
