@@ -46,25 +46,24 @@ pub fn load_model(model_ref: &str, device: &Device, dtype: DType) -> Result<Load
 /// bf16 on a CPU without a bf16 dot product (AVX512-BF16, e.g. AVX2-only CPUs) keeps
 /// bf16 activations and weights (the same numerics as on CPUs with it) and runs each
 /// frozen matmul by widening its bf16 operands to f32 panels for the f32 GEMM: measured
-/// 0.94x the f32 step's speed at 0.64x its memory (BENCHMARKS.md, round 2). Computing
+/// 0.94-1.06x the f32 step's speed at 0.64x its memory (BENCHMARKS.md, round 3). Computing
 /// in f32 over bf16 weights instead (`--dtype f32 --base-dtype bf16`) is as fast as f32
 /// but saves only the weights' half. Said once per load.
-fn cpu_compute_dtype(device: &Device, requested: DType) -> DType {
-    if device.is_cpu() && requested == DType::BF16 && !lora_kernels::gemm_bf16::available() {
+fn warn_if_bf16_without_dot_product(device: &Device, compute_dtype: DType) {
+    if device.is_cpu() && compute_dtype == DType::BF16 && !lora_kernels::gemm_bf16::available() {
         let why = if lora_kernels::gemm_bf16::cpu_has_bf16_dot() { "LORA_KERNELS_NO_BF16_DOT is set" } else { "this CPU has no AVX512-BF16" };
         tracing::warn!(
             "--dtype bf16 on CPU: {why}, so bf16 matmuls widen to f32 GEMMs (about 0.95x the speed of f32 at 2/3 of its memory; \
              --dtype f32 --base-dtype bf16 computes in f32 over bf16 weights instead)"
         );
     }
-    requested
 }
 
 /// As [`load_model`], with the frozen weights stored in `weight_dtype` and the
 /// activations in `compute_dtype` (e.g. bf16 weights under f32 compute: half the
 /// weight memory, f32 numerics everywhere else).
 pub fn load_model_mixed(model_ref: &str, device: &Device, compute_dtype: DType, weight_dtype: DType) -> Result<LoadedModel> {
-    let compute_dtype = cpu_compute_dtype(device, compute_dtype);
+    warn_if_bf16_without_dot_product(device, compute_dtype);
     let (decoder, tokenizer) = match source::resolve(model_ref)? {
         ModelSource::HfDir(dir) => {
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
