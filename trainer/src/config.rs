@@ -31,6 +31,23 @@ impl DTypeArg {
     }
 }
 
+/// `--gradient-checkpointing`: keep only each decoder layer's input for the backward and
+/// recompute the layer there (same gradients, one more forward).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointingArg {
+    /// On when the memory plan says the run would not fit otherwise, or when the base is
+    /// stored as nf4/int8 (whose savings need it).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+fn parse_base_quant(s: &str) -> Result<lora_models::BaseQuant, String> {
+    lora_models::BaseQuant::parse(s).map_err(|e| e.to_string())
+}
+
 fn parse_eval_split(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if v.is_nan() || v < 0.0 || (v >= 1.0 && v.fract() != 0.0) {
@@ -105,6 +122,12 @@ pub struct TrainOptions {
     /// stays in --dtype. [default: --dtype]
     #[arg(long, help_heading = "Data and model", value_enum)]
     pub base_dtype: Option<DTypeArg>,
+    /// How the frozen base is stored: nf4 (QLoRA's 4-bit NormalFloat with double-quantized
+    /// absmax, as bitsandbytes), int8 (row-wise absmax), none (dense in --base-dtype), or
+    /// auto (a .gguf model keeps its quantized blocks; others none). PEFT's load_in_4bit /
+    /// load_in_8bit are accepted. Dequantized one projection at a time. [default: auto]
+    #[arg(long, help_heading = "Data and model", value_parser = parse_base_quant)]
+    pub base_quant: Option<lora_models::BaseQuant>,
     /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). `sft` also takes
     /// a list (cuda:0,cuda:1): data-parallel replicas sharing each step's micro-batches.
     /// [default: auto]
@@ -120,6 +143,12 @@ pub struct TrainOptions {
     /// Samples (rows, with --packing) per micro-batch. [default: 4]
     #[arg(long, help_heading = "Training", value_parser = parse_positive)]
     pub batch_size: Option<usize>,
+    /// Keep only each decoder layer's input for the backward and recompute the layer there
+    /// (transformers' gradient_checkpointing; same gradients, about 1.3x the step time):
+    /// on, off, or auto (on when the memory plan says the run would not fit otherwise, or
+    /// with an nf4/int8 base). [default: auto]
+    #[arg(long, help_heading = "Training", value_enum)]
+    pub gradient_checkpointing: Option<CheckpointingArg>,
     /// Micro-batches per optimizer step; the loss is normalised by the loss tokens of all of
     /// them together, so batch 4 equals batch 2 x accumulation 2. [default: 1]
     #[arg(long, help_heading = "Training", value_parser = parse_positive)]
@@ -274,6 +303,8 @@ impl TrainOptions {
             group_by_length: self.group_by_length.unwrap_or(false),
             dtype: self.dtype.unwrap_or(DTypeArg::F32),
             base_dtype: self.base_dtype.or(self.dtype).unwrap_or(DTypeArg::F32),
+            base_quant: self.base_quant.unwrap_or_default(),
+            gradient_checkpointing: self.gradient_checkpointing.unwrap_or_default(),
             device: self.device.unwrap_or_else(|| "auto".into()),
             steps: self.steps,
             epochs: self.epochs,
@@ -341,6 +372,11 @@ pub struct TrainConfig {
     pub dtype: DTypeArg,
     /// Storage dtype of the frozen base weights.
     pub base_dtype: DTypeArg,
+    /// How the frozen projections are stored (older run.json files: auto).
+    #[serde(default)]
+    pub base_quant: lora_models::BaseQuant,
+    #[serde(default)]
+    pub gradient_checkpointing: CheckpointingArg,
     pub device: String,
     pub steps: Option<usize>,
     pub epochs: Option<usize>,
@@ -384,7 +420,8 @@ impl TrainConfig {
     pub fn resume_relevant(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(m) = v.as_object_mut() {
-            for k in ["output", "checkpoint_interval", "save_total_limit", "eval_interval", "device"] {
+            // Checkpointing changes memory and time, not the gradients.
+            for k in ["output", "checkpoint_interval", "save_total_limit", "eval_interval", "device", "gradient_checkpointing"] {
                 m.remove(k);
             }
         }

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod evaluators;
 pub mod jobs;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod pair_data;
 pub mod optim;

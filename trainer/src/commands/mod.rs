@@ -10,6 +10,7 @@ pub mod merge;
 pub mod model_args;
 pub mod orpo;
 pub mod pairs;
+pub mod plan_memory;
 pub mod run;
 pub mod sft;
 pub mod sweep;
