@@ -186,16 +186,21 @@ pub fn plan(m: &ModelConfig, storage: BaseStorage, compute_bytes: f64, rank: usi
     }
 }
 
-/// Memory this process can still use on `device`: the CPU's available memory (plus what
-/// the process already holds, since the plan counts the loaded base too), or a GPU's
-/// free memory plus what this process holds there. None when it cannot be read.
-pub fn available_bytes(device: &candle_core::Device) -> Option<u64> {
-    if device.is_cpu() {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let avail = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
-        Some(avail + resident_bytes().unwrap_or(0))
-    } else {
-        None
+/// Memory this process can use on `device` for its whole peak: the CPU's available memory
+/// plus what the process already holds (the plan counts the loaded base too), or a GPU's
+/// free memory plus `loaded_base` (the weights already on it). None when it cannot be read.
+pub fn available_bytes(device: &candle_core::Device, loaded_base: u64) -> Option<u64> {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let avail = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+            Some(avail + resident_bytes().unwrap_or(0))
+        }
+        candle_core::DeviceLocation::Cuda { gpu_id } => {
+            let gpu = crate::device::list_gpus().ok()?.into_iter().find(|g| g.index == gpu_id)?;
+            Some(gpu.free_memory as u64 + loaded_base)
+        }
+        _ => None,
     }
 }
 

@@ -81,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
         q => BaseStorage::from_quant(q, dense),
     };
     let available = match args.device.as_str() {
-        "cpu" => memory::available_bytes(&candle_core::Device::Cpu).context("cannot read this machine's available memory")?,
+        "cpu" => memory::available_bytes(&candle_core::Device::Cpu, 0).context("cannot read this machine's available memory")?,
         size => parse_size(size).with_context(|| format!("--device: `{size}` is neither cpu nor a size like 24GiB"))?,
     };
     let workload = |batch: usize, len: usize| Workload {

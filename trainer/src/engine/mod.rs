@@ -82,7 +82,7 @@ pub fn fit_before_training<M: Method>(model: &Model, runs: &[Run<M>]) -> Result<
             cfg.gradient_accumulation_steps * 2
         ));
     }
-    let available = memory::available_bytes(model.device());
+    let available = memory::available_bytes(model.device(), off.base_bytes);
     match memory::decide(&off, &on, requested, quantized, available, &hints) {
         FitDecision::Fits { checkpointing } => {
             model.set_gradient_checkpointing(checkpointing);
