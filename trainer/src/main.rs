@@ -49,6 +49,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// List the GPUs this build can use (name, compute capability, memory).
     Devices(commands::devices::Args),
+    /// A local web page: jobs, live training curves, sweeps, workflows and compare results.
+    Dashboard(commands::dashboard::Args),
     /// Training jobs: list, show, logs, wait, cancel, retry (local and Slurm).
     Jobs(commands::jobs::Args),
     /// Check every CUDA kernel against the CPU implementation, then time the fused LoRA linear.
@@ -93,6 +95,7 @@ fn main() -> std::process::ExitCode {
         Command::Devices(args) => commands::devices::run(args),
         Command::Selftest(args) => commands::selftest::run(args),
         Command::Jobs(args) => commands::jobs::run(args),
+        Command::Dashboard(args) => commands::dashboard::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

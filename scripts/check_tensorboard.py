@@ -1,0 +1,70 @@
+"""Checks lora-train's TensorBoard event files with TensorBoard's EventAccumulator.
+
+  check_tensorboard.py --write-data DIR   small train.jsonl / pairs.jsonl in DIR
+  check_tensorboard.py RUN_DIR...         every metrics.jsonl value is in RUN_DIR/runs/default
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+# metrics.jsonl key -> the name transformers' Trainer / TRL logs (the rest keep theirs).
+TRL_NAMES = {
+    "lr": "learning_rate",
+    "tokens": "num_tokens",
+    "rewards_accuracy": "rewards/accuracies",
+    "rewards_margin": "rewards/margins",
+    "rewards_chosen": "rewards/chosen",
+    "rewards_rejected": "rewards/rejected",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+}
+
+
+def tag(key):
+    if key.startswith("eval_"):
+        return "eval/" + TRL_NAMES.get(key[5:], key[5:])
+    return "train/" + TRL_NAMES.get(key, key)
+
+
+def write_data(out):
+    out = Path(out)
+    with open(out / "train.jsonl", "w") as f:
+        for i in range(12):
+            msgs = [{"role": "user", "content": f"Say the code word number {i}."}, {"role": "assistant", "content": f"The code word is w{i}."}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    with open(out / "pairs.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"Say the code word number {i}.", "chosen": f"The code word is w{i}.", "rejected": "I would rather not say."}) + "\n")
+
+
+def check(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run) / "runs" / "default"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+    rows = [json.loads(line) for line in open(Path(run) / "metrics.jsonl") if line.strip()]
+    checked = 0
+    for row in rows:
+        for key, value in row.items():
+            if key == "step" or not isinstance(value, (int, float)):
+                continue
+            t = tag(key)
+            got = scalars.get(t, {}).get(row["step"])
+            assert got is not None, f"{run}: {t} missing at step {row['step']}"
+            assert math.isclose(got, value, rel_tol=1e-6, abs_tol=1e-30), f"{run}: {t} at step {row['step']}: {got} != {value}"
+            checked += 1
+    args = acc.Tensors("args/text_summary")
+    text = args[0].tensor_proto.string_val[0].decode()
+    assert "learning_rate" in json.loads(text), text
+    print(f"{run}: {len(rows)} steps, {checked} values under {len(scalars)} tags read back by TensorBoard's EventAccumulator; args text present")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--write-data":
+        write_data(sys.argv[2])
+    else:
+        for run in sys.argv[1:]:
+            check(run)
+        print("check_tensorboard: OK")

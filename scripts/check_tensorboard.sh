@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `--report-to tensorboard` read back by TensorBoard's own reader (EventAccumulator, the
+# `tensorboard` package pinned in scripts/golden/requirements.txt): an `sft` and a `dpo`
+# run on the tiny test model, then every number of every metrics.jsonl row must be in
+# the event file at its step under transformers' / TRL's tag, and the configuration
+# must be there as text. Not in CI (it needs the Python venv); the Rust test
+# trainer/tests/all/report_to_e2e.rs checks the same records with our own reader.
+#   bash scripts/check_tensorboard.sh        (PYTHON=..., LORA_TRAIN_BIN=... to override)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$HOME/.venvs/golden/bin/python}"
+"$PY" -c "import tensorboard" 2>/dev/null || { echo "check_tensorboard: $PY cannot import tensorboard (pip install -r scripts/golden/requirements.txt)" >&2; exit 2; }
+BIN="${LORA_TRAIN_BIN:-${CARGO_TARGET_DIR:-target}/debug/lora-train}"
+if [[ ! -x "$BIN" ]]; then
+  cargo build -p lora-train --bin lora-train
+fi
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+"$PY" scripts/check_tensorboard.py --write-data "$tmp"
+export LORA_TRAIN_HOME="$tmp/home" LORA_TRAIN_LOG=warn
+model=tests/golden/models/llama-tiny
+"$BIN" sft --model "$model" --dataset "$tmp/train.jsonl" -o "$tmp/sft" --device cpu --steps 8 --eval-interval 2 --report-to tensorboard >/dev/null
+"$BIN" dpo --model "$model" --dataset "$tmp/pairs.jsonl" -o "$tmp/dpo" --device cpu --steps 4 --eval-interval 2 --report-to tensorboard >/dev/null
+"$PY" scripts/check_tensorboard.py "$tmp/sft" "$tmp/dpo"
