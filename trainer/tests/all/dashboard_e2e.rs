@@ -1,7 +1,8 @@
 //! `lora-train dashboard` end to end: the routes over a real job store and run directory
 //! (4xx pages for missing runs and bad paths, no path traversal, the API key), and the
 //! page in a real browser: headless Chromium loads it while an `sft` run trains and the
-//! rendered DOM has the job's row and a loss curve with as many points as steps so far.
+//! rendered DOM has the job's row and a loss curve with as many points as steps so far,
+//! and a sweep's page its scoreboard and every candidate's curve on one chart.
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -163,25 +164,40 @@ fn chromium_shows_a_training_run_live() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path().join("home");
     let data = write_dataset(tmp.path(), "train.jsonl", 12);
+    let (m, d) = (tiny("llama"), data.display().to_string());
+    // Job 1: a finished sweep of two candidates (evaluated at steps 0, 2 and 4).
+    let sweep = tmp.path().join("sweep").display().to_string();
+    lt_ok(&home, &["sweep", "--model", &m, "--dataset", &d, "-o", &sweep, "--device", "cpu", "--steps", "4", "--eval-interval", "2", "--grid", "lr=1e-3,3e-4"]);
+    // Job 2: an sft that trains until the test stops it.
     let out = tmp.path().join("live");
-    let args = sft_args(&tiny("llama"), &data.display().to_string(), &out.display().to_string(), "1000000");
+    let args = sft_args(&m, &d, &out.display().to_string(), "1000000");
     let mut train = Command::new(bin()).args(&args).env("LORA_TRAIN_HOME", &home).env("LORA_TRAIN_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for(120, "the first steps", || train_rows(&out) >= 5);
-    let d = dashboard(&home, &[]);
+    let dash = dashboard(&home, &[]);
 
-    let jobs = dump_dom(&chromium, &format!("{}/", d.url), 3000);
-    let row = regex::Regex::new(r#"<tr data-job-id="1" data-status="([a-z]+)">"#).unwrap();
-    let status = row.captures(&jobs).unwrap_or_else(|| panic!("no row of job 1 in the rendered jobs page:\n{jobs}"));
-    assert_eq!(&status[1], "running");
-    assert!(jobs.contains("sft"), "{jobs}");
+    let jobs = dump_dom(&chromium, &format!("{}/", dash.url), 3000);
+    let status = |id: u32| {
+        let row = regex::Regex::new(&format!(r#"<tr data-job-id="{id}" data-status="([a-z]+)">"#)).unwrap();
+        row.captures(&jobs).unwrap_or_else(|| panic!("no row of job {id} in the rendered jobs page:\n{jobs}"))[1].to_string()
+    };
+    assert_eq!((status(1).as_str(), status(2).as_str()), ("completed", "running"));
 
     let before = train_rows(&out);
-    let page = dump_dom(&chromium, &format!("{}/view/job-1", d.url), 3000);
+    let page = dump_dom(&chromium, &format!("{}/view/job-2", dash.url), 3000);
     let after = train_rows(&out);
     let curve = regex::Regex::new(r#"<polyline [^>]*data-series="loss" data-points="(\d+)""#).unwrap();
     let points: usize = curve.captures(&page).unwrap_or_else(|| panic!("no train-loss curve in the rendered run page:\n{page}"))[1].parse().unwrap();
     assert!((before..=after).contains(&points), "the curve has {points} points; the run had {before} steps before the page loaded and {after} after");
     assert!(page.contains(r#"data-chart="loss""#) && page.contains(r#"data-series="eval_loss""#), "{page}");
+
+    // The sweep: its scoreboard, and both candidates' eval curves (3 points each) on one chart.
+    let page = dump_dom(&chromium, &format!("{}/view/job-1", dash.url), 3000);
+    assert!(page.contains(r#"id="scoreboard""#) && page.contains(r#"class="winner""#), "{page}");
+    let chart = &page[page.find(r#"data-chart="sweep_eval_loss""#).unwrap_or_else(|| panic!("no sweep chart:\n{page}"))..];
+    let chart = &chart[..chart.find("</svg>").unwrap()];
+    for name in ["lr1e-3", "lr3e-4"] {
+        assert!(chart.contains(&format!(r#"data-series="{name}" data-points="3""#)), "{name}: {chart}");
+    }
 
     assert!(Command::new("kill").args(["-TERM", &train.id().to_string()]).status().unwrap().success());
     let _ = train.wait();
