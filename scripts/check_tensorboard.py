@@ -1,7 +1,8 @@
 """Checks lora-train's TensorBoard event files with TensorBoard's EventAccumulator.
 
   check_tensorboard.py --write-data DIR   small train.jsonl / pairs.jsonl in DIR
-  check_tensorboard.py RUN_DIR...         every metrics.jsonl value is in RUN_DIR/runs/default
+  check_tensorboard.py RUN_DIR...         every metrics.jsonl value is in RUN_DIR/runs/default,
+                                          once per step (a resumed run's rewritten steps too)
 """
 import json
 import math
@@ -43,7 +44,12 @@ def check(run):
 
     acc = EventAccumulator(str(Path(run) / "runs" / "default"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
-    scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+    scalars = {}
+    for t in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(t)]
+        # A resumed run rewrote the killed run's last steps: TensorBoard must show them once.
+        assert len(steps) == len(set(steps)), f"{run}: {t} has steps twice: {sorted(s for s in steps if steps.count(s) > 1)[:5]}"
+        scalars[t] = {e.step: e.value for e in acc.Scalars(t)}
     rows = [json.loads(line) for line in open(Path(run) / "metrics.jsonl") if line.strip()]
     checked = 0
     for row in rows:
