@@ -203,6 +203,17 @@ mod tests {
     }
 
     #[test]
+    fn a_compare_result_shows_its_summary_without_the_examples() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(COMPARE_FILE), r#"{"summary": {"win_rate": 0.75}, "settings": {"n": 4}, "examples": [{"prompt": "long"}]}"#).unwrap();
+        let v = view(tmp.path(), "compare/a");
+        assert_eq!(v["kind"], "compare");
+        assert_eq!(v["compare"]["summary"]["win_rate"], 0.75);
+        assert!(v["compare"].get("examples").is_none());
+        assert_eq!(v["path"], "compare/a");
+    }
+
+    #[test]
     fn resolve_stays_inside_the_root() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("run");
