@@ -13,7 +13,7 @@ pub mod views;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -202,17 +202,23 @@ async fn view_page_sub(State(d): St, UrlPath((root, sub)): UrlPath<(String, Stri
     }
 }
 
-async fn view_api(state: St, UrlPath(root): UrlPath<String>) -> Response {
-    view_api_sub(state, UrlPath((root, String::new()))).await
+/// `?since=STEP` of `/api/view/...`.
+#[derive(serde::Deserialize)]
+struct ViewQuery {
+    since: Option<u64>,
 }
 
-async fn view_api_sub(State(d): St, UrlPath((root, sub)): UrlPath<(String, String)>) -> Response {
+async fn view_api(state: St, UrlPath(root): UrlPath<String>, query: Query<ViewQuery>) -> Response {
+    view_api_sub(state, UrlPath((root, String::new())), query).await
+}
+
+async fn view_api_sub(State(d): St, UrlPath((root, sub)): UrlPath<(String, String)>, Query(q): Query<ViewQuery>) -> Response {
     let result = blocking(move || {
         let (dir, job) = lookup(&d, &root, &sub)?;
         if !dir.is_dir() {
             return Err(Refused::Missing(format!("`{sub}` is not a directory")));
         }
-        let mut v = views::view(&dir, &sub);
+        let mut v = views::view(&dir, &sub, q.since);
         v["root"] = json!(root);
         v["dir"] = json!(dir.display().to_string());
         v["job"] = serde_json::to_value(&job).unwrap_or_default();

@@ -57,8 +57,10 @@ pub fn kind(dir: &Path) -> &'static str {
 }
 
 /// The view of `dir` (`sub` is its path under the root, for links): its kind, its data,
-/// and the directories under it that have a view of their own.
-pub fn view(dir: &Path, sub: &str) -> Value {
+/// and the directories under it that have a view of their own. `since`: a run's rows
+/// after that step only (the page polls with the last step it has; `metrics_total` and
+/// `since_row` let it see when the file was rewritten, a resumed run, and fetch it whole).
+pub fn view(dir: &Path, sub: &str, since: Option<u64>) -> Value {
     let kind = kind(dir);
     let mut v = Map::new();
     v.insert("kind".into(), json!(kind));
@@ -66,7 +68,14 @@ pub fn view(dir: &Path, sub: &str) -> Value {
     match kind {
         "run" => {
             v.insert("run".into(), read_json(&dir.join(RUN_FILE)));
-            v.insert("metrics".into(), json!(read_rows(&dir.join(METRICS_FILE))));
+            let rows = read_rows(&dir.join(METRICS_FILE));
+            v.insert("metrics_total".into(), json!(rows.len()));
+            // The page checks it against the row it holds (a resumed run rewrites the rows
+            // after its checkpoint, with another elapsed_s).
+            let at_since = since.and_then(|s| rows.iter().find(|r| r["step"].as_u64() == Some(s)).cloned());
+            v.insert("since_row".into(), at_since.unwrap_or(Value::Null));
+            let newer: Vec<Value> = rows.into_iter().filter(|r| since.is_none_or(|s| r["step"].as_u64().is_some_and(|step| step > s))).collect();
+            v.insert("metrics".into(), Value::Array(newer));
         }
         "sweep" => {
             let sweep = read_json(&dir.join(SWEEP_FILE));
@@ -186,13 +195,13 @@ mod tests {
         // The last line is being written: it is left for the next poll.
         std::fs::write(sweep.join("candidates/a").join(METRICS_FILE), "{\"step\": 0, \"eval_loss\": 2.0}\n{\"step\": 1, \"loss\": 1.5}\n{\"step\": 2, \"lo").unwrap();
 
-        let v = view(wf, "");
+        let v = view(wf, "", None);
         assert_eq!(v["kind"], "workflow");
         assert_eq!(v["report_md"], "# Final report");
         assert_eq!(v["images"], json!(["curves.svg"]));
         assert_eq!(v["children"], json!([{"name": "sweep", "path": "sweep", "kind": "sweep"}]));
 
-        let v = view(&sweep, "sweep");
+        let v = view(&sweep, "sweep", None);
         assert_eq!(v["kind"], "sweep");
         assert_eq!(v["candidates"]["a"]["metrics"].as_array().unwrap().len(), 2);
         assert_eq!(v["candidates"]["a"]["path"], "sweep/candidates/a");
@@ -206,7 +215,7 @@ mod tests {
     fn a_compare_result_shows_its_summary_without_the_examples() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join(COMPARE_FILE), r#"{"summary": {"win_rate": 0.75}, "settings": {"n": 4}, "examples": [{"prompt": "long"}]}"#).unwrap();
-        let v = view(tmp.path(), "compare/a");
+        let v = view(tmp.path(), "compare/a", None);
         assert_eq!(v["kind"], "compare");
         assert_eq!(v["compare"]["summary"]["win_rate"], 0.75);
         assert!(v["compare"].get("examples").is_none());

@@ -79,6 +79,12 @@ fn routes_answer_4xx_for_missing_runs_and_bad_paths_and_need_the_key_off_loopbac
     assert_eq!(view["kind"], "run", "{view}");
     assert_eq!(view["metrics"].as_array().unwrap().len(), 5, "step 0 and 4 steps: {view}");
     assert_eq!(view["run"]["status"], "completed");
+    // The page's polls ask only for the rows after the last step they have.
+    let newer: serde_json::Value = serde_json::from_str(&get(&d.url, "/api/view/job-1?since=2", &[]).body).unwrap();
+    let steps: Vec<u64> = newer["metrics"].as_array().unwrap().iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!((steps, newer["metrics_total"].as_u64()), (vec![3, 4], Some(5)));
+    assert_eq!(newer["since_row"], view["metrics"][2], "the row the page holds, to check it is unchanged");
+    assert_eq!(get(&d.url, "/api/view/job-1?since=x", &[]).status, 400);
     assert_eq!(get(&d.url, "/view/job-1", &[]).status, 200);
     assert_eq!(get(&d.url, "/view/dir-0", &[]).status, 200);
     let svg = get(&d.url, "/files/job-1/loss_curve.svg", &[]);

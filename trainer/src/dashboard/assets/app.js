@@ -4,6 +4,7 @@
 'use strict';
 
 const POLL_MS = 2000;
+const MAX_DRAWN = 3000;
 const SVG_NS = 'http://www.w3.org/2000/svg';
 const COLORS = ['#2563eb', '#dc2626', '#16a34a', '#9333ea', '#ea580c', '#0891b2', '#db2777', '#65a30d', '#4f46e5', '#b45309'];
 // Keys of a metrics row that are bookkeeping, not a curve of their own.
@@ -96,7 +97,10 @@ function lineChart(key, title, series) {
   const legend = el('div', { class: 'legend' });
   series.forEach((s, i) => {
     const color = COLORS[i % COLORS.length];
-    const line = svg('polyline', { stroke: color, 'data-series': s.key, 'data-points': s.points.length, points: s.points.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(' ') });
+    // A long run is drawn through at most MAX_DRAWN of its points (data-points keeps the count).
+    const every = Math.ceil(s.points.length / MAX_DRAWN);
+    const drawn = every > 1 ? s.points.filter((_, j) => j % every === 0 || j === s.points.length - 1) : s.points;
+    const line = svg('polyline', { stroke: color, 'data-series': s.key, 'data-points': s.points.length, points: drawn.map(p => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(' ') });
     const tip = svg('title'); tip.textContent = s.label; line.append(tip);
     chart.append(line);
     if (s.dots || s.points.length < 3) {
@@ -279,11 +283,27 @@ function viewPage(v) {
   return out;
 }
 
+// A run's rows, kept between polls: only the rows after the last one are fetched.
+let cache = { url: null, rows: [] };
+
+async function loadView(path) {
+  const url = `/api/view/${path}`;
+  const since = cache.url === url && cache.rows.length ? cache.rows[cache.rows.length - 1].step : null;
+  let v = await getJSON(since === null ? url : `${url}?since=${since}`);
+  if (v.kind === 'run') {
+    const same = since !== null && cache.rows.length + v.metrics.length === v.metrics_total && JSON.stringify(v.since_row) === JSON.stringify(cache.rows[cache.rows.length - 1]);
+    if (same) v.metrics = cache.rows.concat(v.metrics);
+    else if (since !== null) v = await getJSON(url); // the file was rewritten (a resumed run): all of it again
+    cache = { url, rows: v.metrics };
+  }
+  return v;
+}
+
 async function load() {
   const p = location.pathname;
   if (p === '/' || p === '') return jobsPage(await getJSON('/api/jobs'));
   const m = p.match(/^\/view\/(.+)$/);
-  if (m) return viewPage(await getJSON(`/api/view/${m[1]}`));
+  if (m) return viewPage(await loadView(m[1]));
   return [el('p', { class: 'error' }, `no page ${p}`)];
 }
 
