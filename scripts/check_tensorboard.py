@@ -1,6 +1,6 @@
 """Checks lora-train's TensorBoard event files with TensorBoard's EventAccumulator.
 
-  check_tensorboard.py --write-data DIR   small train.jsonl / pairs.jsonl in DIR
+  check_tensorboard.py --write-data DIR   small train.jsonl / pairs.jsonl / prompts.jsonl in DIR
   check_tensorboard.py RUN_DIR...         every metrics.jsonl value is in RUN_DIR/runs/default,
                                           once per step (a resumed run's rewritten steps too)
 """
@@ -19,13 +19,27 @@ TRL_NAMES = {
     "rewards_rejected": "rewards/rejected",
     "logps_chosen": "logps/chosen",
     "logps_rejected": "logps/rejected",
+    "completion_length_mean": "completions/mean_length",
+    "completion_length_min": "completions/min_length",
+    "completion_length_max": "completions/max_length",
+    "clipped_ratio": "completions/clipped_ratio",
+    "clip_ratio_low": "clip_ratio/low_mean",
+    "clip_ratio_high": "clip_ratio/high_mean",
+    "clip_ratio_region": "clip_ratio/region_mean",
 }
+
+
+def trl_name(key):
+    if key in TRL_NAMES:
+        return TRL_NAMES[key]
+    # GRPO's per-evaluator reward: TRL's rewards/<reward function>/mean.
+    return f"rewards/{key[8:]}/mean" if key.startswith("rewards_") else key
 
 
 def tag(key):
     if key.startswith("eval_"):
-        return "eval/" + TRL_NAMES.get(key[5:], key[5:])
-    return "train/" + TRL_NAMES.get(key, key)
+        return "eval/" + trl_name(key[5:])
+    return "train/" + trl_name(key)
 
 
 def write_data(out):
@@ -34,6 +48,10 @@ def write_data(out):
         for i in range(12):
             msgs = [{"role": "user", "content": f"Say the code word number {i}."}, {"role": "assistant", "content": f"The code word is w{i}."}]
             f.write(json.dumps({"messages": msgs}) + "\n")
+    with open(out / "prompts.jsonl", "w") as f:
+        for i in range(8):
+            msgs = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": f"What is {i} + {i + 2}?"}]
+            f.write(json.dumps({"messages": msgs, "ground_truth": str(2 * i + 2)}) + "\n")
     with open(out / "pairs.jsonl", "w") as f:
         for i in range(8):
             f.write(json.dumps({"prompt": f"Say the code word number {i}.", "chosen": f"The code word is w{i}.", "rejected": "I would rather not say."}) + "\n")

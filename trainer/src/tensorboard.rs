@@ -160,7 +160,8 @@ pub fn scalars(row: &MetricsRow) -> Vec<(String, f32)> {
 
 /// The tag of a `metrics.jsonl` key: `eval_X` goes under `eval/`, the rest under `train/`,
 /// with the name transformers' Trainer or TRL's trainers log for the same quantity
-/// (`lr` is `train/learning_rate`, DPO's `rewards_margin` is `train/rewards/margins`).
+/// (`lr` is `train/learning_rate`, DPO's `rewards_margin` is `train/rewards/margins`,
+/// GRPO's `rewards_EVALUATOR` is `train/rewards/EVALUATOR/mean`).
 pub fn tag(key: &str) -> String {
     let (prefix, name) = match key.strip_prefix("eval_") {
         Some(rest) => ("eval", rest),
@@ -179,7 +180,14 @@ pub fn tag(key: &str) -> String {
         "completion_length_min" => "completions/min_length",
         "completion_length_max" => "completions/max_length",
         "clipped_ratio" => "completions/clipped_ratio",
-        other => other,
+        "clip_ratio_low" => "clip_ratio/low_mean",
+        "clip_ratio_high" => "clip_ratio/high_mean",
+        "clip_ratio_region" => "clip_ratio/region_mean",
+        // GRPO's per-evaluator mean reward (the DPO `rewards_*` keys are matched above).
+        other => match other.strip_prefix("rewards_") {
+            Some(evaluator) => return format!("{prefix}/rewards/{evaluator}/mean"),
+            None => other,
+        },
     };
     format!("{prefix}/{renamed}")
 }
@@ -419,6 +427,9 @@ mod tests {
         assert_eq!(tag("rewards_margin"), "train/rewards/margins");
         assert_eq!(tag("eval_rewards_accuracy"), "eval/rewards/accuracies");
         assert_eq!(tag("reward_std"), "train/reward_std");
+        assert_eq!(tag("rewards_numeric"), "train/rewards/numeric/mean");
+        assert_eq!(tag("completion_length_mean"), "train/completions/mean_length");
+        assert_eq!(tag("clip_ratio_region"), "train/clip_ratio/region_mean");
     }
 
     #[test]
