@@ -141,8 +141,9 @@ function runCharts(rows) {
 function kvTable(obj, cls = 'kv') {
   const t = el('table', { class: cls });
   for (const [k, v] of Object.entries(obj || {})) {
-    if (v !== null && typeof v === 'object') continue;
-    t.append(el('tr', {}, el('td', {}, k), el('td', { class: typeof v === 'number' ? 'num' : '' }, fmt(v))));
+    const list = Array.isArray(v) && v.every(x => x === null || typeof x !== 'object');
+    if (v !== null && typeof v === 'object' && !list) continue;
+    t.append(el('tr', {}, el('td', {}, k), el('td', { class: typeof v === 'number' ? 'num' : '' }, list ? `[${v.map(x => fmt(x)).join(', ')}]` : fmt(v))));
   }
   return t;
 }
