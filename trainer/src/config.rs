@@ -48,6 +48,38 @@ fn parse_base_quant(s: &str) -> Result<lora_models::BaseQuant, String> {
     lora_models::BaseQuant::parse(s).map_err(|e| e.to_string())
 }
 
+/// Where a run's metrics go besides `metrics.jsonl` (transformers' `--report_to`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// Nothing else (the default).
+    None,
+    /// TensorBoard event files in `RUN/runs/<name>/` (see `tensorboard.rs`).
+    Tensorboard,
+}
+
+/// The resolved `--report-to` list: `none` alone means nothing, and `none` beside another
+/// target is refused (it would be unclear which one wins).
+fn resolve_report_to(given: Option<Vec<ReportTo>>, errors: &mut Vec<String>) -> Vec<ReportTo> {
+    let mut targets = given.unwrap_or_default();
+    if targets.contains(&ReportTo::None) && targets.len() > 1 {
+        errors.push("--report-to: `none` cannot be combined with another target".into());
+    }
+    targets.retain(|t| *t != ReportTo::None);
+    targets.dedup();
+    targets
+}
+
+/// Accepts a TOML list or a comma-separated string for `report_to`.
+fn de_report_to<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<ReportTo>>, D::Error> {
+    let Some(names) = de_modules(d)? else { return Ok(None) };
+    names
+        .iter()
+        .map(|n| <ReportTo as clap::ValueEnum>::from_str(n, true).map_err(|_| serde::de::Error::custom(format!("report_to: unknown target `{n}` (none, tensorboard)"))))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 fn parse_eval_split(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if v.is_nan() || v < 0.0 || (v >= 1.0 && v.fract() != 0.0) {
@@ -202,6 +234,11 @@ pub struct TrainOptions {
     /// after the last step). [default: about 10 evaluations per run]
     #[arg(long, help_heading = "Checkpoints and evaluation", value_parser = parse_positive)]
     pub eval_interval: Option<usize>,
+    /// Also log every metrics row to: `tensorboard` (event files in RUN/runs/NAME/, under
+    /// transformers' tags) or `none`; a comma-separated list. [default: none]
+    #[arg(long, help_heading = "Checkpoints and evaluation", value_enum, value_delimiter = ',')]
+    #[serde(default, deserialize_with = "de_report_to")]
+    pub report_to: Option<Vec<ReportTo>>,
 }
 
 /// `hi`'s given keys over `lo`'s, through serde (every field is an `Option`, skipped
@@ -324,6 +361,7 @@ impl TrainOptions {
             checkpoint_interval: self.checkpoint_interval.unwrap_or(100),
             save_total_limit: self.save_total_limit.unwrap_or(3),
             eval_interval: self.eval_interval,
+            report_to: resolve_report_to(self.report_to, &mut errors),
         };
         if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
             errors.push(format!("--learning-rate must be a positive number, got {}", cfg.learning_rate));
@@ -396,6 +434,10 @@ pub struct TrainConfig {
     pub checkpoint_interval: usize,
     pub save_total_limit: usize,
     pub eval_interval: Option<usize>,
+    /// Where metrics go besides `metrics.jsonl` (empty: nowhere). Runs written before the
+    /// flag existed have no such key.
+    #[serde(default)]
+    pub report_to: Vec<ReportTo>,
 }
 
 impl TrainConfig {
@@ -421,7 +463,7 @@ impl TrainConfig {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(m) = v.as_object_mut() {
             // Checkpointing changes memory and time, not the gradients.
-            for k in ["output", "checkpoint_interval", "save_total_limit", "eval_interval", "device", "gradient_checkpointing"] {
+            for k in ["output", "checkpoint_interval", "save_total_limit", "eval_interval", "device", "gradient_checkpointing", "report_to"] {
                 m.remove(k);
             }
         }
@@ -473,6 +515,32 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--eval-split", "1.5"]).is_err());
         // A misspelt key in a config file is refused by config_file::expand_argv, which knows
         // the command's own flags too (config_file's tests).
+    }
+
+    #[test]
+    fn report_to_takes_a_list_and_refuses_none_beside_a_target() -> Result<()> {
+        let base = ["x", "--model", "m", "--dataset", "d", "-o", "o"];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.o);
+        assert_eq!(parse(&[])?.resolve()?.report_to, vec![]);
+        assert_eq!(parse(&["--report-to", "none"])?.resolve()?.report_to, vec![]);
+        assert_eq!(parse(&["--report-to", "tensorboard"])?.resolve()?.report_to, vec![ReportTo::Tensorboard]);
+        let err = format!("{:#}", parse(&["--report-to", "tensorboard,none"])?.resolve().unwrap_err());
+        assert!(err.contains("--report-to: `none` cannot be combined"), "{err}");
+        assert!(parse(&["--report-to", "wandb"]).is_err());
+        // A config file takes a string or a list; an unknown name is refused.
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "report_to = \"tensorboard\"\n")?;
+        assert_eq!(TrainOptions::from_toml_file(&file)?.report_to, Some(vec![ReportTo::Tensorboard]));
+        std::fs::write(&file, "report_to = [\"tensorboard\"]\n")?;
+        assert_eq!(TrainOptions::from_toml_file(&file)?.report_to, Some(vec![ReportTo::Tensorboard]));
+        std::fs::write(&file, "report_to = \"wandb\"\n")?;
+        assert!(format!("{:#}", TrainOptions::from_toml_file(&file).unwrap_err()).contains("unknown target `wandb`"));
+        // A run.json written before the flag existed still loads (no report_to key).
+        let mut old = serde_json::to_value(parse(&[])?.resolve()?)?;
+        old.as_object_mut().unwrap().remove("report_to");
+        assert_eq!(serde_json::from_value::<TrainConfig>(old)?.report_to, vec![]);
+        Ok(())
     }
 
     #[test]

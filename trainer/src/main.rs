@@ -52,6 +52,8 @@ enum Command {
     /// The memory a training run needs (base, LoRA + optimizer, activations, workspace),
     /// with and without checkpointing and a quantized base, and the largest batch that fits.
     PlanMemory(commands::plan_memory::Args),
+    /// A local web page: jobs, live training curves, sweeps, workflows and compare results.
+    Dashboard(commands::dashboard::Args),
     /// Training jobs: list, show, logs, wait, cancel, retry (local and Slurm).
     Jobs(commands::jobs::Args),
     /// Check every CUDA kernel against the CPU implementation, then time the fused LoRA linear.
@@ -97,6 +99,7 @@ fn main() -> std::process::ExitCode {
         Command::PlanMemory(args) => commands::plan_memory::run(args),
         Command::Selftest(args) => commands::selftest::run(args),
         Command::Jobs(args) => commands::jobs::run(args),
+        Command::Dashboard(args) => commands::dashboard::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! One module per subcommand: clap `Args` + `run`.
 pub mod dpo;
 pub mod compare;
+pub mod dashboard;
 pub mod eval;
 pub mod generate;
 pub mod grpo;

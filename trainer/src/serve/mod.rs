@@ -99,6 +99,11 @@ impl HttpServer {
     /// Bind `host:port` (port 0 = any free port) and serve `state` until
     /// [`HttpServer::stop`] or Ctrl-C (`ctrl_c` true, the `serve` command).
     pub fn start(state: Arc<AppState>, host: &str, port: u16, ctrl_c: bool) -> Result<Self> {
+        Self::start_router(http::router(state), host, port, ctrl_c)
+    }
+
+    /// [`HttpServer::start`] for any router (the dashboard's).
+    pub fn start_router(app: axum::Router, host: &str, port: u16, ctrl_c: bool) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("serve-http")
@@ -110,14 +115,13 @@ impl HttpServer {
             .with_context(|| format!("cannot listen on {host}:{port}"))?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = http::router(state);
         let thread = std::thread::Builder::new().name("serve-http".into()).spawn(move || {
             runtime.block_on(async move {
                 let stop = async move {
                     if ctrl_c {
                         tokio::select! {
                             _ = rx => {}
-                            _ = tokio::signal::ctrl_c() => eprintln!("lora-train serve: stopping (Ctrl-C)"),
+                            _ = tokio::signal::ctrl_c() => eprintln!("lora-train: stopping (Ctrl-C)"),
                         }
                     } else {
                         let _ = rx.await;

@@ -3,9 +3,9 @@
 //! and unloaded at run time, 4xx answers with OpenAI error bodies, the API key, a client
 //! that leaves mid-stream, and 32 concurrent greedy requests over three adapters that
 //! answer exactly what each request answers alone.
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -33,31 +33,9 @@ impl Drop for Server {
 impl Server {
     /// Start `serve` with `args` on a free port; waits for its "listening on" line.
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(bin())
-            .arg("serve")
-            .args(["--port", "0", "--device", "cpu"])
-            .args(args)
-            .env("LORA_TRAIN_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn lora-train serve");
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = String::new();
-        let url = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("lora-train serve: listening on ") {
-                        break addr.trim().to_string();
-                    }
-                    seen.push_str(&line);
-                    seen.push('\n');
-                }
-                _ => panic!("serve exited before listening:\n{seen}"),
-            }
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve").args(["--port", "0", "--device", "cpu"]).args(args).env("LORA_TRAIN_LOG", "warn");
+        let (child, url) = spawn_listening(cmd, "lora-train serve: listening on ");
         Server { child, url }
     }
 }
