@@ -14,6 +14,7 @@ mod jobs_e2e;
 mod pairs_compare;
 mod preference_golden;
 mod serve_e2e;
+mod serve_hardening;
 mod sft_e2e;
 mod slurm_e2e;
 mod sweep_e2e;
