@@ -154,6 +154,15 @@ fn prompt_lists_echo_stop_lists_and_refused_fields_behave_as_openai() {
         assert_eq!(c["index"], i);
         assert_eq!(c["text"].as_str().unwrap(), alone[i / 2], "choice {i}");
     }
+    // Streamed: each chunk names its choice; every choice's text adds up the same.
+    let body = json!({"model": "b", "prompt": prompts, "max_tokens": 6, "temperature": 0, "n": 2, "stream": true});
+    let r = agent().post(&u("/v1/completions")).header("Authorization", format!("Bearer {KEY}")).send_json(&body).unwrap();
+    let mut streamed = vec![String::new(); 6];
+    for e in sse_events(&r.into_body().read_to_string().unwrap()).iter().filter(|e| *e != "[DONE]") {
+        let c: Value = serde_json::from_str(e).unwrap();
+        streamed[c["choices"][0]["index"].as_u64().unwrap() as usize].push_str(c["choices"][0]["text"].as_str().unwrap());
+    }
+    assert_eq!(streamed, (0..6).map(|i| alone[i / 2].clone()).collect::<Vec<_>>());
     // Token-id lists too, and echo puts each prompt before its answer.
     let (_, ids) = post(&u("/v1/completions"), &json!({"model": base, "prompt": [[5, 6, 7], [9]], "max_tokens": 2, "temperature": 0, "echo": true}));
     assert_eq!(ids["choices"].as_array().unwrap().len(), 2, "{ids}");
