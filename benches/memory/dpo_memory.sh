@@ -31,8 +31,9 @@ with open(sys.argv[1], "w") as f:
                             "chosen": [{"role": "assistant", "content": text(420)}],
                             "rejected": [{"role": "assistant", "content": text(410)}]}) + "\n")
 PY
-cargo build --release -q -p lora-train
-BIN=${CARGO_TARGET_DIR:-target}/release/lora-train
+# LORA_TRAIN_BIN: a binary built already (e.g. while a release build is impossible).
+if [ -z "${LORA_TRAIN_BIN:-}" ]; then cargo build --release -q -p lora-train; fi
+BIN=${LORA_TRAIN_BIN:-${CARGO_TARGET_DIR:-target}/release/lora-train}
 RESULTS="$OUT/dpo_memory.jsonl"; : > "$RESULTS"
 for ckpt in off on; do
   RUN="$OUT/dpo_memory_$ckpt"; rm -rf "$RUN"

@@ -23,8 +23,9 @@ CONFIGS=${CONFIGS:-"bf16:off bf16:on nf4:off nf4:on"}
 MODEL="$CACHE/synthetic/$KIND"
 mkdir -p "$OUT"
 [ -f "$MODEL/model.safetensors.index.json" ] || "$PYTHON" benches/memory/make_synthetic_model.py "$KIND" "$MODEL" >&2
-cargo build --release -q -p lora-train
-BIN=${CARGO_TARGET_DIR:-target}/release/lora-train
+# LORA_TRAIN_BIN: a binary built already (e.g. while a release build is impossible).
+if [ -z "${LORA_TRAIN_BIN:-}" ]; then cargo build --release -q -p lora-train; fi
+BIN=${LORA_TRAIN_BIN:-${CARGO_TARGET_DIR:-target}/release/lora-train}
 DATA="$OUT/long_chat.jsonl"
 "$PYTHON" - "$DATA" <<'PY'
 import json, random, sys

@@ -16,6 +16,7 @@ mod pairs_compare;
 mod preference_golden;
 mod report_to_e2e;
 mod serve_e2e;
+mod serve_hardening;
 mod sft_e2e;
 mod slurm_e2e;
 mod sweep_e2e;
