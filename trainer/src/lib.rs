@@ -15,6 +15,7 @@ pub mod evaluators;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;
+pub mod model_card;
 pub mod pair_data;
 pub mod optim;
 pub mod output_file;
