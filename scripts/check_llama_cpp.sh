@@ -29,8 +29,8 @@ if [ -z "$ADAPTER" ]; then
   ADAPTER=$WORK/adapter
   if [ ! -s "$ADAPTER/adapter_model.safetensors" ]; then
     # A few steps at a high learning rate: an adapter that visibly moves the outputs.
-    "$BIN" sft --model "$GGUF" --dataset examples/json_answers.train.jsonl --eval-split 0 --max-train-samples 64 \
-      --steps 16 --batch-size 4 --learning-rate 2e-3 --rank 8 --device cpu --output "$ADAPTER" >&2
+    "$BIN" sft --model "$GGUF" --dataset examples/json_answers.train.jsonl --eval-split 0 --max-train-samples 32 \
+      --steps 8 --batch-size 2 --learning-rate 3e-3 --rank 8 --device cpu --output "$ADAPTER" >&2
   fi
 fi
 "$BIN" export --model "$GGUF" --format gguf --quant f32 -o "$WORK/base.f32.gguf"
