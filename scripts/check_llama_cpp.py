@@ -15,6 +15,7 @@ import numpy as np
 from llama_cpp import Llama
 
 REL_TOL = 1e-3
+GGML_TYPE_F32 = 0
 
 
 def last_logits(llm):
@@ -22,8 +23,10 @@ def last_logits(llm):
 
 
 def run_llama(model_path, lora_path, rows):
-    # logits_all: llama-cpp-python 0.3.x fills `scores` only then.
-    llm = Llama(model_path=model_path, lora_path=lora_path, n_ctx=512, n_batch=512, n_threads=2, seed=0, verbose=False, logits_all=True)
+    # logits_all: llama-cpp-python 0.3.x fills `scores` only then. type_k/type_v = GGML_TYPE_F32:
+    # llama.cpp's KV cache is f16 by default, which alone moves the logits by ~1e-3.
+    llm = Llama(model_path=model_path, lora_path=lora_path, n_ctx=512, n_batch=512, n_threads=2, seed=0, verbose=False,
+                logits_all=True, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     eos = llm.token_eos()
     out = []
     for row in rows:
