@@ -87,7 +87,8 @@ fn tensor_type(name: &str, dims: &[usize], quant: Quant, n_layers: usize, tied_e
                 } else {
                     GgmlDType::Q6K
                 }
-            } else if (name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight")) && layer().is_some_and(|i| use_more_bits(i, n_layers)) {
+            } else if (name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight")) && layer().is_some_and(|i| use_more_bits(i, n_layers))
+            {
                 GgmlDType::Q6K
             } else {
                 GgmlDType::Q4K
@@ -233,7 +234,8 @@ pub fn model_gguf(model: &Model, adapter: Option<&str>, source: &GgufSource, qua
     extra.sort();
     let mut file = std::fs::File::open(source.path()).with_context(|| format!("{}: cannot open", source.path().display()))?;
     for name in extra {
-        let q = source.content().tensor(&mut file, name, &Device::Cpu).with_context(|| format!("{}: cannot read `{name}`", source.path().display()))?;
+        let q =
+            source.content().tensor(&mut file, name, &Device::Cpu).with_context(|| format!("{}: cannot read `{name}`", source.path().display()))?;
         tensors.push((name.clone(), q));
     }
     let mut metadata: Vec<(String, Value)> =

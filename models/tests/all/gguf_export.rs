@@ -112,7 +112,8 @@ fn quantized_exports_use_llama_cpp_types_and_stay_close() -> Result<()> {
     let scale = reference.abs()?.max_all()?.to_scalar::<f32>()?;
     // Tolerances relative to the largest logit, ~3x the errors measured on this random tiny
     // model (f16 6.0e-4, q8_0 1.7e-2, q4_k_m 8.7e-2): a wrong layout or type moves them by O(1).
-    for (quant, q_proj_type, tol) in [(Quant::F16, GgmlDType::F16, 2e-3), (Quant::Q8_0, GgmlDType::Q8_0, 5e-2), (Quant::Q4KM, GgmlDType::Q5_0, 0.25)] {
+    for (quant, q_proj_type, tol) in [(Quant::F16, GgmlDType::F16, 2e-3), (Quant::Q8_0, GgmlDType::Q8_0, 5e-2), (Quant::Q4KM, GgmlDType::Q5_0, 0.25)]
+    {
         let bytes = model_gguf(&loaded.model, None, &src, quant)?;
         let c = read(&bytes)?;
         assert_eq!(c.tensor_infos["blk.0.attn_q.weight"].ggml_dtype, q_proj_type, "{quant:?}");
@@ -144,7 +145,8 @@ fn lora_gguf_has_llama_cpp_names_shapes_layout_and_metadata() -> Result<()> {
     assert_eq!(c.tensor_infos.len(), 20);
     let (hidden, kv_out, r) = (64, 2 * 16, cfg.rank);
     let mut file = std::io::Cursor::new(&bytes);
-    let tensor = |file: &mut std::io::Cursor<&Vec<u8>>, name: &str| -> Result<Tensor> { Ok(c.tensor(file, name, &Device::Cpu)?.dequantize(&Device::Cpu)?) };
+    let tensor =
+        |file: &mut std::io::Cursor<&Vec<u8>>, name: &str| -> Result<Tensor> { Ok(c.tensor(file, name, &Device::Cpu)?.dequantize(&Device::Cpu)?) };
     // candle reports numpy order, reversed from ggml's ne: lora_a [r, in] (ne [in, r]), lora_b [out, r].
     assert_eq!(c.tensor_infos["blk.1.attn_k.weight.lora_a"].shape.dims(), &[r, hidden]);
     assert_eq!(c.tensor_infos["blk.1.attn_k.weight.lora_b"].shape.dims(), &[kv_out, r]);

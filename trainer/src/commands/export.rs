@@ -98,7 +98,10 @@ pub fn run(args: Args) -> Result<()> {
 /// moved or renamed base file is a legitimate reason for a different name.
 fn warn_if_trained_on_another_base(adapter: &Path, model: &str) {
     let path = adapter.join("adapter_config.json");
-    let named = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["base_model_name_or_path"].as_str().map(String::from));
+    let named = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(String::from));
     let same = |a: &str, b: &str| a == b || matches!((Path::new(a).canonicalize(), Path::new(b).canonicalize()), (Ok(x), Ok(y)) if x == y);
     if let Some(named) = named.filter(|n| !n.is_empty() && !same(n, model)) {
         tracing::warn!("{}: the adapter was trained on `{named}`, exporting it with `{model}`", path.display());
