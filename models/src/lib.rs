@@ -6,6 +6,7 @@ pub mod continuous;
 pub mod decoder;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod io;
 pub mod lora;
 pub mod merge;

@@ -22,8 +22,7 @@ pub fn resolve(model_ref: &str) -> Result<ModelSource> {
         }
         return Ok(ModelSource::HfDir(path.to_path_buf()));
     }
-    let looks_like_hub_id = model_ref.split('/').count() == 2 && !model_ref.starts_with('.') && !model_ref.starts_with('/');
-    if looks_like_hub_id {
+    if looks_like_hub_id(model_ref) {
         let repo = hf_cache().model(model_ref.to_string());
         if let Some(config) = repo.get("config.json") {
             if let Some(dir) = config.parent() {
@@ -36,6 +35,12 @@ pub fn resolve(model_ref: &str) -> Result<ModelSource> {
         );
     }
     bail!("{model_ref}: no such file or directory")
+}
+
+/// `Org/Name` in form (not a relative or absolute path); says nothing about whether a
+/// local path of that name exists.
+pub fn looks_like_hub_id(model_ref: &str) -> bool {
+    model_ref.split('/').count() == 2 && !model_ref.starts_with('.') && !model_ref.starts_with('/')
 }
 
 /// The hub cache as huggingface_hub finds it: HF_HUB_CACHE, else HF_HOME/hub, else

@@ -131,37 +131,48 @@ impl GgufSource {
     pub fn set_unpermute_qk(&mut self, heads: Option<(usize, usize)>) {
         self.unpermute_qk = heads;
     }
+}
 
-    /// HF tensor name -> GGUF tensor name.
-    fn gguf_name(name: &str) -> Option<String> {
-        if name == "model.embed_tokens.weight" {
-            return Some("token_embd.weight".into());
-        }
-        if name == "model.norm.weight" {
-            return Some("output_norm.weight".into());
-        }
-        if name == "lm_head.weight" {
-            return Some("output.weight".into());
-        }
-        let rest = name.strip_prefix("model.layers.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let (module, kind) = rest.rsplit_once('.')?; // kind: weight | bias
-        let g = match module {
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "self_attn.q_norm" => "attn_q_norm",
-            "self_attn.k_norm" => "attn_k_norm",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            _ => return None,
-        };
-        Some(format!("blk.{layer}.{g}.{kind}"))
+/// HF tensor name -> llama.cpp's GGUF tensor name (`model.layers.3.self_attn.q_proj.weight`
+/// -> `blk.3.attn_q.weight`), for the decoders we load; None for any other name.
+pub fn gguf_tensor_name(name: &str) -> Option<String> {
+    if name == "model.embed_tokens.weight" {
+        return Some("token_embd.weight".into());
     }
+    if name == "model.norm.weight" {
+        return Some("output_norm.weight".into());
+    }
+    if name == "lm_head.weight" {
+        return Some("output.weight".into());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?; // kind: weight | bias
+    let g = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's `LlamaModel.permute(w, n_head)` (convert_hf_to_gguf, `llama` arch only): its
+/// RoPE rotates adjacent dims, HF's rotates halves, so rows [n_head, 2, d/2] are stored as
+/// [n_head, d/2, 2]. Works on any [out, ..] tensor whose rows are q/k outputs (a weight or a
+/// LoRA B).
+pub fn permute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let half = out / n_head / 2;
+    Ok(w.reshape((n_head, 2, half, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
 /// Inverse of llama.cpp's `permute(w, n_head)`:
@@ -174,7 +185,7 @@ fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
 
 impl WeightSource for GgufSource {
     fn try_get(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
-        let Some(gname) = Self::gguf_name(name) else { return Ok(None) };
+        let Some(gname) = gguf_tensor_name(name) else { return Ok(None) };
         if !self.content.tensor_infos.contains_key(&gname) {
             return Ok(None);
         }
@@ -201,7 +212,7 @@ impl WeightSource for GgufSource {
         self.path.display().to_string()
     }
     fn try_get_blocks(&self, name: &str, device: &Device) -> Result<Option<QTensor>> {
-        let Some(gname) = Self::gguf_name(name) else { return Ok(None) };
+        let Some(gname) = gguf_tensor_name(name) else { return Ok(None) };
         let Some(info) = self.content.tensor_infos.get(&gname) else { return Ok(None) };
         let ty = info.ggml_dtype;
         // Dense tensors inside a GGUF load dense, as from safetensors.
@@ -265,7 +276,7 @@ mod tests {
         // llama.cpp: w.reshape(n_head, 2, d/2, in).swapaxes(1, 2).reshape(out, in)
         let (n_head, d, inp) = (3, 4, 2);
         let w = Tensor::arange(0f32, (n_head * d * inp) as f32, &Device::Cpu)?.reshape((n_head * d, inp))?;
-        let permuted = w.reshape((n_head, 2, d / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((n_head * d, inp))?;
+        let permuted = permute_rows(&w, n_head)?;
         let back = unpermute_rows(&permuted, n_head)?;
         assert_eq!(back.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
         Ok(())

@@ -45,6 +45,8 @@ enum Command {
     Serve(Box<commands::serve::Args>),
     /// Fold an adapter into the base weights and write a Hugging Face model directory.
     Merge(commands::merge::Args),
+    /// Write an adapter (llama.cpp LoRA) or a model (merged with its adapter) as a GGUF file.
+    Export(commands::export::Args),
     /// Validate a dataset and print its statistics.
     Inspect(commands::inspect::Args),
     /// List the GPUs this build can use (name, compute capability, memory).
@@ -94,6 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Serve(args) => commands::serve::run(*args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Devices(args) => commands::devices::run(args),
         Command::PlanMemory(args) => commands::plan_memory::run(args),

@@ -5,53 +5,25 @@ use anyhow::Result;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use lora_models::weights::{GgufSource, WeightSource};
+use lora_models::weights::{gguf_tensor_name, permute_rows, GgufSource, WeightSource};
 use std::path::{Path, PathBuf};
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden")
 }
 
-/// llama.cpp `permute`: HF [n_head, 2, d/2, in] -> [n_head, d/2, 2, in].
-fn permute(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    Ok(w.reshape((n_head, 2, out / n_head / 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
-}
-
-fn gguf_name(hf: &str) -> String {
-    let map = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
-    let (layer, rest) = rest.split_once('.').unwrap();
-    let module = rest.strip_suffix(".weight").unwrap();
-    let g = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        other => panic!("unexpected {other}"),
-    };
-    format!("blk.{layer}.{g}.weight")
-}
-
 /// Write llama-tiny as an F32 GGUF the way convert_hf_to_gguf.py lays it out.
 fn write_llama_tiny_gguf(path: &Path) -> Result<()> {
-    write_llama_tiny_gguf_as(path, GgmlDType::F32)
+    write_llama_tiny_gguf_with(path, Vec::new())
+}
+
+/// As [`write_llama_tiny_gguf`], with `extra` metadata (e.g. a tokenizer) besides the config.
+pub(crate) fn write_llama_tiny_gguf_with(path: &Path, extra: Vec<(&str, Value)>) -> Result<()> {
+    write_llama_tiny_gguf_as(path, GgmlDType::F32, extra)
 }
 
 /// llama-tiny as a GGUF whose projections are stored as `projections` blocks.
-fn write_llama_tiny_gguf_as(path: &Path, projections: GgmlDType) -> Result<()> {
+fn write_llama_tiny_gguf_as(path: &Path, projections: GgmlDType, extra: Vec<(&str, Value)>) -> Result<()> {
     let dir = golden_dir().join("models/llama-tiny");
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let (nh, nkv) = (cfg["num_attention_heads"].as_u64().unwrap() as usize, cfg["num_key_value_heads"].as_u64().unwrap() as usize);
@@ -59,17 +31,17 @@ fn write_llama_tiny_gguf_as(path: &Path, projections: GgmlDType) -> Result<()> {
     let mut tensors = Vec::new();
     for (name, t) in &weights {
         let t = if name.ends_with("q_proj.weight") {
-            permute(t, nh)?
+            permute_rows(t, nh)?
         } else if name.ends_with("k_proj.weight") {
-            permute(t, nkv)?
+            permute_rows(t, nkv)?
         } else {
             t.clone()
         };
         let ty = if name.contains("_proj.") { projections } else { GgmlDType::F32 };
-        tensors.push((gguf_name(name), QTensor::quantize(&t.to_dtype(DType::F32)?, ty)?));
+        tensors.push((gguf_tensor_name(name).expect("a llama tensor"), QTensor::quantize(&t.to_dtype(DType::F32)?, ty)?));
     }
     let u = |k: &str| Value::U32(cfg[k].as_u64().unwrap() as u32);
-    let meta: Vec<(&str, Value)> = vec![
+    let meta: Vec<(&str, Value)> = [
         ("general.architecture", Value::String("llama".into())),
         ("llama.block_count", u("num_hidden_layers")),
         ("llama.embedding_length", u("hidden_size")),
@@ -79,7 +51,10 @@ fn write_llama_tiny_gguf_as(path: &Path, projections: GgmlDType) -> Result<()> {
         ("llama.vocab_size", u("vocab_size")),
         ("llama.rope.freq_base", Value::F32(cfg["rope_theta"].as_f64().unwrap() as f32)),
         ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32)),
-    ];
+    ]
+    .into_iter()
+    .chain(extra)
+    .collect();
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path)?;
@@ -150,7 +125,7 @@ fn gguf_blocks_kept_quantized_give_the_dequantized_models_logits() -> Result<()>
     // the model dequantized at load computes, bit for bit, at a quarter of the memory.
     let tmp = tempfile::tempdir()?;
     let path = tmp.path().join("llama-tiny.q8_0.gguf");
-    write_llama_tiny_gguf_as(&path, GgmlDType::Q8_0)?;
+    write_llama_tiny_gguf_as(&path, GgmlDType::Q8_0, Vec::new())?;
     let load = |quant| -> Result<lora_models::Model> {
         let mut src = GgufSource::open(&path)?;
         let cfg = lora_models::gguf::config_from_gguf(src.content())?;

@@ -3,6 +3,7 @@
 //! instead of a new file under tests/.
 mod fallbacks;
 mod gguf;
+mod gguf_export;
 mod golden;
 mod quant;
 mod checkpointing;

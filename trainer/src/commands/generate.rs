@@ -21,6 +21,22 @@ pub struct Args {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// With --json, each output also carries `prompt_ids` and `last_logits`: the logits at the
+    /// prompt's last position (the first new token's distribution), to check another runtime
+    /// (llama.cpp, transformers) against this one.
+    #[arg(long, requires = "json")]
+    pub logits: bool,
+}
+
+/// Logits at the last position of `ids` through the model (and its adapter), as f32.
+fn last_position_logits(model: &lora_models::Model, ids: &[u32]) -> Result<Vec<f32>> {
+    let _inference = model.inference();
+    let device = model.device();
+    let input = candle_core::Tensor::new(ids, device)?.unsqueeze(0)?;
+    let positions = candle_core::Tensor::arange(0u32, ids.len() as u32, device)?.unsqueeze(0)?;
+    let hidden = model.forward_hidden(&input, &positions, None)?;
+    let last = hidden.narrow(1, ids.len() - 1, 1)?;
+    Ok(model.logits(&last)?.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -46,17 +62,19 @@ pub fn run(args: Args) -> Result<()> {
     let (outputs, stats) = loaded.model.generate_with_stats(&prompts, &params, &bundle.eos_token_ids)?;
     let texts: Vec<String> = outputs.iter().map(|o| bundle.decode(&o.tokens, true)).collect::<Result<_>>()?;
     if args.json {
-        let rows: Vec<_> = outputs
-            .iter()
-            .zip(&texts)
-            .map(|(o, t)| {
-                serde_json::json!({
-                    "text": t,
-                    "tokens": o.tokens,
-                    "finish_reason": match o.finish_reason { lora_models::FinishReason::Stop => "stop", _ => "length" },
-                })
-            })
-            .collect();
+        let mut rows = Vec::with_capacity(outputs.len());
+        for ((o, t), ids) in outputs.iter().zip(&texts).zip(&prompts) {
+            let mut row = serde_json::json!({
+                "text": t,
+                "tokens": o.tokens,
+                "finish_reason": match o.finish_reason { lora_models::FinishReason::Stop => "stop", _ => "length" },
+            });
+            if args.logits && !ids.is_empty() {
+                row["prompt_ids"] = serde_json::json!(ids);
+                row["last_logits"] = serde_json::json!(last_position_logits(&loaded.model, ids)?);
+            }
+            rows.push(row);
+        }
         let out = serde_json::json!({
             "outputs": rows,
             "prompt_tokens": stats.prompt_tokens,

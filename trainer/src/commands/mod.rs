@@ -3,6 +3,7 @@ pub mod dpo;
 pub mod compare;
 pub mod dashboard;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod grpo;
 pub mod inspect;

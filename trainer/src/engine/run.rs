@@ -20,6 +20,7 @@ use crate::config::TrainConfig;
 use crate::metrics::{self, MetricsRow, MetricsWriter};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::progress::{fmt_duration, TrainProgress};
+use crate::model_card::{self, CardFacts};
 use crate::report;
 use crate::schedule::LrSchedule;
 use crate::training::{self, GradAccumulator};
@@ -376,6 +377,8 @@ impl<M: Method> Run<M> {
         ];
         let title = format!("{} run", self.method.name().to_uppercase());
         report::write_report(&out, &title, &report_summary, &serde_json::to_value(&self.cfg)?, &rows)?;
+        let card = CardFacts { method: self.method.name(), config: &self.cfg, summary: &serde_json::to_value(&summary)?, data_fingerprint: st.data_fingerprint.as_deref() };
+        model_card::write_model_card(&out, &card)?;
         if !self.quiet {
             eprintln!(
                 "\n{}Done: {} steps in {}, {} tokens ({:.0} tok/s).\n  train loss {}   eval loss {} -> {}\n  adapter: {}  (report: {})\n  try it:  lora-train generate --model {} --adapter {} --chat \"Hello\"",

@@ -9,6 +9,7 @@ mod devices_cli;
 mod dpo_e2e;
 mod eval_golden;
 mod evaluators;
+mod export_cli;
 mod grpo_e2e;
 mod grpo_golden;
 mod jobs_e2e;
