@@ -29,8 +29,7 @@ pub fn groups_without_signal(rewards: &[Option<f64>], group: usize) -> usize {
 pub fn advice(num_generations: usize, temperature: f64) -> String {
     format!(
         "more completions per prompt (--num-generations, now {num_generations}), a higher --temperature (now {temperature}) for more \
-         diverse completions, or an evaluator that grades (partial credit) instead of pass/fail; \
-         `lora-train grpo --preview N` shows the rewards before a run"
+         diverse completions, or an evaluator that grades (partial credit) instead of pass/fail"
     )
 }
 
@@ -74,7 +73,7 @@ impl SignalWatch {
         Some(format!(
             "no learning signal: in steps {first}-{step}, {:.0}% of the groups had zero reward variance (every completion of a prompt \
              got the same reward, so every advantage is 0 and the policy loss has no gradient); {:.0}% of all groups so far. \
-             Try {advice}",
+             Try {advice} (`lora-train grpo ... --preview N` shows the rewards before a run).",
             share(self.recent.iter().map(|r| r.1).sum(), self.recent.iter().map(|r| r.2).sum()),
             share(self.totals.0, self.totals.1),
         ))
