@@ -35,7 +35,7 @@ pub(crate) fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Opti
         }
         None => false,
     };
-    if n <= gemv::MAX_ROWS {
+    if n <= gemv::max_rows() {
         let wc = w.contiguous()?;
         let (ws, wl) = wc.storage_and_layout();
         if let Some(weights) = gemv::Weights::from_storage(crate::cpu::cpu_storage(&ws, op)?, wl) {
