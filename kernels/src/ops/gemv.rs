@@ -1,13 +1,17 @@
-//! Decode-time fast path of the frozen projections: up to [`MAX_ROWS`] token rows (one
-//! per sequence of a decode batch) against `W` [out, in], read once and in its own dtype.
+//! Decode-time fast path of the frozen projections: a few token rows (one per sequence
+//! of a decode batch, up to [`fast_rows`]) against `W` [out, in], read once and in its
+//! own dtype.
 //!
-//! A decode step is a thin GEMM: few rows, every weight used by each of them. The
-//! general path widens a bf16 `W` to an f32 copy on every call (3x the bytes of just
-//! reading it) and packs `W` into the `gemm` crate's panels on every call (reading and
-//! writing all of `W` again) for a shape it is not tuned for. Here each task owns a block
-//! of output columns (rows of `W`, streamed from memory once) and computes them for
-//! every token row in 4 x 4 register tiles (4 rows of `W` against 4 token rows, 16 lanes
-//! each), the token rows walked in blocks that stay in L1; bf16 is widened in registers.
+//! With a few rows the projection is bound by reading `W`. The general path widens a
+//! bf16 `W` to an f32 copy on every call (3x the bytes of just reading it) and packs `W`
+//! into the `gemm` crate's panels on every call. Here each task owns a block of output
+//! columns (rows of `W`, streamed from memory once) and computes them for every token
+//! row, 4 rows of `W` (kept in L1) against one token row at a time, 16 lanes each; bf16
+//! is widened in registers. That inner step loads 5 vectors for 4 FMAs, so it plateaus
+//! near 40 GFLOP/s on 2 cores, where sgemm's register-blocked kernel reaches 100+: past
+//! [`fast_rows`] the general path is faster. A 4 x 4 tile (4 rows of `W` x 4 token rows)
+//! written as arrays of accumulators ran 5-10x slower (LLVM kept them in memory); a tile
+//! in explicit intrinsics is what would lift the plateau.
 //!
 //! Every output is the same 16-lane dot product whatever the number of rows or the tile
 //! it falls in (lane sums in one order, then the tail), so a row's result never depends
@@ -18,15 +22,21 @@ use rayon::prelude::*;
 
 use crate::simd::isa_dispatch;
 
-/// Use the fast path up to this many rows (a decode step has one row per sequence).
-pub const MAX_ROWS: usize = 256;
+/// Up to where the fast path beats the general one (`gemm_bench --decode 1`,
+/// BENCHMARKS.md): with f32 weights sgemm's packed kernel wins past about 8 rows; with
+/// bf16 weights, which the general path first widens to an f32 copy, past about 16.
+const FAST_ROWS_F32: usize = 8;
+const FAST_ROWS_BF16: usize = 16;
 
-/// [`MAX_ROWS`], or less with `LORA_KERNELS_DECODE_ROWS=N` (benchmarks compare the
-/// general GEMM path with it: N = 8 was the limit before many-row decoding).
-pub fn max_rows() -> usize {
-    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *LIMIT.get_or_init(|| std::env::var("LORA_KERNELS_DECODE_ROWS").ok().and_then(|v| v.parse().ok()).map_or(MAX_ROWS, |n: usize| n.min(MAX_ROWS)))
+/// How many rows take the fast path for weights of this kind (`bf16`: stored bf16 and
+/// not multiplied by the bf16 dot-product kernel), capped by `LORA_KERNELS_DECODE_ROWS=N`
+/// (N = 8 is the limit before bf16 weights got their own).
+pub fn fast_rows(bf16: bool) -> usize {
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cap = *CAP.get_or_init(|| std::env::var("LORA_KERNELS_DECODE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX));
+    cap.min(if bf16 { FAST_ROWS_BF16 } else { FAST_ROWS_F32 })
 }
+
 /// Rows of `W` (output columns) per rayon task: enough work to amortise scheduling.
 const W_ROWS_PER_TASK: usize = 64;
 /// Token rows walked together: 16 rows x 1536 features x 4 bytes stay inside L1.
@@ -100,7 +110,8 @@ impl Out {
     }
 }
 
-/// `y[r, j] (+)= sum_k x[r, k] W[j, k]` for `n <= MAX_ROWS` rows; `y` is [n, out].
+/// `y[r, j] (+)= sum_k x[r, k] W[j, k]` for `n` rows (any number: past [`fast_rows`] the
+/// general path is faster); `y` is [n, out].
 pub fn gemv_rows(x: &[f32], n: usize, k: usize, w: &Weights, out: usize, y: &mut [f32], accumulate: bool) {
     assert!(x.len() >= n * k && y.len() >= n * out, "gemv_rows: buffers too small for {n} x {k} -> {out}");
     match w {
@@ -119,7 +130,8 @@ fn rows<E: Elem>(x: &[f32], n: usize, k: usize, w: &[E], out: usize, y: &mut [f3
 }
 
 isa_dispatch! {
-    /// Columns `j0..j1` of `y` for every row, in 4 x 4 tiles (edges in narrower ones).
+    /// Columns `j0..j1` of `y` for every row, 4 rows of `W` against one token row at a
+    /// time, the edge columns one by one.
     #[allow(clippy::too_many_arguments)]
     fn column_block<E: Elem>(x: &[f32], n: usize, k: usize, w: &[E], j0: usize, j1: usize, y: &Out, accumulate: bool) {
         let full = j0 + (j1 - j0) / 4 * 4;
@@ -128,14 +140,8 @@ isa_dispatch! {
             let r1 = (r0 + X_ROWS_PER_BLOCK).min(n);
             let mut j = j0;
             while j < full {
-                let mut r = r0;
-                while r + 4 <= r1 {
-                    tile::<4, 4, E>(x, k, w, j, r, y, accumulate);
-                    r += 4;
-                }
-                while r < r1 {
+                for r in r0..r1 {
                     tile::<4, 1, E>(x, k, w, j, r, y, accumulate);
-                    r += 1;
                 }
                 j += 4;
             }
