@@ -208,10 +208,12 @@ pub fn render(p: &Preview) -> String {
         p.scoring_s
     );
     match &p.reward {
-        Some(r) => s += &format!(
-            "reward: mean {:.3}, std {:.3}, min {:.3}, max {:.3} ({} scored, {} without a reward)\n",
-            r.mean, r.std, r.min, r.max, r.scored, p.unscored
-        ),
+        Some(r) => {
+            s += &format!(
+                "reward: mean {:.3}, std {:.3}, min {:.3}, max {:.3} ({} scored, {} without a reward)\n",
+                r.mean, r.std, r.min, r.max, r.scored, p.unscored
+            )
+        }
         None => s += &format!("reward: none of the {} completions got a reward\n", p.unscored),
     }
     let total: usize = p.buckets.iter().map(|b| b.count).sum();
