@@ -3,6 +3,12 @@
 //! included). Prints one JSON line per shape.
 //!
 //!     gemm_bench [--reps 3] [--tokens 1024]
+//!     gemm_bench --decode 1 [--reps 3]
+//!
+//! `--decode 1`: the decode-step shapes instead, for R = 2..256 token rows: the
+//! many-row decode path (`lora_kernels::ops::gemv::gemv_rows`, W read in place) against
+//! what a decode step over more than 8 rows did before it: sgemm (W packed per call),
+//! and for bf16 weights a widened f32 copy of W first.
 use lora_benches::{time_best, cpu_info};
 use lora_kernels::gemm_bf16::{self, AnyMat, Src};
 
@@ -20,16 +26,21 @@ fn main() {
     lora_benches::init_threads();
     let mut reps = 3;
     let mut tokens = 1024;
+    let mut decode = false;
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v: usize = it.next().and_then(|v| v.parse().ok()).expect("a number");
         match k.as_str() {
             "--reps" => reps = v,
             "--tokens" => tokens = v,
+            "--decode" => decode = v != 0,
             _ => panic!("unknown argument {k}"),
         }
     }
     println!("{}", serde_json::json!({"cpu": cpu_info(), "bf16_dot": gemm_bf16::available()}));
+    if decode {
+        return decode_rows(reps);
+    }
     // (name, m, k, n, weight transposed): forward y = x W^T (W [n, k]); dX = dY W (W [k, n]).
     let shapes = [
         ("square 2048", 2048, 2048, 2048, false),
@@ -79,5 +90,34 @@ fn main() {
                 "f32_gflops": gf(f32_s), "bf16_widen_f32_gflops": gf(widen_s), "bf16_dot_gflops": bf16_s.map(gf),
                 "bf16_pack_b_share": bf16_s.zip(pack_s).map(|(t, p)| p / t)})
         );
+    }
+}
+
+/// Decode-step projections at R rows: the many-row path against sgemm (f32 W) and
+/// widen-then-sgemm (bf16 W), as GFLOP/s.
+fn decode_rows(reps: usize) {
+    use lora_kernels::ops::gemv::{gemv_rows, Weights};
+    let shapes = [("q/o 576->576", 576, 576), ("gate/up 576->1536", 576, 1536), ("down 1536->576", 1536, 576), ("lm_head 576->49152", 576, 49152)];
+    for (name, k, n) in shapes {
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.01).collect();
+        let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
+        for m in [2, 4, 8, 16, 32, 64, 128, 256] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
+            let mut c = vec![0f32; m * n];
+            let rows_f32 = time_best(reps, || gemv_rows(&x, m, k, &Weights::F32(&w), n, &mut c, false));
+            let sgemm_f32 = time_best(reps, || sgemm(&mut c, m, k, n, &x, k, 1, &w, 1, k));
+            let rows_bf16 = time_best(reps, || gemv_rows(&x, m, k, &Weights::Bf16(&wb), n, &mut c, false));
+            let widen_bf16 = time_best(reps, || {
+                let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+                sgemm(&mut c, m, k, n, &x, k, 1, &wf, 1, k)
+            });
+            let gf = |s: f64| (2.0 * (m * k * n) as f64 / s / 1e9 * 10.0).round() / 10.0;
+            println!(
+                "{}",
+                serde_json::json!({"shape": name, "rows": m, "f32_rows_gflops": gf(rows_f32), "f32_sgemm_gflops": gf(sgemm_f32),
+                    "bf16_rows_gflops": gf(rows_bf16), "bf16_widen_sgemm_gflops": gf(widen_bf16),
+                    "f32_speedup": (sgemm_f32 / rows_f32 * 100.0).round() / 100.0, "bf16_speedup": (widen_bf16 / rows_bf16 * 100.0).round() / 100.0})
+            );
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! with), measured like `benches/torch/generate_bench.py --num-return-sequences G`.
 //!
 //!     rollout_bench --model PATH --prompt-ids FILE [--group 8] [--max-new-tokens 128]
-//!                   [--temperature 1.0] [--repeats 3] [--seed 0]
+//!                   [--temperature 1.0] [--repeats 3] [--seed 0] [--dtype f32|bf16]
 //!
 //! FILE is the JSON list of prompt token-id lists that generate_bench.py `--dump-ids`
 //! wrote, so both sides decode from the very same tokens (the chat template is rendered
@@ -25,6 +25,7 @@ fn main() -> Result<()> {
     lora_benches::init_threads();
     let (mut model_ref, mut ids_path) = (String::new(), String::new());
     let (mut group, mut max_new, mut temperature, mut repeats, mut seed) = (8usize, 128usize, 1.0f64, 3usize, 0u64);
+    let mut dtype = DType::F32;
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().with_context(|| format!("{k} needs a value"));
@@ -36,6 +37,13 @@ fn main() -> Result<()> {
             "--temperature" => temperature = v()?.parse()?,
             "--repeats" => repeats = v()?.parse()?,
             "--seed" => seed = v()?.parse()?,
+            "--dtype" => {
+                dtype = match v()?.as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    other => bail!("--dtype {other}: f32 or bf16"),
+                }
+            }
             _ => bail!("unknown argument {k}"),
         }
     }
@@ -44,7 +52,7 @@ fn main() -> Result<()> {
     }
     let prompts: Vec<Vec<u32>> = serde_json::from_str(&std::fs::read_to_string(&ids_path).with_context(|| ids_path.clone())?)?;
     let t_load = Instant::now();
-    let loaded = lora_models::load_model(&model_ref, &Device::Cpu, DType::F32)?;
+    let loaded = lora_models::load_model(&model_ref, &Device::Cpu, dtype)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let model = &loaded.model;
     let seeds: Vec<u64> = (0..prompts.len() as u64).map(|p| seed.wrapping_add(p)).collect();
@@ -70,7 +78,7 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "bench": "lora-train Model::rollouts (prefill once per prompt, P x G rows, no autograd)",
-            "model": model_ref, "dtype": "f32", "prompts": prompts.len(), "group": group,
+            "model": model_ref, "dtype": format!("{dtype:?}").to_lowercase(), "prompts": prompts.len(), "group": group,
             "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(),
             "max_new_tokens": max_new, "temperature": temperature, "repeats": repeats,
             "new_tokens": tokens, "seconds_each": times.iter().map(|t| (t * 1e4).round() / 1e4).collect::<Vec<_>>(),

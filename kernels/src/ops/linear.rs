@@ -35,7 +35,8 @@ pub(crate) fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Opti
         }
         None => false,
     };
-    if n <= gemv::MAX_ROWS {
+    let bf16_widened = w.dtype() == DType::BF16 && !crate::cpu::use_bf16_dot(x_dtype, w);
+    if n <= gemv::fast_rows(bf16_widened) {
         let wc = w.contiguous()?;
         let (ws, wl) = wc.storage_and_layout();
         if let Some(weights) = gemv::Weights::from_storage(crate::cpu::cpu_storage(&ws, op)?, wl) {

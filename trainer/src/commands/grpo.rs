@@ -27,6 +27,12 @@ pub struct Args {
     /// TOML file with any of this command's options (flags override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Sample N prompts x --num-generations completions from the starting policy, score
+    /// them with the evaluators, print the reward distribution, the groups with zero
+    /// reward variance, completions per reward bucket and evaluator failures; then exit
+    /// without training or writing anything (--output may be left out).
+    #[arg(long, value_name = "N")]
+    pub preview: Option<usize>,
     /// Continue the run in --output from its latest complete checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -41,8 +47,25 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(n) = args.preview {
+        return preview(&args, n);
+    }
     let launch = crate::jobs::Launch { command: "grpo", job: &args.job, output: super::sft::run_dir(&args.options, args.config.as_deref()), json: args.json, dry_run: args.dry_run };
     crate::jobs::run_training(launch, || train(&args))
+}
+
+fn preview(args: &Args, n: usize) -> Result<()> {
+    let mut options = args.options.clone().with_config_file(args.config.as_deref())?;
+    // Nothing is written: the run directory is not needed.
+    options.output.get_or_insert_with(|| PathBuf::from("."));
+    let cfg = options.resolve()?;
+    let preview = grpo::preview::preview(&cfg, &args.grpo, &args.evaluators, n)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&preview)?);
+    } else {
+        print!("{}", grpo::preview::render(&preview));
+    }
+    Ok(())
 }
 
 fn train(args: &Args) -> Result<()> {

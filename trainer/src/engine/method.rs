@@ -80,6 +80,12 @@ pub trait Method {
     fn prepare_step(&mut self, _model: &Model, _step: usize) -> Result<()> {
         Ok(())
     }
+    /// Why the run should end after the step just finished though steps remain (GRPO's
+    /// `--stop-on-no-signal`); None = go on. The engine checkpoints that step and marks
+    /// the run `stopped` with this reason.
+    fn stop_reason(&self) -> Option<String> {
+        None
+    }
     /// Numbers of the whole optimizer step for its `metrics.jsonl` row (rollout
     /// statistics, the time split), asked once after the update.
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {

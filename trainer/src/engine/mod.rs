@@ -157,6 +157,9 @@ fn train_replicated<M: Method>(model: &Model, runs: &mut [Run<M>], comm: Option<
         }
         for ((k, &i), s) in active.iter().enumerate().zip(sums) {
             runs[i].finish_step(model, s, denominators[k])?;
+            if let Some(reason) = runs[i].method.stop_reason().filter(|_| runs[i].is_active()) {
+                runs[i].stop_early(model, &reason)?;
+            }
         }
         // SIGTERM / SIGINT / Slurm's SIGUSR1 (jobs/process.rs): stop between steps, with a
         // checkpoint of the step just finished, so `--resume` continues bit-exactly.

@@ -335,6 +335,20 @@ impl<M: Method> Run<M> {
         Ok(())
     }
 
+    /// End before the last step at the method's request: checkpoint the step just
+    /// finished, mark the run `stopped`, and keep the reason for the caller.
+    pub(super) fn stop_early(&mut self, model: &Model, reason: &str) -> Result<()> {
+        let checkpoint = self.checkpoint_now(model)?;
+        let out = &self.cfg.output;
+        run_dir::write_run_json(out, self.method.name(), &self.cfg, RunStatus::Stopped, None::<&RunSummary>)?;
+        let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_default();
+        report::write_report(out, &format!("{} run (stopped early)", self.method.name().to_uppercase()), &[], &serde_json::to_value(&self.cfg)?, &rows)?;
+        self.status = RunStatus::Stopped;
+        let kept = checkpoint.map_or("no checkpoint".to_string(), |d| format!("checkpoint {} kept", d.display()));
+        self.failure = Some(format!("{}stopped at step {} of {}: {reason} ({kept}; no final adapter)", self.label(), self.state.step, self.total_steps));
+        Ok(())
+    }
+
     /// Final adapter, summary, `run.json`, report.
     fn complete(&mut self, model: &Model) -> Result<()> {
         self.progress.finish();

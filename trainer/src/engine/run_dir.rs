@@ -21,6 +21,9 @@ pub enum RunStatus {
     Completed,
     /// Stopped by a NaN/Inf loss, gradient or update; its last good checkpoint is kept.
     Diverged,
+    /// Ended early at its method's request (`Method::stop_reason`); its last step's
+    /// checkpoint is kept.
+    Stopped,
     /// Its process died (crash, OOM, kill) or it could not start.
     Failed,
 }

@@ -1,7 +1,8 @@
 //! `lora-train grpo` and `eval --evaluator` end to end on the tiny golden models: a few
 //! GRPO steps with built-in evaluators write every metric, a sample of rollouts and an
 //! adapter that moved; a run resumed in the middle of a reused rollout batch ends bit
-//! for bit where the uninterrupted run ends.
+//! for bit where the uninterrupted run ends; every loss variant trains; `--preview`
+//! and the no-signal warning and stop on an evaluator that always gives the same score.
 
 use std::path::{Path, PathBuf};
 
@@ -48,8 +49,8 @@ fn a_few_grpo_steps_write_metrics_rollouts_and_an_adapter() {
     let last = rows.last().unwrap();
     for key in [
         "loss", "reward", "reward_std", "rewards_regex", "rewards_length", "frac_reward_zero_std", "completion_length_mean",
-        "completion_length_min", "completion_length_max", "clipped_ratio", "kl", "clip_ratio_low", "clip_ratio_high",
-        "clip_ratio_region", "entropy", "evaluator_failures", "time_rollout_s", "time_scoring_s", "time_training_s", "eval_reward",
+        "completion_length_min", "completion_length_max", "clipped_ratio", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean",
+        "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max", "entropy", "evaluator_failures", "time_rollout_s", "time_scoring_s", "time_training_s", "eval_reward",
     ] {
         assert!(last[key].is_number(), "metrics.jsonl lacks {key}: {last}");
     }
@@ -194,4 +195,138 @@ fn grpo_flags_come_from_config_and_accumulation_takes_more_prompts_per_step() {
     let bad = run(&["grpo", "--config", &c, "--output", &o]);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("grpo.toml") && err.contains("unknown key `betaa`"), "{err}");
+}
+
+/// Train one step with each loss variant TRL has: each moves the adapter and logs TRL's metrics for it.
+#[test]
+fn every_loss_variant_trains_and_logs_trl_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_prompts(tmp.path(), "train.jsonl", 2);
+    let (m, d) = (tiny("qwen2"), data.display().to_string());
+    let variants: [(&[&str], &[&str]); 6] = [
+        (&["--loss-type", "cispo", "--epsilon-high", "5"], &["cispo_clip_ratio"]),
+        (&["--loss-type", "sapo", "--sapo-temperature-pos", "0.5", "--sapo-temperature-neg", "2"], &[]),
+        (&["--loss-type", "vespo", "--vespo-k-pos", "1.5"], &["vespo/phi_seq_mean"]),
+        (&["--loss-type", "luspo", "--importance-sampling-level", "sequence"], &["clip_ratio/region_mean"]),
+        (&["--loss-type", "grpo", "--importance-sampling-level", "sequence", "--epsilon", "3e-4", "--epsilon-high", "4e-4"], &["clip_ratio/low_min"]),
+        (&["--top-entropy-quantile", "0.2", "--delta", "1.5", "--scale-rewards", "false"], &["clip_ratio/high_max"]),
+    ];
+    for (k, (flags, keys)) in variants.iter().enumerate() {
+        let out = tmp.path().join(format!("run{k}"));
+        let o = out.display().to_string();
+        let mut args = grpo_args(&m, &d, &o);
+        args.extend(["--steps", "2", "--eval-split", "0"]);
+        args.extend(flags.iter());
+        ok(&args);
+        let last = metrics(&out).pop().unwrap();
+        assert!(last["loss"].as_f64().unwrap().is_finite(), "{flags:?}: {last}");
+        for key in keys.iter() {
+            assert!(last[key].is_number(), "{flags:?}: metrics.jsonl lacks {key}: {last}");
+        }
+    }
+}
+
+#[test]
+fn bad_loss_options_are_errors_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_prompts(tmp.path(), "train.jsonl", 2);
+    let (m, d, o) = (tiny("llama"), data.display().to_string(), tmp.path().join("run").display().to_string());
+    for (flags, named) in [
+        (["--loss-type", "ppo"], "--loss-type"),
+        (["--importance-sampling-level", "group"], "--importance-sampling-level"),
+        (["--scale-rewards", "yes"], "--scale-rewards"),
+        (["--top-entropy-quantile", "1.5"], "--top-entropy-quantile"),
+        (["--sapo-temperature-neg", "0"], "--sapo-temperature-neg"),
+        (["--delta", "0.9"], "--delta"),
+        (["--stop-on-no-signal", "0"], "--stop-on-no-signal"),
+    ] {
+        let mut args = grpo_args(&m, &d, &o);
+        args.extend(flags);
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(named), "{flags:?}: {err}");
+    }
+    assert!(!tmp.path().join("run").exists(), "a refused run writes nothing");
+}
+
+/// `--preview` on an evaluator that always gives the same score: every group is without
+/// signal, the advice says what to change, the completions are those the run's first
+/// step samples, and nothing is written.
+#[test]
+fn preview_shows_the_signal_before_a_run_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_prompts(tmp.path(), "train.jsonl", 5);
+    let out = tmp.path().join("run");
+    let (m, d, o) = (tiny("llama"), data.display().to_string(), out.display().to_string());
+    let constant = ["--evaluator", "regex:.*", "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "6", "--eval-split", "0"];
+    let base = ["grpo", "--model", &m, "--dataset", &d, "--lora-rank", "4"];
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(constant);
+    args.extend(["--preview", "2", "--output", &o]);
+    let text = String::from_utf8_lossy(&ok(&args).stdout).to_string();
+    assert!(text.contains("groups with zero reward variance: 2 of 2 (100%)"), "{text}");
+    assert!(text.contains("--num-generations, now 2") && text.contains("--temperature"), "{text}");
+    assert!(text.contains("evaluator failures: none"), "{text}");
+    assert!(!out.exists(), "--preview wrote {}", out.display());
+
+    args.push("--json");
+    let p = stdout_json(&ok(&args));
+    assert_eq!((p["prompts"].as_u64(), p["groups"].as_u64(), p["groups_without_signal"].as_u64()), (Some(2), Some(2), Some(2)), "{p}");
+    assert_eq!(p["frac_reward_zero_std"], 1.0);
+    assert_eq!(p["buckets"].as_array().unwrap().len(), 1, "{p}");
+    assert_eq!(p["buckets"][0]["label"], "1.000");
+    assert_eq!(p["buckets"][0]["count"], 4);
+    assert!(p["advice"].is_string());
+
+    // The same completions as the run's first step (same prompts, seeds and starting adapter).
+    let mut train: Vec<&str> = base.to_vec();
+    train.extend(constant);
+    train.extend(["--output", &o, "--steps", "1", "--json"]);
+    ok(&train);
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(out.join("rollouts.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for e in p["buckets"][0]["examples"].as_array().unwrap() {
+        let same = logged.iter().find(|r| r["prompt"] == e["prompt"] && r["g"] == e["g"]).expect("the previewed completion in step 1");
+        assert_eq!(same["completion"], e["completion"]);
+    }
+
+    // A graded evaluator that fails on some samples: failures are shown.
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--evaluator", "numeric", "--num-generations", "3", "--max-completion-length", "4", "--eval-split", "0", "--preview", "3", "--json"]);
+    let p = stdout_json(&ok(&args));
+    assert_eq!(p["groups"], 3);
+    assert!(p["failures"].is_object());
+}
+
+/// A run whose every group has zero reward variance warns once and, with
+/// `--stop-on-no-signal K`, ends after K such steps with its checkpoint and status `stopped`.
+#[test]
+fn a_run_without_signal_warns_once_and_stops_after_k_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_prompts(tmp.path(), "train.jsonl", 4);
+    let (m, d) = (tiny("llama"), data.display().to_string());
+    let common = ["--evaluator", "regex:.*", "--num-generations", "2", "--prompts-per-step", "2", "--max-completion-length", "4", "--eval-split", "0", "--lora-rank", "4"];
+
+    let out = tmp.path().join("warned");
+    let o = out.display().to_string();
+    let mut args = vec!["grpo", "--model", &m, "--dataset", &d, "--output", &o, "--steps", "4", "--json"];
+    args.extend(common);
+    let done = ok(&args);
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(err.matches("no learning signal").count(), 1, "warned once: {err}");
+    assert!(err.contains("100% of the groups had zero reward variance") && err.contains("--num-generations, now 2"), "{err}");
+    assert!(metrics(&out).iter().skip(1).all(|r| r["frac_reward_zero_std"] == 1.0));
+
+    let out = tmp.path().join("stopped");
+    let o = out.display().to_string();
+    let mut args = vec!["grpo", "--model", &m, "--dataset", &d, "--output", &o, "--steps", "6", "--checkpoint-interval", "100", "--stop-on-no-signal", "2"];
+    args.extend(common);
+    let stopped = run(&args);
+    let err = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success(), "a stopped run exits with a failure status");
+    assert!(err.contains("stopped at step 2 of 6") && err.contains("--stop-on-no-signal 2") && err.contains("step-2"), "{err}");
+    let run_json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["status"], "stopped");
+    assert!(out.join("checkpoints/step-2/adapter_model.safetensors").exists(), "the last step's checkpoint is kept");
+    assert!(!out.join("adapter_model.safetensors").exists(), "no final adapter");
+    assert_eq!(metrics(&out).last().unwrap()["step"], 2);
 }

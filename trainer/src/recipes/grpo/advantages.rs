@@ -3,14 +3,17 @@
 //! batch (`batch`), or no division (`none`). Means and stds skip completions without a
 //! reward (TRL's nanmean / nanstd, n - 1 denominator); such a completion, and every
 //! completion of a group with fewer than two rewards where a std is needed, gets
-//! advantage 0 (TRL's `nan_to_num`).
+//! advantage 0 (TRL's `nan_to_num`). TRL's config also takes the booleans: `true` is
+//! `group`, `false` is `none` (`GRPOConfig.__post_init__`); they are aliases here.
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ScaleRewards {
+    #[value(alias = "true")]
     Group,
     Batch,
+    #[value(alias = "false")]
     None,
 }
 

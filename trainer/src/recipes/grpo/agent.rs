@@ -256,7 +256,8 @@ impl AgentRollouts {
         if dropped == total {
             tracing::warn!("rollout batch {index}: every one of its {total} rollouts was dropped; this step trains nothing");
         }
-        Ok(Cycle { index, rollouts: rows, metrics: m })
+        let groups_without_signal = super::signal::groups_without_signal(&rewards, g);
+        Ok(Cycle { index, rollouts: rows, metrics: m, groups: chosen.len(), groups_without_signal })
     }
 
     /// Run the jobs on `concurrency` worker threads while this thread decodes every

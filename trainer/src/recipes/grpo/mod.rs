@@ -18,8 +18,10 @@
 pub mod advantages;
 pub mod agent;
 pub mod loss;
+pub mod preview;
 pub mod prompts;
 pub mod rollouts;
+pub mod signal;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -36,7 +38,8 @@ use crate::config::TrainConfig;
 use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, Run, RunOptions, RunSummary};
 use crate::evaluators::{mean_std, EvaluatorArgs, EvaluatorSet};
 use advantages::ScaleRewards;
-use loss::{LossTerms, LossType, PolicyTokens};
+use clap::ValueEnum;
+use loss::{ImportanceSamplingLevel, LossTerms, LossType, PolicyTokens, VespoParams};
 use prompts::Prompt;
 use rollouts::{Cycle, CycleInputs};
 
@@ -72,9 +75,39 @@ pub struct GrpoOptions {
     /// Upper clipping bound: 1 + epsilon-high [default: --epsilon].
     #[arg(long, help_heading = "GRPO")]
     pub epsilon_high: Option<f64>,
+    /// How the per-token losses are formed and normalised (TRL's `loss_type`; README).
     #[arg(long, value_enum, default_value_t = LossType::Dapo, help_heading = "GRPO")]
     pub loss_type: LossType,
-    /// Advantage scaling: by the group's reward std, the batch's, or none.
+    /// Importance weights per `token`, or one per `sequence` (the mean log-ratio: GSPO).
+    #[arg(long, value_enum, default_value_t = ImportanceSamplingLevel::Token, help_heading = "GRPO")]
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// Two-sided clipping: the unclipped ratio is capped at delta too (> 1 + epsilon-high).
+    #[arg(long, help_heading = "GRPO")]
+    pub delta: Option<f64>,
+    /// `sapo`: gate temperature of tokens with a positive advantage.
+    #[arg(long, default_value_t = 1.0, help_heading = "GRPO")]
+    pub sapo_temperature_pos: f64,
+    /// `sapo`: gate temperature of tokens with a non-positive advantage.
+    #[arg(long, default_value_t = 1.05, help_heading = "GRPO")]
+    pub sapo_temperature_neg: f64,
+    /// `vespo`: power k of the gamma weight for advantages >= 0.
+    #[arg(long, default_value_t = 2.0, help_heading = "GRPO")]
+    pub vespo_k_pos: f64,
+    /// `vespo`: decay lambda of the gamma weight for advantages >= 0.
+    #[arg(long, default_value_t = 3.0, help_heading = "GRPO")]
+    pub vespo_lambda_pos: f64,
+    /// `vespo`: power k for negative advantages.
+    #[arg(long, default_value_t = 3.0, help_heading = "GRPO")]
+    pub vespo_k_neg: f64,
+    /// `vespo`: decay lambda for negative advantages.
+    #[arg(long, default_value_t = 2.0, help_heading = "GRPO")]
+    pub vespo_lambda_neg: f64,
+    /// Keep the policy loss only on this top share of tokens by entropy (1.0 = all tokens;
+    /// 0.2 is the paper's value).
+    #[arg(long, default_value_t = 1.0, help_heading = "GRPO")]
+    pub top_entropy_quantile: f64,
+    /// Advantage scaling: by the group's reward std (`group`, or `true`), the batch's
+    /// (`batch`), or none (`none`, or `false`).
     #[arg(long, value_enum, default_value_t = ScaleRewards::Group, help_heading = "GRPO")]
     pub scale_rewards: ScaleRewards,
     /// Optimizer steps per rollout batch (> 1: PPO-style reuse with rollout-time log-probs).
@@ -88,6 +121,12 @@ pub struct GrpoOptions {
     /// completions), sampled one batch at a time to bound memory.
     #[arg(long, default_value_t = 4, help_heading = "GRPO")]
     pub prompts_per_step: usize,
+    /// End the run after K steps in a row where every group had zero reward variance
+    /// (nothing to learn); the last step's checkpoint is kept and run.json says `stopped`.
+    /// Not part of what --resume must repeat.
+    #[arg(long, value_name = "K", help_heading = "GRPO")]
+    #[serde(skip)]
+    pub stop_on_no_signal: Option<usize>,
 }
 
 impl GrpoOptions {
@@ -113,29 +152,84 @@ impl GrpoOptions {
                 errors.push(format!("{name} must be >= 0"));
             }
         }
+        if let Some(d) = self.delta.filter(|d| !(*d > 1.0 && d.is_finite())) {
+            errors.push(format!("--delta caps the ratio, so it must be > 1 (TRL recommends > 1 + epsilon-high), got {d}"));
+        }
+        for (name, t) in [("--sapo-temperature-pos", self.sapo_temperature_pos), ("--sapo-temperature-neg", self.sapo_temperature_neg)] {
+            if !(t > 0.0 && t.is_finite()) {
+                errors.push(format!("{name} must be > 0 (the gate divides by it), got {t}"));
+            }
+        }
+        for (name, v) in [
+            ("--vespo-k-pos", self.vespo_k_pos),
+            ("--vespo-lambda-pos", self.vespo_lambda_pos),
+            ("--vespo-k-neg", self.vespo_k_neg),
+            ("--vespo-lambda-neg", self.vespo_lambda_neg),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                errors.push(format!("{name} must be >= 0, got {v}"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.top_entropy_quantile) {
+            errors.push(format!("--top-entropy-quantile must be in [0, 1] (1 keeps every token), got {}", self.top_entropy_quantile));
+        }
         if self.num_iterations == 0 {
             errors.push("--num-iterations must be at least 1".to_string());
         }
         if self.prompts_per_step == 0 {
             errors.push("--prompts-per-step must be at least 1".to_string());
         }
+        if self.stop_on_no_signal == Some(0) {
+            errors.push("--stop-on-no-signal must be at least 1 (steps in a row without signal)".to_string());
+        }
         if !errors.is_empty() {
             bail!("{}", errors.join("\n"));
         }
+        for warning in self.combination_warnings() {
+            tracing::warn!("{warning}");
+        }
         Ok(())
+    }
+
+    /// TRL's warnings for combinations that run but are probably not what was meant.
+    pub fn combination_warnings(&self) -> Vec<String> {
+        let sequence = self.importance_sampling_level == ImportanceSamplingLevel::Sequence;
+        let mut out = Vec::new();
+        if self.loss_type == LossType::Luspo && !sequence {
+            out.push("--loss-type luspo is meant for --importance-sampling-level sequence (the paper's setup)".to_string());
+        }
+        if self.loss_type == LossType::Vespo && sequence {
+            out.push("--loss-type vespo computes its own sequence-level weights; --importance-sampling-level should be token".to_string());
+        }
+        if sequence && matches!(self.loss_type, LossType::Bnpo | LossType::DrGrpo | LossType::Dapo | LossType::Cispo) {
+            out.push(format!(
+                "with --importance-sampling-level sequence, --loss-type {} sums per-token terms, weighting each sequence by its length; GSPO's setup is --loss-type grpo",
+                self.loss_type.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
+            ));
+        }
+        if self.loss_type == LossType::Cispo && self.epsilon_high.unwrap_or(self.epsilon) < 1.0 {
+            out.push("--loss-type cispo caps the weight at --epsilon-high itself (not 1 + it); below 1 every on-policy token is capped (the paper uses 5.0)".to_string());
+        }
+        out
     }
 
     pub fn loss_terms(&self) -> LossTerms {
         LossTerms {
             loss_type: self.loss_type,
+            importance_sampling_level: self.importance_sampling_level,
             epsilon_low: self.epsilon,
             epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
+            delta: self.delta,
             beta: self.beta,
             max_completion_length: self.max_completion_length,
+            sapo_temperature_pos: self.sapo_temperature_pos,
+            sapo_temperature_neg: self.sapo_temperature_neg,
+            vespo: VespoParams { k_pos: self.vespo_k_pos, lambda_pos: self.vespo_lambda_pos, k_neg: self.vespo_k_neg, lambda_neg: self.vespo_lambda_neg },
+            top_entropy_quantile: self.top_entropy_quantile,
         }
     }
 
-    fn rollout_params(&self) -> RolloutParams {
+    pub fn rollout_params(&self) -> RolloutParams {
         RolloutParams {
             group: self.num_generations,
             max_new_tokens: self.max_completion_length,
@@ -158,14 +252,7 @@ pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, agent_opts: &agent::AgentOptio
     check_options(&cfg.output, grpo, eval_args, opts.resume)?;
 
     // ---- 2. Prompts, model, evaluators -----------------------------------------------------
-    let (train_ds, eval_ds) = super::sft::load_split_with(cfg, prompts::load_prompt_dataset)?;
-    let mut ctx = eval_args.context()?;
-    let (mut model, bundle, base_source) = super::sft::load_base(cfg)?;
-    let train = prompts::tokenize_prompts(&bundle, &train_ds)?;
-    let eval = eval_ds.as_ref().map(|d| prompts::tokenize_prompts(&bundle, d)).transpose()?;
-    fill_context(&mut ctx, &bundle, train.iter().chain(eval.iter().flatten()));
-    let evaluators = eval_args.build(&ctx)?;
-    tracing::info!("{} training prompts, {} held-out; evaluators: {}", train.len(), eval.as_ref().map_or(0, Vec::len), eval_args.evaluators.join(", "));
+    let Loaded { mut model, bundle, base_source, train, eval, evaluators } = load(cfg, eval_args)?;
 
     // ---- 3. The method, 4. the engine ----------------------------------------------------
     let fingerprint = prompts::fingerprint(&train);
@@ -174,6 +261,31 @@ pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, agent_opts: &agent::AgentOptio
     let name = lora_models::DEFAULT_ADAPTER;
     let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
     engine::train_one(&model, run)
+}
+
+/// What a run (and `--preview`) works with: the model, its tokenizer, the training and
+/// held-out prompts, the evaluators.
+pub struct Loaded {
+    pub model: Model,
+    pub bundle: TokenizerBundle,
+    /// How the model was named (written into the adapter's config).
+    pub base_source: String,
+    pub train: Vec<Prompt>,
+    pub eval: Option<Vec<Prompt>>,
+    pub evaluators: EvaluatorSet,
+}
+
+/// Load the prompts, the model and the evaluators of `cfg`.
+pub fn load(cfg: &TrainConfig, eval_args: &EvaluatorArgs) -> Result<Loaded> {
+    let (train_ds, eval_ds) = super::sft::load_split_with(cfg, prompts::load_prompt_dataset)?;
+    let mut ctx = eval_args.context()?;
+    let (model, bundle, base_source) = super::sft::load_base(cfg)?;
+    let train = prompts::tokenize_prompts(&bundle, &train_ds)?;
+    let eval = eval_ds.as_ref().map(|d| prompts::tokenize_prompts(&bundle, d)).transpose()?;
+    fill_context(&mut ctx, &bundle, train.iter().chain(eval.iter().flatten()));
+    let evaluators = eval_args.build(&ctx)?;
+    tracing::info!("{} training prompts, {} held-out; evaluators: {}", train.len(), eval.as_ref().map_or(0, Vec::len), eval_args.evaluators.join(", "));
+    Ok(Loaded { model, bundle, base_source, train, eval, evaluators })
 }
 
 /// The labels `label` evaluators accept and a token counter for `length`.
@@ -240,6 +352,7 @@ pub struct Grpo {
     /// `--agent-url`: rollouts come from a remote agent (started at the first step).
     pub agent_options: Option<agent::AgentOptions>,
     agent: Option<agent::AgentRollouts>,
+    signal: signal::SignalWatch,
 }
 
 impl Grpo {
@@ -250,6 +363,7 @@ impl Grpo {
             bundle,
             evaluators,
             terms: opts.loss_terms(),
+            signal: signal::SignalWatch::new(opts.stop_on_no_signal),
             opts,
             seed: cfg.seed,
             batch_size: cfg.batch_size.max(1),
@@ -262,6 +376,10 @@ impl Grpo {
             agent_options: None,
             agent: None,
         }
+    }
+
+    fn signal_advice(&self) -> String {
+        signal::advice(self.opts.num_generations, self.opts.temperature)
     }
 
     /// Prompts whose completions one optimizer step (one rollout cycle) trains on.
@@ -447,8 +565,17 @@ impl Method for Grpo {
             };
             self.cycle = Some(cycle);
         }
+        if let Some(cycle) = &self.cycle {
+            if let Some(warning) = self.signal.observe(step + 1, cycle.groups_without_signal, cycle.groups, &self.signal_advice()) {
+                tracing::warn!("{warning}");
+            }
+        }
         self.training_started = Some(Instant::now());
         Ok(())
+    }
+
+    fn stop_reason(&self) -> Option<String> {
+        self.signal.stop_reason(&self.signal_advice())
     }
 
     fn step_metrics(&mut self) -> BTreeMap<String, f64> {
@@ -508,16 +635,24 @@ impl Method for Grpo {
             }
             _ => None,
         };
-        let tokens = PolicyTokens { logp: &logp, old_logp: b.old_logps.as_deref(), ref_logp: ref_logp.as_deref(), advantages: &b.advantages, lengths: &b.lengths };
-        let (sum, stats) = loss::micro_loss(&tokens, &self.terms)?;
-        let mut metrics = BTreeMap::from([
-            ("clip_ratio_low".to_string(), stats.clip_ratio_low),
-            ("clip_ratio_high".to_string(), stats.clip_ratio_high),
-            ("clip_ratio_region".to_string(), stats.clip_ratio_region),
-        ]);
-        if self.terms.beta > 0.0 {
-            metrics.insert("kl".to_string(), stats.kl);
-        }
+        // The high-entropy mask needs the policy's entropy at each token now (TRL computes
+        // it from the training forward, which differs from the rollout's after an update).
+        let entropies = if self.terms.top_entropy_quantile < 1.0 {
+            Some(token_entropies(model, &self.completion_hidden(b, &hidden[0].detach())?, self.opts.temperature)?)
+        } else {
+            None
+        };
+        let tokens = PolicyTokens {
+            logp: &logp,
+            old_logp: b.old_logps.as_deref(),
+            ref_logp: ref_logp.as_deref(),
+            advantages: &b.advantages,
+            lengths: &b.lengths,
+            entropies: entropies.as_deref(),
+        };
+        let (sum, mut metrics) = loss::micro_loss(&tokens, &self.terms)?;
+        // `entropy` is the rollout's (rollouts.rs): the same policy's at the first iteration.
+        metrics.remove("entropy");
         Ok(MicroLoss { sum, metrics })
     }
 
@@ -532,4 +667,22 @@ impl Method for Grpo {
         }
         Ok(Some(EvalOutput { loss: -stats.map_or(0.0, |s| s.0), perplexity: None, tokens, metrics }))
     }
+}
+
+/// Entropy (nats) of softmax(logits / temperature) at each row of `hidden` `[n, h]`,
+/// without a graph, a few hundred rows at a time (the `[rows, vocab]` logits are what
+/// costs memory).
+fn token_entropies(model: &Model, hidden: &Tensor, temperature: f64) -> Result<Vec<f32>> {
+    const ROWS: usize = 256;
+    let n = hidden.dim(0)?;
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(ROWS) {
+        let x = (model.logits(&hidden.narrow(0, start, ROWS.min(n - start))?)? / temperature)?;
+        let shifted = x.broadcast_sub(&x.max_keepdim(1)?)?;
+        let e = shifted.exp()?;
+        let z = e.sum_keepdim(1)?;
+        let entropy = (z.log()? - (e * &shifted)?.sum_keepdim(1)?.div(&z)?)?;
+        out.extend(entropy.squeeze(1)?.to_vec1::<f32>()?);
+    }
+    Ok(out)
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::advantages::{advantages, ScaleRewards};
 use super::prompts::Prompt;
-use crate::evaluators::{mean_std, EvaluatorSet};
+use crate::evaluators::{mean_std, EvaluatorSet, SetScores};
 
 /// One completion with what training needs of it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -39,6 +39,11 @@ pub struct Cycle {
     pub rollouts: Vec<Rollout>,
     /// Rollout statistics for `metrics.jsonl` (reward, lengths, entropy, ...).
     pub metrics: BTreeMap<String, f64>,
+    /// Prompt groups in the batch, and those whose rewards carry no signal (`signal.rs`).
+    #[serde(default)]
+    pub groups: usize,
+    #[serde(default)]
+    pub groups_without_signal: usize,
 }
 
 /// Prompt order: a permutation per epoch drawn from (seed, epoch).
@@ -72,6 +77,11 @@ pub struct CycleInputs<'a> {
 
 /// Sample, decode, score, and compute advantages for the prompts `chosen`.
 pub fn run_cycle(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<Cycle> {
+    Ok(run_cycle_scored(inp, index, chosen)?.0)
+}
+
+/// [`run_cycle`], with every evaluator's score of every completion (why one failed).
+pub fn run_cycle_scored(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<(Cycle, SetScores)> {
     let started = Instant::now();
     let g = inp.params.group;
     let stop = &inp.bundle.eos_token_ids;
@@ -111,7 +121,8 @@ pub fn run_cycle(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<Cy
     m.insert("evaluator_failures".into(), (inp.evaluators.failure_count() - failures_before) as f64);
     m.insert("time_rollout_s".into(), rollout_s);
     m.insert("time_scoring_s".into(), scoring_s);
-    Ok(Cycle { index, rollouts, metrics: m })
+    let groups_without_signal = super::signal::groups_without_signal(&rewards, g);
+    Ok((Cycle { index, rollouts, metrics: m, groups: chosen.len(), groups_without_signal }, scores))
 }
 
 /// The reward and length statistics of a rollout batch for `metrics.jsonl`.
