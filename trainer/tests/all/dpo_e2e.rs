@@ -61,7 +61,7 @@ fn dpo_trains_logs_trl_metrics_and_resumes_bit_identically() {
     assert!(last["eval_rewards_margin"].as_f64().unwrap() > 0.0, "the margin did not grow: {last}");
     assert!(last["loss"].as_f64().unwrap() < std::f64::consts::LN_2);
     let report = std::fs::read_to_string(full.join("report.md")).unwrap();
-    assert!(report.contains("eval_rewards_accuracy"), "{report}");
+    assert!(report.contains("eval_rewards/accuracies") && report.contains("> held-out DPO loss per pair 0.6931 -> "), "{report}");
 
     // Killed after step 3: only checkpoint step-2 (and the run's files) remain.
     let cut = tmp.path().join("cut");

@@ -13,6 +13,7 @@ mod grpo_golden;
 mod jobs_e2e;
 mod pairs_compare;
 mod preference_golden;
+mod report_charts;
 mod serve_e2e;
 mod sft_e2e;
 mod slurm_e2e;
