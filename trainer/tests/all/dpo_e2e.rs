@@ -170,3 +170,30 @@ fn bad_pairs_are_reported_by_file_and_line() {
         assert!(err.contains(&format!("bad.jsonl:{line}: ")) && err.contains(what), "line {line} ({what}) not reported:\n{err}");
     }
 }
+
+/// `--loss-type sigmoid,sft --loss-weights 1,0.5`: the first loss is ln 2 (the sigmoid
+/// term of a fresh adapter) plus half the chosen answers' NLL per token, each term is
+/// logged, and a weight count that does not match is refused.
+#[test]
+fn combined_loss_types_add_their_weighted_terms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), "pairs.jsonl", 8).display().to_string();
+    let m = tiny("qwen2");
+    let out = tmp.path().join("rpo");
+    let o = out.display().to_string();
+    let mut extra = COMMON.to_vec();
+    extra.extend(["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5"]);
+    ok(&with_model(args("dpo", &data, &o, &extra), &m));
+    let rows = metrics(&out);
+    let first = rows.iter().find(|r| r["step"] == 1).unwrap();
+    let (sigmoid, sft) = (first["loss_term_sigmoid"].as_f64().unwrap(), first["loss_term_sft"].as_f64().unwrap());
+    assert!((sigmoid - std::f64::consts::LN_2).abs() < 1e-6 && sft > 0.0, "{first}");
+    assert!((first["loss"].as_f64().unwrap() - (sigmoid + 0.5 * sft)).abs() < 1e-5, "{first}");
+    assert!(rows.last().unwrap()["eval_loss_term_sft"].as_f64().unwrap() < sft, "the sft term did not fall");
+
+    let bad = tmp.path().join("bad").display().to_string();
+    let mut extra = COMMON.to_vec();
+    extra.extend(["--loss-type", "sigmoid,sft", "--loss-weights", "1"]);
+    let err = run(&with_model(args("dpo", &data, &bad, &extra), &m));
+    assert!(!err.status.success() && String::from_utf8_lossy(&err.stderr).contains("one weight per --loss-type"));
+}
