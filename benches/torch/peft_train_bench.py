@@ -3,7 +3,7 @@
 
     python benches/torch/peft_train_bench.py --model DIR_OR_GGUF [--dtype f32|bf16] [--batch 4]
         [--seq 256] [--rank 16] [--alpha 32] [--steps 5] [--warmup 1] [--threads N] [--lr 1e-4]
-        [--seed 0] [--attn sdpa|eager]
+        [--seed 0] [--attn sdpa|eager] [--load-in-4bit] [--gradient-checkpointing]
 
 What one step is: a batch of random token ids [batch, seq] (torch.Generator(seed), a fresh batch
 every step), `model(input_ids, labels=input_ids).loss` (the full causal-LM loss over all
@@ -44,13 +44,21 @@ import torch  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load_model(ref: str, dtype, attn: str):
+def load_model(ref: str, dtype, attn: str, load_in_4bit: bool = False):
     from transformers import AutoModelForCausalLM
 
+    kwargs = dict(dtype=dtype, attn_implementation=attn)
+    if load_in_4bit:
+        # QLoRA as its users configure it: NF4, double-quantized absmax, compute in --dtype.
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = "cpu"
     if ref.endswith(".gguf") and os.path.isfile(ref):
         d, f = os.path.split(os.path.abspath(ref))
-        return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype, attn_implementation=attn)
-    return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, attn_implementation=attn)
+        return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
 
 
 def vm_kb(field: str) -> float:
@@ -98,6 +106,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa is its default)")
+    ap.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 base with double quantization (QLoRA)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing_enable() (non-reentrant)")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -109,7 +119,10 @@ def main():
     from peft import LoraConfig, get_peft_model
 
     t0 = time.perf_counter()
-    model = load_model(args.model, dtype, args.attn)
+    model = load_model(args.model, dtype, args.attn, args.load_in_4bit)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     alpha = args.alpha if args.alpha is not None else 2 * args.rank
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=alpha, lora_dropout=0.0,
                                              target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"))
@@ -168,6 +181,8 @@ def main():
         "optimizer": f"AdamW(lr={args.lr}) over LoRA parameters",
         "loss": "full causal LM loss (labels = input_ids), random tokens",
         "attn_implementation": args.attn,
+        "load_in_4bit": args.load_in_4bit,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "steps": args.steps,
         "warmup": args.warmup,
         "tokens_per_s": tokens / step_s,

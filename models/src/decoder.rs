@@ -4,6 +4,7 @@
 //! private Linear fields, last-token-only logits and no-backward ops (ARCHITECTURE.md, Pitfalls).
 use crate::config::{Architecture, ModelConfig};
 use crate::lora::{Linear, LoraSwitch};
+use crate::quant::{BaseQuant, FrozenWeight};
 use crate::rope::RotaryTables;
 use crate::weights::{load_checked, WeightSource};
 use anyhow::Result;
@@ -15,8 +16,12 @@ use std::sync::Arc;
 /// bias are views of its rows, so nothing is stored twice. One GEMM over the
 /// concatenation replaces one per projection (issue 15: fewer, bigger GEMMs);
 /// adapters stay per projection, PEFT-shaped.
+#[derive(Clone)]
 pub struct FusedWeights {
-    pub weight: Tensor,
+    /// The concatenated dense weight; None when the members are quantized (their
+    /// dequantized rows are concatenated for each GEMM instead: a quantized base keeps
+    /// each projection quantized on its own, as bitsandbytes and GGUF store them).
+    pub weight: Option<Tensor>,
     pub bias: Option<Tensor>,
 }
 
@@ -28,16 +33,41 @@ impl FusedWeights {
         if members.len() < 2 || (with_bias != 0 && with_bias != members.len()) {
             return Ok(None);
         }
-        let weight = Tensor::cat(&members.iter().map(|l| &l.weight).collect::<Vec<_>>(), 0)?;
         let bias = if with_bias > 0 { Some(Tensor::cat(&members.iter().map(|l| l.bias.as_ref().expect("checked")).collect::<Vec<_>>(), 0)?) } else { None };
+        let quantized = members.iter().filter(|l| l.weight.quantized().is_some()).count();
+        if quantized == members.len() {
+            let mut off = 0;
+            for l in members.iter_mut() {
+                let out = l.out_features();
+                l.bias = bias.as_ref().map(|b| b.narrow(0, off, out)).transpose()?;
+                off += out;
+            }
+            return Ok(Some(Self { weight: None, bias }));
+        }
+        if quantized != 0 {
+            return Ok(None);
+        }
+        let dense: Vec<Tensor> = members.iter().map(|l| l.weight.dense()).collect::<candle_core::Result<_>>()?;
+        let weight = Tensor::cat(&dense, 0)?;
         let mut off = 0;
         for l in members.iter_mut() {
             let out = l.out_features();
-            l.weight = weight.narrow(0, off, out)?;
+            l.weight = FrozenWeight::Dense(weight.narrow(0, off, out)?);
             l.bias = bias.as_ref().map(|b| b.narrow(0, off, out)).transpose()?;
             off += out;
         }
-        Ok(Some(Self { weight, bias }))
+        Ok(Some(Self { weight: Some(weight), bias }))
+    }
+
+    /// The dense concatenated weight (dequantized from the members when they are quantized).
+    fn dense(&self, members: &[&Linear]) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Some(w) => Ok(w.clone()),
+            None => {
+                let q: Vec<&crate::quant::QuantizedMatrix> = members.iter().filter_map(|l| l.weight.quantized()).collect();
+                crate::quant::dequantize_rows(&q)
+            }
+        }
     }
 
     /// The members' outputs on `x`, concatenated along the last dim (callers take
@@ -55,8 +85,9 @@ impl FusedWeights {
             }
         }
         let rank: usize = paths.iter().flatten().map(|(a, _, _)| a.dim(0)).sum::<candle_core::Result<usize>>()?;
+        let weight = self.dense(members)?;
         let y = if rank == 0 {
-            lora_kernels::frozen_linear(x, &self.weight, self.bias.as_ref())?
+            lora_kernels::frozen_linear(x, &weight, self.bias.as_ref())?
         } else {
             let a_cat = Tensor::cat(&paths.iter().flatten().map(|(a, _, _)| a).collect::<Vec<_>>(), 0)?;
             let mut col = 0;
@@ -73,7 +104,7 @@ impl FusedWeights {
                 });
             }
             let b_bd = Tensor::cat(&blocks, 0)?;
-            lora_kernels::lora_linear(x, &self.weight, self.bias.as_ref(), &a_cat, &b_bd, 1.0)?
+            lora_kernels::lora_linear(x, &weight, self.bias.as_ref(), &a_cat, &b_bd, 1.0)?
         };
         Ok(Some(y))
     }
@@ -88,6 +119,7 @@ fn fused_projections_enabled() -> bool {
     std::env::var("LORA_TRAIN_FUSED_PROJECTIONS").map_or(true, |v| v.trim() != "0")
 }
 
+#[derive(Clone)]
 pub struct Attention {
     /// q/k/v concatenated (CPU only; see [`FusedWeights`]).
     pub qkv: Option<FusedWeights>,
@@ -99,6 +131,7 @@ pub struct Attention {
     pub k_norm: Option<Tensor>,
 }
 
+#[derive(Clone)]
 pub struct Mlp {
     /// gate/up concatenated (CPU only; see [`FusedWeights`]).
     pub gate_up: Option<FusedWeights>,
@@ -107,6 +140,9 @@ pub struct Mlp {
     pub down_proj: Linear,
 }
 
+/// One decoder layer. Cloning is cheap (tensor handles): a checkpointed layer keeps a
+/// clone to rerun in the backward.
+#[derive(Clone)]
 pub struct Layer {
     pub input_layernorm: Tensor,
     pub self_attn: Attention,
@@ -351,18 +387,30 @@ pub struct Decoder {
     pub dtype: DType,
     /// dtype of activations (f32 compute over bf16-stored weights halves weight memory).
     pub compute_dtype: DType,
+    /// How the projections' weights are stored (resolved: never `Auto`).
+    pub base_quant: BaseQuant,
+    /// Keep only each layer's input for the backward and rerun the layer there (set
+    /// through a shared reference: the engine decides it before the first step).
+    pub gradient_checkpointing: std::sync::atomic::AtomicBool,
+    /// Gradients of LoRA weights that the layers' reruns computed during a backward.
+    pub checkpoint_grads: Arc<crate::checkpointing::CheckpointGrads>,
 }
 
 impl Decoder {
     /// `dtype`: how the frozen weights are stored; `compute_dtype`: the activations'.
-    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, device: &Device, dtype: DType, compute_dtype: DType) -> Result<Self> {
+    /// `quant`: how the projections are stored (embeddings, norms and lm_head stay
+    /// dense in `dtype`); a tensor is quantized as soon as it is read, so the dense
+    /// model is never held (a GGUF tensor keeps its blocks under `Auto`).
+    pub fn load(cfg: ModelConfig, src: &dyn WeightSource, device: &Device, dtype: DType, compute_dtype: DType, quant: BaseQuant) -> Result<Self> {
         let switch = Arc::new(LoraSwitch::default());
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let get = |name: &str, shape: &[usize]| load_checked(src, name, shape, dtype, device);
         let mut index = 0usize;
+        let mut stored = BaseQuant::None;
         let mut linear = |name: String, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let weight = get(&format!("{name}.weight"), &[out, inp])?;
+            let (weight, kind) = crate::weights::load_frozen(src, &format!("{name}.weight"), &[out, inp], dtype, device, quant)?;
+            stored = kind;
             let bias = if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None };
             index += 1;
             Ok(Linear { name, index, weight, bias, adapters: Vec::new(), switch: switch.clone() })
@@ -421,6 +469,9 @@ impl Decoder {
             device: device.clone(),
             dtype,
             compute_dtype,
+            base_quant: stored,
+            gradient_checkpointing: Default::default(),
+            checkpoint_grads: Arc::default(),
         })
     }
 
@@ -446,67 +497,84 @@ impl Decoder {
             .reshape((b, tq, self.cfg.hidden_size))?
             .to_dtype(self.compute_dtype)?;
         let mut cache = cache;
+        // Checkpoint only what a backward will run through: a training forward without a
+        // KV cache. Inference and decoding record no graph, so there is nothing to save.
+        let checkpoint = self.gradient_checkpointing.load(std::sync::atomic::Ordering::Relaxed) && cache.is_none() && !self.switch.inference();
+        let ctx = LayerInputs { cfg: &self.cfg, cos: &cos, sin: &sin, segment_ids: &segment_ids };
         for (l, layer) in self.layers.iter().enumerate() {
-            let residual = h.clone();
-            let x = lora_kernels::rms_norm(&h, &layer.input_layernorm, self.cfg.rms_norm_eps)?;
-            let slot = cache.as_deref_mut().map(|c| (c, l));
-            let attn = self.attention(&layer.self_attn, &x, &cos, &sin, &segment_ids, slot)?;
-            h = (residual + attn)?;
-            let residual = h.clone();
-            let x = lora_kernels::rms_norm(&h, &layer.post_attention_layernorm, self.cfg.rms_norm_eps)?;
-            let mlp = &layer.mlp;
-            let fused = match &mlp.gate_up {
-                Some(f) => f.forward(&[&mlp.gate_proj, &mlp.up_proj], &x)?,
-                None => None,
+            h = if checkpoint {
+                crate::checkpointing::checkpointed_layer(&h, layer, &ctx, &self.switch, &self.checkpoint_grads)?
+            } else {
+                let slot = cache.as_deref_mut().map(|c| (c, l));
+                layer_forward(layer, &ctx, &h, slot)?
             };
-            let act = match fused {
-                // [gate | up] read in place by the op.
-                Some(y) => lora_kernels::swiglu_cat(&y)?,
-                None => lora_kernels::swiglu(&mlp.gate_proj.forward(&x)?, &mlp.up_proj.forward(&x)?)?,
-            };
-            h = (residual + mlp.down_proj.forward(&act)?)?;
         }
         lora_kernels::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)
     }
+}
 
-    fn attention(
-        &self,
-        attn: &Attention,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        segment_ids: &Tensor,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim);
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let fused = match &attn.qkv {
-            Some(f) => f.forward(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], x)?,
-            None => None,
-        };
-        let (mut q, mut k, v) = match fused {
-            // [b, t, nh + 2 nkv, hd] is a view of the fused output; q/k/v are strided
-            // views of it ([b, heads, t, hd] with unit stride in hd, which rope and
-            // attention read in place).
-            Some(y) => {
-                let y = y.reshape((b, t, nh + 2 * nkv, hd))?;
-                (y.narrow(2, 0, nh)?.transpose(1, 2)?, y.narrow(2, nh, nkv)?.transpose(1, 2)?, y.narrow(2, nh + nkv, nkv)?.transpose(1, 2)?)
-            }
-            None => (heads(attn.q_proj.forward(x)?, nh)?, heads(attn.k_proj.forward(x)?, nkv)?, heads(attn.v_proj.forward(x)?, nkv)?),
-        };
-        if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
-            q = lora_kernels::rms_norm(&q, qn, self.cfg.rms_norm_eps)?;
-            k = lora_kernels::rms_norm(&k, kn, self.cfg.rms_norm_eps)?;
+
+/// What every layer of one forward reads besides its input: the model's shape, the
+/// rotary tables of the batch's positions and the segment ids of every key position.
+#[derive(Clone, Copy)]
+pub struct LayerInputs<'a> {
+    pub cfg: &'a ModelConfig,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub segment_ids: &'a Tensor,
+}
+
+/// One decoder layer on the hidden state `h` [b, t, hidden]: pre-norm attention and
+/// SwiGLU MLP, each with its residual.
+pub fn layer_forward(layer: &Layer, ctx: &LayerInputs, h: &Tensor, cache: Option<(&mut KvCache, usize)>) -> candle_core::Result<Tensor> {
+    let eps = ctx.cfg.rms_norm_eps;
+    let x = lora_kernels::rms_norm(h, &layer.input_layernorm, eps)?;
+    let attn = attention(&layer.self_attn, ctx, &x, cache)?;
+    let h = (h + attn)?;
+    let x = lora_kernels::rms_norm(&h, &layer.post_attention_layernorm, eps)?;
+    let mlp = &layer.mlp;
+    let fused = match &mlp.gate_up {
+        Some(f) => f.forward(&[&mlp.gate_proj, &mlp.up_proj], &x)?,
+        None => None,
+    };
+    let act = match fused {
+        // [gate | up] read in place by the op.
+        Some(y) => lora_kernels::swiglu_cat(&y)?,
+        None => lora_kernels::swiglu(&mlp.gate_proj.forward(&x)?, &mlp.up_proj.forward(&x)?)?,
+    };
+    h + mlp.down_proj.forward(&act)?
+}
+
+fn attention(attn: &Attention, ctx: &LayerInputs, x: &Tensor, cache: Option<(&mut KvCache, usize)>) -> candle_core::Result<Tensor> {
+    let cfg = ctx.cfg;
+    let (b, t, _) = x.dims3()?;
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+    let fused = match &attn.qkv {
+        Some(f) => f.forward(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], x)?,
+        None => None,
+    };
+    let (mut q, mut k, v) = match fused {
+        // [b, t, nh + 2 nkv, hd] is a view of the fused output; q/k/v are strided
+        // views of it ([b, heads, t, hd] with unit stride in hd, which rope and
+        // attention read in place).
+        Some(y) => {
+            let y = y.reshape((b, t, nh + 2 * nkv, hd))?;
+            (y.narrow(2, 0, nh)?.transpose(1, 2)?, y.narrow(2, nh, nkv)?.transpose(1, 2)?, y.narrow(2, nh + nkv, nkv)?.transpose(1, 2)?)
         }
-        let q = lora_kernels::rope(&q, cos, sin)?;
-        let k = lora_kernels::rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some((c, layer)) => c.append(layer, &k, &v)?,
-            None => (k, v),
-        };
-        let y = lora_kernels::causal_attention(&q, &k, &v, Some(segment_ids), 1.0 / (hd as f64).sqrt())?;
-        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        attn.o_proj.forward(&y)
+        None => (heads(attn.q_proj.forward(x)?, nh)?, heads(attn.k_proj.forward(x)?, nkv)?, heads(attn.v_proj.forward(x)?, nkv)?),
+    };
+    if let (Some(qn), Some(kn)) = (&attn.q_norm, &attn.k_norm) {
+        q = lora_kernels::rms_norm(&q, qn, cfg.rms_norm_eps)?;
+        k = lora_kernels::rms_norm(&k, kn, cfg.rms_norm_eps)?;
     }
+    let q = lora_kernels::rope(&q, ctx.cos, ctx.sin)?;
+    let k = lora_kernels::rope(&k, ctx.cos, ctx.sin)?;
+    let (k, v) = match cache {
+        Some((c, layer)) => c.append(layer, &k, &v)?,
+        None => (k, v),
+    };
+    let y = lora_kernels::causal_attention(&q, &k, &v, Some(ctx.segment_ids), 1.0 / (hd as f64).sqrt())?;
+    let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    attn.o_proj.forward(&y)
 }

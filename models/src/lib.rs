@@ -1,5 +1,6 @@
 //! Llama / Qwen2 / Qwen3 decoders with LoRA: loading (HF safetensors, GGUF, hub
 //! cache), the decoder, PEFT adapters, merging and KV-cached generation.
+pub mod checkpointing;
 pub mod config;
 pub mod continuous;
 pub mod decoder;
@@ -8,6 +9,7 @@ pub mod gguf;
 pub mod io;
 pub mod lora;
 pub mod merge;
+pub mod quant;
 pub mod model;
 pub mod rollout;
 pub mod rope;
@@ -23,6 +25,7 @@ pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
 pub use io::{write_atomic, write_new};
 pub use lora::{LoraConfig, ALL_TARGETS};
 pub use rollout::{Completion, RolloutParams};
+pub use quant::BaseQuant;
 pub use model::{InferenceGuard, Model, Route, RoutingGuard, DEFAULT_ADAPTER};
 pub use tokenizer::TokenizerBundle;
 
@@ -63,12 +66,19 @@ fn warn_if_bf16_without_dot_product(device: &Device, compute_dtype: DType) {
 /// activations in `compute_dtype` (e.g. bf16 weights under f32 compute: half the
 /// weight memory, f32 numerics everywhere else).
 pub fn load_model_mixed(model_ref: &str, device: &Device, compute_dtype: DType, weight_dtype: DType) -> Result<LoadedModel> {
+    load_model_quantized(model_ref, device, compute_dtype, weight_dtype, BaseQuant::Auto)
+}
+
+/// As [`load_model_mixed`], with the projections stored as `quant` (`crate::quant`):
+/// `Auto` keeps a GGUF file's blocks and dequantizes them per GEMM (the same values as
+/// dequantizing at load, at a fraction of the memory).
+pub fn load_model_quantized(model_ref: &str, device: &Device, compute_dtype: DType, weight_dtype: DType, quant: BaseQuant) -> Result<LoadedModel> {
     warn_if_bf16_without_dot_product(device, compute_dtype);
     let (decoder, tokenizer) = match source::resolve(model_ref)? {
         ModelSource::HfDir(dir) => {
             let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
             let src = weights::SafetensorsSource::open_dir(&dir)?;
-            let decoder = decoder::Decoder::load(cfg, &src, device, weight_dtype, compute_dtype)?;
+            let decoder = decoder::Decoder::load(cfg, &src, device, weight_dtype, compute_dtype, quant)?;
             (decoder, tokenizer::load_from_hf_dir(&dir)?)
         }
         ModelSource::Gguf(path) => {
@@ -78,7 +88,7 @@ pub fn load_model_mixed(model_ref: &str, device: &Device, compute_dtype: DType, 
                 src.set_unpermute_qk(Some((cfg.num_attention_heads, cfg.num_key_value_heads)));
             }
             let tokenizer = gguf::tokenizer_from_gguf(src.content()).with_context(|| format!("{}", path.display()))?;
-            (decoder::Decoder::load(cfg, &src, device, weight_dtype, compute_dtype)?, tokenizer)
+            (decoder::Decoder::load(cfg, &src, device, weight_dtype, compute_dtype, quant)?, tokenizer)
         }
     };
     if !decoder.cfg.tie_word_embeddings && decoder.lm_head.is_none() {

@@ -1,5 +1,6 @@
 //! LoRA: configuration, the adapted linear layer, and PEFT-format save/load.
 use anyhow::{bail, Context, Result};
+use crate::quant::FrozenWeight;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -109,6 +110,28 @@ pub struct LoraSwitch {
     adapters: AtomicUsize,
     /// Explicit routing; None = every row through the model's only adapter.
     routes: RwLock<Option<Routing>>,
+    /// LoRA weights enter the forward detached while dropout and routing stay as in
+    /// training: the first, graph-free forward of a checkpointed layer
+    /// (`crate::checkpointing`), whose backward reruns the layer with the graph.
+    detached: AtomicBool,
+}
+
+/// Everything a forward reads from the [`LoraSwitch`], captured so that a checkpointed
+/// layer recomputed during the backward routes its rows and draws its dropout masks
+/// exactly as its first forward did (the routing guards may be gone by then).
+#[derive(Clone, Debug)]
+pub struct SwitchState {
+    enabled: bool,
+    dropout_seed: u64,
+    inference: bool,
+    routes: Option<Routing>,
+    detached: bool,
+}
+
+impl SwitchState {
+    pub fn set_detached(&mut self, on: bool) {
+        self.detached = on;
+    }
 }
 
 /// A contiguous run of flattened rows (of `x` as [n, in]) through one adapter.
@@ -151,6 +174,33 @@ impl LoraSwitch {
     pub fn set_routes(&self, routes: Option<Routing>) {
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
     }
+    pub fn set_detached(&self, on: bool) {
+        self.detached.store(on, Ordering::Relaxed)
+    }
+    /// Whether the LoRA weights enter the forward without an autograd graph.
+    pub fn detached(&self) -> bool {
+        self.inference() || self.detached.load(Ordering::Relaxed)
+    }
+    /// The state every forward reads (see [`SwitchState`]).
+    pub fn state(&self) -> SwitchState {
+        SwitchState {
+            enabled: self.enabled(),
+            dropout_seed: self.dropout_seed.load(Ordering::Relaxed),
+            inference: self.inference(),
+            routes: self.routes(),
+            detached: self.detached.load(Ordering::Relaxed),
+        }
+    }
+    /// Put back a captured state; returns the one it replaced.
+    pub fn restore(&self, state: SwitchState) -> SwitchState {
+        let previous = self.state();
+        self.set_enabled(state.enabled);
+        self.dropout_seed.store(state.dropout_seed, Ordering::Relaxed);
+        self.set_inference(state.inference);
+        self.set_routes(state.routes);
+        self.set_detached(state.detached);
+        previous
+    }
 
     /// The adapter segments of a batch of `batch_rows` rows, each row `row_len` flattened
     /// rows long (`t` for [b, t, in] activations).
@@ -188,6 +238,7 @@ impl LoraSwitch {
     }
 }
 
+#[derive(Clone)]
 pub struct LoraAdapter {
     /// [r, in], f32 master weight.
     pub a: Var,
@@ -210,13 +261,16 @@ impl LoraAdapter {
 }
 
 /// A frozen projection with zero or more LoRA adapters (one per adapter of the model
-/// that targets this module; indexed like the model's adapter list).
+/// that targets this module; indexed like the model's adapter list). Cloning is cheap
+/// (tensors and variables share storage): a checkpointed layer keeps a clone to rerun.
+#[derive(Clone)]
 pub struct Linear {
     /// HF module path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
     /// Position among all linears, so each gets its own dropout stream.
     pub index: usize,
-    pub weight: Tensor,
+    /// Dense, or quantized and dequantized for each GEMM (`crate::quant`).
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub adapters: Vec<Option<LoraAdapter>>,
     pub switch: Arc<LoraSwitch>,
@@ -224,10 +278,10 @@ pub struct Linear {
 
 impl Linear {
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims2().0
     }
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims2().1
     }
     /// Short module name: `q_proj`, ...
     pub fn module(&self) -> &str {
@@ -245,19 +299,20 @@ impl Linear {
         let row_len = x.elem_count() / (batch_rows.max(1) * self.in_features().max(1));
         let mut segments = self.switch.segments(batch_rows, row_len)?;
         segments.retain(|s| self.adapter(s.adapter).is_some() && s.len > 0);
-        let inference = self.switch.inference();
+        let inference = self.switch.detached();
         let n_rows = batch_rows * row_len;
         let dropout_on = |s: &ResolvedSegment| s.dropout_seed.is_some() && self.adapter(s.adapter).is_some_and(|l| l.dropout > 0.0);
+        let weight = self.weight.dense()?;
         match segments.as_slice() {
-            [] => lora_kernels::frozen_linear(x, &self.weight, bias),
+            [] => lora_kernels::frozen_linear(x, &weight, bias),
             // One adapter over every row: the fused op. It takes f32 A/B next to bf16 x/W
             // and returns f32 gradients, so the master weights are never cast.
             [s] if s.len == n_rows && !dropout_on(s) => {
                 let (a, b) = self.adapter(s.adapter).map(|l| l.weights(inference)).expect("retained above");
                 let scale = self.adapter(s.adapter).map_or(1.0, |l| l.scale);
-                lora_kernels::lora_linear(x, &self.weight, bias, &a, &b, scale)
+                lora_kernels::lora_linear(x, &weight, bias, &a, &b, scale)
             }
-            segs if segs.iter().any(dropout_on) => self.forward_composite(x, segs, n_rows, inference),
+            segs if segs.iter().any(dropout_on) => self.forward_composite(x, &weight, segs, n_rows, inference),
             // Several adapters (or one on part of the rows): the base GEMM once over all
             // rows, each adapter's LoRA on its own rows, in one op.
             segs => {
@@ -273,7 +328,7 @@ impl Linear {
                     weights.iter().map(|(a, b, scale)| lora_kernels::AdapterWeights { a, b, scale: *scale }).collect();
                 let rows: Vec<lora_kernels::RowSegment> =
                     segs.iter().enumerate().map(|(i, s)| lora_kernels::RowSegment { start: s.start, len: s.len, adapter: i }).collect();
-                lora_kernels::segmented_lora_linear(x, &self.weight, bias, &adapters, &rows)
+                lora_kernels::segmented_lora_linear(x, &weight, bias, &adapters, &rows)
             }
         }
     }
@@ -295,7 +350,7 @@ impl Linear {
                 if s.dropout_seed.is_some() && l.dropout > 0.0 {
                     None
                 } else {
-                    let (a, b) = l.weights(self.switch.inference());
+                    let (a, b) = l.weights(self.switch.detached());
                     Some(Some((a, b, l.scale)))
                 }
             }
@@ -306,8 +361,8 @@ impl Linear {
     /// Base GEMM once over all rows, then each segment's LoRA term (with PEFT's dropout on
     /// the LoRA input) from candle ops, stitched back in row order with zeros between.
     /// With one segment over all rows this is exactly the single-adapter dropout path.
-    fn forward_composite(&self, x: &Tensor, segs: &[ResolvedSegment], n_rows: usize, inference: bool) -> candle_core::Result<Tensor> {
-        let base = lora_kernels::frozen_linear(x, &self.weight, self.bias.as_ref())?;
+    fn forward_composite(&self, x: &Tensor, weight: &Tensor, segs: &[ResolvedSegment], n_rows: usize, inference: bool) -> candle_core::Result<Tensor> {
+        let base = lora_kernels::frozen_linear(x, weight, self.bias.as_ref())?;
         let out = self.out_features();
         let flat = x.reshape((n_rows, self.in_features()))?;
         let zeros = |rows: usize| Tensor::zeros((rows, out), x.dtype(), x.device());
@@ -346,13 +401,15 @@ impl Linear {
         Ok(LoraAdapter { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale: cfg.scale(), dropout: cfg.dropout })
     }
 
-    /// W + scale * B A of adapter `i`, in the weight's dtype (for `merge`).
+    /// W + scale * B A of adapter `i`, in the weight's dtype (for `merge`). A quantized
+    /// weight is merged into its dequantized values, as PEFT merges into a 4-bit base.
     pub fn merged_weight(&self, i: usize) -> Result<Tensor> {
+        let weight = self.weight.dense()?;
         match self.adapter(i) {
-            None => Ok(self.weight.clone()),
+            None => Ok(weight),
             Some(l) => {
                 let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?;
-                Ok((self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.weight.dtype())?)
+                Ok((weight.to_dtype(DType::F32)? + delta)?.to_dtype(weight.dtype())?)
             }
         }
     }

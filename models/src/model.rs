@@ -182,7 +182,8 @@ impl Model {
                 out.push((format!("model.layers.{i}.self_attn.k_norm.weight"), n.clone()));
             }
             for lin in layer.linears() {
-                out.push((format!("{}.weight", lin.name), lin.weight.clone()));
+                // A quantized base gives its dequantized values (what `merge` writes).
+                out.push((format!("{}.weight", lin.name), lin.weight.dense().expect("dequantize a base weight")));
                 if let Some(b) = &lin.bias {
                     out.push((format!("{}.bias", lin.name), b.clone()));
                 }
@@ -246,6 +247,42 @@ impl Model {
     /// route; explicit routes carry their own seeds).
     pub fn set_dropout_seed(&self, seed: Option<u64>) {
         self.decoder.switch.set_dropout_seed(seed)
+    }
+
+    /// Keep only each decoder layer's input for the backward and rerun the layer there
+    /// (`crate::checkpointing`); gradients are unchanged, a forward costs once more.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.decoder.gradient_checkpointing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.decoder.gradient_checkpointing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Bytes the frozen projections hold as stored (quantized or dense), and the
+    /// parameter count of those projections.
+    pub fn projection_storage(&self) -> (u64, u64) {
+        let mut bytes = 0u64;
+        let mut params = 0u64;
+        for layer in &self.decoder.layers {
+            for lin in layer.linears() {
+                bytes += lin.weight.storage_bytes() as u64;
+                params += (lin.out_features() * lin.in_features()) as u64;
+            }
+        }
+        (bytes, params)
+    }
+    /// How the frozen projections are stored (`none`, `nf4`, `int8`, or `auto` for GGUF
+    /// blocks kept as loaded).
+    pub fn base_quant(&self) -> crate::quant::BaseQuant {
+        self.decoder.base_quant
+    }
+
+    /// `loss.backward()`, plus the LoRA gradients that checkpointed layers computed while
+    /// rerunning in it. Every training backward goes through here.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<candle_core::backprop::GradStore> {
+        self.decoder.checkpoint_grads.clear();
+        let mut grads = loss.backward()?;
+        self.decoder.checkpoint_grads.drain_into(&mut grads)?;
+        Ok(grads)
     }
 
     pub fn is_inference(&self) -> bool {

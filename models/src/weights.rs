@@ -2,7 +2,8 @@
 //! float dtype) or a GGUF file (dequantized on load). Both are addressed by the
 //! Hugging Face tensor name, so the decoder does not care which it reads.
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file;
+use crate::quant::{quantize_weight, BaseQuant, FrozenWeight, QuantizedData, QuantizedMatrix};
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,35 @@ pub trait WeightSource {
     fn try_get(&self, name: &str, device: &Device) -> Result<Option<Tensor>>;
     /// Human-readable origin, for error messages.
     fn origin(&self) -> String;
+    /// The tensor as stored when the file keeps it in GGUF blocks (rows in HF order),
+    /// for a base that stays quantized. None when the source stores it dense.
+    fn try_get_blocks(&self, _name: &str, _device: &Device) -> Result<Option<QTensor>> {
+        Ok(None)
+    }
+}
+
+/// A projection weight for a base stored as `quant`, and how it ended up stored:
+/// `Auto` keeps GGUF blocks and loads everything else dense; `Nf4`/`Int8` quantize the
+/// tensor as soon as it is read (one tensor dense at a time, never the whole model).
+pub fn load_frozen(src: &dyn WeightSource, name: &str, shape: &[usize], dtype: DType, device: &Device, quant: BaseQuant) -> Result<(FrozenWeight, BaseQuant)> {
+    let [rows, cols] = shape else { bail!("load_frozen: `{name}` is not a matrix") };
+    if quant == BaseQuant::Auto {
+        if let Some(q) = src.try_get_blocks(name, device)? {
+            if q.shape().dims() != shape {
+                bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", src.origin(), q.shape().dims(), shape);
+            }
+            let m = QuantizedMatrix { rows: *rows, cols: *cols, data: QuantizedData::Gguf(q), dtype, device: device.clone() };
+            return Ok((FrozenWeight::Quantized(std::sync::Arc::new(m)), BaseQuant::Auto));
+        }
+    }
+    let dense = load_checked(src, name, shape, dtype, device)?;
+    match quant {
+        BaseQuant::Auto | BaseQuant::None => Ok((FrozenWeight::Dense(dense), BaseQuant::None)),
+        BaseQuant::Nf4 | BaseQuant::Int8 => {
+            let m = quantize_weight(name, &dense, quant, dtype, device).with_context(|| src.origin())?;
+            Ok((FrozenWeight::Quantized(std::sync::Arc::new(m)), quant))
+        }
+    }
 }
 
 /// Load `name`, check its shape, convert to `dtype`.
@@ -170,6 +200,60 @@ impl WeightSource for GgufSource {
     fn origin(&self) -> String {
         self.path.display().to_string()
     }
+    fn try_get_blocks(&self, name: &str, device: &Device) -> Result<Option<QTensor>> {
+        let Some(gname) = Self::gguf_name(name) else { return Ok(None) };
+        let Some(info) = self.content.tensor_infos.get(&gname) else { return Ok(None) };
+        let ty = info.ggml_dtype;
+        // Dense tensors inside a GGUF load dense, as from safetensors.
+        if matches!(ty, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(None);
+        }
+        if !crate::quant::gguf_type_supported(ty) {
+            bail!("{}: tensor `{gname}` is stored as {ty:?}, which cannot be kept quantized (use --base-quant none to dequantize at load)", self.path.display());
+        }
+        let mut file = std::fs::File::open(&self.path)?;
+        let q = self
+            .content
+            .tensor(&mut file, &gname, &Device::Cpu)
+            .with_context(|| format!("{}: cannot read tensor `{gname}`", self.path.display()))?;
+        let heads = match self.unpermute_qk {
+            Some((n_head, _)) if gname.ends_with("attn_q.weight") => Some(n_head),
+            Some((_, n_kv)) if gname.ends_with("attn_k.weight") => Some(n_kv),
+            _ => None,
+        };
+        let q = match heads {
+            Some(n_head) => unpermute_block_rows(&q, n_head).with_context(|| format!("{}: tensor `{gname}`", self.path.display()))?,
+            None => q,
+        };
+        // Read on the host (the rows move there); the blocks then live on the device.
+        let q = if device.is_cpu() { q } else { QTensor::new(QStorage::from_data(q.data()?, device, ty)?, q.shape().clone())? };
+        Ok(Some(q))
+    }
+}
+
+/// [`unpermute_rows`] on GGUF blocks: a row is a whole number of blocks, so the rows'
+/// bytes move as they are (the values are not touched).
+fn unpermute_block_rows(q: &QTensor, n_head: usize) -> Result<QTensor> {
+    let (out, inp) = q.shape().dims2()?;
+    let ty = q.dtype();
+    if inp % ty.block_size() != 0 || out % (2 * n_head) != 0 {
+        bail!("{out} x {inp} {ty:?} rows cannot be reordered block-wise");
+    }
+    let row_bytes = inp / ty.block_size() * ty.type_size();
+    let data = q.data()?;
+    let half = out / n_head / 2;
+    let mut moved = vec![0u8; data.len()];
+    // HF row (h, j, r) [n_head, 2, half] was stored at llama.cpp row (h, r, j).
+    for h in 0..n_head {
+        for j in 0..2 {
+            for r in 0..half {
+                let dst = (h * 2 + j) * half + r;
+                let src = (h * half + r) * 2 + j;
+                moved[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    Ok(QTensor::new(QStorage::from_data(std::borrow::Cow::Owned(moved), &Device::Cpu, ty)?, q.shape().clone())?)
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ echo "== eval goldens" >&2
 "$py" "$here/make_eval_golden.py"
 "$py" "$here/make_grpo_golden.py"
 "$py" "$here/make_preference_golden.py"
+"$py" "$here/make_quant_golden.py"
 
 echo "== PEFT reloads the golden adapters" >&2
 for m in llama-tiny qwen2-tiny qwen3-tiny; do

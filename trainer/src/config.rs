@@ -31,6 +31,55 @@ impl DTypeArg {
     }
 }
 
+/// `--gradient-checkpointing`: keep only each decoder layer's input for the backward and
+/// recompute the layer there (same gradients, one more forward).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointingArg {
+    /// On when the memory plan says the run would not fit otherwise, or when the base is
+    /// stored as nf4/int8 (whose savings need it).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+fn parse_base_quant(s: &str) -> Result<lora_models::BaseQuant, String> {
+    lora_models::BaseQuant::parse(s).map_err(|e| e.to_string())
+}
+
+/// Where a run's metrics go besides `metrics.jsonl` (transformers' `--report_to`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// Nothing else (the default).
+    None,
+    /// TensorBoard event files in `RUN/runs/<name>/` (see `tensorboard.rs`).
+    Tensorboard,
+}
+
+/// The resolved `--report-to` list: `none` alone means nothing, and `none` beside another
+/// target is refused (it would be unclear which one wins).
+fn resolve_report_to(given: Option<Vec<ReportTo>>, errors: &mut Vec<String>) -> Vec<ReportTo> {
+    let mut targets = given.unwrap_or_default();
+    if targets.contains(&ReportTo::None) && targets.len() > 1 {
+        errors.push("--report-to: `none` cannot be combined with another target".into());
+    }
+    targets.retain(|t| *t != ReportTo::None);
+    targets.dedup();
+    targets
+}
+
+/// Accepts a TOML list or a comma-separated string for `report_to`.
+fn de_report_to<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<ReportTo>>, D::Error> {
+    let Some(names) = de_modules(d)? else { return Ok(None) };
+    names
+        .iter()
+        .map(|n| <ReportTo as clap::ValueEnum>::from_str(n, true).map_err(|_| serde::de::Error::custom(format!("report_to: unknown target `{n}` (none, tensorboard)"))))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 fn parse_eval_split(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
     if v.is_nan() || v < 0.0 || (v >= 1.0 && v.fract() != 0.0) {
@@ -105,6 +154,12 @@ pub struct TrainOptions {
     /// stays in --dtype. [default: --dtype]
     #[arg(long, help_heading = "Data and model", value_enum)]
     pub base_dtype: Option<DTypeArg>,
+    /// How the frozen base is stored: nf4 (QLoRA's 4-bit NormalFloat with double-quantized
+    /// absmax, as bitsandbytes), int8 (row-wise absmax), none (dense in --base-dtype), or
+    /// auto (a .gguf model keeps its quantized blocks; others none). PEFT's load_in_4bit /
+    /// load_in_8bit are accepted. Dequantized one projection at a time. [default: auto]
+    #[arg(long, help_heading = "Data and model", value_parser = parse_base_quant)]
+    pub base_quant: Option<lora_models::BaseQuant>,
     /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). `sft` also takes
     /// a list (cuda:0,cuda:1): data-parallel replicas sharing each step's micro-batches.
     /// [default: auto]
@@ -120,6 +175,12 @@ pub struct TrainOptions {
     /// Samples (rows, with --packing) per micro-batch. [default: 4]
     #[arg(long, help_heading = "Training", value_parser = parse_positive)]
     pub batch_size: Option<usize>,
+    /// Keep only each decoder layer's input for the backward and recompute the layer there
+    /// (transformers' gradient_checkpointing; same gradients, about 1.3x the step time):
+    /// on, off, or auto (on when the memory plan says the run would not fit otherwise, or
+    /// with an nf4/int8 base). [default: auto]
+    #[arg(long, help_heading = "Training", value_enum)]
+    pub gradient_checkpointing: Option<CheckpointingArg>,
     /// Micro-batches per optimizer step; the loss is normalised by the loss tokens of all of
     /// them together, so batch 4 equals batch 2 x accumulation 2. [default: 1]
     #[arg(long, help_heading = "Training", value_parser = parse_positive)]
@@ -173,6 +234,11 @@ pub struct TrainOptions {
     /// after the last step). [default: about 10 evaluations per run]
     #[arg(long, help_heading = "Checkpoints and evaluation", value_parser = parse_positive)]
     pub eval_interval: Option<usize>,
+    /// Also log every metrics row to: `tensorboard` (event files in RUN/runs/NAME/, under
+    /// transformers' tags) or `none`; a comma-separated list. [default: none]
+    #[arg(long, help_heading = "Checkpoints and evaluation", value_enum, value_delimiter = ',')]
+    #[serde(default, deserialize_with = "de_report_to")]
+    pub report_to: Option<Vec<ReportTo>>,
 }
 
 /// `hi`'s given keys over `lo`'s, through serde (every field is an `Option`, skipped
@@ -274,6 +340,8 @@ impl TrainOptions {
             group_by_length: self.group_by_length.unwrap_or(false),
             dtype: self.dtype.unwrap_or(DTypeArg::F32),
             base_dtype: self.base_dtype.or(self.dtype).unwrap_or(DTypeArg::F32),
+            base_quant: self.base_quant.unwrap_or_default(),
+            gradient_checkpointing: self.gradient_checkpointing.unwrap_or_default(),
             device: self.device.unwrap_or_else(|| "auto".into()),
             steps: self.steps,
             epochs: self.epochs,
@@ -293,6 +361,7 @@ impl TrainOptions {
             checkpoint_interval: self.checkpoint_interval.unwrap_or(100),
             save_total_limit: self.save_total_limit.unwrap_or(3),
             eval_interval: self.eval_interval,
+            report_to: resolve_report_to(self.report_to, &mut errors),
         };
         if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
             errors.push(format!("--learning-rate must be a positive number, got {}", cfg.learning_rate));
@@ -341,6 +410,11 @@ pub struct TrainConfig {
     pub dtype: DTypeArg,
     /// Storage dtype of the frozen base weights.
     pub base_dtype: DTypeArg,
+    /// How the frozen projections are stored (older run.json files: auto).
+    #[serde(default)]
+    pub base_quant: lora_models::BaseQuant,
+    #[serde(default)]
+    pub gradient_checkpointing: CheckpointingArg,
     pub device: String,
     pub steps: Option<usize>,
     pub epochs: Option<usize>,
@@ -360,6 +434,10 @@ pub struct TrainConfig {
     pub checkpoint_interval: usize,
     pub save_total_limit: usize,
     pub eval_interval: Option<usize>,
+    /// Where metrics go besides `metrics.jsonl` (empty: nowhere). Runs written before the
+    /// flag existed have no such key.
+    #[serde(default)]
+    pub report_to: Vec<ReportTo>,
 }
 
 impl TrainConfig {
@@ -384,7 +462,8 @@ impl TrainConfig {
     pub fn resume_relevant(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(m) = v.as_object_mut() {
-            for k in ["output", "checkpoint_interval", "save_total_limit", "eval_interval", "device"] {
+            // Checkpointing changes memory and time, not the gradients.
+            for k in ["output", "checkpoint_interval", "save_total_limit", "eval_interval", "device", "gradient_checkpointing", "report_to"] {
                 m.remove(k);
             }
         }
@@ -436,6 +515,32 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--eval-split", "1.5"]).is_err());
         // A misspelt key in a config file is refused by config_file::expand_argv, which knows
         // the command's own flags too (config_file's tests).
+    }
+
+    #[test]
+    fn report_to_takes_a_list_and_refuses_none_beside_a_target() -> Result<()> {
+        let base = ["x", "--model", "m", "--dataset", "d", "-o", "o"];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.o);
+        assert_eq!(parse(&[])?.resolve()?.report_to, vec![]);
+        assert_eq!(parse(&["--report-to", "none"])?.resolve()?.report_to, vec![]);
+        assert_eq!(parse(&["--report-to", "tensorboard"])?.resolve()?.report_to, vec![ReportTo::Tensorboard]);
+        let err = format!("{:#}", parse(&["--report-to", "tensorboard,none"])?.resolve().unwrap_err());
+        assert!(err.contains("--report-to: `none` cannot be combined"), "{err}");
+        assert!(parse(&["--report-to", "wandb"]).is_err());
+        // A config file takes a string or a list; an unknown name is refused.
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "report_to = \"tensorboard\"\n")?;
+        assert_eq!(TrainOptions::from_toml_file(&file)?.report_to, Some(vec![ReportTo::Tensorboard]));
+        std::fs::write(&file, "report_to = [\"tensorboard\"]\n")?;
+        assert_eq!(TrainOptions::from_toml_file(&file)?.report_to, Some(vec![ReportTo::Tensorboard]));
+        std::fs::write(&file, "report_to = \"wandb\"\n")?;
+        assert!(format!("{:#}", TrainOptions::from_toml_file(&file).unwrap_err()).contains("unknown target `wandb`"));
+        // A run.json written before the flag existed still loads (no report_to key).
+        let mut old = serde_json::to_value(parse(&[])?.resolve()?)?;
+        old.as_object_mut().unwrap().remove("report_to");
+        assert_eq!(serde_json::from_value::<TrainConfig>(old)?.report_to, vec![]);
+        Ok(())
     }
 
     #[test]

@@ -49,6 +49,11 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// List the GPUs this build can use (name, compute capability, memory).
     Devices(commands::devices::Args),
+    /// The memory a training run needs (base, LoRA + optimizer, activations, workspace),
+    /// with and without checkpointing and a quantized base, and the largest batch that fits.
+    PlanMemory(commands::plan_memory::Args),
+    /// A local web page: jobs, live training curves, sweeps, workflows and compare results.
+    Dashboard(commands::dashboard::Args),
     /// Training jobs: list, show, logs, wait, cancel, retry (local and Slurm).
     Jobs(commands::jobs::Args),
     /// Check every CUDA kernel against the CPU implementation, then time the fused LoRA linear.
@@ -91,8 +96,10 @@ fn main() -> std::process::ExitCode {
         Command::Merge(args) => commands::merge::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Devices(args) => commands::devices::run(args),
+        Command::PlanMemory(args) => commands::plan_memory::run(args),
         Command::Selftest(args) => commands::selftest::run(args),
         Command::Jobs(args) => commands::jobs::run(args),
+        Command::Dashboard(args) => commands::dashboard::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

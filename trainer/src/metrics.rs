@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::config::ReportTo;
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetricsRow {
     pub step: usize,
@@ -42,13 +44,27 @@ pub struct MetricsRow {
 pub struct MetricsWriter {
     path: PathBuf,
     file: File,
+    /// `--report-to tensorboard`: every row also goes to an event file.
+    tensorboard: Option<crate::tensorboard::Reporter>,
 }
 
 impl MetricsWriter {
     /// Start a fresh file (a new run).
     pub fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), file, tensorboard: None })
+    }
+
+    /// Also write every row to the `report_to` targets of run `name` in `run_dir`.
+    /// `config` is logged as the run's hyperparameters; `resumed_at` is the checkpoint step
+    /// a resumed run continues from.
+    pub fn report_to(mut self, targets: &[ReportTo], run_dir: &Path, name: &str, config: &serde_json::Value, resumed_at: Option<usize>) -> Result<Self> {
+        if targets.contains(&ReportTo::Tensorboard) {
+            let reporter = crate::tensorboard::Reporter::start(run_dir, name, config, resumed_at)?;
+            tracing::info!("TensorBoard events: {}", reporter.path().display());
+            self.tensorboard = Some(reporter);
+        }
+        Ok(self)
     }
 
     /// Continue a resumed run: keep the rows up to `step` (rows written after the checkpoint
@@ -64,7 +80,7 @@ impl MetricsWriter {
         }
         crate::checkpoint::write_atomic(path, &bytes)?;
         let file = OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file })
+        Ok(Self { path: path.to_path_buf(), file, tensorboard: None })
     }
 
     pub fn path(&self) -> &Path {
@@ -76,6 +92,9 @@ impl MetricsWriter {
         line.push(b'\n');
         self.file.write_all(&line)?;
         self.file.flush()?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.write(row)?;
+        }
         Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! never repeated) and k/v may be KV-cache views whose (batch, head) planes are
 //! contiguous: they are read in place.
 use super::ops::{as_cuda, dispatch};
-use crate::ops::attention::{dims, Dims};
+use crate::ops::attention::{dims, planes_contiguous, Dims};
 use super::runtime::{self as rt, ceil_div, cfg, tensor, view};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
@@ -29,7 +29,7 @@ fn dmax(d: usize) -> Result<usize> {
 /// (batch stride, head stride) of a [b, h, t, d] k/v layout whose planes are contiguous.
 fn plane_strides(l: &Layout) -> Result<(i64, i64)> {
     match (l.dims(), l.stride()) {
-        ([_, _, _, d], [s0, s1, s2, 1]) if s2 == d => Ok((*s0 as i64, *s1 as i64)),
+        (dims, st @ [s0, s1, _, _]) if planes_contiguous(dims, st) => Ok((*s0 as i64, *s1 as i64)),
         (dims, st) => bail!("causal-attention CUDA: k/v planes must be contiguous (dims {dims:?}, strides {st:?})"),
     }
 }

@@ -79,9 +79,15 @@ impl CausalAttention {
 }
 
 /// Whether a [b, h, t, d] layout has every (batch, head) plane of t*d elements
-/// contiguous (the only thing the forward needs of k and v).
-fn planes_contiguous(dims: &[usize], stride: &[usize]) -> bool {
-    matches!((dims, stride), ([_, _, _, d], [_, _, s2, 1]) if s2 == d)
+/// contiguous (the only thing the forward needs of k and v). The stride of a dimension
+/// of size 1 never moves an index, and candle calls such a layout contiguous (its
+/// `contiguous()` returns it unchanged): the k/v of a one-token prefill cut from the
+/// fused QKV projection arrive as dims [1, 2, 1, 8], strides [64, 8, 64, 1].
+pub(crate) fn planes_contiguous(dims: &[usize], stride: &[usize]) -> bool {
+    match (dims, stride) {
+        ([_, _, t, d], [_, _, s2, s3]) => (*d <= 1 || *s3 == 1) && (*t <= 1 || *s2 == *d),
+        _ => false,
+    }
 }
 
 /// `t` as the forward takes k or v: unchanged when its planes are contiguous (a

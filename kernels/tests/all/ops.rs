@@ -267,6 +267,22 @@ fn causal_attention_matches_reference() {
     }
 }
 
+/// k and v of one position cut from a fused QKV projection (a one-token prefill):
+/// [1, 2, 1, 8] with strides [64, 8, 64, 1], a layout candle calls contiguous.
+#[test]
+fn causal_attention_takes_one_position_views_of_a_fused_projection() {
+    let (hq, hkv, d) = (4, 2, 8);
+    let qkv = randn(&[1, 1, (hq + 2 * hkv) * d]);
+    let heads = qkv.reshape((1, 1, hq + 2 * hkv, d)).unwrap();
+    let split = |from: usize, n: usize| heads.narrow(2, from, n).unwrap().transpose(1, 2).unwrap();
+    let (q, kk, v) = (split(0, hq), split(hq, hkv), split(hq + hkv, hkv));
+    assert_eq!(kk.stride(), &[64, 8, 64, 1]);
+    let got = k::causal_attention(&q, &kk, &v, None, 0.3).unwrap();
+    let packed = |x: &Tensor| Tensor::from_vec(x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.dims(), &CPU).unwrap();
+    let want = r::causal_attention(&packed(&q), &packed(&kk), &packed(&v), None, 0.3).unwrap();
+    assert!(max_abs(&(got - want).unwrap()) < 1e-5);
+}
+
 #[test]
 fn attention_with_bias_has_gradients() {
     for dtype in DTYPES {

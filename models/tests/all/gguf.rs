@@ -47,6 +47,11 @@ fn gguf_name(hf: &str) -> String {
 
 /// Write llama-tiny as an F32 GGUF the way convert_hf_to_gguf.py lays it out.
 fn write_llama_tiny_gguf(path: &Path) -> Result<()> {
+    write_llama_tiny_gguf_as(path, GgmlDType::F32)
+}
+
+/// llama-tiny as a GGUF whose projections are stored as `projections` blocks.
+fn write_llama_tiny_gguf_as(path: &Path, projections: GgmlDType) -> Result<()> {
     let dir = golden_dir().join("models/llama-tiny");
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
     let (nh, nkv) = (cfg["num_attention_heads"].as_u64().unwrap() as usize, cfg["num_key_value_heads"].as_u64().unwrap() as usize);
@@ -60,7 +65,8 @@ fn write_llama_tiny_gguf(path: &Path) -> Result<()> {
         } else {
             t.clone()
         };
-        tensors.push((gguf_name(name), QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F32)?));
+        let ty = if name.contains("_proj.") { projections } else { GgmlDType::F32 };
+        tensors.push((gguf_name(name), QTensor::quantize(&t.to_dtype(DType::F32)?, ty)?));
     }
     let u = |k: &str| Value::U32(cfg[k].as_u64().unwrap() as u32);
     let meta: Vec<(&str, Value)> = vec![
@@ -92,7 +98,7 @@ fn llama_cpp_layout_gives_the_hf_logits() -> Result<()> {
     assert_eq!(cfg.num_key_value_heads, 2);
     assert!(!cfg.tie_word_embeddings);
     src.set_unpermute_qk(Some((cfg.num_attention_heads, cfg.num_key_value_heads)));
-    let decoder = lora_models::decoder::Decoder::load(cfg, &src, &Device::Cpu, DType::F32, DType::F32)?;
+    let decoder = lora_models::decoder::Decoder::load(cfg, &src, &Device::Cpu, DType::F32, DType::F32, lora_models::BaseQuant::None)?;
     let gguf_model = lora_models::Model::new(decoder);
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8]], &Device::Cpu)?;
     let pos = Tensor::arange(0u32, 8, &Device::Cpu)?.unsqueeze(0)?;
@@ -134,5 +140,48 @@ fn every_supported_quantization_dequantizes() -> Result<()> {
         let err = (t - &original)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < *tol as f32, "{ty:?}: max error {err}");
     }
+    Ok(())
+}
+
+#[test]
+fn gguf_blocks_kept_quantized_give_the_dequantized_models_logits() -> Result<()> {
+    // Q8_0 projections (q/k rows permuted as llama.cpp stores them): kept as blocks
+    // (`auto`, the default for .gguf) and dequantized per GEMM, the model computes what
+    // the model dequantized at load computes, bit for bit, at a quarter of the memory.
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("llama-tiny.q8_0.gguf");
+    write_llama_tiny_gguf_as(&path, GgmlDType::Q8_0)?;
+    let load = |quant| -> Result<lora_models::Model> {
+        let mut src = GgufSource::open(&path)?;
+        let cfg = lora_models::gguf::config_from_gguf(src.content())?;
+        src.set_unpermute_qk(Some((cfg.num_attention_heads, cfg.num_key_value_heads)));
+        Ok(lora_models::Model::new(lora_models::decoder::Decoder::load(cfg, &src, &Device::Cpu, DType::F32, DType::F32, quant)?))
+    };
+    let (kept, dense) = (load(lora_models::BaseQuant::Auto)?, load(lora_models::BaseQuant::None)?);
+    assert_eq!(kept.base_quant(), lora_models::BaseQuant::Auto);
+    let ((kept_bytes, params), (dense_bytes, _)) = (kept.projection_storage(), dense.projection_storage());
+    assert_eq!(dense_bytes, params * 4);
+    assert!(kept_bytes * 3 < dense_bytes, "Q8_0 blocks hold {kept_bytes} bytes, dense f32 {dense_bytes}");
+    let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]], &Device::Cpu)?;
+    let pos = Tensor::arange(0u32, 8, &Device::Cpu)?.unsqueeze(0)?.repeat((2, 1))?;
+    let a = kept.logits(&kept.forward_hidden(&ids, &pos, None)?)?;
+    let b = dense.logits(&dense.forward_hidden(&ids, &pos, None)?)?;
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert_eq!(diff, 0.0, "kept-quantized vs dequantized-at-load logits differ by {diff}");
+    Ok(())
+}
+
+#[test]
+fn a_gguf_type_that_cannot_be_kept_is_an_error_naming_the_tensor() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("q8_1.gguf");
+    let q = QTensor::quantize(&Tensor::ones((4, 64), DType::F32, &Device::Cpu)?, GgmlDType::Q8_1)?;
+    gguf_file::write(&mut std::fs::File::create(&path)?, &[("general.architecture", &Value::String("llama".into()))], &[("blk.0.ffn_up.weight", &q)])?;
+    let src = GgufSource::open(&path)?;
+    let err = lora_models::weights::load_frozen(&src, "model.layers.0.mlp.up_proj.weight", &[4, 64], DType::F32, &Device::Cpu, lora_models::BaseQuant::Auto)
+        .err()
+        .expect("Q8_1 cannot be kept");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("blk.0.ffn_up.weight") && msg.contains("Q8_1"), "{msg}");
     Ok(())
 }

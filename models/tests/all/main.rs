@@ -4,6 +4,8 @@
 mod fallbacks;
 mod gguf;
 mod golden;
+mod quant;
+mod checkpointing;
 mod continuous;
 mod inference;
 mod rollout;

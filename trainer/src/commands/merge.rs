@@ -2,7 +2,7 @@
 use anyhow::{bail, Result};
 use clap::Args as ClapArgs;
 use candle_core::Device;
-use lora_models::load_model;
+use lora_models::load_model_quantized;
 use std::path::PathBuf;
 
 use crate::config::DTypeArg;
@@ -21,6 +21,10 @@ pub struct Args {
     /// dtype of the written weights.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
+    /// The base as the adapter was trained on it: nf4, int8, none, or auto (a .gguf keeps
+    /// its blocks). A quantized base is merged into its dequantized weights, as PEFT does.
+    #[arg(long, default_value = "auto", value_parser = |s: &str| lora_models::BaseQuant::parse(s).map_err(|e| e.to_string()))]
+    pub base_quant: lora_models::BaseQuant,
     #[arg(long)]
     pub json: bool,
 }
@@ -29,7 +33,16 @@ pub fn run(args: Args) -> Result<()> {
     if args.output.join("model.safetensors").exists() {
         bail!("{}: already holds a model; choose an empty directory", args.output.display());
     }
-    let mut loaded = load_model(&args.model, &Device::Cpu, args.dtype.to_candle())?;
+    let dtype = args.dtype.to_candle();
+    let mut loaded = load_model_quantized(&args.model, &Device::Cpu, dtype, dtype, args.base_quant)?;
+    let quantized = loaded.model.projection_storage().0 < loaded.model.projection_storage().1 * dtype.size_in_bytes() as u64;
+    if quantized {
+        eprintln!(
+            "note: the base is stored quantized ({}); the adapter is merged into its dequantized weights (as PEFT merges into a 4-bit base), written as {:?}",
+            loaded.model.base_quant(),
+            args.dtype
+        );
+    }
     let cfg = loaded.model.load_adapter(&args.adapter)?;
     lora_models::merge::write_merged(&loaded.model, &loaded.tokenizer, &args.output)?;
     if args.json {

@@ -1,6 +1,7 @@
 //! One module per subcommand: clap `Args` + `run`.
 pub mod dpo;
 pub mod compare;
+pub mod dashboard;
 pub mod eval;
 pub mod generate;
 pub mod grpo;
@@ -10,6 +11,7 @@ pub mod merge;
 pub mod model_args;
 pub mod orpo;
 pub mod pairs;
+pub mod plan_memory;
 pub mod run;
 pub mod sft;
 pub mod sweep;

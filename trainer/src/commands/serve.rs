@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::model_args::PlacementArgs;
+use crate::serve::tool_calls::ToolCallFormat;
 use crate::serve::{scheduler::Scheduler, AppState, Control, HttpServer, Limits, Models};
 
 #[derive(clap::Args, Debug)]
@@ -47,6 +48,11 @@ pub struct Args {
     /// Most rows decoded together; later requests wait for room.
     #[arg(long, default_value_t = 64)]
     pub max_batch_rows: usize,
+    /// How chat answers are read for tool calls: `hermes` (`<tool_call>{json}</tool_call>`,
+    /// Qwen2.5/Qwen3), `llama3_json` (Llama 3.1 JSON), `none`, or `auto` (from the chat
+    /// template; a template with neither refuses requests with `tools`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "hermes", "llama3_json", "none"])]
+    pub tool_call_parser: String,
 }
 
 /// `NAME=DIR` of `--adapter`.
@@ -74,11 +80,18 @@ pub fn run(args: Args) -> Result<()> {
     if max_model_len < 2 {
         bail!("--max-model-len must be at least 2");
     }
+    let tool_calls = match args.tool_call_parser.as_str() {
+        "auto" => ToolCallFormat::detect(bundle.chat_template.as_deref()),
+        "none" => None,
+        name => ToolCallFormat::from_name(name),
+    };
+    tracing::info!("tool calls: {}", tool_calls.map_or("not parsed (requests with `tools` are refused)", ToolCallFormat::name));
     let (tx, rx) = std::sync::mpsc::channel();
     let state = Arc::new(AppState {
         jobs: tx,
         template: crate::chat::template_for(&bundle)?,
         bundle: bundle.clone(),
+        tool_calls,
         models: Models::Serve {
             base: args.model.clone(),
             adapters: RwLock::new(adapters.iter().map(|(n, d)| (n.clone(), d.display().to_string())).collect()),

@@ -36,6 +36,8 @@ where
     let mut comms = comms.into_iter();
     let Some(leader) = comms.next() else { bail!("data-parallel training needs at least one replica") };
     let mut runs = vec![run];
+    // Every replica checkpoints as the leader decided (their gradients are summed).
+    let checkpointing = super::fit_before_training(model, &runs)?;
     let (name, seed) = (runs[0].name.clone(), runs[0].cfg.seed);
     let (led, followed) = std::thread::scope(|scope| {
         let handles: Vec<_> = comms
@@ -44,7 +46,10 @@ where
                 std::thread::Builder::new()
                     .name(format!("replica-{}", comm.rank()))
                     .spawn_scoped(scope, move || {
-                        let outcome = make_replica(comm.rank()).and_then(|(model, method)| follow(&model, name, &method, seed, comm.as_ref()));
+                        let outcome = make_replica(comm.rank()).and_then(|(model, method)| {
+                            model.set_gradient_checkpointing(checkpointing);
+                            follow(&model, name, &method, seed, comm.as_ref())
+                        });
                         if outcome.is_err() {
                             comm.abort();
                         }

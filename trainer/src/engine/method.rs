@@ -114,4 +114,22 @@ pub trait Method {
     /// Evaluate the model as routed now (the engine routes every row through the run's
     /// adapter and turns inference mode on); None when there is no held-out data.
     fn evaluate(&self, model: &Model) -> Result<Option<EvalOutput>>;
+    /// The largest micro-batch forward this method makes, as (rows, tokens per row), for
+    /// the memory check before the first step. Default: the largest of the first epoch's
+    /// micro-batches. A method whose batches need the model first (GRPO's rollouts)
+    /// gives a bound from its configuration instead.
+    fn largest_micro_batch(&self) -> Result<(usize, usize)> {
+        let mut largest = (0, 0);
+        for step in 0..self.steps_per_epoch() {
+            for batch in self.step_batches(step)? {
+                let rows = self.inputs(&batch);
+                let n: usize = rows.iter().map(|r| r.batch_size).sum();
+                let len = rows.iter().map(|r| r.seq_len).max().unwrap_or(0);
+                if n * len > largest.0 * largest.1 {
+                    largest = (n, len);
+                }
+            }
+        }
+        Ok(largest)
+    }
 }

@@ -29,7 +29,79 @@ use run::StepSums;
 /// Train every run to its last step (or until it diverges). Errors that are not a run's
 /// own divergence (I/O, a failed forward) stop all runs: they share the forward pass.
 pub fn train<M: Method>(model: &Model, runs: &mut [Run<M>]) -> Result<()> {
+    fit_before_training(model, runs)?;
     train_replicated(model, runs, None)
+}
+
+/// Before step 1: plan the memory of the largest micro-batch the runs will make, decide
+/// gradient checkpointing (`--gradient-checkpointing auto`), and stop with what would
+/// fit when the plan exceeds the device's available memory (so a run that cannot fit
+/// fails in its first seconds, not hours in). Returns the checkpointing decision.
+pub fn fit_before_training<M: Method>(model: &Model, runs: &[Run<M>]) -> Result<bool> {
+    use crate::config::CheckpointingArg;
+    use crate::memory::{self, BaseStorage, FitDecision, Workload};
+    let active: Vec<&Run<M>> = runs.iter().filter(|r| r.is_active()).collect();
+    let Some(first) = active.first() else { return Ok(model.gradient_checkpointing()) };
+    let (mut rows, mut row_len) = (0, 0);
+    for run in &active {
+        let (r, len) = run.method.largest_micro_batch().with_context(|| format!("{}: sizing its micro-batches", run.name))?;
+        rows += r;
+        row_len = row_len.max(len);
+    }
+    let cfg = &first.cfg;
+    if rows == 0 || row_len == 0 {
+        model.set_gradient_checkpointing(cfg.gradient_checkpointing == CheckpointingArg::On);
+        return Ok(model.gradient_checkpointing());
+    }
+    let workload = Workload { rows, row_len, adapters: active.len(), rollout_rows: 0, rollout_len: 0 };
+    let (stored, _) = model.projection_storage();
+    let storage = BaseStorage::Measured(stored);
+    let compute_bytes = model.compute_dtype().size_in_bytes() as f64;
+    let m = model.config();
+    let targets = cfg.target_modules.clone();
+    let plan = |on: bool| memory::plan(m, storage, compute_bytes, cfg.lora_rank, &targets, &workload, on);
+    let (off, on) = (plan(false), plan(true));
+    let requested = match cfg.gradient_checkpointing {
+        CheckpointingArg::Auto => None,
+        CheckpointingArg::On => Some(true),
+        CheckpointingArg::Off => Some(false),
+    };
+    let quantized = matches!(model.base_quant(), lora_models::BaseQuant::Nf4 | lora_models::BaseQuant::Int8);
+    let mut hints = Vec::new();
+    if model.base_quant() == lora_models::BaseQuant::None {
+        let nf4 = memory::plan(m, BaseStorage::Nf4, compute_bytes, cfg.lora_rank, &targets, &workload, true);
+        hints.push(format!("--base-quant nf4 with checkpointing (peak {})", memory::gib(nf4.total())));
+    }
+    if row_len > 256 {
+        hints.push(format!("shorter rows (--max-sequence-length {})", row_len / 2));
+    }
+    if cfg.batch_size > 1 {
+        hints.push(format!(
+            "--batch-size {} --gradient-accumulation-steps {} (the same optimizer step, half the rows at once)",
+            cfg.batch_size.div_ceil(2),
+            cfg.gradient_accumulation_steps * 2
+        ));
+    }
+    let available = memory::available_bytes(model.device(), off.base_bytes);
+    match memory::decide(&off, &on, requested, quantized, available, &hints) {
+        FitDecision::Fits { checkpointing } => {
+            model.set_gradient_checkpointing(checkpointing);
+            let chosen = if checkpointing { &on } else { &off };
+            tracing::info!(
+                "memory plan: {} at the peak ({} rows x {} tokens; base {}, LoRA + optimizer {}, activations {}), gradient checkpointing {}{}",
+                memory::gib(chosen.total()),
+                rows,
+                row_len,
+                memory::gib(chosen.base_bytes),
+                memory::gib(chosen.lora_bytes),
+                memory::gib(chosen.activation_bytes),
+                if checkpointing { "on" } else { "off" },
+                available.map(|a| format!(", {} available", memory::gib(a))).unwrap_or_default()
+            );
+            Ok(checkpointing)
+        }
+        FitDecision::DoesNotFit(msg) => anyhow::bail!("{}: {msg}", first.name),
+    }
 }
 
 /// [`train`], as the leader (rank 0) of a data-parallel group when `comm` is given: each
@@ -158,7 +230,7 @@ fn micro_batch<M: Method>(model: &Model, members: &mut [Member<'_, M>]) -> Resul
         });
     }
     let Some(total) = total else { return Ok(()) };
-    let grads = total.backward()?;
+    let grads = model.backward(&total)?;
     for mb in members.iter_mut() {
         mb.sums.grads.add(&grads, mb.params).with_context(|| format!("{}: gradients", mb.name))?;
     }

@@ -154,6 +154,8 @@ impl<M: Method> Run<M> {
         run_dir::write_run_json(&out, method.name(), &cfg, RunStatus::Running, None::<&RunSummary>)?;
         let metrics_path = out.join(METRICS_FILE);
         let metrics = if resume_from.is_some() { MetricsWriter::resume(&metrics_path, state.step)? } else { MetricsWriter::create(&metrics_path)? };
+        let resumed_at = resume_from.as_ref().map(|_| state.step);
+        let metrics = metrics.report_to(&cfg.report_to, &out, name, &serde_json::to_value(&cfg)?, resumed_at)?;
         let mut progress = TrainProgress::new(total_steps, state.step, opts.quiet);
         progress.set_prefix(if name == lora_models::DEFAULT_ADAPTER { method.name() } else { name });
         Ok(Run {

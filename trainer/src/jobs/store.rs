@@ -143,6 +143,19 @@ impl Store {
         Ok(store)
     }
 
+    /// Open an existing store for reading only (the dashboard): nothing is created or
+    /// migrated, and a store of a newer schema is refused as [`Store::open`] refuses it.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening the job store {} (read-only)", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let version: Option<i64> = conn.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0)).with_context(|| format!("{}: not a job store", path.display()))?;
+        if version.is_some_and(|v| v > SCHEMA_VERSION) {
+            bail!("{}: job store schema version {} is newer than this lora-train understands ({SCHEMA_VERSION})", path.display(), version.unwrap_or_default());
+        }
+        Ok(Store { conn, path: path.to_path_buf() })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

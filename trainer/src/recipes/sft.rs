@@ -58,9 +58,11 @@ pub fn load_base(cfg: &TrainConfig) -> Result<(Model, TokenizerBundle, String)> 
 /// [`load_base`] on `device` (one replica of a data-parallel run).
 pub fn load_base_on(cfg: &TrainConfig, device: &str) -> Result<(Model, TokenizerBundle, String)> {
     let device = crate::device::parse_device(device)?;
-    tracing::info!("loading {} ({:?}, compute {:?}, base weights {:?})", cfg.model, device, cfg.dtype, cfg.base_dtype);
-    let loaded = lora_models::load_model_mixed(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle())
+    tracing::info!("loading {} ({:?}, compute {:?}, base weights {:?}, base quantization {})", cfg.model, device, cfg.dtype, cfg.base_dtype, cfg.base_quant);
+    let loaded = lora_models::load_model_quantized(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle(), cfg.base_quant)
         .with_context(|| format!("loading model {}", cfg.model))?;
+    // `auto` is decided by the engine's memory check before step 1.
+    loaded.model.set_gradient_checkpointing(cfg.gradient_checkpointing == crate::config::CheckpointingArg::On);
     Ok((loaded.model, loaded.tokenizer, loaded.source))
 }
 

@@ -1,29 +1,32 @@
-//! The routes: `/health`, `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
-//! `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`. Every failure is an OpenAI-form
-//! error body with a 4xx/5xx status, never a crash or a dropped connection.
-use std::collections::VecDeque;
-use std::convert::Infallible;
+//! The routes: `/health`, `/v1/models`, `/v1/chat/completions`, `/v1/completions`
+//! (`completions.rs`), `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`; the checks
+//! every request goes through (body size, API key, request id) and the checked sampling
+//! plan a generation request becomes. Every failure is an OpenAI-form error body with a
+//! 4xx/5xx status, never a crash or a dropped connection; a 5xx tells the client only
+//! "internal error" and a request id, and the log line with that id has the detail.
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::FutureExt;
 use lora_models::rng::mix64;
 use lora_models::rollout::row_seed;
 use lora_models::RowSpec;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use super::api::{self, ApiError, ChatRequest, CompletionRequest, LoadAdapterRequest, Sampling, UnloadAdapterRequest};
-use super::scheduler::{Control, Event, Finish, GenJob, Job, TokenInfo};
-use super::{AppState, CallRecord, Models};
+use super::api::{ApiError, InternalDetail, LoadAdapterRequest, RequestId, Sampling, UnloadAdapterRequest};
+use super::completions::{chat, completions};
+use super::scheduler::{Control, Event, GenJob, Job};
+use super::{AppState, Models};
 
 type St = State<Arc<AppState>>;
 
@@ -40,7 +43,28 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), refuse_oversized))
         .layer(middleware::from_fn_with_state(state.clone(), check_api_key))
+        .layer(middleware::from_fn(with_request_id))
         .with_state(state)
+}
+
+/// Every response gets an `x-request-id`. A 5xx's detail (an [`InternalDetail`] on the
+/// response, or a handler's panic) is logged under that id and replaced by
+/// [`super::api::internal_error_body`]: a client learns nothing of the server's internals.
+async fn with_request_id(mut req: Request, next: Next) -> Response {
+    let id = RequestId::new();
+    req.extensions_mut().insert(id.clone());
+    let mut response = match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => ApiError::internal(format!("the handler panicked: {}", super::panic_message(panic.as_ref()))).into_response(),
+    };
+    if let Some(InternalDetail(detail)) = response.extensions_mut().remove::<InternalDetail>() {
+        let status = response.status();
+        response = (status, Json(id.internal_error(&detail))).into_response();
+    }
+    if let Ok(v) = HeaderValue::from_str(&id.0) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
 }
 
 /// Oversized bodies this size or smaller are read (and dropped) before the 413 goes out.
@@ -84,7 +108,7 @@ async fn check_api_key(State(st): St, req: Request, next: Next) -> Response {
 }
 
 /// The body as JSON of type T, or the OpenAI error saying why not.
-fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| {
         let status = e.status();
         ApiError { status, message: format!("cannot read the request body: {}", e.body_text()), kind: "invalid_request_error", param: None, code: None }
@@ -111,12 +135,12 @@ async fn list_models(State(st): St) -> Json<Value> {
 
 /// What a request's `model` names: the adapter its rows go through, and the rollout
 /// whose calls it joins (agent mode).
-struct Target {
-    adapter: Option<String>,
-    rollout: Option<String>,
+pub(super) struct Target {
+    pub adapter: Option<String>,
+    pub rollout: Option<String>,
 }
 
-fn resolve(st: &AppState, model: &str) -> Result<Target, ApiError> {
+pub(super) fn resolve(st: &AppState, model: &str) -> Result<Target, ApiError> {
     match &st.models {
         Models::Serve { base, adapters } => {
             if model == base {
@@ -140,18 +164,19 @@ fn resolve(st: &AppState, model: &str) -> Result<Target, ApiError> {
 }
 
 /// Checked sampling settings of one request.
-struct Plan {
+pub(super) struct Plan {
     temperature: f64,
     top_k: usize,
     top_p: f64,
     max_tokens: usize,
-    n: usize,
+    pub n: usize,
     seed: u64,
     stop: Vec<String>,
     top_logprobs: usize,
 }
 
-fn plan(st: &AppState, s: &Sampling, prompt_len: usize, top_logprobs: usize, target: &Target) -> Result<Plan, ApiError> {
+/// `prompt_len`: the longest prompt's tokens.
+pub(super) fn plan(st: &AppState, s: &Sampling, prompt_len: usize, top_logprobs: usize, target: &Target) -> Result<Plan, ApiError> {
     let l = &st.limits;
     if prompt_len == 0 {
         return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
@@ -235,13 +260,17 @@ fn plan(st: &AppState, s: &Sampling, prompt_len: usize, top_logprobs: usize, tar
     Ok(p)
 }
 
-/// Send the request's rows to the scheduler; the receiver of its events.
-fn submit(st: &AppState, prompt: &[u32], adapter: &Option<String>, p: &Plan) -> Result<UnboundedReceiver<Event>, ApiError> {
+/// Send the request's rows to the scheduler (`n` per prompt, prompt-major); the
+/// receiver of its events.
+pub(super) fn submit(st: &AppState, prompts: &[Vec<u32>], adapter: &Option<String>, p: &Plan) -> Result<UnboundedReceiver<Event>, ApiError> {
     let (tx, rx) = unbounded_channel();
-    let rows = (0..p.n)
-        .map(|i| RowSpec {
+    let rows = prompts
+        .iter()
+        .flat_map(|prompt| std::iter::repeat_n(prompt, p.n))
+        .enumerate()
+        .map(|(i, prompt)| RowSpec {
             id: st.next_row.fetch_add(1, Ordering::Relaxed),
-            prompt: prompt.to_vec(),
+            prompt: prompt.clone(),
             adapter: adapter.clone(),
             temperature: p.temperature,
             top_k: p.top_k,
@@ -256,255 +285,6 @@ fn submit(st: &AppState, prompt: &[u32], adapter: &Option<String>, p: &Plan) -> 
         .send(Job::Generate(GenJob { rows, stop: p.stop.clone(), events: tx }))
         .map_err(|_| ApiError::internal("the generation thread has stopped"))?;
     Ok(rx)
-}
-
-/// What one choice has produced so far.
-#[derive(Default, Clone)]
-struct Choice {
-    text: String,
-    tokens: Vec<TokenInfo>,
-    finish: Option<Finish>,
-}
-
-/// Apply one event to the choices; Err when the request failed.
-fn absorb(choices: &mut [Choice], event: Event) -> Result<(usize, String, Vec<TokenInfo>, Option<Finish>), ApiError> {
-    match event {
-        Event::Delta { choice, text, tokens, finish } => {
-            let c = choices.get_mut(choice).ok_or_else(|| ApiError::internal("an event for an unknown choice"))?;
-            c.text.push_str(&text);
-            c.tokens.extend(tokens.iter().cloned());
-            c.finish = finish.or(c.finish);
-            Ok((choice, text, tokens, finish))
-        }
-        Event::Error(m) => Err(ApiError::internal(m)),
-    }
-}
-
-/// The rollout's record of this call (agent mode).
-fn record(st: &AppState, target: &Target, prompt: &[u32], choice: &Choice) {
-    let (Models::Agent(reg), Some(rollout)) = (&st.models, &target.rollout) else { return };
-    let stopped = choice.finish == Some(Finish::Stop);
-    let call = CallRecord { prompt: prompt.to_vec(), tokens: choice.tokens.iter().map(|t| t.id).collect(), logprobs: choice.tokens.iter().map(|t| t.logprob).collect(), stopped };
-    if let Some(r) = reg.rollouts.lock().unwrap_or_else(|e| e.into_inner()).get_mut(rollout) {
-        r.calls.push(call);
-    }
-}
-
-/// Wait for every choice to finish.
-async fn collect(mut rx: UnboundedReceiver<Event>, n: usize) -> Result<Vec<Choice>, ApiError> {
-    let mut choices = vec![Choice::default(); n];
-    while choices.iter().any(|c| c.finish.is_none()) {
-        let event = rx.recv().await.ok_or_else(|| ApiError::internal("the generation thread has stopped"))?;
-        absorb(&mut choices, event)?;
-    }
-    Ok(choices)
-}
-
-fn token_text(st: &AppState, id: u32) -> String {
-    st.bundle.decode(&[id], false).unwrap_or_default()
-}
-
-/// Chat-form log-probs of some tokens.
-fn chat_logprobs(st: &AppState, tokens: &[TokenInfo]) -> Value {
-    let entry = |id: u32, lp: f32| {
-        let t = token_text(st, id);
-        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
-    };
-    let content: Vec<Value> = tokens
-        .iter()
-        .map(|t| {
-            let mut e = entry(t.id, t.logprob);
-            e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
-            e
-        })
-        .collect();
-    json!({"content": content})
-}
-
-/// Legacy completions log-probs (`text_offset` from `offset`).
-fn completion_logprobs(st: &AppState, tokens: &[TokenInfo], offset: usize) -> Value {
-    let mut at = offset;
-    let (mut texts, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
-    for t in tokens {
-        let s = token_text(st, t.id);
-        offsets.push(at);
-        at += s.len();
-        texts.push(s);
-        lps.push(t.logprob);
-        let top: serde_json::Map<String, Value> = t.top.iter().map(|&(id, lp)| (token_text(st, id), json!(lp))).collect();
-        tops.push(Value::Object(top));
-    }
-    json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
-}
-
-fn usage(prompt: usize, choices: &[Choice]) -> Value {
-    let completion: usize = choices.iter().map(|c| c.tokens.len()).sum();
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
-}
-
-async fn chat(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_body(body)?;
-    let target = resolve(&st, &req.model)?;
-    if req.messages.is_empty() {
-        return Err(ApiError::bad_request("messages must not be empty", Some("messages")));
-    }
-    let messages = req.messages.iter().enumerate().map(|(i, m)| api::parse_message(i, m)).collect::<Result<Vec<_>, _>>()?;
-    let text = st.template.render(&messages, true, req.tools.as_ref()).map_err(|e| ApiError::bad_request(format!("cannot render the chat template: {e:#}"), Some("messages")))?;
-    let prompt = st.bundle.encode(&text).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e:#}"), Some("messages")))?;
-    let top = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
-    let p = plan(&st, &req.sampling, prompt.len(), top, &target)?;
-    let rx = submit(&st, &prompt, &target.adapter, &p)?;
-    let id = format!("chatcmpl-{}", st.next_row.fetch_add(1, Ordering::Relaxed));
-    let created = super::unix_seconds();
-    if req.sampling.stream {
-        let include_usage = req.sampling.include_usage();
-        let head: Vec<String> = (0..p.n)
-            .map(|i| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]}).to_string())
-            .collect();
-        let (st2, model, logprobs) = (st.clone(), req.model.clone(), req.logprobs);
-        let chunk = move |st: &AppState, i: usize, text: String, tokens: &[TokenInfo], finish: Option<Finish>| {
-            let delta = if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) };
-            let lp = if logprobs { chat_logprobs(st, tokens) } else { Value::Null };
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish.map(Finish::as_str)}]})
-        };
-        let usage_chunk = move |u: Value| json!({"id": format!("chatcmpl-usage-{created}"), "object": "chat.completion.chunk", "created": created, "choices": [], "usage": u});
-        return Ok(stream_response(st2, rx, p.n, head, prompt, target, chunk, include_usage.then_some(usage_chunk)));
-    }
-    let choices = collect(rx, p.n).await?;
-    record(&st, &target, &prompt, &choices[0]);
-    let out: Vec<Value> = choices
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            json!({"index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": if req.logprobs { chat_logprobs(&st, &c.tokens) } else { Value::Null },
-                "finish_reason": c.finish.map(Finish::as_str)})
-        })
-        .collect();
-    Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": req.model, "choices": out, "usage": usage(prompt.len(), &choices)})).into_response())
-}
-
-/// The token ids of a completions `prompt`: a string, a one-string list, or token ids.
-fn completion_prompt(st: &AppState, prompt: &Value) -> Result<(Vec<u32>, String), ApiError> {
-    let bad = |m: &str| ApiError::bad_request(m.to_string(), Some("prompt"));
-    match prompt {
-        Value::String(s) => Ok((st.bundle.encode(s).map_err(|e| bad(&format!("cannot tokenize the prompt: {e:#}")))?, s.clone())),
-        Value::Array(items) if items.len() == 1 && items[0].is_string() => completion_prompt(st, &items[0]),
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_u64) => {
-            let vocab = st.bundle.tokenizer.get_vocab_size(true) as u64;
-            let ids: Vec<u32> = items.iter().filter_map(Value::as_u64).filter(|&i| i < vocab).map(|i| i as u32).collect();
-            if ids.len() != items.len() {
-                return Err(bad(&format!("token ids must be below the vocabulary size {vocab}")));
-            }
-            let text = st.bundle.decode(&ids, false).unwrap_or_default();
-            Ok((ids, text))
-        }
-        _ => Err(bad("prompt must be a string, a list of one string, or a list of token ids (one prompt per request)")),
-    }
-}
-
-async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_body(body)?;
-    let target = resolve(&st, &req.model)?;
-    let (prompt, prompt_text) = completion_prompt(&st, &req.prompt)?;
-    let top = req.logprobs.unwrap_or(0);
-    let p = plan(&st, &req.sampling, prompt.len(), top, &target)?;
-    let rx = submit(&st, &prompt, &target.adapter, &p)?;
-    let id = format!("cmpl-{}", st.next_row.fetch_add(1, Ordering::Relaxed));
-    let created = super::unix_seconds();
-    let echo = if req.echo { prompt_text } else { String::new() };
-    let want_logprobs = req.logprobs.is_some();
-    if req.sampling.stream {
-        let include_usage = req.sampling.include_usage();
-        let head: Vec<String> = if echo.is_empty() {
-            vec![]
-        } else {
-            (0..p.n).map(|i| json!({"id": id, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"index": i, "text": echo, "logprobs": null, "finish_reason": null}]}).to_string()).collect()
-        };
-        let (st2, model) = (st.clone(), req.model.clone());
-        let chunk = move |st: &AppState, i: usize, text: String, tokens: &[TokenInfo], finish: Option<Finish>| {
-            let lp = if want_logprobs { completion_logprobs(st, tokens, 0) } else { Value::Null };
-            json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish.map(Finish::as_str)}]})
-        };
-        let usage_chunk = move |u: Value| json!({"id": format!("cmpl-usage-{created}"), "object": "text_completion", "created": created, "choices": [], "usage": u});
-        return Ok(stream_response(st2, rx, p.n, head, prompt, target, chunk, include_usage.then_some(usage_chunk)));
-    }
-    let choices = collect(rx, p.n).await?;
-    record(&st, &target, &prompt, &choices[0]);
-    let out: Vec<Value> = choices
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            json!({"index": i, "text": format!("{echo}{}", c.text),
-                "logprobs": if want_logprobs { completion_logprobs(&st, &c.tokens, echo.len()) } else { Value::Null },
-                "finish_reason": c.finish.map(Finish::as_str)})
-        })
-        .collect();
-    Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": req.model, "choices": out, "usage": usage(prompt.len(), &choices)})).into_response())
-}
-
-/// Server-sent events: `head` chunks, one chunk per delta (`chunk`), the usage chunk
-/// when asked, then `[DONE]`. Dropping the stream (the client left) drops the
-/// receiver, which the scheduler notices at its next step and frees the rows.
-#[allow(clippy::too_many_arguments)]
-fn stream_response<C, U>(st: Arc<AppState>, rx: UnboundedReceiver<Event>, n: usize, head: Vec<String>, prompt: Vec<u32>, target: Target, chunk: C, usage_chunk: Option<U>) -> Response
-where
-    C: Fn(&AppState, usize, String, &[TokenInfo], Option<Finish>) -> Value + Send + 'static,
-    U: Fn(Value) -> Value + Send + 'static,
-{
-    struct S<C, U> {
-        st: Arc<AppState>,
-        rx: UnboundedReceiver<Event>,
-        choices: Vec<Choice>,
-        queue: VecDeque<String>,
-        done: bool,
-        prompt: Vec<u32>,
-        target: Target,
-        chunk: C,
-        usage_chunk: Option<U>,
-    }
-    let state = S { st, rx, choices: vec![Choice::default(); n], queue: head.into(), done: false, prompt, target, chunk, usage_chunk };
-    let stream = futures_util::stream::unfold(state, |mut s| async move {
-        loop {
-            if let Some(data) = s.queue.pop_front() {
-                return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), s));
-            }
-            if s.done {
-                return None;
-            }
-            match s.rx.recv().await {
-                Some(event) => match absorb(&mut s.choices, event) {
-                    Ok((i, text, tokens, finish)) => {
-                        if !text.is_empty() || finish.is_some() || !tokens.is_empty() {
-                            s.queue.push_back((s.chunk)(&s.st, i, text, &tokens, finish).to_string());
-                        }
-                        if s.choices.iter().all(|c| c.finish.is_some()) {
-                            record(&s.st, &s.target, &s.prompt, &s.choices[0]);
-                            if let Some(u) = &s.usage_chunk {
-                                s.queue.push_back(u(usage(s.prompt.len(), &s.choices)).to_string());
-                            }
-                            s.queue.push_back("[DONE]".into());
-                            s.done = true;
-                        }
-                    }
-                    Err(e) => {
-                        s.queue.push_back(e.body().to_string());
-                        s.queue.push_back("[DONE]".into());
-                        s.done = true;
-                    }
-                },
-                None => {
-                    s.queue.push_back(ApiError::internal("the generation thread has stopped").body().to_string());
-                    s.done = true;
-                }
-            }
-        }
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// Ask the model's owner to load or unload an adapter; wait for its answer.

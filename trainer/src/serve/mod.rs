@@ -1,18 +1,22 @@
 //! `lora-train serve`: an OpenAI-compatible server over one base model and many
 //! adapters, and the same router in-process for `grpo --agent-url`.
 //!
-//! - `http.rs`: the axum router and handlers (tokio threads): parse and check a
-//!   request, render the chat template, tokenize, and hand the rows to the scheduler;
-//!   stream or collect what comes back.
+//! - `http.rs`: the axum router (tokio threads), the checks every request goes through
+//!   (size, API key, request id, internal errors kept from the client), the sampling plan.
+//! - `completions.rs`: the chat and text completion handlers: render the chat template,
+//!   tokenize, hand the rows to the scheduler; stream or collect what comes back.
 //! - `scheduler.rs`: the thread that owns the model runs one continuous batch
 //!   (`lora_models::DecodeBatch`) over every running request, whatever adapter each uses.
-//! - `api.rs`: request bodies and the OpenAI error body.
+//! - `api.rs`: request bodies, the OpenAI error body, request ids.
+//! - `tool_calls.rs`: tool calls read from what the model writes (hermes, llama3_json).
 //!
 //! The model is used from one thread only (the scheduler's); handlers talk to it through
 //! channels, so a slow or vanished client never blocks decoding.
 pub mod api;
+mod completions;
 pub mod http;
 pub mod scheduler;
+pub mod tool_calls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -81,6 +85,8 @@ pub struct AppState {
     pub jobs: std::sync::mpsc::Sender<Job>,
     pub bundle: TokenizerBundle,
     pub template: ChatTemplate,
+    /// How chat answers are read for tool calls (None: requests with `tools` are refused).
+    pub tool_calls: Option<tool_calls::ToolCallFormat>,
     pub models: Models,
     pub api_key: Option<String>,
     pub limits: Limits,
@@ -99,6 +105,11 @@ impl HttpServer {
     /// Bind `host:port` (port 0 = any free port) and serve `state` until
     /// [`HttpServer::stop`] or Ctrl-C (`ctrl_c` true, the `serve` command).
     pub fn start(state: Arc<AppState>, host: &str, port: u16, ctrl_c: bool) -> Result<Self> {
+        Self::start_router(http::router(state), host, port, ctrl_c)
+    }
+
+    /// [`HttpServer::start`] for any router (the dashboard's).
+    pub fn start_router(app: axum::Router, host: &str, port: u16, ctrl_c: bool) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("serve-http")
@@ -110,14 +121,13 @@ impl HttpServer {
             .with_context(|| format!("cannot listen on {host}:{port}"))?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = http::router(state);
         let thread = std::thread::Builder::new().name("serve-http".into()).spawn(move || {
             runtime.block_on(async move {
                 let stop = async move {
                     if ctrl_c {
                         tokio::select! {
                             _ = rx => {}
-                            _ = tokio::signal::ctrl_c() => eprintln!("lora-train serve: stopping (Ctrl-C)"),
+                            _ = tokio::signal::ctrl_c() => eprintln!("lora-train: stopping (Ctrl-C)"),
                         }
                     } else {
                         let _ = rx.await;
@@ -157,4 +167,9 @@ impl Drop for HttpServer {
 /// Seconds since the epoch (the `created` fields).
 pub fn unix_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The message of a caught panic (`panic!` with a string literal or a formatted one).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic without a message".into())
 }

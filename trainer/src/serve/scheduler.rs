@@ -75,6 +75,29 @@ struct RowState {
     emitted: usize,
     pending: Vec<TokenInfo>,
     events: UnboundedSender<Event>,
+    /// The test-only failure of [`panic_trigger`] is armed by this row's request.
+    inject_panic: bool,
+}
+
+/// A test-only switch, read in debug builds only (a release binary never has it): with
+/// `LORA_TRAIN_SERVE_PANIC_AT_MAX_TOKENS=N` set, a decode step panics while a request that
+/// asked for `max_tokens` N runs. The serve tests use it to check that a panic inside the
+/// scheduler fails the requests it was serving with a 500 and the server goes on.
+fn panic_trigger() -> Option<usize> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    static TRIGGER: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *TRIGGER.get_or_init(|| std::env::var("LORA_TRAIN_SERVE_PANIC_AT_MAX_TOKENS").ok().and_then(|v| v.parse().ok()))
+}
+
+/// Run `f`, turning a panic into an error: a bug in one forward (a kernel's assertion,
+/// an index out of range) fails the requests in the batch, not the server.
+fn guarded<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => Err(anyhow::anyhow!("{what} panicked: {}", super::panic_message(panic.as_ref()))),
+    }
 }
 
 pub struct Scheduler {
@@ -121,7 +144,14 @@ impl Scheduler {
         let gone: Vec<u64> = self.rows.iter().filter(|(_, r)| r.events.is_closed()).map(|(&id, _)| id).collect();
         self.cancel(&gone);
         if !self.batch.is_empty() {
-            match self.batch.step(model) {
+            let inject = self.rows.values().any(|r| r.inject_panic);
+            let step = guarded("a decode step", || {
+                if inject {
+                    panic!("injected failure (LORA_TRAIN_SERVE_PANIC_AT_MAX_TOKENS)");
+                }
+                self.batch.step(model)
+            });
+            match step {
                 Ok((tokens, errors)) => {
                     for e in errors {
                         if let Some(r) = self.rows.remove(&e.id) {
@@ -141,15 +171,8 @@ impl Scheduler {
                     }
                     self.cancel(&done);
                 }
-                Err(e) => {
-                    // A failed forward leaves the batch in an unknown state: fail every row.
-                    let message = format!("generation failed: {e:#}");
-                    tracing::error!("{message}");
-                    for (_, r) in self.rows.drain() {
-                        let _ = r.events.send(Event::Error(message.clone()));
-                    }
-                    self.batch = DecodeBatch::new();
-                }
+                // A failed or panicked forward leaves the batch in an unknown state.
+                Err(e) => self.fail_all(&format!("generation failed: {e:#}")),
             }
         }
         controls
@@ -174,21 +197,19 @@ impl Scheduler {
             }
             let Some(job) = self.waiting.pop_front() else { break };
             let stop = std::sync::Arc::new(job.stop);
+            let inject_panic = job.rows.first().is_some_and(|r| Some(r.max_new_tokens) == panic_trigger());
             for (choice, r) in job.rows.iter().enumerate() {
-                let state = RowState { choice, tokens: Vec::new(), stop: stop.clone(), emitted: 0, pending: Vec::new(), events: job.events.clone() };
+                let state = RowState { choice, tokens: Vec::new(), stop: stop.clone(), emitted: 0, pending: Vec::new(), events: job.events.clone(), inject_panic };
                 self.rows.insert(r.id, state);
             }
             let ids: Vec<u64> = job.rows.iter().map(|r| r.id).collect();
-            match self.batch.admit(model, job.rows) {
+            match guarded("a prefill", || self.batch.admit(model, job.rows)) {
                 Ok(errors) if errors.is_empty() => {}
                 Ok(errors) => {
                     let _ = job.events.send(Event::Error(errors[0].message.clone()));
                     self.cancel(&ids);
                 }
-                Err(e) => {
-                    let _ = job.events.send(Event::Error(format!("prefill failed: {e:#}")));
-                    self.cancel(&ids);
-                }
+                Err(e) => self.fail_all(&format!("prefill failed: {e:#}")),
             }
         }
     }
@@ -200,13 +221,19 @@ impl Scheduler {
         for id in ids {
             self.rows.remove(id);
         }
-        if let Err(e) = self.batch.cancel(ids) {
-            tracing::error!("dropping rows from the batch failed: {e:#}; every running request fails");
-            for (_, r) in self.rows.drain() {
-                let _ = r.events.send(Event::Error(format!("{e:#}")));
-            }
-            self.batch = DecodeBatch::new();
+        if let Err(e) = guarded("dropping rows from the batch", || self.batch.cancel(ids)) {
+            self.fail_all(&format!("{e:#}"));
         }
+    }
+
+    /// Fail every running request with `message` (their handlers answer a 500 and log
+    /// it) and start over with an empty batch; the waiting requests run next.
+    fn fail_all(&mut self, message: &str) {
+        tracing::error!("{message}; the {} running rows fail", self.rows.len());
+        for (_, r) in self.rows.drain() {
+            let _ = r.events.send(Event::Error(message.to_string()));
+        }
+        self.batch = DecodeBatch::new();
     }
 
     /// Record row `id`'s new token and send what text is settled. Returns true when a

@@ -256,7 +256,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
 
 /// Candidates can share one process and one copy of the base when these agree.
 fn pack_key(cfg: &TrainConfig) -> String {
-    format!("{}|{:?}|{:?}|{}", cfg.model, cfg.dtype, cfg.base_dtype, cfg.max_sequence_length)
+    format!("{}|{:?}|{:?}|{}|{}", cfg.model, cfg.dtype, cfg.base_dtype, cfg.base_quant, cfg.max_sequence_length)
 }
 
 fn resolve_devices(opts: &SweepOptions) -> Result<Vec<DeviceSlot>> {

@@ -100,8 +100,6 @@ pub struct Estimate {
     pub tokens: u64,
 }
 
-/// Process overhead (allocator arenas, tokenizer, CUDA context) on top of tensors.
-const PROCESS_OVERHEAD: f64 = 0.35 * GIB;
 
 /// Memory and FLOPs of training `cfg` on `tokens` training tokens, with micro-batch rows
 /// of `row_len` tokens (the sequence length with packing, else the longest sample).
@@ -112,48 +110,39 @@ const PROCESS_OVERHEAD: f64 = 0.35 * GIB;
 /// product (3 x intermediate). On SmolLM2 at 4 x 256 (f32) this gives 1.2 GB for
 /// activations and 2.0 GB in all; `sft` measured 2.2 GB peak RSS (BENCHMARKS.md).
 pub fn estimate(m: &ModelConfig, cfg: &TrainConfig, tokens: u64, row_len: usize) -> Estimate {
-    let (h, i, l) = (m.hidden_size as f64, m.intermediate_size as f64, m.num_hidden_layers as f64);
+    use crate::config::CheckpointingArg;
+    use crate::memory::{self, BaseStorage, Workload};
+    let (h, l) = (m.hidden_size as f64, m.num_hidden_layers as f64);
     let q = (m.num_attention_heads * m.head_dim) as f64;
-    let kv = (m.num_key_value_heads * m.head_dim) as f64;
-    let per_layer_matmul = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+    let per_layer_matmul = memory::projection_parameters(m) / l;
     let vocab = m.vocab_size as f64 * h;
-    let base_params = base_parameters(m);
-    let base_bytes = base_params * dtype_bytes(cfg.base_dtype) + PROCESS_OVERHEAD;
-
-    let r = cfg.lora_rank as f64;
-    let dims = |module: &str| -> (f64, f64) {
-        match module {
-            "q_proj" => (h, q),
-            "k_proj" | "v_proj" => (h, kv),
-            "o_proj" => (q, h),
-            "gate_proj" | "up_proj" => (h, i),
-            "down_proj" => (i, h),
-            _ => (0.0, 0.0),
-        }
+    let seq = row_len.min(cfg.max_sequence_length);
+    let workload = Workload { rows: cfg.batch_size, row_len: seq, adapters: 1, rollout_rows: 0, rollout_len: 0 };
+    let storage = BaseStorage::from_quant(cfg.base_quant, dtype_bytes(cfg.base_dtype));
+    // `auto` checkpoints a quantized base; the run's own check may also turn it on when
+    // memory is short, which this estimate (made before devices are chosen) cannot know.
+    let checkpointing = match cfg.gradient_checkpointing {
+        CheckpointingArg::On => true,
+        CheckpointingArg::Off => false,
+        CheckpointingArg::Auto => matches!(cfg.base_quant, lora_models::BaseQuant::Nf4 | lora_models::BaseQuant::Int8),
     };
-    let lora_params: f64 = l * cfg.target_modules.iter().map(|t| dims(t)).map(|(a, b)| r * (a + b)).sum::<f64>();
-    let micro_tokens = (cfg.batch_size * row_len.min(cfg.max_sequence_length)) as f64;
-    let act_values_per_token = l * (6.0 * h + 2.0 * q + 2.0 * kv + 3.0 * i);
-    let activations = micro_tokens * act_values_per_token * dtype_bytes(cfg.dtype);
-    let own_bytes = lora_params * 16.0 + activations;
+    let p = memory::plan(m, storage, dtype_bytes(cfg.dtype), cfg.lora_rank, &cfg.target_modules, &workload, checkpointing);
+    let lora_params = p.lora_parameters as f64;
+    let own_bytes = p.lora_bytes + p.activation_bytes + p.workspace_bytes;
 
     // Forward 2 and backward-to-input 2 FLOPs per frozen matmul weight and token, 6 for
     // LoRA weights; attention 2 x 2 t d per token and layer forward (half of it causal),
-    // three times that with the backward.
-    let seq = row_len.min(cfg.max_sequence_length) as f64;
+    // three times that with the backward; checkpointing adds one forward (2 per weight).
+    let seq = seq as f64;
     let t = tokens as f64;
-    let flops = t * (4.0 * (l * per_layer_matmul + vocab) + 6.0 * lora_params + l * 6.0 * seq * q);
-    Estimate { base_bytes: base_bytes as u64, own_bytes: own_bytes as u64, lora_parameters: lora_params as u64, flops, tokens }
+    let recompute = if checkpointing { 2.0 * l * per_layer_matmul } else { 0.0 };
+    let flops = t * (4.0 * (l * per_layer_matmul + vocab) + recompute + 6.0 * lora_params + l * 6.0 * seq * q);
+    Estimate { base_bytes: p.base_bytes + p.process_bytes, own_bytes, lora_parameters: p.lora_parameters, flops, tokens }
 }
 
 /// Parameters of the frozen base (embeddings counted once when tied).
 pub fn base_parameters(m: &ModelConfig) -> f64 {
-    let (h, i, l) = (m.hidden_size as f64, m.intermediate_size as f64, m.num_hidden_layers as f64);
-    let q = (m.num_attention_heads * m.head_dim) as f64;
-    let kv = (m.num_key_value_heads * m.head_dim) as f64;
-    let per_layer_matmul = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
-    let vocab = m.vocab_size as f64 * h;
-    l * (per_layer_matmul + 2.0 * h) + vocab * if m.tie_word_embeddings { 1.0 } else { 2.0 } + h
+    crate::memory::base_parameters(m)
 }
 
 /// What the packer needs of a candidate.
@@ -379,7 +368,7 @@ mod tests {
         let e = estimate(&m, &cfg, 20 * 4 * 256, 256);
         let total = (e.base_bytes + e.own_bytes) as f64 / GIB;
         assert!((1.6..2.6).contains(&total), "{total} GiB");
-        let base_params = (e.base_bytes as f64 - PROCESS_OVERHEAD) / 4.0;
+        let base_params = (e.base_bytes as f64 - crate::memory::PROCESS_OVERHEAD) / 4.0;
         assert!((134e6..136e6).contains(&base_params), "{base_params} base params");
         assert_eq!(e.lora_parameters, 30 * 16 * (576 + 576 + 2 * (576 + 192) + 576 + 576 + 3 * (576 + 1536)));
     }

@@ -41,10 +41,7 @@ pub fn run_group(spec: &GroupSpec) -> Result<()> {
     let Some(first) = spec.members.first() else { bail!("empty group") };
     exit_with_parent();
     let base = &first.config;
-    let device = crate::device::parse_device(&spec.device)?;
-    let loaded = lora_models::load_model_mixed(&base.model, &device, base.dtype.to_candle(), base.base_dtype.to_candle())
-        .with_context(|| format!("loading model {}", base.model))?;
-    let (mut model, bundle, source) = (loaded.model, loaded.tokenizer, loaded.source);
+    let (mut model, bundle, source) = sft::load_base_on(base, &spec.device)?;
     // Candidates with the same data settings share the tokenized sets.
     let mut data: HashMap<String, std::rc::Rc<SftData>> = HashMap::new();
     let mut runs = Vec::new();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::common::*;
 
 /// Pairs whose chosen answer is a fixed code word and whose rejected answer is a refusal.
-fn write_pairs(dir: &Path, name: &str, n: usize) -> PathBuf {
+pub fn write_pairs(dir: &Path, name: &str, n: usize) -> PathBuf {
     let words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"];
     let mut text = String::new();
     for i in 0..n {

@@ -3,6 +3,7 @@
 //! instead of a new file under tests/.
 mod agent_e2e;
 mod common;
+mod dashboard_e2e;
 mod data_parallel;
 mod devices_cli;
 mod dpo_e2e;
@@ -14,7 +15,9 @@ mod jobs_e2e;
 mod pairs_compare;
 mod preference_golden;
 mod report_charts;
+mod report_to_e2e;
 mod serve_e2e;
+mod serve_hardening;
 mod sft_e2e;
 mod slurm_e2e;
 mod sweep_e2e;

@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -15,12 +16,14 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const KEY: &str = "sk-test-key";
+pub const KEY: &str = "sk-test-key";
 
 /// A running `serve`; killed when dropped.
 pub struct Server {
-    child: Child,
+    pub child: Child,
     pub url: String,
+    /// Everything the server wrote on stderr (its log) so far.
+    pub log: Arc<Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -33,11 +36,16 @@ impl Drop for Server {
 impl Server {
     /// Start `serve` with `args` on a free port; waits for its "listening on" line.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(bin())
             .arg("serve")
             .args(["--port", "0", "--device", "cpu"])
             .args(args)
             .env("LORA_TRAIN_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -57,8 +65,16 @@ impl Server {
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, url }
+        let log = Arc::new(Mutex::new(seen));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Server { child, url, log }
     }
 }
 
@@ -67,20 +83,20 @@ pub fn agent() -> ureq::Agent {
 }
 
 /// POST `body` as JSON (with the test key); (status, JSON body).
-fn post(url: &str, body: &Value) -> (u16, Value) {
+pub fn post(url: &str, body: &Value) -> (u16, Value) {
     let mut r = agent().post(url).header("Authorization", format!("Bearer {KEY}")).send_json(body).expect("request");
     let status = r.status().as_u16();
     (status, r.body_mut().read_json::<Value>().unwrap_or(Value::Null))
 }
 
-fn get(url: &str) -> (u16, Value) {
+pub fn get(url: &str) -> (u16, Value) {
     let mut r = agent().get(url).header("Authorization", format!("Bearer {KEY}")).call().expect("request");
     let status = r.status().as_u16();
     (status, r.body_mut().read_json::<Value>().unwrap_or(Value::Null))
 }
 
 /// Save three adapters of the tiny Llama with random B (so each answers differently).
-fn write_adapters(dir: &Path) -> Vec<String> {
+pub fn write_adapters(dir: &Path) -> Vec<String> {
     let model_dir = tiny("llama");
     let mut loaded = lora_models::load_model_mixed(&model_dir, &Device::Cpu, DType::F32, DType::F32).unwrap();
     let mut out = Vec::new();
@@ -102,7 +118,7 @@ fn write_adapters(dir: &Path) -> Vec<String> {
     out
 }
 
-fn start_with_adapters(tmp: &Path, extra: &[&str]) -> (Server, String) {
+pub fn start_with_adapters(tmp: &Path, extra: &[&str]) -> (Server, String) {
     let dirs = write_adapters(tmp);
     let model = tiny("llama");
     let specs: Vec<String> = ["a", "b", "c"].iter().zip(&dirs).map(|(n, d)| format!("{n}={d}")).collect();
@@ -114,16 +130,16 @@ fn start_with_adapters(tmp: &Path, extra: &[&str]) -> (Server, String) {
     (Server::start(&args), model)
 }
 
-fn chat_body(model: &str, user: &str, max_tokens: usize) -> Value {
+pub fn chat_body(model: &str, user: &str, max_tokens: usize) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": user}], "max_tokens": max_tokens, "temperature": 0})
 }
 
 /// The data lines of an SSE body, `[DONE]` included.
-fn sse_events(body: &str) -> Vec<String> {
+pub fn sse_events(body: &str) -> Vec<String> {
     body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
 }
 
-fn text_of(v: &Value) -> String {
+pub fn text_of(v: &Value) -> String {
     v["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("no content in {v}")).to_string()
 }
 

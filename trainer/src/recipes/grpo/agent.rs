@@ -122,6 +122,8 @@ impl AgentRollouts {
             jobs: tx,
             bundle: bundle.clone(),
             template: crate::chat::template_for(bundle)?,
+            // The agent's tool calls come back parsed, as from `serve` with its default.
+            tool_calls: crate::serve::tool_calls::ToolCallFormat::detect(bundle.chat_template.as_deref()),
             models: Models::Agent(registry.clone()),
             api_key: None,
             limits: Limits { max_model_len, max_tokens: grpo.max_completion_length, max_n: 1, max_body_bytes: 16 << 20 },

@@ -161,11 +161,7 @@ pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, agent_opts: &agent::AgentOptio
     // ---- 2. Prompts, model, evaluators -----------------------------------------------------
     let (train_ds, eval_ds) = super::sft::load_split_with(cfg, prompts::load_prompt_dataset)?;
     let mut ctx = eval_args.context()?;
-    let device = crate::device::parse_device(&cfg.device)?;
-    tracing::info!("loading {} ({:?})", cfg.model, device);
-    let loaded = lora_models::load_model_mixed(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle())
-        .with_context(|| format!("loading model {}", cfg.model))?;
-    let (mut model, bundle, base_source) = (loaded.model, loaded.tokenizer, loaded.source);
+    let (mut model, bundle, base_source) = super::sft::load_base(cfg)?;
     let train = prompts::tokenize_prompts(&bundle, &train_ds)?;
     let eval = eval_ds.as_ref().map(|d| prompts::tokenize_prompts(&bundle, d)).transpose()?;
     fill_context(&mut ctx, &bundle, train.iter().chain(eval.iter().flatten()));
@@ -516,6 +512,14 @@ impl Method for Grpo {
         let cycle = self.cycle.as_ref().filter(|c| c.index == step / self.opts.num_iterations).context("no rollouts sampled for this step")?;
         let all: Vec<usize> = (0..cycle.rollouts.len()).collect();
         Ok(all.chunks(self.batch_size).map(|members| self.batch(cycle, members)).collect())
+    }
+
+    /// Rollouts exist only once the step samples them: bound the micro-batch by the
+    /// longest prompt plus --max-completion-length, with the reference rows when beta > 0.
+    fn largest_micro_batch(&self) -> Result<(usize, usize)> {
+        let longest_prompt = self.prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+        let rows = self.batch_size * if self.terms.beta > 0.0 { 2 } else { 1 };
+        Ok((rows, longest_prompt + self.opts.max_completion_length))
     }
 
     fn inputs(&self, b: &GrpoBatch) -> Vec<InputRows> {

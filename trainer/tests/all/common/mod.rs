@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
 
 pub fn bin() -> String {
     // Worktrees that share one target directory replace each other's binary there;
@@ -70,4 +71,27 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
+}
+
+/// Spawn a server command (`serve`, `dashboard`) with `--port 0` among its args and wait
+/// for its `BANNER http://ADDR` line on stderr; returns the child and the URL.
+pub fn spawn_listening(mut cmd: Command, banner: &str) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn lora-train");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(addr) = line.strip_prefix(banner) {
+                    break addr.trim().to_string();
+                }
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            _ => panic!("the server exited before listening:\n{seen}"),
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
 }
