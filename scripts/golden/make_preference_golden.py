@@ -14,9 +14,15 @@ the pairs of tests/golden/preference_pairs.jsonl:
 - sequence log-probs (sum over completion tokens) of the policy (base + adapter) and of the
   reference (the base: adapter disabled), transformers eager attention, f32;
 - DPO: `trl.DPOTrainer._compute_loss` itself (TRL pinned in requirements.txt; see
-  the comment in main about the first trainer) on one batch of all pairs ([chosen..., rejected...], right padding), for loss types sigmoid, ipo, hinge and
-  robust (label_smoothing 0.1), beta 0.1: the loss, TRL's logged metrics, and d loss / d LoRA
-  tensor by autograd (the loss is TRL's mean over pairs);
+  the comment in main about the first trainer) on one batch of all pairs ([chosen..., rejected...], right padding), for loss types sigmoid, ipo, hinge,
+  robust (label_smoothing 0.1), sigmoid_norm, apo_zero, apo_down and bco_pair, beta 0.1: the
+  loss, TRL's logged metrics, and d loss / d LoRA tensor by autograd (the loss is TRL's mean
+  over pairs);
+- DPO with an `sft` term: `sft` alone and TRL's combination `loss_type=["sigmoid", "sft"]`,
+  `loss_weights=[1.0, 0.5]`, each pair as its own batch (TRL's sft term is the NLL per token
+  over all chosen tokens of a batch; with one pair per batch it is the per-pair mean that
+  trainer/src/recipes/dpo.rs uses), loss, metrics and gradients averaged over the pairs; the
+  combination also records each term alone (`loss_term_sigmoid`, `loss_term_sft`);
 - ORPO: `trl.experimental.orpo.ORPOTrainer.odds_ratio_loss` on the mean per-token log-probs,
   and the loss mean_pairs(-m_w) - mean_pairs(beta * log sigmoid(log_odds)) (the NLL term as a
   per-pair mean, see trainer/src/recipes/orpo.rs), with its gradients.
@@ -45,7 +51,9 @@ PAIRS = os.path.join(GOLDEN, "preference_pairs.jsonl")
 MODELS = ["llama-tiny", "qwen2-tiny", "qwen3-tiny"]
 BETA = 0.1
 ROBUST_SMOOTHING = 0.1
-DPO_LOSSES = ["sigmoid", "ipo", "hinge", "robust"]
+DPO_LOSSES = ["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "bco_pair"]
+# Combinations with an sft term, computed pair by pair: name -> (loss types, weights).
+PER_PAIR_LOSSES = {"sft": (["sft"], [1.0]), "sigmoid+sft": (["sigmoid", "sft"], [1.0, 0.5])}
 
 
 def as_messages(value, role):
@@ -119,7 +127,7 @@ def zero_grads(model):
         p.grad = None
 
 
-def dpo_trainer(model, ref_model, tok, loss_type, out_dir, pairs):
+def dpo_trainer(model, ref_model, tok, loss_types, out_dir, pairs, loss_weights=None):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -127,8 +135,9 @@ def dpo_trainer(model, ref_model, tok, loss_type, out_dir, pairs):
     args = DPOConfig(
         output_dir=out_dir,
         beta=BETA,
-        loss_type=[loss_type],
-        label_smoothing=ROBUST_SMOOTHING if loss_type == "robust" else 0.0,
+        loss_type=list(loss_types),
+        loss_weights=loss_weights,
+        label_smoothing=ROBUST_SMOOTHING if "robust" in loss_types else 0.0,
         report_to="none",
         use_cpu=True,
         per_device_train_batch_size=len(pairs),
@@ -139,6 +148,37 @@ def dpo_trainer(model, ref_model, tok, loss_type, out_dir, pairs):
     # An explicit reference (the base): given a PeftModel alone, TRL would copy its adapter
     # as the reference ("ref"), which is `dpo --adapter INIT`, not a fresh adapter's DPO.
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+
+
+def trl_metrics(trainer):
+    """TRL's logged metrics of the calls so far, averaged, under the golden's names."""
+    m = trainer._metrics["train"]
+    mean = lambda key: sum(m[key]) / len(m[key])  # noqa: E731
+    return {
+        "rewards_chosen": mean("rewards/chosen"),
+        "rewards_rejected": mean("rewards/rejected"),
+        "rewards_accuracy": mean("rewards/accuracies"),
+        "rewards_margin": mean("rewards/margins"),
+        "logps_chosen": mean("logps/chosen"),
+        "logps_rejected": mean("logps/rejected"),
+    }
+
+
+def pair_inputs(inputs, k, i):
+    """Pair i alone: its chosen and rejected rows of the batch of all pairs."""
+    return {key: v[[i, k + i]] for key, v in inputs.items()}
+
+
+def per_pair_loss(trainer, model, inputs, k, backward):
+    """TRL's loss with each pair as its own batch, averaged over the pairs (and its
+    gradient, when `backward`)."""
+    total = 0.0
+    for i in range(k):
+        loss = trainer._compute_loss(trainer.model, pair_inputs(inputs, k, i), False) / k
+        if backward:
+            loss.backward()
+        total += loss.item()
+    return total
 
 
 def main():
@@ -186,24 +226,27 @@ def main():
             # on CPU: sigmoid loss 0.7712 instead of 0.7765 on qwen2-tiny; not investigated
             # further); every trainer built after it agrees with them. So one is built and
             # thrown away first.
-            dpo_trainer(model, ref_model, tok, "sigmoid", tmp, pairs)
+            dpo_trainer(model, ref_model, tok, ["sigmoid"], tmp, pairs)
             for loss_type in DPO_LOSSES:
-                trainer = dpo_trainer(model, ref_model, tok, loss_type, tmp, pairs)
+                trainer = dpo_trainer(model, ref_model, tok, [loss_type], tmp, pairs)
                 zero_grads(model)
                 loss = trainer._compute_loss(trainer.model, dict(inputs), False)
                 loss.backward()
-                m = {key: vals[-1] for key, vals in trainer._metrics["train"].items() if vals}
-                entry["losses"][loss_type] = {
-                    "loss": loss.item(),
-                    "rewards_chosen": m["rewards/chosen"],
-                    "rewards_rejected": m["rewards/rejected"],
-                    "rewards_accuracy": m["rewards/accuracies"],
-                    "rewards_margin": m["rewards/margins"],
-                    "logps_chosen": m["logps/chosen"],
-                    "logps_rejected": m["logps/rejected"],
-                }
+                entry["losses"][loss_type] = {"loss": loss.item(), **trl_metrics(trainer)}
                 for key, g in lora_grads(model).items():
                     grads[f"{loss_type}.{key}"] = g
+            for combo, (loss_types, weights) in PER_PAIR_LOSSES.items():
+                trainer = dpo_trainer(model, ref_model, tok, loss_types, tmp, pairs, loss_weights=weights)
+                zero_grads(model)
+                loss = per_pair_loss(trainer, model, inputs, k, backward=True)
+                entry["losses"][combo] = {"loss": loss, "loss_types": loss_types, "loss_weights": weights, **trl_metrics(trainer)}
+                for key, g in lora_grads(model).items():
+                    grads[f"{combo}.{key}"] = g
+                if len(loss_types) > 1:
+                    for t in loss_types:
+                        alone = dpo_trainer(model, ref_model, tok, [t], tmp, pairs)
+                        with torch.no_grad():
+                            entry["losses"][combo][f"loss_term_{t}"] = per_pair_loss(alone, model, inputs, k, backward=False)
         # ORPO: TRL's odds-ratio term on mean per-token log-probs, NLL as a per-pair mean.
         zero_grads(model)
         sums, counts = sequence_logps(model, ids, att, comp)

@@ -1,4 +1,5 @@
-//! The training progress bar on stderr: step, loss, lr, tokens/s, ETA.
+//! The training progress bar on stderr: step, the method's loss and quantities (its
+//! `report_spec`), lr, tokens/s, ETA.
 //!
 //! When stderr is not a terminal the bar is hidden and a plain log line is printed every
 //! `log_every` steps instead, so logs of batch jobs still show progress.
@@ -51,14 +52,14 @@ impl TrainProgress {
         self.bar.set_prefix(prefix.to_string());
     }
 
-    /// Record a finished optimizer step.
-    /// `extra` (method metrics) goes between the loss and the learning rate.
-    pub fn step(&mut self, step: usize, loss: f64, lr: f64, step_tokens: u64, extra: &str) {
+    /// Record a finished optimizer step: `loss_label` names what the method's loss is
+    /// (`loss per pair`, ...); `extra` (the method's quantities) goes between the loss and
+    /// the learning rate.
+    pub fn step(&mut self, step: usize, loss_label: &str, loss: f64, lr: f64, step_tokens: u64, extra: &str) {
         self.tokens_since_start += step_tokens;
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let tps = self.tokens_since_start as f64 / secs;
-        let extra = if extra.is_empty() { String::new() } else { format!("{extra} ") };
-        let msg = format!("loss {loss:.4} {extra}lr {lr:.2e} {tps:.0} tok/s");
+        let msg = step_message(loss_label, loss, extra, lr, tps);
         self.bar.set_position(step as u64);
         self.bar.set_message(msg.clone());
         if !self.tty && !self.quiet && (step % self.log_every == 0 || step as u64 == self.total) {
@@ -85,6 +86,12 @@ impl TrainProgress {
     }
 }
 
+/// `loss per pair 0.6931 | reward acc 0.750 margin 0.120 | lr 5.00e-4 812 tok/s`
+fn step_message(loss_label: &str, loss: f64, extra: &str, lr: f64, tps: f64) -> String {
+    let extra = if extra.is_empty() { String::new() } else { format!("| {extra} ") };
+    format!("{loss_label} {loss:.4} {extra}| lr {lr:.2e} {tps:.0} tok/s")
+}
+
 pub fn fmt_duration(secs: f64) -> String {
     let s = secs.max(0.0).round() as u64;
     if s >= 3600 {
@@ -103,5 +110,14 @@ mod tests {
         assert_eq!(super::fmt_duration(5.04), "5.0s");
         assert_eq!(super::fmt_duration(125.0), "2m05s");
         assert_eq!(super::fmt_duration(3725.0), "1h02m05s");
+    }
+
+    #[test]
+    fn the_step_line_names_the_method_quantities() {
+        assert_eq!(super::step_message("loss per token", 1.5, "", 1e-3, 100.0), "loss per token 1.5000 | lr 1.00e-3 100 tok/s");
+        assert_eq!(
+            super::step_message("surrogate loss", -0.01, "reward 0.3440 reward std 0.2000", 2e-4, 50.0),
+            "surrogate loss -0.0100 | reward 0.3440 reward std 0.2000 | lr 2.00e-4 50 tok/s"
+        );
     }
 }

@@ -43,9 +43,14 @@ pub struct Args {
     pub train: super::sft::Args,
     #[command(flatten)]
     pub pairs: PairArgs,
-    /// DPO loss: sigmoid (the DPO paper), ipo, hinge (SLiC), robust (with --label-smoothing).
-    #[arg(long, value_enum, default_value_t = LossType::Sigmoid, help_heading = "Preference pairs")]
-    pub loss_type: LossType,
+    /// DPO loss, or several summed (TRL's loss_type list): sigmoid (the DPO paper), ipo,
+    /// hinge (SLiC), robust (with --label-smoothing), sigmoid_norm (per-token log-ratios),
+    /// apo_zero, apo_down, bco_pair, sft (NLL of the chosen answer). E.g. `sigmoid,sft`.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [LossType::Sigmoid], help_heading = "Preference pairs")]
+    pub loss_type: Vec<LossType>,
+    /// Weights of the --loss-type terms, one each (TRL's loss_weights). [default: 1 each]
+    #[arg(long, value_delimiter = ',', help_heading = "Preference pairs")]
+    pub loss_weights: Option<Vec<f64>>,
     /// Assumed fraction of flipped labels for --loss-type robust, in [0, 0.5).
     #[arg(long, default_value_t = 0.0, help_heading = "Preference pairs")]
     pub label_smoothing: f64,
@@ -60,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn train(args: &Args) -> Result<()> {
-    let objective = Dpo::new(args.pairs.beta, args.loss_type, args.label_smoothing)?;
+    let objective = Dpo::combined(args.pairs.beta, args.loss_type.clone(), args.loss_weights.clone(), args.label_smoothing)?;
     let pairs = args.pairs.options(args.precompute_ref_logps)?;
     let summary = preference::run(&args.train.resolve()?, &pairs, objective, &args.train.run_options())?;
     args.train.finish(&summary)

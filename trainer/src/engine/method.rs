@@ -8,6 +8,8 @@ use anyhow::Result;
 use candle_core::Tensor;
 use lora_models::Model;
 
+use crate::report::ReportSpec;
+
 /// Token rows of one micro-batch, row-major `[batch_size, seq_len]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputRows {
@@ -109,9 +111,11 @@ pub trait Method {
     fn reference_adapter(&self) -> Option<&str> {
         None
     }
-    /// Metrics from [`MicroLoss::metrics`] worth showing on the progress line.
-    fn progress_metrics(&self) -> &'static [&'static str] {
-        &[]
+    /// What the method's report, progress line and summary show: its headline number,
+    /// its quantities and charts (`metrics.jsonl` keys), its warnings. The default is the
+    /// loss alone, so a new method brings its own report by overriding this.
+    fn report_spec(&self) -> ReportSpec {
+        ReportSpec::loss_only()
     }
     /// Evaluate the model as routed now (the engine routes every row through the run's
     /// adapter and turns inference mode on); None when there is no held-out data.

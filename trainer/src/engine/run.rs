@@ -43,6 +43,8 @@ pub struct RunSummary {
     pub elapsed_s: f64,
     pub tokens_per_s: f64,
     pub resumed_from_step: Option<usize>,
+    /// The method's headline number (its `report_spec`) before and after training.
+    pub story: Option<report::Story>,
 }
 
 /// Options that change how a run is driven, not what it computes.
@@ -86,6 +88,8 @@ pub struct Run<M: Method> {
     metrics: MetricsWriter,
     eval_interval: usize,
     progress: TrainProgress,
+    /// What the method reports (`Method::report_spec`), asked once.
+    spec: report::ReportSpec,
     quiet: bool,
     initial_eval: Option<f64>,
     start_step: usize,
@@ -171,6 +175,7 @@ impl<M: Method> Run<M> {
             state,
             metrics,
             progress,
+            spec: method.report_spec(),
             quiet: opts.quiet,
             initial_eval: None,
             started: Instant::now(),
@@ -209,11 +214,11 @@ impl<M: Method> Run<M> {
             return Ok(());
         }
         if let Some(ev) = self.evaluate(model)? {
-            self.progress.println(&format!("{}step 0: eval loss {:.4}{}", self.label(), ev.loss, fmt_ppl(&ev)));
             self.initial_eval = Some(ev.loss);
             self.state.last_eval_loss = Some(ev.loss);
             let mut row = MetricsRow { step: 0, epoch: Some(0.0), tokens: 0, elapsed_s: self.elapsed(), ..Default::default() };
             put_eval(&mut row, &ev);
+            self.progress.println(&format!("{}step 0: {}", self.label(), self.spec.eval_line(&row)));
             self.metrics.write(&row)?;
         }
         Ok(())
@@ -248,10 +253,9 @@ impl<M: Method> Run<M> {
         st.loss_tokens_seen += sums.loss_tokens as u64;
         st.last_loss = Some(loss);
         let micro = sums.micro_batches.max(1) as f64;
-        let shown: Vec<String> = (self.method.progress_metrics().iter())
-            .filter_map(|&k| sums.metric_sums.get(k).map(|v| format!("{k} {:.3}", v / micro)))
-            .collect();
-        self.progress.step(st.step, loss, lr, sums.tokens as u64, &shown.join(" "));
+        let mut method_metrics: BTreeMap<String, f64> = sums.metric_sums.iter().map(|(k, v)| (k.clone(), v / micro)).collect();
+        method_metrics.extend(self.method.step_metrics());
+        self.progress.step(st.step, self.spec.loss_label, loss, lr, sums.tokens as u64, &self.spec.progress_line(&method_metrics));
         let mut row = MetricsRow {
             step: st.step,
             epoch: Some(st.step as f64 / steps_per_epoch as f64),
@@ -260,23 +264,29 @@ impl<M: Method> Run<M> {
             grad_norm: Some(grad_norm),
             tokens: st.tokens_seen,
             loss_tokens: Some(sums.loss_tokens as u64),
-            extra: sums.metric_sums.iter().map(|(k, v)| (k.clone(), serde_json::json!(v / micro))).collect(),
+            extra: method_metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect(),
             ..Default::default()
         };
-        for (k, v) in self.method.step_metrics() {
-            row.extra.insert(k, serde_json::json!(v));
-        }
         let last_step = self.state.step == self.total_steps;
+        let mut evaluated = false;
         if self.state.step % self.eval_interval == 0 || last_step {
             if let Some(ev) = self.evaluate(model)? {
-                self.progress.println(&format!("{}step {}: train loss {loss:.4}, eval loss {:.4}{}", self.label(), self.state.step, ev.loss, fmt_ppl(&ev)));
                 self.state.last_eval_loss = Some(ev.loss);
                 put_eval(&mut row, &ev);
+                let (label, loss_label) = (self.label(), self.spec.loss_label);
+                self.progress.println(&format!("{label}step {}: train {loss_label} {loss:.4}, {}", self.state.step, self.spec.eval_line(&row)));
+                evaluated = true;
             }
         }
         self.state.elapsed_s = self.elapsed();
         row.elapsed_s = self.state.elapsed_s;
         self.metrics.write(&row)?;
+        if evaluated {
+            // The method's warnings (e.g. DPO over-optimizing) read the rows written so far.
+            for warning in (self.spec.diagnose)(&metrics::read_metrics(self.metrics.path())?) {
+                self.progress.println(&format!("{}warning: {warning}", self.label()));
+            }
+        }
         crate::jobs::on_step(self.state.step, self.total_steps, Some(loss));
         if self.state.step % self.cfg.checkpoint_interval == 0 || last_step {
             self.save_checkpoint(model)?;
@@ -320,7 +330,7 @@ impl<M: Method> Run<M> {
         let last = checkpoint::latest_checkpoint(out).ok().flatten();
         run_dir::write_run_json(out, self.method.name(), &self.cfg, RunStatus::Diverged, None::<&RunSummary>)?;
         let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_default();
-        report::write_report(out, &format!("{} run (diverged)", self.method.name().to_uppercase()), &[], &serde_json::to_value(&self.cfg)?, &rows)?;
+        report::write_report(out, &format!("{} run (diverged)", self.method.name().to_uppercase()), &self.spec, &[], &serde_json::to_value(&self.cfg)?, &rows)?;
         self.status = RunStatus::Diverged;
         self.failure = Some(format!(
             "training diverged at step {step}: {what}. Stopped before saving anything from this step; {}. \
@@ -342,7 +352,7 @@ impl<M: Method> Run<M> {
         let out = &self.cfg.output;
         run_dir::write_run_json(out, self.method.name(), &self.cfg, RunStatus::Stopped, None::<&RunSummary>)?;
         let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_default();
-        report::write_report(out, &format!("{} run (stopped early)", self.method.name().to_uppercase()), &[], &serde_json::to_value(&self.cfg)?, &rows)?;
+        report::write_report(out, &format!("{} run (stopped early)", self.method.name().to_uppercase()), &self.spec, &[], &serde_json::to_value(&self.cfg)?, &rows)?;
         self.status = RunStatus::Stopped;
         let kept = checkpoint.map_or("no checkpoint".to_string(), |d| format!("checkpoint {} kept", d.display()));
         self.failure = Some(format!("{}stopped at step {} of {}: {reason} ({kept}; no final adapter)", self.label(), self.state.step, self.total_steps));
@@ -377,33 +387,33 @@ impl<M: Method> Run<M> {
             elapsed_s: st.elapsed_s,
             tokens_per_s: if segment_secs > 0.0 { segment_tokens as f64 / segment_secs } else { 0.0 },
             resumed_from_step: self.resumed_from,
+            story: self.spec.story(&rows),
         };
         run_dir::write_run_json(&out, self.method.name(), &self.cfg, RunStatus::Completed, Some(&summary))?;
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
         let report_summary = vec![
             ("model".to_string(), self.cfg.model.clone()),
             ("steps".to_string(), format!("{} ({:.2} epochs)", summary.steps, summary.epochs)),
-            ("final train loss".to_string(), f(summary.train_loss)),
-            ("eval loss before -> after".to_string(), format!("{} -> {}", f(summary.initial_eval_loss), f(summary.eval_loss))),
             ("tokens trained on".to_string(), summary.tokens.to_string()),
             ("training time".to_string(), fmt_duration(summary.elapsed_s)),
             ("adapter".to_string(), format!("`{}`", out.display())),
         ];
         let title = format!("{} run", self.method.name().to_uppercase());
-        report::write_report(&out, &title, &report_summary, &serde_json::to_value(&self.cfg)?, &rows)?;
+        report::write_report(&out, &title, &self.spec, &report_summary, &serde_json::to_value(&self.cfg)?, &rows)?;
         let card = CardFacts { method: self.method.name(), config: &self.cfg, summary: &serde_json::to_value(&summary)?, data_fingerprint: st.data_fingerprint.as_deref() };
         model_card::write_model_card(&out, &card)?;
         if !self.quiet {
+            let story = summary.story.as_ref().map_or("no evaluation".to_string(), |s| s.to_string());
             eprintln!(
-                "\n{}Done: {} steps in {}, {} tokens ({:.0} tok/s).\n  train loss {}   eval loss {} -> {}\n  adapter: {}  (report: {})\n  try it:  lora-train generate --model {} --adapter {} --chat \"Hello\"",
+                "\n{}Done: {} steps in {}, {} tokens ({:.0} tok/s).\n  train {} {}   {}\n  adapter: {}  (report: {})\n  try it:  lora-train generate --model {} --adapter {} --chat \"Hello\"",
                 self.label(),
                 summary.steps,
                 fmt_duration(summary.elapsed_s),
                 summary.tokens,
                 summary.tokens_per_s,
+                self.spec.loss_label,
                 f(summary.train_loss),
-                f(summary.initial_eval_loss),
-                f(summary.eval_loss),
+                story,
                 out.display(),
                 out.join(report::REPORT_FILE).display(),
                 self.cfg.model,
@@ -418,10 +428,6 @@ impl<M: Method> Run<M> {
     pub fn output(&self) -> &Path {
         &self.cfg.output
     }
-}
-
-fn fmt_ppl(ev: &EvalOutput) -> String {
-    ev.perplexity.map(|p| format!(" (perplexity {p:.2})")).unwrap_or_default()
 }
 
 fn put_eval(row: &mut MetricsRow, ev: &EvalOutput) {

@@ -16,7 +16,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::dpo::log_sigmoid;
-use super::preference::{reward_metrics, PairLogps, PairLosses, PairObjective};
+use super::preference::{pair_report_spec, reward_metrics, PairLogps, PairLosses, PairObjective};
+use crate::report::{q, ChartSpec, ReportSpec};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Orpo {
@@ -58,5 +59,28 @@ impl PairObjective for Orpo {
         let mut metrics = reward_metrics(rewards_chosen, rewards_rejected, &m_w, &m_l)?;
         metrics.extend([("nll_loss", nll.detach()), ("log_odds_ratio", ratio.detach()), ("log_odds_chosen", log_odds.detach())]);
         Ok(PairLosses { losses, metrics })
+    }
+
+    fn report_spec(&self) -> ReportSpec {
+        let mut spec = pair_report_spec(
+            "held-out ORPO loss per pair",
+            "ORPO loss per pair",
+            vec![q("loss", "train loss"), q("eval_loss", "eval loss")],
+            "Log-probs of the completions (mean per token)",
+        );
+        spec.charts.push(ChartSpec {
+            file: "odds_ratio.svg",
+            title: "ORPO's terms: NLL of the chosen answer and the odds ratio",
+            y_label: "nats",
+            series: vec![
+                q("nll_loss", "nll_loss"),
+                q("log_odds_ratio", "log_odds_ratio"),
+                q("log_odds_chosen", "log_odds_chosen"),
+                q("eval_nll_loss", "eval_nll_loss"),
+                q("eval_log_odds_ratio", "eval_log_odds_ratio"),
+                q("eval_log_odds_chosen", "eval_log_odds_chosen"),
+            ],
+        });
+        spec
     }
 }

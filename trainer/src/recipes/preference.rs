@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, Run, RunOptions, RunSummary};
 use crate::pair_data::{self, PairSet};
+use crate::report::{q, ChartSpec, Quantity, ReportSpec, SVG_FILE};
 use crate::recipes::sft;
 
 /// The adapter `--adapter INIT` is loaded as: the policy starts from a copy of it, and
@@ -91,6 +92,63 @@ pub trait PairObjective: Serialize {
     /// Whether the loss compares against a reference model.
     fn uses_reference(&self) -> bool;
     fn losses(&self, policy: &PairLogps, reference: Option<&PairLogps>) -> Result<PairLosses>;
+    /// What the run's report, progress line and summary show (see [`pair_report_spec`]).
+    fn report_spec(&self) -> ReportSpec;
+}
+
+/// The report of a pair method: its loss per pair (`loss_series`: the loss and its terms)
+/// as the headline, and TRL's `rewards/*` and `logps/*` quantities (the `metrics.jsonl`
+/// keys of [`reward_metrics`]), train and held-out, one chart per family.
+pub fn pair_report_spec(headline: &'static str, loss_title: &'static str, loss_series: Vec<Quantity>, logps_title: &'static str) -> ReportSpec {
+    ReportSpec {
+        headline: q("eval_loss", headline),
+        higher_is_better: false,
+        loss_label: "loss per pair",
+        progress: vec![q("rewards_accuracy", "rewards/accuracies"), q("rewards_margin", "rewards/margins"), q("logps_chosen", "logps/chosen")],
+        eval: vec![
+            q("eval_loss", "eval loss per pair"),
+            q("eval_rewards_accuracy", "eval_rewards/accuracies"),
+            q("eval_rewards_margin", "eval_rewards/margins"),
+            q("eval_rewards_chosen", "eval_rewards/chosen"),
+            q("eval_rewards_rejected", "eval_rewards/rejected"),
+            q("eval_logps_chosen", "eval_logps/chosen"),
+            q("eval_logps_rejected", "eval_logps/rejected"),
+        ],
+        charts: vec![
+            ChartSpec { file: SVG_FILE, title: loss_title, y_label: "loss per pair", series: loss_series },
+            ChartSpec {
+                file: "rewards.svg",
+                title: "Rewards of the chosen and rejected completions, and their margin",
+                y_label: "reward",
+                series: vec![
+                    q("rewards_chosen", "rewards/chosen"),
+                    q("rewards_rejected", "rewards/rejected"),
+                    q("rewards_margin", "rewards/margins"),
+                    q("eval_rewards_chosen", "eval_rewards/chosen"),
+                    q("eval_rewards_rejected", "eval_rewards/rejected"),
+                    q("eval_rewards_margin", "eval_rewards/margins"),
+                ],
+            },
+            ChartSpec {
+                file: "accuracy.svg",
+                title: "Reward accuracy (pairs whose chosen reward is higher)",
+                y_label: "fraction of pairs",
+                series: vec![q("rewards_accuracy", "rewards/accuracies"), q("eval_rewards_accuracy", "eval_rewards/accuracies")],
+            },
+            ChartSpec {
+                file: "logps.svg",
+                title: logps_title,
+                y_label: "log-prob",
+                series: vec![
+                    q("logps_chosen", "logps/chosen"),
+                    q("logps_rejected", "logps/rejected"),
+                    q("eval_logps_chosen", "eval_logps/chosen"),
+                    q("eval_logps_rejected", "eval_logps/rejected"),
+                ],
+            },
+        ],
+        ..ReportSpec::loss_only()
+    }
 }
 
 /// Mean loss and mean metrics of `objective` over whole sets of scored pairs.
@@ -330,8 +388,8 @@ impl<O: PairObjective> Method for Preference<O> {
         self.reference_adapter.as_deref()
     }
 
-    fn progress_metrics(&self) -> &'static [&'static str] {
-        &["rewards_accuracy", "rewards_margin"]
+    fn report_spec(&self) -> ReportSpec {
+        self.objective.report_spec()
     }
 
     /// Mean loss and metrics over the held-out pairs (the engine routes every row through

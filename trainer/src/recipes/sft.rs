@@ -19,6 +19,7 @@ use lora_models::{Model, TokenizerBundle};
 use crate::config::TrainConfig;
 use crate::data::{self, TokenizedSet};
 use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, Run, RunOptions, RunSummary};
+use crate::report::{q, ChartSpec, ReportSpec, SVG_FILE};
 
 /// Train one adapter as `cfg` says; the summary `sft --json` prints.
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
@@ -155,8 +156,28 @@ impl Sft {
     }
 }
 
+/// SFT's report: the loss per loss token and the perplexity, train and held-out.
+pub fn report_spec() -> ReportSpec {
+    ReportSpec {
+        headline: q("eval_loss", "eval loss per token"),
+        higher_is_better: false,
+        loss_label: "loss per token",
+        progress: Vec::new(),
+        eval: vec![q("eval_loss", "eval loss per token"), q("eval_perplexity", "eval perplexity")],
+        charts: vec![
+            ChartSpec { file: SVG_FILE, title: "Loss per loss token", y_label: "loss (nats per token)", series: vec![q("loss", "train loss"), q("eval_loss", "eval loss")] },
+            ChartSpec { file: "perplexity.svg", title: "Eval perplexity", y_label: "perplexity", series: vec![q("eval_perplexity", "eval perplexity")] },
+        ],
+        ..ReportSpec::loss_only()
+    }
+}
+
 impl Method for Sft {
     type Batch = Batch;
+
+    fn report_spec(&self) -> ReportSpec {
+        report_spec()
+    }
 
     fn name(&self) -> &'static str {
         "sft"

@@ -61,7 +61,7 @@ fn dpo_trains_logs_trl_metrics_and_resumes_bit_identically() {
     assert!(last["eval_rewards_margin"].as_f64().unwrap() > 0.0, "the margin did not grow: {last}");
     assert!(last["loss"].as_f64().unwrap() < std::f64::consts::LN_2);
     let report = std::fs::read_to_string(full.join("report.md")).unwrap();
-    assert!(report.contains("eval_rewards_accuracy"), "{report}");
+    assert!(report.contains("eval_rewards/accuracies") && report.contains("> held-out DPO loss per pair 0.6931 -> "), "{report}");
 
     // Killed after step 3: only checkpoint step-2 (and the run's files) remain.
     let cut = tmp.path().join("cut");
@@ -169,4 +169,31 @@ fn bad_pairs_are_reported_by_file_and_line() {
     for (line, what) in [(2, "`chosen` is empty"), (3, "role `user`"), (4, "missing field `chosen`")] {
         assert!(err.contains(&format!("bad.jsonl:{line}: ")) && err.contains(what), "line {line} ({what}) not reported:\n{err}");
     }
+}
+
+/// `--loss-type sigmoid,sft --loss-weights 1,0.5`: the first loss is ln 2 (the sigmoid
+/// term of a fresh adapter) plus half the chosen answers' NLL per token, each term is
+/// logged, and a weight count that does not match is refused.
+#[test]
+fn combined_loss_types_add_their_weighted_terms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), "pairs.jsonl", 8).display().to_string();
+    let m = tiny("qwen2");
+    let out = tmp.path().join("rpo");
+    let o = out.display().to_string();
+    let mut extra = COMMON.to_vec();
+    extra.extend(["--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5"]);
+    ok(&with_model(args("dpo", &data, &o, &extra), &m));
+    let rows = metrics(&out);
+    let first = rows.iter().find(|r| r["step"] == 1).unwrap();
+    let (sigmoid, sft) = (first["loss_term_sigmoid"].as_f64().unwrap(), first["loss_term_sft"].as_f64().unwrap());
+    assert!((sigmoid - std::f64::consts::LN_2).abs() < 1e-6 && sft > 0.0, "{first}");
+    assert!((first["loss"].as_f64().unwrap() - (sigmoid + 0.5 * sft)).abs() < 1e-5, "{first}");
+    assert!(rows.last().unwrap()["eval_loss_term_sft"].as_f64().unwrap() < sft, "the sft term did not fall");
+
+    let bad = tmp.path().join("bad").display().to_string();
+    let mut extra = COMMON.to_vec();
+    extra.extend(["--loss-type", "sigmoid,sft", "--loss-weights", "1"]);
+    let err = run(&with_model(args("dpo", &data, &bad, &extra), &m));
+    assert!(!err.status.success() && String::from_utf8_lossy(&err.stderr).contains("one weight per --loss-type"));
 }

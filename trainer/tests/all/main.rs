@@ -15,6 +15,7 @@ mod grpo_golden;
 mod jobs_e2e;
 mod pairs_compare;
 mod preference_golden;
+mod report_charts;
 mod report_to_e2e;
 mod serve_e2e;
 mod serve_hardening;

@@ -1,4 +1,4 @@
-//! DPO (every loss type) and ORPO against TRL's own loss code on the tiny models
+//! DPO (every loss type, alone and combined with an `sft` term) and ORPO against TRL's own loss code on the tiny models
 //! (`scripts/golden/make_preference_golden.py`, numbers in tests/golden/preference.json and
 //! LoRA gradients in tests/golden/preference-{model}.safetensors): token ids and masks,
 //! sequence log-probs, losses, TRL's metrics and every LoRA gradient within 1e-4 relative.
@@ -58,16 +58,20 @@ fn forward(model: &Model, b: &PairBatch) -> (Tensor, Tensor) {
     (policy, reference)
 }
 
-fn objective(loss: &str, beta: f64, smoothing: f64) -> Box<dyn Fn(&PairLogps, &PairLogps) -> lora_train::recipes::preference::PairLosses> {
-    let ty = match loss {
-        "orpo" => return Box::new(move |p, _| Orpo::new(beta).unwrap().losses(p, None).unwrap()),
-        "sigmoid" => LossType::Sigmoid,
-        "ipo" => LossType::Ipo,
-        "hinge" => LossType::Hinge,
-        _ => LossType::Robust,
+/// The objective of a golden entry: `orpo`, one DPO loss type by its TRL name, or a
+/// combination whose entry lists `loss_types` and `loss_weights`.
+fn objective(loss: &str, entry: &serde_json::Value, beta: f64, smoothing: f64) -> Box<dyn Fn(&PairLogps, &PairLogps) -> lora_train::recipes::preference::PairLosses> {
+    if loss == "orpo" {
+        return Box::new(move |p, _| Orpo::new(beta).unwrap().losses(p, None).unwrap());
+    }
+    let types: Vec<LossType> = match entry.get("loss_types") {
+        Some(list) => serde_json::from_value(list.clone()).unwrap(),
+        None => vec![serde_json::from_value(serde_json::json!(loss)).unwrap()],
     };
-    let e = if ty == LossType::Robust { smoothing } else { 0.0 };
-    Box::new(move |p, r| Dpo::new(beta, ty, e).unwrap().losses(p, Some(r)).unwrap())
+    let weights: Option<Vec<f64>> = entry.get("loss_weights").map(|w| serde_json::from_value(w.clone()).unwrap());
+    let e = if types.contains(&LossType::Robust) { smoothing } else { 0.0 };
+    let dpo = Dpo::combined(beta, types, weights, e).unwrap();
+    Box::new(move |p, r| dpo.losses(p, Some(r)).unwrap())
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -93,6 +97,9 @@ fn dpo_and_orpo_match_trl_on_the_tiny_models() {
         }
         let tokens = pair_data::row_tokens(&b);
         let grads_file = candle_core::safetensors::load(repo().join(format!("tests/golden/preference-{name}.safetensors")), &Device::Cpu).unwrap();
+        for required in ["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "bco_pair", "sft", "sigmoid+sft", "orpo"] {
+            assert!(want["losses"].get(required).is_some(), "{name}: tests/golden/preference.json has no `{required}` (rerun make_preference_golden.py)");
+        }
         for (loss_name, w) in want["losses"].as_object().unwrap() {
             let (policy, reference) = forward(&model, &b);
             if loss_name == "sigmoid" {
@@ -104,7 +111,7 @@ fn dpo_and_orpo_match_trl_on_the_tiny_models() {
             }
             let p = PairLogps::from_rows(&policy, &tokens).unwrap();
             let r = PairLogps::from_rows(&reference, &tokens).unwrap();
-            let out = objective(loss_name, beta, smoothing)(&p, &r);
+            let out = objective(loss_name, w, beta, smoothing)(&p, &r);
             let loss = (out.losses.sum_all().unwrap() / k as f64).unwrap();
             close(&format!("{name} {loss_name} loss"), scalar(&loss), w["loss"].as_f64().unwrap());
             let logp_scale = scalar(&policy.abs().unwrap().max(0).unwrap());

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, Run, RunOptions, RunSummary};
+use crate::report::{q, ChartSpec, ReportSpec, SVG_FILE};
 use crate::evaluators::{mean_std, EvaluatorArgs, EvaluatorSet};
 use advantages::ScaleRewards;
 use clap::ValueEnum;
@@ -527,8 +528,51 @@ impl Grpo {
     }
 }
 
+/// GRPO's report: the reward (sampled in training, greedy on held-out prompts) is the
+/// story; the rollout batch's statistics and the policy update's clip ratios and KL are
+/// charted by key family, so statistics added later (TRL-named `clip_ratio/...`) appear
+/// without a change here, and a chart without data (KL at beta 0) is left out.
+pub fn report_spec() -> ReportSpec {
+    ReportSpec {
+        headline: q("eval_reward", "held-out reward (greedy)"),
+        higher_is_better: true,
+        loss_label: "surrogate loss",
+        progress: vec![q("reward", "reward"), q("reward_std", "reward std"), q("frac_reward_zero_std", "zero-std groups"), q("completion_length_mean", "length"), q("kl", "kl")],
+        eval: vec![q("eval_reward", "eval reward"), q("eval_reward_std", "eval reward std")],
+        charts: vec![
+            ChartSpec {
+                file: "reward.svg",
+                title: "Reward: sampled completions (train) and greedy answers to held-out prompts (eval)",
+                y_label: "reward",
+                series: vec![q("reward", "reward (mean)"), q("reward_std", "reward std"), q("eval_reward", "eval reward"), q("rewards_*", ""), q("rewards/*", "")],
+            },
+            ChartSpec {
+                file: "rollout_fractions.svg",
+                title: "Rollout batch: groups with zero reward std (no signal), completions cut at the length limit",
+                y_label: "fraction",
+                series: vec![q("frac_reward_zero_std", "frac_reward_zero_std"), q("clipped_ratio", "clipped_ratio (cut at max length)"), q("completions/clipped_ratio", "completions/clipped_ratio")],
+            },
+            ChartSpec {
+                file: "completion_length.svg",
+                title: "Completion length",
+                y_label: "tokens",
+                series: vec![q("completion_length_*", ""), q("completions/*_length", "")],
+            },
+            ChartSpec { file: "clip_ratio.svg", title: "Clip ratio of the policy update", y_label: "fraction of tokens", series: vec![q("clip_ratio*", "")] },
+            ChartSpec { file: "kl.svg", title: "KL to the reference (beta > 0)", y_label: "KL per token", series: vec![q("kl", "kl")] },
+            ChartSpec { file: "entropy.svg", title: "Entropy of the sampled tokens", y_label: "nats per token", series: vec![q("entropy", "entropy")] },
+            ChartSpec { file: SVG_FILE, title: "GRPO surrogate loss (train)", y_label: "loss", series: vec![q("loss", "surrogate loss")] },
+        ],
+        ..ReportSpec::loss_only()
+    }
+}
+
 impl Method for Grpo {
     type Batch = GrpoBatch;
+
+    fn report_spec(&self) -> ReportSpec {
+        report_spec()
+    }
 
     fn name(&self) -> &'static str {
         "grpo"
