@@ -167,7 +167,11 @@ pub fn plan(m: &ModelConfig, storage: BaseStorage, compute_bytes: f64, rank: usi
         (tokens * ((l + 1.0) * h + 2.0 * per_layer) * compute_bytes, 0.0)
     } else {
         let kept = if storage.quantized() { proj * compute_bytes } else { 0.0 };
-        (tokens * l * per_layer * compute_bytes, kept)
+        // x1.2: the backward allocates each layer's activation gradients while the
+        // earlier layers' saved tensors still live, and freed buffers stay mapped for a
+        // while (kernels/src/alloc.rs). Calibrated on measured peaks (BENCHMARKS.md,
+        // Memory): SmolLM2 sft 4 x 256 2.31 GiB (plan 2.27), dpo 16 x 500 11.2 GiB (plan 11.4).
+        (1.2 * tokens * l * per_layer * compute_bytes, kept)
     };
     // Cross-entropy logit chunk (32 MiB of f32) and the final hidden state's gradient.
     let workspace = 32.0 * 1024.0 * 1024.0 + tokens * h * 4.0 + if storage.quantized() { layer_weights } else { 0.0 };
