@@ -35,7 +35,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let dtype = args.dtype.to_candle();
     let mut loaded = load_model_quantized(&args.model, &Device::Cpu, dtype, dtype, args.base_quant)?;
-    let quantized = loaded.model.projection_storage().0 < loaded.model.projection_storage().1 * dtype.size_in_bytes() as u64;
+    let (stored_bytes, values) = loaded.model.projection_storage();
+    let quantized = stored_bytes < values * dtype.size_in_bytes() as u64;
     if quantized {
         eprintln!(
             "note: the base is stored quantized ({}); the adapter is merged into its dequantized weights (as PEFT merges into a 4-bit base), written as {:?}",

@@ -82,7 +82,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let available = match args.device.as_str() {
         "cpu" => memory::available_bytes(&candle_core::Device::Cpu, 0).context("cannot read this machine's available memory")?,
-        size => parse_size(size).with_context(|| format!("--device: `{size}` is neither cpu nor a size like 24GiB"))?,
+        size => crate::sweep::plan::parse_bytes(size).with_context(|| format!("--device: `{size}` is neither cpu nor a size like 24GiB"))?,
     };
     let workload = |batch: usize, len: usize| Workload {
         rows: rows_for(args.method, batch, args.num_generations),
@@ -170,20 +170,6 @@ fn largest(fits: impl Fn(usize) -> bool, step: usize, max: usize) -> usize {
         }
     }
     lo * step
-}
-
-fn parse_size(s: &str) -> Result<u64> {
-    let lower = s.trim().to_ascii_lowercase();
-    let split = lower.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(lower.len());
-    let (num, unit) = lower.split_at(split);
-    let v: f64 = num.parse()?;
-    let mult = match unit.trim() {
-        "g" | "gb" | "gib" => memory::GIB,
-        "m" | "mb" | "mib" => memory::GIB / 1024.0,
-        "t" | "tb" | "tib" => memory::GIB * 1024.0,
-        u => bail!("unknown unit `{u}`"),
-    };
-    Ok((v * mult) as u64)
 }
 
 /// Bytes of a GGUF file's quantized projection tensors (None for other models).

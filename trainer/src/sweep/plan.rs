@@ -51,7 +51,7 @@ pub fn parse_simulated(spec: &str) -> Result<Vec<DeviceSlot>> {
 /// about a third of an A100's dense peak, what LoRA steps reach in practice.
 pub const DEFAULT_GPU_FLOPS: f64 = 100e12;
 
-fn parse_bytes(s: &str) -> Result<u64> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
