@@ -25,6 +25,7 @@ pub mod parallel;
 pub mod progress;
 pub mod recipes;
 pub mod report;
+pub mod run_control;
 pub mod schedule;
 pub mod serve;
 pub mod sft_data;

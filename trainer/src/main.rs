@@ -104,16 +104,12 @@ fn main() -> std::process::ExitCode {
         Command::Jobs(args) => commands::jobs::run(args),
         Command::Dashboard(args) => commands::dashboard::run(args),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        // A workflow stopped at a gate it may not pass alone: its own exit status.
-        Err(err) if err.downcast_ref::<lora_train::workflow::Stopped>().is_some() => {
-            eprintln!("stopped: {err:#}");
-            std::process::ExitCode::from(lora_train::workflow::EXIT_NEEDS_APPROVAL)
-        }
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
-        }
+    let outcome = lora_train::run_control::Outcome::of(&result);
+    if let Err(err) = result {
+        // A workflow at a gate and a stopped run are not errors: their message says how
+        // to go on (`--resume`, `--yes`).
+        let label = if outcome == lora_train::run_control::Outcome::Failed { "error" } else { "stopped" };
+        eprintln!("{label}: {err:#}");
     }
+    std::process::ExitCode::from(outcome.exit_code())
 }

@@ -61,12 +61,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    crate::jobs::run_training(args.train.launch("dpo"), || train(&args))
+    crate::jobs::run_training(args.train.launch("dpo"), |control| train(&args, control))
 }
 
-fn train(args: &Args) -> Result<()> {
+fn train(args: &Args, control: &crate::run_control::Control) -> Result<()> {
     let objective = Dpo::combined(args.pairs.beta, args.loss_type.clone(), args.loss_weights.clone(), args.label_smoothing)?;
     let pairs = args.pairs.options(args.precompute_ref_logps)?;
-    let summary = preference::run(&args.train.resolve()?, &pairs, objective, &args.train.run_options())?;
+    let summary = preference::run(&args.train.resolve()?, &pairs, objective, &args.train.run_options(control))?;
     args.train.finish(&summary)
 }

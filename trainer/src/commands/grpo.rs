@@ -50,8 +50,15 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(n) = args.preview {
         return preview(&args, n);
     }
-    let launch = crate::jobs::Launch { command: "grpo", job: &args.job, output: super::sft::run_dir(&args.options, args.config.as_deref()), json: args.json, dry_run: args.dry_run };
-    crate::jobs::run_training(launch, || train(&args))
+    let launch = crate::jobs::Launch {
+        command: "grpo",
+        job: &args.job,
+        output: super::sft::run_dir(&args.options, args.config.as_deref()),
+        resume_marker: Some(crate::engine::RUN_FILE),
+        json: args.json,
+        dry_run: args.dry_run,
+    };
+    crate::jobs::run_training(launch, |control| train(&args, control))
 }
 
 fn preview(args: &Args, n: usize) -> Result<()> {
@@ -68,9 +75,9 @@ fn preview(args: &Args, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn train(args: &Args) -> Result<()> {
+fn train(args: &Args, control: &crate::run_control::Control) -> Result<()> {
     let cfg = args.options.clone().with_config_file(args.config.as_deref())?.resolve()?;
-    let summary = grpo::run(&cfg, &args.grpo, &args.agent, &args.evaluators, &RunOptions { resume: args.resume, quiet: args.json })?;
+    let summary = grpo::run(&cfg, &args.grpo, &args.agent, &args.evaluators, &RunOptions { resume: args.resume, quiet: args.json, control: control.clone() })?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     }

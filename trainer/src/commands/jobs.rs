@@ -279,9 +279,13 @@ fn retry(store: &Store, id: i64, json: bool) -> Result<()> {
         bail!("job {id} completed; there is nothing to retry");
     }
     let mut argv = jobs::relaunch_argv(&job.argv);
-    let started = job.output.as_deref().is_some_and(|o| {
-        [crate::engine::RUN_FILE, crate::sweep::SWEEP_FILE, crate::workflow::STATE_FILE].iter().any(|f| o.join(f).exists())
-    });
+    // The rule Slurm's requeue script follows too: the command's resume marker exists.
+    let started = match (&job.output, &job.resume_marker) {
+        (Some(o), Some(marker)) => jobs::continues(Some(&o.join(marker))),
+        // A row written before jobs carried their marker: any run, sweep or workflow state.
+        (Some(o), None) => [crate::engine::RUN_FILE, crate::sweep::SWEEP_FILE, crate::workflow::STATE_FILE].iter().any(|f| o.join(f).exists()),
+        (None, _) => false,
+    };
     if started && !argv.iter().any(|a| a == "--resume") {
         argv.push("--resume".into());
     }

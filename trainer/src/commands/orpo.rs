@@ -17,9 +17,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    crate::jobs::run_training(args.train.launch("orpo"), || {
+    crate::jobs::run_training(args.train.launch("orpo"), |control| {
         let objective = Orpo::new(args.pairs.beta)?;
-        let summary = preference::run(&args.train.resolve()?, &args.pairs.options(false)?, objective, &args.train.run_options())?;
+        let summary = preference::run(&args.train.resolve()?, &args.pairs.options(false)?, objective, &args.train.run_options(control))?;
         args.train.finish(&summary)
     })
 }

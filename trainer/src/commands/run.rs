@@ -37,12 +37,19 @@ pub fn run(args: Args) -> Result<()> {
         Workflow::Dpo(a) => ("run dpo", &a.common),
         Workflow::Rft(a) => ("run rft", &a.common),
     };
-    let launch = crate::jobs::Launch { command, job: &common.job, output: common.options.output.clone(), json: common.json, dry_run: false };
-    crate::jobs::run_training(launch, || match &args.workflow {
-        Workflow::Sft(a) => workflow::sft::run((**a).clone()),
-        Workflow::Classify(a) => workflow::classify::run((**a).clone()),
-        Workflow::Dpo(a) => workflow::dpo::run((**a).clone()),
-        Workflow::Rft(a) => workflow::rft::run((**a).clone()),
+    let launch = crate::jobs::Launch {
+        command,
+        job: &common.job,
+        output: common.options.output.clone(),
+        resume_marker: Some(workflow::STATE_FILE),
+        json: common.json,
+        dry_run: false,
+    };
+    crate::jobs::run_training(launch, |control| match &args.workflow {
+        Workflow::Sft(a) => workflow::sft::run((**a).clone(), control),
+        Workflow::Classify(a) => workflow::classify::run((**a).clone(), control),
+        Workflow::Dpo(a) => workflow::dpo::run((**a).clone(), control),
+        Workflow::Rft(a) => workflow::rft::run((**a).clone(), control),
     })
 }
 

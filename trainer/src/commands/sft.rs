@@ -5,6 +5,7 @@ use anyhow::Result;
 
 use crate::config::{TrainConfig, TrainOptions};
 use crate::engine::{RunOptions, RunSummary};
+use crate::run_control::Control;
 use crate::recipes::sft;
 
 #[derive(clap::Args, Debug)]
@@ -37,13 +38,20 @@ impl Args {
         self.options.clone().with_config_file(self.config.as_deref())?.resolve()
     }
 
-    pub fn run_options(&self) -> RunOptions {
-        RunOptions { resume: self.resume, quiet: self.json }
+    pub fn run_options(&self, control: &Control) -> RunOptions {
+        RunOptions { resume: self.resume, quiet: self.json, control: control.clone() }
     }
 
     /// How `jobs::run_training` registers, detaches or submits this command.
     pub fn launch(&self, command: &'static str) -> crate::jobs::Launch<'_> {
-        crate::jobs::Launch { command, job: &self.job, output: run_dir(&self.options, self.config.as_deref()), json: self.json, dry_run: self.dry_run }
+        crate::jobs::Launch {
+            command,
+            job: &self.job,
+            output: run_dir(&self.options, self.config.as_deref()),
+            resume_marker: Some(crate::engine::RUN_FILE),
+            json: self.json,
+            dry_run: self.dry_run,
+        }
     }
 
     /// Print the summary on stdout under `--json`.
@@ -107,8 +115,8 @@ impl Command {
 
 pub fn run(command: Command) -> Result<()> {
     let args = &command.train;
-    crate::jobs::run_training(args.launch("sft"), || {
-        let summary = sft::run(&command.resolve()?, &args.run_options())?;
+    crate::jobs::run_training(args.launch("sft"), |control| {
+        let summary = sft::run(&command.resolve()?, &args.run_options(control))?;
         args.finish(&summary)
     })
 }

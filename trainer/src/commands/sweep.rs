@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::config::TrainOptions;
 use crate::jobs::{Backend, Launch};
+use crate::run_control::{Control, Outcome};
 use crate::sweep::{self, SweepOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -68,19 +69,26 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let launch = Launch { command: "sweep", job: &args.job, output: super::sft::run_dir(&args.options, args.config.as_deref()), json: args.json, dry_run: args.dry_run };
+    let launch = Launch {
+        command: "sweep",
+        job: &args.job,
+        output: super::sft::run_dir(&args.options, args.config.as_deref()),
+        resume_marker: Some(sweep::SWEEP_FILE),
+        json: args.json,
+        dry_run: args.dry_run,
+    };
     if args.job.backend == Backend::Slurm && args.job.job_id.is_none() {
         return submit_to_slurm(&args, &launch);
     }
     if args.dry_run {
         // A local sweep's --dry-run is its plan: no job, nothing trained.
-        return train(&args);
+        return train(&args, &Control::default());
     }
-    crate::jobs::run_training(launch, || train(&args))
+    crate::jobs::run_training(launch, |control| train(&args, control))
 }
 
 /// The sweep's options, its devices taken from `--device` when `--devices` is auto.
-fn sweep_options(args: &Args, slurm: bool) -> Result<(TrainOptions, SweepOptions)> {
+fn sweep_options(args: &Args, slurm: bool, control: &Control) -> Result<(TrainOptions, SweepOptions)> {
     let mut options = args.options.clone().with_config_file(args.config.as_deref())?;
     let devices = match options.device.take() {
         Some(d) if args.devices == "auto" => d,
@@ -101,6 +109,7 @@ fn sweep_options(args: &Args, slurm: bool) -> Result<(TrainOptions, SweepOptions
         resume: args.resume,
         quiet: args.json,
         slurm,
+        control: control.clone(),
     };
     Ok((options, opts))
 }
@@ -108,7 +117,7 @@ fn sweep_options(args: &Args, slurm: bool) -> Result<(TrainOptions, SweepOptions
 /// `--backend slurm`: plan here, write the groups' specs, submit them as a job array and
 /// the sweep itself (with --resume, after the array) as the final job.
 fn submit_to_slurm(args: &Args, launch: &Launch) -> Result<()> {
-    let (options, opts) = sweep_options(args, true)?;
+    let (options, opts) = sweep_options(args, true, &Control::default())?;
     let record = sweep::run(options, &opts)?;
     let mut groups: Vec<usize> = record.candidates.iter().filter(|c| !sweep::finished(c.status)).filter_map(|c| c.group).collect();
     groups.sort_unstable();
@@ -117,11 +126,11 @@ fn submit_to_slurm(args: &Args, launch: &Launch) -> Result<()> {
         bail!("every candidate of this sweep has finished; nothing to submit");
     }
     let dir = launch.output.clone().context("sweep needs --output")?;
-    crate::jobs::slurm::submit_sweep(launch, &dir, &groups)
+    crate::jobs::slurm::submit_sweep(launch, &sweep::worker::task_argv(&dir, crate::jobs::slurm::ARRAY_TASK), &groups)
 }
 
-fn train(args: &Args) -> Result<()> {
-    let (options, opts) = sweep_options(args, false)?;
+fn train(args: &Args, control: &Control) -> Result<()> {
+    let (options, opts) = sweep_options(args, false, control)?;
     let record = sweep::run(options, &opts)?;
     if args.json {
         let out = if opts.dry_run {
@@ -158,12 +167,10 @@ pub struct WorkerArgs {
 pub fn run_worker(args: WorkerArgs) -> Result<()> {
     // SIGTERM (the sweep's own cancel, scancel), SIGINT and Slurm's SIGUSR1: the group's
     // runs checkpoint and stop; on SIGUSR1 under --requeue, Slurm restarts the task.
-    crate::jobs::process::install_stop_handlers();
-    let result = sweep::worker::run_group(&sweep::worker::read_spec(&args.spec)?);
-    if let Err(e) = &result {
-        if e.downcast_ref::<crate::jobs::Interrupted>().is_some_and(|i| i.signal == libc::SIGUSR1) {
-            crate::jobs::slurm::requeue_self();
-        }
+    let control = Control::new(crate::jobs::process::signal_stop_token(), None);
+    let result = sweep::worker::run_group(&sweep::worker::read_spec(&args.spec)?, &control);
+    if Outcome::of(&result) == (Outcome::Stopped { signal: libc::SIGUSR1 }) {
+        crate::jobs::slurm::requeue_self();
     }
     result
 }

@@ -23,6 +23,7 @@ pub use run::{Run, RunOptions, RunSummary};
 pub use run_dir::{prepare_run_dir, read_status, write_run_json, RunStatus, METRICS_FILE, RUN_FILE};
 
 use crate::parallel::Communicator;
+pub use crate::run_control::{Control, Stopped};
 use crate::training::derive_seed;
 use run::StepSums;
 
@@ -110,6 +111,8 @@ pub fn fit_before_training<M: Method>(model: &Model, runs: &[Run<M>]) -> Result<
 /// sums of every replica.
 fn train_replicated<M: Method>(model: &Model, runs: &mut [Run<M>], comm: Option<&dyn Communicator>) -> Result<()> {
     for run in runs.iter_mut().filter(|r| r.is_active()) {
+        // Checks passed and the model is loaded: from here on the run is a job.
+        run.control.started();
         run.initial_eval(model)?;
     }
     loop {
@@ -161,9 +164,10 @@ fn train_replicated<M: Method>(model: &Model, runs: &mut [Run<M>], comm: Option<
                 runs[i].stop_early(model, &reason)?;
             }
         }
-        // SIGTERM / SIGINT / Slurm's SIGUSR1 (jobs/process.rs): stop between steps, with a
-        // checkpoint of the step just finished, so `--resume` continues bit-exactly.
-        if let Some(signal) = crate::jobs::stop_requested() {
+        // Asked to stop (the runs' stop token: `jobs` arms it with SIGTERM / SIGINT / Slurm's
+        // SIGUSR1): stop between steps, with a checkpoint of the step just finished, so
+        // `--resume` continues bit-exactly.
+        if let Some(signal) = runs.iter().find_map(|r| r.control.stop_requested()) {
             if let Some(comm) = comm {
                 data_parallel::lead_step(comm, None)?;
             }
@@ -171,7 +175,7 @@ fn train_replicated<M: Method>(model: &Model, runs: &mut [Run<M>], comm: Option<
             for run in runs.iter_mut().filter(|r| r.is_active()) {
                 checkpoints.extend(run.checkpoint_now(model)?);
             }
-            return Err(crate::jobs::Interrupted { signal, checkpoints }.into());
+            return Err(Stopped { signal, checkpoints }.into());
         }
     }
 }

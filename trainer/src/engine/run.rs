@@ -22,6 +22,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::progress::{fmt_duration, TrainProgress};
 use crate::model_card::{self, CardFacts};
 use crate::report;
+use crate::run_control::Control;
 use crate::schedule::LrSchedule;
 use crate::training::{self, GradAccumulator};
 
@@ -53,6 +54,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// No progress bar / summary on stderr (e.g. under `--json` in scripts).
     pub quiet: bool,
+    /// When to stop between steps and who hears of each step (a job's row).
+    pub control: Control,
 }
 
 /// Sums over the micro-batches of one optimizer step of one run.
@@ -91,6 +94,7 @@ pub struct Run<M: Method> {
     /// What the method reports (`Method::report_spec`), asked once.
     spec: report::ReportSpec,
     quiet: bool,
+    pub(super) control: Control,
     initial_eval: Option<f64>,
     start_step: usize,
     started: Instant,
@@ -177,6 +181,7 @@ impl<M: Method> Run<M> {
             progress,
             spec: method.report_spec(),
             quiet: opts.quiet,
+            control: opts.control.clone(),
             initial_eval: None,
             started: Instant::now(),
             base_source: base_source.to_string(),
@@ -287,7 +292,7 @@ impl<M: Method> Run<M> {
                 self.progress.println(&format!("{}warning: {warning}", self.label()));
             }
         }
-        crate::jobs::on_step(self.state.step, self.total_steps, Some(loss));
+        self.control.on_step(self.state.step, self.total_steps, Some(loss));
         if self.state.step % self.cfg.checkpoint_interval == 0 || last_step {
             self.save_checkpoint(model)?;
         }

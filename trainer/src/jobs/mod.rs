@@ -4,8 +4,7 @@
 //! (`commands/jobs.rs`) lists, shows, follows, waits for, cancels and retries them.
 //!
 //! A job's process keeps its row current: `running` with its pid and start time when it
-//! starts, step and loss from the engine's step hook ([`on_step`], at most every few
-//! seconds), and how it ended. A process that dies without a word (kill -9, OOM, reboot)
+//! starts, step and loss from the run's step observer (at most every few seconds), and how it ended. A process that dies without a word (kill -9, OOM, reboot)
 //! cannot write that last part: [`reconcile`] finds it gone by pid and start time when the
 //! job is next looked at, and marks it failed with its newest checkpoint.
 pub mod process;
@@ -13,13 +12,14 @@ pub mod slurm;
 pub mod store;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub use process::{stop_requested, Interrupted};
 pub use store::{Job, JobStatus, NewJob, Store};
+
+use crate::run_control::{Control, Outcome, StepObserver};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -79,30 +79,51 @@ pub struct Launch<'a> {
     pub job: &'a JobArgs,
     /// The run directory (`--output`, after `--config`).
     pub output: Option<PathBuf>,
+    /// The file in `output` whose presence means there is a run to continue: a retried or
+    /// requeued job adds `--resume` when it exists (the engine's `run.json`, a sweep's
+    /// `sweep.json`, a workflow's `workflow.json`: the command knows, the jobs do not).
+    pub resume_marker: Option<&'static str>,
     pub json: bool,
     /// `--dry-run` with `--backend slurm`: print the sbatch script, submit nothing.
     pub dry_run: bool,
 }
 
 impl Launch<'_> {
-    /// The row of this command line, run from here.
+    /// The row of this command line, run from here. The output directory is stored
+    /// absolute, so `jobs retry` and the dashboard find it from any working directory.
     pub fn new_job(&self, backend: Backend, status: JobStatus) -> Result<NewJob> {
+        let cwd = std::env::current_dir()?;
         Ok(NewJob {
             command: self.command.into(),
             argv: std::env::args().collect(),
-            cwd: std::env::current_dir()?,
             backend: backend.as_str().into(),
             status,
-            output: self.output.clone(),
+            output: self.output.as_ref().map(|o| cwd.join(o)),
+            resume_marker: self.resume_marker.map(String::from),
+            cwd,
             log: None,
             retry_of: None,
         })
     }
+
+    /// The resume marker's absolute path, when the command has one.
+    pub fn resume_marker_path(&self) -> Result<Option<PathBuf>> {
+        let cwd = std::env::current_dir()?;
+        Ok(self.output.as_ref().zip(self.resume_marker).map(|(o, m)| cwd.join(o).join(m)))
+    }
+}
+
+/// Whether a job's next attempt continues its run (`--resume`) or starts afresh: its
+/// output holds the command's resume marker. `jobs retry` and Slurm's requeue script
+/// (the same test in shell) both follow it.
+pub fn continues(marker: Option<&Path>) -> bool {
+    marker.is_some_and(Path::exists)
 }
 
 /// Run a training command as a job: submit it to Slurm, start it in the background, or
-/// run `train` here with the job's row kept current.
-pub fn run_training(launch: Launch, train: impl FnOnce() -> Result<()>) -> Result<()> {
+/// run `train` here with the job's row kept current through the [`Control`] it is handed
+/// (the stop token of this process's signal handlers, and the row's step observer).
+pub fn run_training(launch: Launch, train: impl FnOnce(&Control) -> Result<()>) -> Result<()> {
     let job = launch.job;
     if job.job_id.is_none() {
         if job.backend == Backend::Slurm {
@@ -115,111 +136,130 @@ pub fn run_training(launch: Launch, train: impl FnOnce() -> Result<()>) -> Resul
             return detach(&launch);
         }
     }
-    process::install_stop_handlers();
-    let tracked = match attach_or_register(&launch) {
-        Ok(t) => Some(t),
-        Err(e) if job.job_id.is_some() => return Err(e),
-        Err(e) => {
-            // A foreground run still trains when the store is unusable (read-only home,
-            // say); it says so once instead of failing the run over bookkeeping.
-            tracing::warn!("this run is not tracked as a job: {e:#}");
-            None
-        }
-    };
-    let result = train();
-    if let Some(id) = tracked {
-        if let Err(e) = record_end(id, &launch, &result) {
-            tracing::warn!("job {id}: recording how the run ended: {e:#}");
-        }
-        *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let stop = process::signal_stop_token();
+    let tracker = Arc::new(JobTracker::new(&launch)?);
+    let result = train(&Control::new(stop, Some(tracker.clone())));
+    if let Err(e) = tracker.record_end(&launch, &result) {
+        tracing::warn!("recording how the job ended: {e:#}");
     }
     result
 }
 
-/// The job this process runs, for [`on_step`].
-struct Current {
-    store: Store,
-    id: i64,
+/// The job row of this process's run. A row given by `--job-id` (a detached, Slurm or
+/// retried job) is attached at once; a foreground run registers its row when the run
+/// starts (`StepObserver::started`), so a command that fails its argument or data checks
+/// leaves no row behind.
+struct JobTracker {
+    inner: Mutex<Tracker>,
+}
+
+struct Tracker {
+    /// The row to insert when the run starts (a foreground run without a row yet).
+    to_register: Option<NewJob>,
+    /// The store and the row, once there is one (none: untracked, said once).
+    row: Option<(Store, i64)>,
     last_write: Option<Instant>,
     /// The newest step not yet written (step, total, loss), flushed when the run ends.
     pending: Option<(usize, usize, Option<f64>)>,
     warned: bool,
 }
 
-static CURRENT: Mutex<Option<Current>> = Mutex::new(None);
-
 /// How often the step hook writes to the store: the store is shared by every job, and a
 /// job's step and loss a few seconds old are current enough for `jobs list`.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 
-fn attach_or_register(launch: &Launch) -> Result<i64> {
-    let store = Store::open_default()?;
-    let pid = std::process::id() as i64;
-    let id = match launch.job.job_id {
-        Some(id) => {
-            store.require(id).with_context(|| format!("--job-id {id}"))?;
-            id
+impl JobTracker {
+    fn new(launch: &Launch) -> Result<Self> {
+        let mut t = Tracker { to_register: None, row: None, last_write: None, pending: None, warned: false };
+        match launch.job.job_id {
+            Some(id) => {
+                let store = Store::open_default()?;
+                store.require(id).with_context(|| format!("--job-id {id}"))?;
+                set_running(&store, id)?;
+                t.row = Some((store, id));
+            }
+            None => t.to_register = Some(launch.new_job(Backend::Local, JobStatus::Running)?),
         }
-        None => store.insert(&launch.new_job(Backend::Local, JobStatus::Running)?)?,
-    };
+        Ok(JobTracker { inner: Mutex::new(t) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_end(&self, launch: &Launch, result: &Result<()>) -> Result<()> {
+        let t = self.lock();
+        let Some((store, id)) = &t.row else { return Ok(()) };
+        if let Some((step, total, loss)) = t.pending {
+            store.set_progress(*id, step, total, loss)?;
+        }
+        let checkpoint = launch.output.as_deref().and_then(latest_checkpoint);
+        let reason = result.as_ref().err().map(|e| format!("{e:#}"));
+        let code = Outcome::of(result).exit_code() as i64;
+        let status = match Outcome::of(result) {
+            Outcome::Completed => JobStatus::Completed,
+            Outcome::Stopped { signal } if signal == libc::SIGUSR1 && slurm::requeue_self() => {
+                let reason = format!("{}; requeued by Slurm", reason.unwrap_or_default());
+                store.finish(*id, JobStatus::Queued, code, Some(&reason), checkpoint.as_deref(), false)?;
+                return Ok(());
+            }
+            Outcome::Stopped { .. } => JobStatus::Cancelled,
+            // A workflow waiting at a gate (no terminal, no --yes): the reason says how to
+            // go on (`--resume --yes`).
+            Outcome::AwaitingApproval => JobStatus::AwaitingApproval,
+            Outcome::Failed => JobStatus::Failed,
+        };
+        store.finish(*id, status, code, reason.as_deref(), checkpoint.as_deref(), false)?;
+        Ok(())
+    }
+}
+
+fn set_running(store: &Store, id: i64) -> Result<()> {
+    let pid = std::process::id() as i64;
     store.set_running(id, pid, process::start_time(pid), &process::hostname())?;
     tracing::info!("job {id} (lora-train jobs show {id})");
-    *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(Current { store, id, last_write: None, pending: None, warned: false });
-    Ok(id)
+    Ok(())
 }
 
-/// The engine's step hook: the current job's step and loss, written at most every
-/// [`PROGRESS_INTERVAL`] (and at the last step). A no-op in a process that runs no job.
-pub fn on_step(step: usize, total_steps: usize, loss: Option<f64>) {
-    let mut guard = CURRENT.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(cur) = guard.as_mut() else { return };
-    if step < total_steps && cur.last_write.is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL) {
-        cur.pending = Some((step, total_steps, loss));
-        return;
-    }
-    cur.last_write = Some(Instant::now());
-    cur.pending = None;
-    if let Err(e) = cur.store.set_progress(cur.id, step, total_steps, loss) {
-        if !cur.warned {
-            cur.warned = true;
-            tracing::warn!("job {}: cannot record progress in the job store: {e:#}", cur.id);
+impl StepObserver for JobTracker {
+    fn started(&self) {
+        let mut t = self.lock();
+        let Some(new) = t.to_register.take() else { return };
+        let registered = Store::open_default().and_then(|store| {
+            let id = store.insert(&new)?;
+            set_running(&store, id)?;
+            Ok((store, id))
+        });
+        match registered {
+            Ok(row) => t.row = Some(row),
+            // A foreground run still trains when the store is unusable (read-only home,
+            // say); it says so once instead of failing the run over bookkeeping.
+            Err(e) => tracing::warn!("this run is not tracked as a job: {e:#}"),
         }
     }
-}
 
-fn record_end(id: i64, launch: &Launch, result: &Result<()>) -> Result<()> {
-    let guard = CURRENT.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(cur) = guard.as_ref() else { return Ok(()) };
-    let store = &cur.store;
-    if let Some((step, total, loss)) = cur.pending {
-        store.set_progress(id, step, total, loss)?;
-    }
-    match result {
-        Ok(()) => {
-            store.finish(id, JobStatus::Completed, 0, None, None, false)?;
+    /// The current job's step and loss, written at most every [`PROGRESS_INTERVAL`] (and
+    /// at the last step).
+    fn on_step(&self, step: usize, total_steps: usize, loss: Option<f64>) {
+        let mut t = self.lock();
+        if t.row.is_none() {
+            return;
         }
-        Err(e) => {
-            let checkpoint = launch.output.as_deref().and_then(latest_checkpoint);
-            match e.downcast_ref::<Interrupted>() {
-                Some(stop) if stop.signal == libc::SIGUSR1 && slurm::requeue_self() => {
-                    store.finish(id, JobStatus::Queued, 128 + stop.signal as i64, Some(&format!("{stop}; requeued by Slurm")), checkpoint.as_deref(), false)?;
-                }
-                Some(stop) => {
-                    store.finish(id, JobStatus::Cancelled, 128 + stop.signal as i64, Some(&stop.to_string()), checkpoint.as_deref(), false)?;
-                }
-                // A workflow waiting at a gate (no terminal, no --yes): exit status 3, and
-                // the reason says how to go on (`--resume --yes`).
-                None if e.downcast_ref::<crate::workflow::Stopped>().is_some() => {
-                    let code = crate::workflow::EXIT_NEEDS_APPROVAL as i64;
-                    store.finish(id, JobStatus::Failed, code, Some(&format!("{e:#}")), checkpoint.as_deref(), false)?;
-                }
-                None => {
-                    store.finish(id, JobStatus::Failed, 1, Some(&format!("{e:#}")), checkpoint.as_deref(), false)?;
-                }
+        if step < total_steps && t.last_write.is_some_and(|w| w.elapsed() < PROGRESS_INTERVAL) {
+            t.pending = Some((step, total_steps, loss));
+            return;
+        }
+        t.last_write = Some(Instant::now());
+        t.pending = None;
+        let Some((store, id)) = &t.row else { return };
+        if let Err(e) = store.set_progress(*id, step, total_steps, loss) {
+            let id = *id;
+            if !t.warned {
+                t.warned = true;
+                tracing::warn!("job {id}: cannot record progress in the job store: {e:#}");
             }
         }
     }
-    Ok(())
 }
 
 /// The newest complete checkpoint of a run directory (a sweep's: of none, its candidates

@@ -1,5 +1,6 @@
 //! Processes: identity (pid + start time), liveness, signals, and the stop request a
 //! signal leaves for the training loop.
+use crate::run_control::StopToken;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat),
@@ -75,37 +76,12 @@ pub fn stop_requested() -> Option<i32> {
     }
 }
 
-pub fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGINT => "SIGINT",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGKILL => "SIGKILL",
-        _ => "a signal",
-    }
+/// A stop token armed by this process's SIGTERM / SIGINT / SIGUSR1 handlers (installed
+/// here): what a job hands its run.
+pub fn signal_stop_token() -> StopToken {
+    install_stop_handlers();
+    StopToken::new(stop_requested)
 }
-
-/// The error a run returns after it stopped on a signal with its checkpoint written.
-#[derive(Debug)]
-pub struct Interrupted {
-    pub signal: i32,
-    /// The checkpoint each stopped run wrote (or already had) for its current step.
-    pub checkpoints: Vec<std::path::PathBuf>,
-}
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stopped by {}", signal_name(self.signal))?;
-        match self.checkpoints.as_slice() {
-            [] => write!(f, " before the first checkpoint"),
-            [one] => write!(f, " after writing checkpoint {}", one.display()),
-            many => write!(f, " after writing {} checkpoints", many.len()),
-        }?;
-        write!(f, "; continue with --resume")
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 #[cfg(test)]
 mod tests {

@@ -124,7 +124,7 @@ fn has_resume(argv: &[String]) -> bool {
 pub fn submit_command(launch: &Launch) -> Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     let cwd = std::env::current_dir()?;
-    let marker = launch.output.as_ref().map(|o| o.join(crate::engine::RUN_FILE));
+    let marker = launch.resume_marker_path()?;
     let script = |id: &str, log: String| -> Result<String> {
         Script {
             name: format!("lora-train-{}-{id}", launch.command),
@@ -153,15 +153,36 @@ pub fn submit_command(launch: &Launch) -> Result<()> {
     Ok(())
 }
 
-/// A sweep on Slurm: its groups (`groups`: the indices K whose `DIR/groups/group-K.json`
-/// the sweep wrote) as one job array, then the sweep command itself with `--resume` once
-/// every task succeeded, to collect the candidates into `sweep.json` and the report.
-pub fn submit_sweep(launch: &Launch, dir: &Path, groups: &[usize]) -> Result<()> {
+/// The word of an array task's argv that stands for its task index (`${SLURM_ARRAY_TASK_ID}`).
+pub const ARRAY_TASK: &str = "{array_task}";
+
+/// One array task's command line as a shell line: `argv` (program first) with
+/// [`ARRAY_TASK`] replaced by the task index; words holding it are double-quoted so the
+/// shell expands only that variable.
+fn array_task_line(argv: &[String]) -> String {
+    argv.iter()
+        .map(|w| match w.contains(ARRAY_TASK) {
+            true => {
+                let escaped: String = w.chars().flat_map(|c| if matches!(c, '"' | '$' | '`' | '\\') { vec!['\\', c] } else { vec![c] }).collect();
+                format!("\"{}\"", escaped.replace(ARRAY_TASK, "${SLURM_ARRAY_TASK_ID}"))
+            }
+            false => sh_quote(w),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A sweep on Slurm: its groups (the task indices `groups`) as one job array, each task
+/// running `task_argv` (the sweep's worker command line, with [`ARRAY_TASK`] for the
+/// task's index: the sweep knows its files, the jobs do not), then the sweep command
+/// itself with `--resume` once every task succeeded, to collect the candidates into its
+/// record and report.
+pub fn submit_sweep(launch: &Launch, task_argv: &[String], groups: &[usize]) -> Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     let cwd = std::env::current_dir()?;
     let array = groups.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
-    let spec = crate::sweep::worker::spec_path(dir, 0);
-    let spec_pattern = spec.to_string_lossy().replace("group-0.json", "group-${SLURM_ARRAY_TASK_ID}.json");
+    let mut task = vec![exe()?];
+    task.extend(task_argv.iter().cloned());
     let scripts = |id: &str, dependency: &str| -> Result<(String, String)> {
         let worker = Script {
             name: format!("lora-train-sweep-{id}-groups"),
@@ -170,7 +191,7 @@ pub fn submit_sweep(launch: &Launch, dir: &Path, groups: &[usize]) -> Result<()>
             job: launch.job,
             extra: vec![format!("--array={array}")],
             gpus: true,
-            body: format!("exec {} sweep-worker --spec \"{}\"\n", sh_quote(&exe()?), spec_pattern.replace('"', "\\\"")),
+            body: format!("exec {}\n", array_task_line(&task)),
         }
         .render()?;
         let final_job = Script {
@@ -414,6 +435,35 @@ pub fn cancel(job: &Job) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_array_task_line_expands_only_the_task_index() {
+        let argv: Vec<String> = ["/bin/lora-train", "sweep-worker", "--spec", "/out dir/$x/group-{array_task}.json"].map(String::from).to_vec();
+        let line = array_task_line(&argv);
+        assert_eq!(line, "/bin/lora-train sweep-worker --spec \"/out dir/\\$x/group-${SLURM_ARRAY_TASK_ID}.json\"");
+        let out = std::process::Command::new("bash").arg("-c").arg(format!("set -- {line}; printf %s \"$4\"")).env("SLURM_ARRAY_TASK_ID", "7").output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/out dir/$x/group-7.json");
+    }
+
+    #[test]
+    fn a_requeued_job_resumes_when_its_commands_marker_exists() {
+        // A workflow's marker is its workflow.json (not the engine's run.json): the
+        // requeued script adds --resume exactly when it exists, as `jobs retry` does.
+        let tmp = tempfile::tempdir().unwrap();
+        let marker = tmp.path().join("workflow.json");
+        let argv: Vec<String> = ["lora-train", "run", "sft", "-o", "wf"].map(String::from).to_vec();
+        let body = job_body(&argv, "5", Some(&marker), false).unwrap();
+        let run = |restarts: &str| {
+            let script = body.replace("exec ", "printf '%s ' ");
+            let out = std::process::Command::new("bash").arg("-c").arg(&script).env("SLURM_RESTART_COUNT", restarts).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("--resume")
+        };
+        assert!(!run("1"), "no state yet: the requeued job starts afresh");
+        std::fs::write(&marker, "{}").unwrap();
+        assert!(!run("0"), "a first start never resumes");
+        assert!(run("1"), "requeued with its workflow state: --resume");
+        assert!(crate::jobs::continues(Some(&marker)));
+    }
 
     #[test]
     fn words_are_quoted_for_bash() {

@@ -13,7 +13,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
 
 pub const DB_FILE: &str = "jobs.sqlite";
-const SCHEMA_VERSION: i64 = 1;
+/// 2: `resume_marker` (the file whose presence makes a retry or requeue `--resume`).
+const SCHEMA_VERSION: i64 = 2;
 
 /// Where a job stands. `queued`: registered, its process (or Slurm job) not started yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -24,6 +25,10 @@ pub enum JobStatus {
     Completed,
     Failed,
     Cancelled,
+    /// A workflow stopped at a gate (no terminal, no `--yes`): nothing after it ran;
+    /// `--resume --yes` (or `jobs retry`) continues.
+    #[serde(rename = "awaiting_approval")]
+    AwaitingApproval,
 }
 
 impl JobStatus {
@@ -34,6 +39,7 @@ impl JobStatus {
             JobStatus::Completed => "completed",
             JobStatus::Failed => "failed",
             JobStatus::Cancelled => "cancelled",
+            JobStatus::AwaitingApproval => "awaiting_approval",
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
@@ -43,11 +49,12 @@ impl JobStatus {
             "completed" => JobStatus::Completed,
             "failed" => JobStatus::Failed,
             "cancelled" => JobStatus::Cancelled,
+            "awaiting_approval" => JobStatus::AwaitingApproval,
             other => bail!("unknown job status `{other}` in the job store"),
         })
     }
     pub fn is_final(self) -> bool {
-        matches!(self, JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(self, JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled | JobStatus::AwaitingApproval)
     }
 }
 
@@ -85,6 +92,8 @@ pub struct Job {
     pub checkpoint: Option<PathBuf>,
     /// The job this one retries.
     pub retry_of: Option<i64>,
+    /// The file whose presence in `output` means a retry continues the run (`--resume`).
+    pub resume_marker: Option<String>,
 }
 
 /// What a new job is registered with.
@@ -98,6 +107,7 @@ pub struct NewJob {
     pub output: Option<PathBuf>,
     pub log: Option<PathBuf>,
     pub retry_of: Option<i64>,
+    pub resume_marker: Option<String>,
 }
 
 pub struct Store {
@@ -119,7 +129,7 @@ pub fn now() -> f64 {
 }
 
 const COLUMNS: &str = "id, command, argv, cwd, backend, status, pid, pid_start, host, slurm_job_ids, output, log, \
-created_at, started_at, ended_at, step, total_steps, loss, exit_code, exit_reason, checkpoint, retry_of";
+created_at, started_at, ended_at, step, total_steps, loss, exit_code, exit_reason, checkpoint, retry_of, resume_marker";
 
 impl Store {
     /// Open (and create) the store under [`home`].
@@ -173,7 +183,8 @@ impl Store {
                  output TEXT, log TEXT,
                  created_at REAL NOT NULL, started_at REAL, ended_at REAL,
                  step INTEGER, total_steps INTEGER, loss REAL,
-                 exit_code INTEGER, exit_reason TEXT, checkpoint TEXT, retry_of INTEGER);",
+                 exit_code INTEGER, exit_reason TEXT, checkpoint TEXT, retry_of INTEGER,
+                 resume_marker TEXT);",
         )?;
         let version: Option<i64> = tx.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))?;
         match version {
@@ -183,6 +194,12 @@ impl Store {
             Some(v) if v > SCHEMA_VERSION => {
                 bail!("{}: job store schema version {v} is newer than this lora-train understands ({SCHEMA_VERSION})", self.path.display())
             }
+            Some(1) => {
+                // Version 1 had no resume marker: its jobs retry by the old rule (any of
+                // the run, sweep or workflow state files), see `commands/jobs.rs`.
+                tx.execute_batch("ALTER TABLE jobs ADD COLUMN resume_marker TEXT")?;
+                tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [SCHEMA_VERSION])?;
+            }
             Some(_) => {}
         }
         tx.commit()?;
@@ -191,8 +208,8 @@ impl Store {
 
     pub fn insert(&self, job: &NewJob) -> Result<i64> {
         self.conn.execute(
-            "INSERT INTO jobs (command, argv, cwd, backend, status, output, log, created_at, retry_of)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO jobs (command, argv, cwd, backend, status, output, log, created_at, retry_of, resume_marker)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 job.command,
                 serde_json::to_string(&job.argv)?,
@@ -203,6 +220,7 @@ impl Store {
                 job.log.as_ref().map(|p| p.to_string_lossy().into_owned()),
                 now(),
                 job.retry_of,
+                job.resume_marker,
             ],
         )?;
         Ok(self.conn.last_insert_rowid())
@@ -312,6 +330,7 @@ fn read_row(r: &Row) -> rusqlite::Result<Job> {
         exit_reason: text(19)?,
         checkpoint: path(20)?,
         retry_of: r.get(21)?,
+        resume_marker: r.get(22)?,
     })
 }
 
@@ -329,6 +348,7 @@ mod tests {
             output: Some(format!("/tmp/run-{n}").into()),
             log: None,
             retry_of: None,
+            resume_marker: None,
         }
     }
 
@@ -359,6 +379,31 @@ mod tests {
         Connection::open(&path).unwrap().execute("INSERT INTO schema_version (version) VALUES (99)", []).unwrap();
         let err = Store::open(&path).err().unwrap();
         assert!(format!("{err:#}").contains("schema version 99"), "{err:#}");
+    }
+
+    #[test]
+    fn a_version_1_store_gains_the_resume_marker_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);
+                 CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, command TEXT NOT NULL, argv TEXT NOT NULL, cwd TEXT NOT NULL,
+                     backend TEXT NOT NULL, status TEXT NOT NULL, pid INTEGER, pid_start INTEGER, host TEXT, slurm_job_ids TEXT,
+                     output TEXT, log TEXT, created_at REAL NOT NULL, started_at REAL, ended_at REAL, step INTEGER, total_steps INTEGER,
+                     loss REAL, exit_code INTEGER, exit_reason TEXT, checkpoint TEXT, retry_of INTEGER);
+                 INSERT INTO jobs (command, argv, cwd, backend, status, created_at) VALUES ('sft', '[\"lora-train\"]', '/tmp', 'local', 'failed', 1.0);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let old = store.require(1).unwrap();
+        assert_eq!((old.command.as_str(), old.status, old.resume_marker), ("sft", JobStatus::Failed, None));
+        let id = store.insert(&NewJob { resume_marker: Some("run.json".into()), ..new_job(2) }).unwrap();
+        assert_eq!(store.require(id).unwrap().resume_marker.as_deref(), Some("run.json"));
+        drop(store);
+        assert!(Store::open(&path).is_ok(), "opening a migrated store again migrates nothing");
     }
 
     #[test]

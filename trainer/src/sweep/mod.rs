@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{TrainConfig, TrainOptions};
 use crate::engine::{self, Method, RunStatus};
+use crate::run_control::Control;
 use crate::recipes::sft::{self, Sft, SftData};
 use plan::{DeviceSlot, Item, Plan};
 use worker::{GroupMember, GroupSpec};
@@ -46,6 +47,8 @@ pub struct SweepOptions {
     pub quiet: bool,
     /// `--backend slurm`: plan and write the groups' specs; the caller submits them.
     pub slurm: bool,
+    /// When to stop (the workers are sent the same signal) and who hears the steps.
+    pub control: Control,
 }
 
 /// One candidate's line in `sweep.json`.
@@ -230,15 +233,17 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     }
     record.status = "running".into();
     save(&dir, &record)?;
+    // Planned and written: from here on the sweep is a job.
+    opts.control.started();
     execute(&dir, &plan, &mut record, opts)?;
-    if let Some(signal) = crate::jobs::stop_requested() {
+    if let Some(signal) = opts.control.stop_requested() {
         for r in record.candidates.iter_mut() {
             refresh(r);
         }
         record.status = "stopped".into();
         record.wall_s = wall.elapsed().as_secs_f64();
         save(&dir, &record)?;
-        return Err(crate::jobs::Interrupted { signal, checkpoints: vec![] }.into());
+        return Err(crate::run_control::Stopped { signal, checkpoints: vec![] }.into());
     }
 
     // ---- outcome --------------------------------------------------------------------------
@@ -294,14 +299,14 @@ struct Running {
 /// Launch groups as devices and the `--max-parallel` budget allow, watch them, record
 /// outcomes. Candidates already completed or diverged (a resumed sweep) are not rerun.
 fn execute(dir: &Path, plan: &Plan, record: &mut SweepRecord, opts: &SweepOptions) -> Result<()> {
-    let bars = Bars::new(record, opts.quiet);
+    let bars = Bars::new(record, opts.quiet, opts.control.clone());
     let mut queue: Vec<usize> = (0..plan.groups.len()).collect();
     let mut running: Vec<Running> = Vec::new();
     let mut stopping = false;
     loop {
         // Asked to stop (jobs cancel, Ctrl-C): the workers checkpoint and stop too, and
         // no further group starts.
-        if let Some(signal) = crate::jobs::stop_requested().filter(|_| !stopping) {
+        if let Some(signal) = opts.control.stop_requested().filter(|_| !stopping) {
             stopping = true;
             queue.clear();
             for r in &running {
@@ -455,10 +460,11 @@ struct Bars {
     bars: Vec<(String, ProgressBar)>,
     tty: bool,
     quiet: bool,
+    control: Control,
 }
 
 impl Bars {
-    fn new(record: &SweepRecord, quiet: bool) -> Self {
+    fn new(record: &SweepRecord, quiet: bool, control: Control) -> Self {
         let tty = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let multi = MultiProgress::with_draw_target(if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
         let width = record.candidates.iter().map(|c| c.name.len()).max().unwrap_or(8);
@@ -477,7 +483,7 @@ impl Bars {
                 (c.name.clone(), b)
             })
             .collect();
-        Bars { multi, bars, tty, quiet }
+        Bars { multi, bars, tty, quiet, control }
     }
 
     fn update(&self, record: &mut SweepRecord) {
@@ -494,7 +500,7 @@ impl Bars {
         let (done, total) = record.candidates.iter().fold((0, 0), |(d, t), c| (d + c.steps, t + c.total_steps));
         let best = record.candidates.iter().filter_map(|c| c.train_loss).reduce(f64::min);
         if total > 0 {
-            crate::jobs::on_step(done, total.max(done), best);
+            self.control.on_step(done, total.max(done), best);
         }
     }
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::engine::{self, Run, RunOptions};
+use crate::run_control::Control;
 use crate::recipes::sft::{self, Sft, SftData};
 
 /// What the parent hands a worker (written to `DIR/groups/group-K.json`).
@@ -37,7 +38,7 @@ pub fn read_spec(path: &Path) -> Result<GroupSpec> {
 
 /// Train one group to the end. A candidate that cannot start is reported and left out;
 /// the others train.
-pub fn run_group(spec: &GroupSpec) -> Result<()> {
+pub fn run_group(spec: &GroupSpec, control: &Control) -> Result<()> {
     let Some(first) = spec.members.first() else { bail!("empty group") };
     exit_with_parent();
     let base = &first.config;
@@ -64,7 +65,7 @@ pub fn run_group(spec: &GroupSpec) -> Result<()> {
                 }
             };
             let method = Sft::new(&set, &cfg);
-            Run::start(&mut model, &m.name, cfg.clone(), method, set.train.fingerprint(), resume_from, &source, &RunOptions { resume, quiet: false })
+            Run::start(&mut model, &m.name, cfg.clone(), method, set.train.fingerprint(), resume_from, &source, &RunOptions { resume, quiet: false, control: control.clone() })
         })();
         match started {
             Ok(run) => runs.push(run),
@@ -125,6 +126,13 @@ fn data_key(cfg: &TrainConfig) -> String {
 /// `DIR/groups/group-K.json` and its log.
 pub fn spec_path(dir: &Path, k: usize) -> PathBuf {
     dir.join("groups").join(format!("group-{k}.json"))
+}
+
+/// The command line (after the program) of the worker of group `task`, where `task` is a
+/// group index or a placeholder the job system fills in (a Slurm array's task index).
+pub fn task_argv(dir: &Path, task: &str) -> Vec<String> {
+    let spec = dir.join("groups").join(format!("group-{task}.json"));
+    vec!["sweep-worker".into(), "--spec".into(), spec.to_string_lossy().into_owned()]
 }
 pub fn result_path(dir: &Path, k: usize) -> PathBuf {
     dir.join("groups").join(format!("group-{k}.result.json"))

@@ -1,13 +1,13 @@
 //! Phase `approval` (and the promotion gate's confirm): one question on a terminal,
 //! `--yes` in scripts. Without a terminal and without `--yes` the workflow stops with
-//! exit status 3 (`Stopped`), having written what the person has to read; rerunning with
+//! exit status 3 (`AwaitingApproval`), having written what the person has to read; rerunning with
 //! `--resume --yes` continues after the gate.
 use std::path::Path;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use super::{Stopped, Workflow};
+use super::{AwaitingApproval, Workflow};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Approval {
@@ -26,9 +26,9 @@ pub fn require(wf: &Workflow, what: &str, file: &Path) -> Result<Approval> {
         if super::ask(&format!("Approve the {what} ({})?", file.display()))? {
             return Ok(approved("terminal"));
         }
-        return Err(Stopped(format!("the {what} was not approved; nothing after it ran. Continue later with the same command and --resume (--yes to approve)")).into());
+        return Err(AwaitingApproval(format!("the {what} was not approved; nothing after it ran. Continue later with the same command and --resume (--yes to approve)")).into());
     }
-    Err(Stopped(format!(
+    Err(AwaitingApproval(format!(
         "the {what} needs an approval: no terminal and no --yes. Read {}, then continue with the same command plus --resume --yes",
         file.display()
     ))

@@ -27,6 +27,7 @@ use super::report::{self, ReportInput};
 use super::sft::WorkflowArgs;
 use super::sweep::{self as sweep_phase, SweepResult};
 use super::{Workflow, PLAN_FILE};
+use crate::run_control::Control;
 use crate::config::TrainConfig;
 
 pub const ORDER: [&str; 9] = ["inspect", "plan", "approval", "benchmark", "sweep", "promotion", "final run", "evaluation", "report"];
@@ -351,7 +352,7 @@ struct ClassifyPlan {
     labels: LabelInfo,
 }
 
-pub fn run(args: ClassifyArgs) -> Result<()> {
+pub fn run(args: ClassifyArgs, control: &Control) -> Result<()> {
     let mut common = args.common.clone();
     if let Some(s) = args.split {
         common.options.eval_split = Some(s);
@@ -367,7 +368,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     settings["benchmark_samples"] = json!(args.benchmark_samples);
     settings["max_new_tokens"] = json!(args.max_new_tokens);
     let order = if args.benchmark_only { BENCHMARK_ONLY_ORDER.to_vec() } else { ORDER.to_vec() };
-    let mut wf = Workflow::open(&cfg0.output, "classify", settings, w.resume, w.yes, order)?;
+    let mut wf = Workflow::open(&cfg0.output, "classify", settings, w.resume, w.yes, order)?.with_control(control);
 
     let insp: Inspection = wf.phase("inspect", |wf| inspect::run(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, args.imbalance_threshold))?;
     let (options, sweep_opts) = w.sweep_setup(&wf.dir, &insp.dataset)?;
@@ -417,7 +418,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let (promo, fin, tuned) = if args.benchmark_only {
         (None, None, None)
     } else {
-        let sw: SweepResult = wf.phase("sweep", |_| sweep_phase::run(&options, &sweep_opts))?;
+        let sw: SweepResult = wf.phase("sweep", |wf| sweep_phase::run(&options, &sweep_opts, &wf.control))?;
         let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &cp.plan.candidates, &["label".to_string()], args.benchmark_samples, args.max_new_tokens))?;
         let fin: FinalRun = wf.phase("final run", |wf| {
             let skip = if w.skip_final {
@@ -427,7 +428,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             } else {
                 None
             };
-            final_run::run(&wf.dir, &promo.winner_config, &promo.winner_dir, w.options.max_train_samples, skip)
+            final_run::run(&wf.dir, &promo.winner_config, &promo.winner_dir, w.options.max_train_samples, skip, &wf.control)
         })?;
         let tuned: ModelScores = wf.phase("evaluation", |wf| {
             let h = held_out(&cfg, args.benchmark_samples)?;

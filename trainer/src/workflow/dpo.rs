@@ -22,6 +22,7 @@ use super::promotion::{self, Promotion, Row};
 use super::report::{self, ReportInput};
 use super::sft::WorkflowArgs;
 use super::{Generated, Workflow, PLAN_FILE};
+use crate::run_control::Control;
 use crate::config::{TrainConfig, TrainOptions};
 use crate::engine::{RunOptions, RunStatus, METRICS_FILE, RUN_FILE};
 use crate::recipes::dpo::{Dpo, LossType};
@@ -197,7 +198,7 @@ fn read_losses(o: &mut Outcome, run_dir: &Path) {
     }
 }
 
-pub fn run(args: DpoArgs) -> Result<()> {
+pub fn run(args: DpoArgs, control: &Control) -> Result<()> {
     let w = &args.common;
     if args.evaluators.is_empty() == args.judge_model.is_none() {
         bail!("run dpo compares against the base with a judge: give --evaluator SPEC or --judge-model MODEL (one of them)");
@@ -223,7 +224,7 @@ pub fn run(args: DpoArgs) -> Result<()> {
     if prompts_only && args.strong.is_none() {
         bail!("{}: prompts only; give --strong MODEL[+ADAPTER] (and --weak, default --model) to make preference pairs first", cfg0.dataset.display());
     }
-    let mut wf = Workflow::open(&cfg0.output, "dpo", settings, w.resume, w.yes, ORDER.to_vec())?;
+    let mut wf = Workflow::open(&cfg0.output, "dpo", settings, w.resume, w.yes, ORDER.to_vec())?.with_control(control);
 
     let wants = if prompts_only { Format::Prompts } else { Format::Preference };
     let insp: Inspection = wf.phase("inspect", |wf| inspect::run_for(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0, wants))?;
@@ -266,13 +267,18 @@ pub fn run(args: DpoArgs) -> Result<()> {
                 eprintln!("{}: training {} (beta {})", format!("{:?}", args.method).to_lowercase(), c.name, c.beta);
                 let resume = run_dir.join(RUN_FILE).exists();
                 let pairs = PairOptions { max_prompt_length: None, max_length: None, adapter: None, precompute_ref_logps: false };
-                let opts = RunOptions { resume, quiet: false };
+                let opts = RunOptions { resume, quiet: false, control: wf.control.clone() };
                 let trained = match args.method {
                     Method::Dpo => preference::run(&c.config, &pairs, Dpo::new(c.beta, LossType::Sigmoid, 0.0)?, &opts),
                     Method::Orpo => preference::run(&c.config, &pairs, crate::recipes::orpo::Orpo::new(c.beta)?, &opts),
                 };
-                if let Err(e) = trained {
-                    tracing::warn!("candidate {}: {e:#}", c.name);
+                match trained {
+                    // Ctrl-C, `jobs cancel`, Slurm's preemption: the workflow stops with
+                    // the candidate's checkpoint (and `--resume` continues it), it does
+                    // not count the candidate as failed and start the next one.
+                    Err(e) if crate::run_control::is_stop(&e) => return Err(e),
+                    Err(e) => tracing::warn!("candidate {}: {e:#}", c.name),
+                    Ok(_) => {}
                 }
             }
             let compare_dir = wf.dir.join("compare").join(&c.name);

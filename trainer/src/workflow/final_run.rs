@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::engine::{RunOptions, RUN_FILE};
+use crate::run_control::Control;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FinalRun {
@@ -25,7 +26,7 @@ pub struct FinalRun {
 
 /// `winner` is the promoted candidate's configuration and run directory; `full` the
 /// user's own `--max-train-samples` (None = all).
-pub fn run(dir: &Path, winner_cfg: &TrainConfig, winner_dir: &Path, full: Option<usize>, skip: Option<String>) -> Result<FinalRun> {
+pub fn run(dir: &Path, winner_cfg: &TrainConfig, winner_dir: &Path, full: Option<usize>, skip: Option<String>, control: &Control) -> Result<FinalRun> {
     if let Some(why) = skip {
         return Ok(FinalRun { adapter: winner_dir.to_path_buf(), retrained: false, skipped_because: Some(why), config: winner_cfg.clone(), elapsed_s: None, train_loss: None, eval_loss: None });
     }
@@ -34,7 +35,7 @@ pub fn run(dir: &Path, winner_cfg: &TrainConfig, winner_dir: &Path, full: Option
     if resume {
         eprintln!("final run: continuing {}", cfg.output.display());
     }
-    let summary = crate::recipes::sft::run(&cfg, &RunOptions { resume, quiet: false })?;
+    let summary = crate::recipes::sft::run(&cfg, &RunOptions { resume, quiet: false, control: control.clone() })?;
     Ok(FinalRun {
         adapter: summary.adapter.clone(),
         retrained: true,

@@ -31,27 +31,16 @@ use anyhow::{bail, Context, Result};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::run_control::{Control, Outcome};
+
 pub const STATE_FILE: &str = "workflow.json";
 pub const PLAN_FILE: &str = "plan.md";
 pub const REPORT_MD: &str = "final_report.md";
 pub const REPORT_JSON: &str = "final_report.json";
 
-/// The exit status of a workflow that stopped for an approval it could not get (no
-/// terminal and no `--yes`, or declined): nothing after the gate has run.
-pub const EXIT_NEEDS_APPROVAL: u8 = 3;
-
-/// A workflow stopped at a gate (plan approval or promotion). `main` maps it to exit
-/// status 3 and prints the message (which says how to continue).
-#[derive(Debug)]
-pub struct Stopped(pub String);
-
-impl std::fmt::Display for Stopped {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Stopped {}
+/// A workflow stopped at a gate (plan approval or promotion): `main` exits with status 3
+/// and prints the message (which says how to continue); the job shows `awaiting approval`.
+pub use crate::run_control::AwaitingApproval;
 
 /// One phase's line in `workflow.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -91,6 +80,8 @@ pub struct Workflow {
     pub yes: bool,
     /// Phases in the order this workflow runs them (for the `[k/n]` progress lines).
     order: Vec<&'static str>,
+    /// The job's stop token and step observer, handed to every run and sweep it starts.
+    pub control: Control,
 }
 
 pub fn now_unix() -> f64 {
@@ -126,10 +117,16 @@ impl Workflow {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             State { version: env!("CARGO_PKG_VERSION").into(), workflow: workflow.into(), settings, created_unix: now_unix(), phases: Vec::new(), status: "running".into() }
         };
-        let mut wf = Workflow { dir: dir.to_path_buf(), state, yes, order };
+        let mut wf = Workflow { dir: dir.to_path_buf(), state, yes, order, control: Control::default() };
         wf.state.status = "running".into();
         wf.save()?;
         Ok(wf)
+    }
+
+    /// The workflow as a job: stopped by `control`'s token, heard by its observer.
+    pub fn with_control(mut self, control: &Control) -> Self {
+        self.control = control.clone();
+        self
     }
 
     pub fn save(&self) -> Result<()> {
@@ -152,6 +149,11 @@ impl Workflow {
             return Ok(out);
         }
         eprintln!("[{k}/{n}] {name}");
+        // A workflow becomes a job once its data passed inspection: a typo in a path or a
+        // broken dataset leaves no job row behind.
+        if name != "inspect" {
+            self.control.started();
+        }
         let started = now_unix();
         match self.state.phases.iter_mut().find(|p| p.name == name) {
             Some(p) => {
@@ -175,7 +177,12 @@ impl Workflow {
                 Ok(out)
             }
             Err(e) => {
-                self.state.status = if e.downcast_ref::<Stopped>().is_some() { "stopped".into() } else { "failed".into() };
+                self.state.status = match Outcome::of_error(&e) {
+                    Outcome::AwaitingApproval => "stopped",
+                    Outcome::Stopped { .. } => "cancelled",
+                    _ => "failed",
+                }
+                .into();
                 self.save()?;
                 Err(e)
             }
@@ -304,8 +311,8 @@ mod tests {
     fn a_stopped_phase_marks_the_workflow_stopped() {
         let tmp = tempfile::tempdir().unwrap();
         let mut wf = Workflow::open(tmp.path(), "sft", Value::Null, false, false, vec!["gate"]).unwrap();
-        let err = wf.phase::<()>("gate", |_| Err(Stopped("no".into()).into())).unwrap_err();
-        assert!(err.downcast_ref::<Stopped>().is_some());
+        let err = wf.phase::<()>("gate", |_| Err(AwaitingApproval("no".into()).into())).unwrap_err();
+        assert!(err.downcast_ref::<AwaitingApproval>().is_some());
         assert_eq!(wf.state.status, "stopped");
     }
 }

@@ -88,7 +88,7 @@ fn calibrate(c: &crate::sweep::CandidateRecord, steps: usize, assumed: f64) -> R
     }
     eprintln!("plan: timing {steps} training steps of {}", c.name);
     let cfg = TrainConfig { output: scratch.clone(), steps: Some(steps), epochs: None, eval_split: None, eval_dataset: None, ..c.config.clone() };
-    let summary = crate::recipes::sft::run(&cfg, &crate::engine::RunOptions { resume: false, quiet: true }).context("timing the calibration steps")?;
+    let summary = crate::recipes::sft::run(&cfg, &crate::engine::RunOptions { resume: false, quiet: true, ..Default::default() }).context("timing the calibration steps")?;
     std::fs::remove_dir_all(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
     let per_token = c.est_flops / c.est_tokens.max(1) as f64;
     let flops_per_s = (summary.tokens_per_s * per_token).max(1.0);

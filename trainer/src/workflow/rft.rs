@@ -20,6 +20,7 @@ use super::promotion::{self, Promotion, Row};
 use super::report::{self, ReportInput};
 use super::sft::WorkflowArgs;
 use super::{Workflow, PLAN_FILE};
+use crate::run_control::Control;
 use crate::config::{TrainConfig, TrainOptions};
 use crate::engine::{RunOptions, RunStatus, METRICS_FILE, RUN_FILE};
 use crate::evaluators::EvaluatorArgs;
@@ -98,7 +99,7 @@ struct Trained {
     rows: Vec<Row>,
 }
 
-pub fn run(args: RftArgs) -> Result<()> {
+pub fn run(args: RftArgs, control: &Control) -> Result<()> {
     let w = &args.common;
     if args.evaluators.evaluators.is_empty() {
         bail!("run rft needs --evaluator SPEC (the reward)");
@@ -114,7 +115,7 @@ pub fn run(args: RftArgs) -> Result<()> {
     settings["reward_weights"] = json!(args.evaluators.reward_weights);
     settings["sweep_steps"] = json!(args.sweep_steps);
     settings["eval_samples"] = json!(args.eval_samples);
-    let mut wf = Workflow::open(&cfg0.output, "rft", settings, w.resume, w.yes, ORDER.to_vec())?;
+    let mut wf = Workflow::open(&cfg0.output, "rft", settings, w.resume, w.yes, ORDER.to_vec())?.with_control(control);
 
     let insp: Inspection = wf.phase("inspect", |wf| inspect::run_for(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0, Format::Prompts))?;
     let base = TrainOptions { dataset: Some(insp.dataset.clone()), ..w.options.clone() };
@@ -129,15 +130,19 @@ pub fn run(args: RftArgs) -> Result<()> {
     })?;
     let _: Approval = wf.phase("approval", |wf| approval::require(wf, "plan", &wf.dir.join(PLAN_FILE)))?;
     let bench: SideScores = wf.phase("benchmark", |_| reward(&base_cfg, None, &args))?;
-    let trained: Trained = wf.phase("sweep", |_| {
+    let trained: Trained = wf.phase("sweep", |wf| {
         let mut rows = Vec::new();
         for c in &cands {
             let run_dir = &c.config.output;
             if crate::engine::read_status(run_dir) != Some(RunStatus::Completed) {
                 eprintln!("rft: candidate {} ({} steps)", c.name, args.sweep_steps);
                 let resume = run_dir.join(RUN_FILE).exists();
-                if let Err(e) = grpo::run(&c.config, &args.grpo, &AgentOptions::local(), &args.evaluators, &RunOptions { resume, quiet: false }) {
-                    tracing::warn!("candidate {}: {e:#}", c.name);
+                let opts = RunOptions { resume, quiet: false, control: wf.control.clone() };
+                match grpo::run(&c.config, &args.grpo, &AgentOptions::local(), &args.evaluators, &opts) {
+                    // A stop on request ends the workflow (resumable), not the candidate.
+                    Err(e) if crate::run_control::is_stop(&e) => return Err(e),
+                    Err(e) => tracing::warn!("candidate {}: {e:#}", c.name),
+                    Ok(_) => {}
                 }
             }
             let rows_m = crate::metrics::read_metrics(&run_dir.join(METRICS_FILE)).unwrap_or_default();
@@ -184,7 +189,7 @@ pub fn run(args: RftArgs) -> Result<()> {
         // The winner's configuration with the user's length and all the prompts.
         let cfg = TrainConfig { output: wf.dir.join("final"), steps: base_cfg.steps, epochs: base_cfg.epochs, max_train_samples: base_cfg.max_train_samples, ..promo.winner_config.clone() };
         let resume = cfg.output.join(RUN_FILE).exists();
-        let s = grpo::run(&cfg, &args.grpo, &AgentOptions::local(), &args.evaluators, &RunOptions { resume, quiet: false })?;
+        let s = grpo::run(&cfg, &args.grpo, &AgentOptions::local(), &args.evaluators, &RunOptions { resume, quiet: false, control: wf.control.clone() })?;
         Ok(FinalRun { adapter: s.adapter.clone(), retrained: true, skipped_because: None, config: cfg, elapsed_s: Some(s.elapsed_s), train_loss: s.train_loss, eval_loss: s.eval_loss })
     })?;
     let tuned: SideScores = wf.phase("evaluation", |_| reward(&base_cfg, Some(&fin.adapter), &args))?;

@@ -15,6 +15,7 @@ use super::promotion::{self, Promotion};
 use super::report::{self, ReportInput};
 use super::sweep::{self as sweep_phase, SweepResult};
 use super::{Workflow, PLAN_FILE};
+use crate::run_control::Control;
 use crate::config::TrainOptions;
 use crate::sweep::SweepOptions;
 
@@ -100,6 +101,7 @@ impl WorkflowArgs {
             resume: false,
             quiet: false,
             slurm: false,
+            control: Control::default(),
         };
         Ok((options, sweep))
     }
@@ -209,7 +211,7 @@ fn resolve_evaluators(specs: &[String], dataset: &Path, dir: &Path) -> Result<(V
     Ok((specs.to_vec(), if specs.is_empty() { "the default".into() } else { "--evaluator".into() }))
 }
 
-pub fn run(args: SftArgs) -> Result<()> {
+pub fn run(args: SftArgs, control: &Control) -> Result<()> {
     let w = &args.common;
     let cfg0 = w.options.clone().resolve()?;
     // A bad spec fails before the output directory is claimed.
@@ -221,7 +223,7 @@ pub fn run(args: SftArgs) -> Result<()> {
     settings["eval_samples"] = json!(args.eval_samples);
     settings["max_new_tokens"] = json!(args.max_new_tokens);
     settings["models"] = json!(args.models);
-    let mut wf = Workflow::open(&cfg0.output, "sft", settings, w.resume, w.yes, ORDER.to_vec())?;
+    let mut wf = Workflow::open(&cfg0.output, "sft", settings, w.resume, w.yes, ORDER.to_vec())?.with_control(control);
 
     let insp: Inspection = wf.phase("inspect", |wf| inspect::run(&wf.dir, &cfg0.dataset, &cfg0.model, cfg0.max_sequence_length, 50.0))?;
     let (options, sweep_opts) = w.sweep_setup(&wf.dir, &insp.dataset)?;
@@ -256,7 +258,7 @@ pub fn run(args: SftArgs) -> Result<()> {
     })?;
     let _: Approval = wf.phase("approval", |wf| approval::require(wf, "plan", &wf.dir.join(PLAN_FILE)))?;
     let sw: SweepResult = wf.phase("sweep", |wf| {
-        let results = sweeps.iter().map(|(prefix, o)| Ok((prefix.clone(), sweep_phase::run(o, &sweep_opts)?))).collect::<Result<Vec<_>>>()?;
+        let results = sweeps.iter().map(|(prefix, o)| Ok((prefix.clone(), sweep_phase::run(o, &sweep_opts, &wf.control)?))).collect::<Result<Vec<_>>>()?;
         merge_sweeps(results, &wf.dir)
     })?;
     let promo: Promotion = wf.phase("promotion", |wf| promotion::run(wf, &sw, &plan.candidates, &plan.evaluators, args.eval_samples, args.max_new_tokens))?;
@@ -268,7 +270,7 @@ pub fn run(args: SftArgs) -> Result<()> {
         } else {
             None
         };
-        final_run::run(&wf.dir, &promo.winner_config, &promo.winner_dir, w.options.max_train_samples, skip)
+        final_run::run(&wf.dir, &promo.winner_config, &promo.winner_dir, w.options.max_train_samples, skip, &wf.control)
     })?;
     let cmp: Comparison = wf.phase("evaluation", |_| evaluation::compare(&fin.config, &fin.adapter, &plan.evaluators, args.eval_samples, args.max_new_tokens))?;
     let _: serde_json::Value = wf.phase("report", |wf| {

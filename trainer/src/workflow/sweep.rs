@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::run_control::Control;
 use crate::config::TrainOptions;
 use crate::engine::RunStatus;
 use crate::sweep::{self, CandidateRecord, SweepOptions, SWEEP_FILE};
@@ -20,13 +21,13 @@ pub struct SweepResult {
 }
 
 /// Runs (or continues) the sweep of `options` (whose `output` is the sweep directory).
-pub fn run(options: &TrainOptions, opts: &SweepOptions) -> Result<SweepResult> {
+pub fn run(options: &TrainOptions, opts: &SweepOptions, control: &Control) -> Result<SweepResult> {
     let dir = options.output.clone().unwrap_or_default();
     let resume = dir.join(SWEEP_FILE).exists();
     if resume {
         eprintln!("sweep: continuing the sweep in {}", dir.display());
     }
-    let record = sweep::run(options.clone(), &SweepOptions { resume, dry_run: false, ..opts.clone() })?;
+    let record = sweep::run(options.clone(), &SweepOptions { resume, dry_run: false, control: control.clone(), ..opts.clone() })?;
     if !record.candidates.iter().any(|c| c.status == RunStatus::Completed) {
         bail!("no candidate completed (see {})", dir.join(SWEEP_FILE).display());
     }

@@ -213,7 +213,7 @@ fn a_workflow_is_a_job_detached_waited_for_and_its_gate_recorded() {
     let waited = lt(&home, &["jobs", "wait", &id.to_string()]);
     assert_eq!(waited.status.code(), Some(3), "{}", String::from_utf8_lossy(&waited.stderr));
     let j = job(&home, id);
-    assert_eq!((j["command"].as_str(), j["status"].as_str()), (Some("run sft"), Some("failed")), "{j}");
+    assert_eq!((j["command"].as_str(), j["status"].as_str()), (Some("run sft"), Some("awaiting_approval")), "{j}");
     assert!(j["exit_reason"].as_str().unwrap_or_default().contains("--yes"), "{j}");
     // Continued in the background with the approval given.
     let mut yes = args.to_vec();
@@ -240,4 +240,87 @@ fn a_sweep_job_row_shows_the_steps_of_all_its_candidates() {
     let row = list["jobs"].as_array().unwrap().iter().find(|j| j["command"] == "sweep").unwrap_or_else(|| panic!("no sweep job in {list}"));
     assert_eq!((row["step"].as_i64(), row["total_steps"].as_i64()), (Some(5), Some(5)), "{row}");
     assert!((row["loss"].as_f64().unwrap() - best).abs() < 1e-9, "{row} vs best train loss {best}");
+}
+
+/// `lora-train ARGS` run from `cwd`, detached, its job id.
+fn detach_in(home: &Path, cwd: &Path, args: &[&str]) -> i64 {
+    let out = Command::new(bin()).args(args).args(["--detach", "--json"]).current_dir(cwd).env("LORA_TRAIN_HOME", home).env("LORA_TRAIN_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    stdout_json(&out)["job_id"].as_i64().unwrap()
+}
+
+#[test]
+fn a_workflow_with_a_relative_output_is_retried_from_another_directory_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let (here, elsewhere) = (tmp.path().join("here"), tmp.path().join("elsewhere"));
+    std::fs::create_dir_all(&here).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    write_dataset(&here, "train.jsonl", 12);
+    let m = tiny("qwen2");
+    let args = ["run", "sft", "--model", &m, "--dataset", "train.jsonl", "-o", "wf", "--devices", "cpu", "--steps", "2", "--candidate", "rank=4", "--calibration-steps", "0", "--skip-final"];
+    let id = detach_in(&home, &here, &args);
+    assert_eq!(lt(&home, &["jobs", "wait", &id.to_string()]).status.code(), Some(3));
+    let j = job(&home, id);
+    assert_eq!(j["output"].as_str(), Some(here.join("wf").display().to_string().as_str()), "the output is stored absolute: {j}");
+    // Retried from elsewhere: the workflow's state is found, so the retry resumes it (and
+    // stops at the same gate again) instead of refusing a directory that holds a workflow.
+    let retry = Command::new(bin()).args(["jobs", "retry", &id.to_string(), "--json"]).current_dir(&elsewhere).env("LORA_TRAIN_HOME", &home).output().unwrap();
+    assert!(retry.status.success(), "{}", String::from_utf8_lossy(&retry.stderr));
+    let again = stdout_json(&retry)["job_id"].as_i64().unwrap();
+    assert_eq!(lt(&home, &["jobs", "wait", &again.to_string()]).status.code(), Some(3));
+    let j = job(&home, again);
+    assert_eq!(j["status"].as_str(), Some("awaiting_approval"), "{j}");
+    assert!(j["argv"].as_array().unwrap().iter().any(|a| a == "--resume"), "{j}");
+}
+
+#[test]
+fn a_command_that_fails_its_checks_leaves_no_job_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let m = tiny("llama");
+    let o = tmp.path().join("run").display().to_string();
+    for dataset in ["missing.jsonl", "typo.jsonl", "nowhere.jsonl"] {
+        let res = lt(&home, &["sft", "--model", &m, "--dataset", dataset, "-o", &o, "--device", "cpu", "--steps", "2"]);
+        assert!(!res.status.success());
+    }
+    let res = lt(&home, &["dpo", "--model", "no-such-model-dir", "--dataset", "x.jsonl", "-o", &o, "--device", "cpu"]);
+    assert!(!res.status.success());
+    let list = stdout_json(&lt_ok(&home, &["jobs", "list", "--json"]));
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "no run started, so no job: {list}");
+}
+
+#[test]
+fn a_dpo_workflow_cancelled_mid_sweep_is_cancelled_and_its_retry_continues_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let out = tmp.path().join("wf");
+    let data = repo().join("examples/json_preferences.train.jsonl").display().to_string();
+    let (m, o) = (tiny("qwen2"), out.display().to_string());
+    let args = [
+        "run", "dpo", "--model", &m, "--dataset", &data, "-o", &o, "--device", "cpu", "--steps", "400", "--checkpoint-interval", "100000",
+        "--grid", "beta=0.1,0.5", "--evaluator", "json", "--eval-samples", "2", "--max-new-tokens", "4", "--yes",
+    ];
+    let id = detach(&home, &args);
+    let first = out.join("sweep").join("beta0.1");
+    wait_for(300, "the first candidate's progress", || last_step(&first) >= 3);
+    let res = lt_ok(&home, &["jobs", "cancel", &id.to_string()]);
+    assert!(String::from_utf8_lossy(&res.stdout).contains("cancelled"), "{}", String::from_utf8_lossy(&res.stdout));
+    let j = job(&home, id);
+    assert_eq!((j["status"].as_str(), j["exit_code"].as_i64()), (Some("cancelled"), Some(143)), "a stop is not a failed candidate: {j}");
+    let stopped_at = last_step(&first);
+    assert!(stopped_at < 400, "cancelled mid-run");
+    assert!(first.join(format!("checkpoints/step-{stopped_at}/adapter_model.safetensors")).exists(), "the candidate's checkpoint was written");
+    assert!(!out.join("sweep").join("beta0.5").exists(), "the workflow stopped; it did not move on to the next candidate");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("workflow.json")).unwrap()).unwrap();
+    assert_eq!(state["status"], "cancelled");
+
+    let retry = stdout_json(&lt_ok(&home, &["jobs", "retry", &id.to_string(), "--json"]));
+    let again = retry["job_id"].as_i64().unwrap();
+    let waited = lt(&home, &["jobs", "wait", &again.to_string(), "--timeout", "600"]);
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
+    let steps: Vec<u64> = metrics(&first).iter().filter(|r| r.get("loss").is_some()).filter_map(|r| r["step"].as_u64()).collect();
+    assert!(steps.windows(2).all(|w| w[1] > w[0]), "the candidate continued from its checkpoint, no step twice: {steps:?}");
+    assert_eq!(steps.last(), Some(&400));
+    assert!(out.join("final_report.json").exists());
 }
