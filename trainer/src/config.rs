@@ -8,7 +8,7 @@
 //!
 //! TOML keys are the flag names with underscores: `learning_rate = 2e-4`, `lora_rank = 16`,
 //! `target_modules = ["q_proj", "v_proj"]` (or a comma-separated string).
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -256,24 +256,6 @@ fn overlay<T: Serialize + serde::de::DeserializeOwned>(hi: T, lo: T) -> T {
 }
 
 impl TrainOptions {
-    pub fn from_toml_file(path: &Path) -> Result<Self> {
-        // The other keys are the command's own flags (crate::config_file::expand_argv).
-        let shared = crate::config_file::shared_part(crate::config_file::read_table(path)?);
-        let opts: TrainOptions = toml::Value::Table(shared).try_into().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        // Relative paths in a config file are relative to the file.
-        let base = path.parent().unwrap_or(Path::new("."));
-        let rel = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { base.join(p) } else { p });
-        Ok(TrainOptions { dataset: rel(opts.dataset.clone()), eval_dataset: rel(opts.eval_dataset.clone()), output: rel(opts.output.clone()), ..opts })
-    }
-
-    /// The command line over the TOML file of `--config` (when given).
-    pub fn with_config_file(self, config: Option<&Path>) -> Result<Self> {
-        Ok(match config {
-            Some(path) => self.over(Self::from_toml_file(path)?),
-            None => self,
-        })
-    }
-
     /// `self` (the command line) wins over `lower` (the config file). `--steps` on the
     /// command line also removes `epochs` from the file, and vice versa.
     pub fn over(self, lower: TrainOptions) -> TrainOptions {

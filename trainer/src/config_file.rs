@@ -9,12 +9,34 @@
 //! here.
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::builder::ValueHint;
 
 use crate::config::TrainOptions;
+
+/// The shared options of a config file, merged under the command line. Here, not in
+/// `config.rs`: the file format knows the options, the options know no file format.
+impl TrainOptions {
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        // The other keys are the command's own flags ([`expand_argv`]).
+        let shared = shared_part(read_table(path)?);
+        let opts: TrainOptions = toml::Value::Table(shared).try_into().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // Relative paths in a config file are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: Option<PathBuf>| p.map(|p| if p.is_relative() { base.join(p) } else { p });
+        Ok(TrainOptions { dataset: rel(opts.dataset.clone()), eval_dataset: rel(opts.eval_dataset.clone()), output: rel(opts.output.clone()), ..opts })
+    }
+
+    /// The command line over the TOML file of `--config` (when given).
+    pub fn with_config_file(self, config: Option<&Path>) -> Result<Self> {
+        Ok(match config {
+            Some(path) => self.over(Self::from_toml_file(path)?),
+            None => self,
+        })
+    }
+}
 
 /// The TOML file as a table, with errors that name the file.
 pub fn read_table(path: &Path) -> Result<toml::Table> {

@@ -7,6 +7,7 @@
 //! progress, and records each candidate's outcome in `DIR/sweep.json`. Worker processes
 //! keep a crash contained to its group.
 pub mod candidates;
+pub mod keys;
 pub mod plan;
 pub mod report;
 pub mod worker;
@@ -25,6 +26,7 @@ use crate::engine::{self, Method, RunStatus};
 use crate::run_control::Control;
 use crate::recipes::sft::{self, Sft, SftData};
 use plan::{DeviceSlot, Item, Plan};
+use keys::ShareKey;
 use worker::{GroupMember, GroupSpec};
 
 pub const SWEEP_FILE: &str = "sweep.json";
@@ -129,11 +131,11 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     // ---- estimates: real token counts of each candidate's data -------------------------
     let model_cfg = lora_models::load_model_config(&base_cfg.model).with_context(|| format!("reading the configuration of {}", base_cfg.model))?;
     let bundle = lora_models::load_tokenizer_bundle(&base_cfg.model)?;
-    let mut data_cache: BTreeMap<String, (usize, usize, u64, usize)> = BTreeMap::new();
+    let mut data_cache: BTreeMap<ShareKey, (usize, usize, u64, usize)> = BTreeMap::new();
     let mut records = Vec::new();
     let mut items = Vec::new();
     for (c, cfg) in cands.iter().zip(&configs) {
-        let key = format!("{:?}|{:?}|{:?}|{}|{}|{}|{}", cfg.eval_dataset, cfg.eval_split, cfg.max_train_samples, cfg.seed, cfg.max_sequence_length, cfg.batch_size, cfg.gradient_accumulation_steps);
+        let key = ShareKey::steps(cfg);
         let (steps_per_epoch, train_samples, tokens_per_epoch, longest) = match data_cache.get(&key) {
             Some(v) => *v,
             None => {
@@ -151,7 +153,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
         let tokens = tokens_per_epoch * total_steps as u64 / steps_per_epoch.max(1) as u64;
         let row_len = if cfg.packing { cfg.max_sequence_length } else { longest };
         let estimate = plan::estimate(&model_cfg, cfg, tokens, row_len);
-        items.push(Item { name: c.name.clone(), pack_key: pack_key(cfg), estimate: estimate.clone() });
+        items.push(Item { name: c.name.clone(), pack_key: ShareKey::base(cfg).into_string(), estimate: estimate.clone() });
         records.push(CandidateRecord {
             name: c.name.clone(),
             overrides: c.overrides.clone(),
@@ -260,10 +262,6 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
 }
 
 /// Candidates can share one process and one copy of the base when these agree.
-fn pack_key(cfg: &TrainConfig) -> String {
-    format!("{}|{:?}|{:?}|{}|{}", cfg.model, cfg.dtype, cfg.base_dtype, cfg.base_quant, cfg.max_sequence_length)
-}
-
 fn resolve_devices(opts: &SweepOptions) -> Result<Vec<DeviceSlot>> {
     if let Some(spec) = &opts.simulate_devices {
         return plan::parse_simulated(spec);

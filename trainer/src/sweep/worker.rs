@@ -44,7 +44,7 @@ pub fn run_group(spec: &GroupSpec, control: &Control) -> Result<()> {
     let base = &first.config;
     let (mut model, bundle, source) = sft::load_base_on(base, &spec.device)?;
     // Candidates with the same data settings share the tokenized sets.
-    let mut data: HashMap<String, std::rc::Rc<SftData>> = HashMap::new();
+    let mut data: HashMap<super::keys::ShareKey, std::rc::Rc<SftData>> = HashMap::new();
     let mut runs = Vec::new();
     // A Slurm task restarted by a requeue finds the run directories its first attempt wrote.
     let restarted = std::env::var("SLURM_RESTART_COUNT").is_ok_and(|c| c.trim() != "0");
@@ -54,7 +54,7 @@ pub fn run_group(spec: &GroupSpec, control: &Control) -> Result<()> {
         let resume = m.resume || (restarted && cfg.output.join(engine::RUN_FILE).exists());
         let started = (|| -> Result<Run<Sft>> {
             let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, resume)?;
-            let key = data_key(&cfg);
+            let key = super::keys::ShareKey::data(&cfg);
             let set = match data.get(&key) {
                 Some(d) => d.clone(),
                 None => {
@@ -113,14 +113,6 @@ fn exit_with_parent() {
             return;
         }
     });
-}
-
-/// The settings that decide a candidate's tokenized data.
-fn data_key(cfg: &TrainConfig) -> String {
-    format!(
-        "{:?}|{:?}|{:?}|{:?}|{}|{}",
-        cfg.dataset, cfg.eval_dataset, cfg.eval_split, cfg.max_train_samples, cfg.seed, cfg.max_sequence_length
-    )
 }
 
 /// `DIR/groups/group-K.json` and its log.

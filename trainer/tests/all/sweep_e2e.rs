@@ -254,3 +254,18 @@ fn a_sweep_killed_with_sigkill_takes_its_workers_down_with_a_checkpoint() {
     let checkpoints = std::fs::read_dir(out.join("candidates/r4/checkpoints")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("step-")).count();
     assert_eq!(checkpoints, 1, "the worker wrote its checkpoint on the way out");
 }
+
+#[test]
+fn candidates_that_differ_in_packing_get_their_own_step_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_dataset(tmp.path(), "train.jsonl", 24);
+    let out = tmp.path().join("sweep");
+    let (m, d, o) = (tiny("llama"), data.display().to_string(), out.display().to_string());
+    let args = ["sweep", "--model", &m, "--dataset", &d, "-o", &o, "--devices", "cpu", "--json", "--dry-run", "--epochs", "1", "--batch-size", "2",
+        "--max-sequence-length", "512", "--grid", "packing=false,true"];
+    let plan = stdout_json(&ok(&args));
+    let steps: Vec<u64> = plan["candidates"].as_array().unwrap().iter().map(|c| c["total_steps"].as_u64().unwrap()).collect();
+    assert_eq!(steps.len(), 2);
+    // Short samples packed into 512-token rows make far fewer batches than one sample a row.
+    assert!(steps[1] < steps[0], "the packed candidate has its own (smaller) step count: {plan}");
+}
