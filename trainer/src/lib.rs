@@ -28,6 +28,7 @@ pub mod report;
 pub mod run_control;
 pub mod schedule;
 pub mod serve;
+pub mod share_key;
 pub mod sft_data;
 pub mod sides;
 pub mod sweep;

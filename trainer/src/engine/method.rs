@@ -70,6 +70,12 @@ pub trait Method {
 
     /// The command that runs this method (`sft`, ...), written to `run.json`.
     fn name(&self) -> &'static str;
+    /// The method's own options (not in `TrainConfig`: DPO's beta and loss, GRPO's
+    /// generations and evaluators), written to `run.json` and required to be equal on
+    /// `--resume` ([`super::prepare_run_dir`]). Default: none.
+    fn options(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
     /// Training samples and held-out samples (for the summary).
     fn sample_counts(&self) -> (usize, usize);
     /// Optimizer steps per pass over the training data.

@@ -156,7 +156,7 @@ impl<M: Method> Run<M> {
         // Model and data are good: the run directory is ours now.
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         checkpoint::remove_stale_temporaries(&out)?;
-        run_dir::write_run_json(&out, method.name(), &cfg, RunStatus::Running, None::<&RunSummary>)?;
+        run_dir::write_run_json(&out, method.name(), &cfg, &method.options(), RunStatus::Running, None::<&RunSummary>)?;
         let metrics_path = out.join(METRICS_FILE);
         let metrics = if resume_from.is_some() { MetricsWriter::resume(&metrics_path, state.step)? } else { MetricsWriter::create(&metrics_path)? };
         let resumed_at = resume_from.as_ref().map(|_| state.step);
@@ -333,7 +333,7 @@ impl<M: Method> Run<M> {
         self.progress.finish();
         let out = &self.cfg.output;
         let last = checkpoint::latest_checkpoint(out).ok().flatten();
-        run_dir::write_run_json(out, self.method.name(), &self.cfg, RunStatus::Diverged, None::<&RunSummary>)?;
+        run_dir::write_run_json(out, self.method.name(), &self.cfg, &self.method.options(), RunStatus::Diverged, None::<&RunSummary>)?;
         let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_default();
         report::write_report(out, &format!("{} run (diverged)", self.method.name().to_uppercase()), &self.spec, &[], &serde_json::to_value(&self.cfg)?, &rows)?;
         self.status = RunStatus::Diverged;
@@ -355,7 +355,7 @@ impl<M: Method> Run<M> {
     pub(super) fn stop_early(&mut self, model: &Model, reason: &str) -> Result<()> {
         let checkpoint = self.checkpoint_now(model)?;
         let out = &self.cfg.output;
-        run_dir::write_run_json(out, self.method.name(), &self.cfg, RunStatus::Stopped, None::<&RunSummary>)?;
+        run_dir::write_run_json(out, self.method.name(), &self.cfg, &self.method.options(), RunStatus::Stopped, None::<&RunSummary>)?;
         let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_default();
         report::write_report(out, &format!("{} run (stopped early)", self.method.name().to_uppercase()), &self.spec, &[], &serde_json::to_value(&self.cfg)?, &rows)?;
         self.status = RunStatus::Stopped;
@@ -394,7 +394,7 @@ impl<M: Method> Run<M> {
             resumed_from_step: self.resumed_from,
             story: self.spec.story(&rows),
         };
-        run_dir::write_run_json(&out, self.method.name(), &self.cfg, RunStatus::Completed, Some(&summary))?;
+        run_dir::write_run_json(&out, self.method.name(), &self.cfg, &self.method.options(), RunStatus::Completed, Some(&summary))?;
         let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.4}"));
         let report_summary = vec![
             ("model".to_string(), self.cfg.model.clone()),

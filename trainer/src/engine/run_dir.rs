@@ -30,7 +30,9 @@ pub enum RunStatus {
 
 /// Returns the checkpoint to resume from. Writes nothing: the directory is only touched
 /// once model and data have loaded, so a run that fails to start leaves no trace.
-pub fn prepare_run_dir(out: &Path, cfg: &TrainConfig, resume: bool) -> Result<Option<(PathBuf, TrainerState)>> {
+/// `method_options` are the method's own options (`Method::options`): on `--resume` they
+/// must equal those in `run.json`, as the shared configuration must, for every method.
+pub fn prepare_run_dir(out: &Path, cfg: &TrainConfig, method_options: &serde_json::Value, resume: bool) -> Result<Option<(PathBuf, TrainerState)>> {
     let run_json = out.join(RUN_FILE);
     if !resume {
         if run_json.exists() || checkpoint::checkpoints_dir(out).exists() || out.join("adapter_model.safetensors").exists() {
@@ -57,6 +59,14 @@ pub fn prepare_run_dir(out: &Path, cfg: &TrainConfig, resume: bool) -> Result<Op
         }
         bail!("--resume needs the command line of the run it continues; these differ:\n  {}", diffs.join("\n  "));
     }
+    match prev.get("method_options") {
+        Some(before) if before != method_options => {
+            bail!("--resume needs the method options of the run it continues:\n  in the run: {before}\n  now:        {method_options}")
+        }
+        Some(_) => {}
+        // A run.json written before method options were recorded there still resumes.
+        None => tracing::warn!("{}: written by an older lora-train without the method's options; they are not checked", run_json.display()),
+    }
     let latest = checkpoint::latest_checkpoint(out)?;
     match &latest {
         Some((dir, st)) => tracing::info!("resuming from {} (step {})", dir.display(), st.step),
@@ -65,13 +75,15 @@ pub fn prepare_run_dir(out: &Path, cfg: &TrainConfig, resume: bool) -> Result<Op
     Ok(latest)
 }
 
-/// `run.json`: the command, its resolved configuration, status and (when done) summary.
-pub fn write_run_json(out: &Path, command: &str, cfg: &TrainConfig, status: RunStatus, summary: Option<&impl Serialize>) -> Result<()> {
+/// `run.json`: the command, its resolved configuration and method options, status and
+/// (when done) summary.
+pub fn write_run_json(out: &Path, command: &str, cfg: &TrainConfig, method_options: &serde_json::Value, status: RunStatus, summary: Option<&impl Serialize>) -> Result<()> {
     let v = serde_json::json!({
         "command": command,
         "version": env!("CARGO_PKG_VERSION"),
         "status": status,
         "config": cfg,
+        "method_options": method_options,
         "summary": summary,
     });
     checkpoint::write_atomic(&out.join(RUN_FILE), &serde_json::to_vec_pretty(&v)?)

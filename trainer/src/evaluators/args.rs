@@ -5,7 +5,7 @@ use anyhow::{anyhow, Result};
 
 use super::{Context, EvaluatorSet};
 
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EvaluatorArgs {
     /// How to score a completion in [0, 1]: exact, exact:ci, numeric[:TOL], regex:PATTERN,
     /// json, json-schema:FILE, label, contains, contains:ci, length:MIN-MAX, cmd:COMMAND,

@@ -3,5 +3,6 @@
 pub mod dpo;
 pub mod orpo;
 pub mod preference;
+pub mod recipe;
 pub mod sft;
 pub mod grpo;

@@ -1,6 +1,6 @@
 //! Preference training (DPO, ORPO) of a LoRA adapter, top to bottom:
 //!
-//! 1. run directory: fresh, or `--resume` (the method's options must match, `preference.json`)
+//! 1. run directory: fresh, or `--resume` (the method's options must match, in `run.json`)
 //! 2. pairs: the preference file -> chosen and rejected token sequences, fitted to
 //!    `--max-prompt-length` / `--max-length`; model; `--adapter INIT` held as a frozen adapter
 //! 3. the reference log-probs (DPO): rows routed to no adapter (the frozen base) or to the
@@ -16,23 +16,22 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lora_datasets::{PairBatch, PairLimits, PairLoader};
-use lora_models::Model;
+use lora_datasets::Dataset;
+use lora_models::{Model, TokenizerBundle};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
-use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, Run, RunOptions, RunSummary};
+use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, RunOptions, RunSummary};
 use crate::pair_data::{self, PairSet};
 use crate::report::{q, ChartSpec, Quantity, ReportSpec, SVG_FILE};
+use crate::recipes::recipe::{self, Recipe};
 use crate::recipes::sft;
 
-/// The adapter `--adapter INIT` is loaded as: the policy starts from a copy of it, and
-/// DPO keeps it, frozen, as the reference.
-pub const INIT_ADAPTER: &str = "init";
-/// The method's options next to `run.json`, compared on `--resume`.
-pub const OPTIONS_FILE: &str = "preference.json";
+/// The suffix of the adapter a run's starting adapter is loaded as.
+const INIT_ADAPTER: &str = "init";
 /// Reference log-probs of the training pairs (`--precompute-ref-logps`).
 pub const REF_LOGPS_FILE: &str = "ref_logps.json";
 
@@ -179,61 +178,100 @@ impl PairOptions {
 }
 
 /// Train one adapter on preference pairs with `objective`; the summary `--json` prints.
-pub fn run<O: PairObjective>(cfg: &TrainConfig, pair_opts: &PairOptions, objective: O, opts: &RunOptions) -> Result<RunSummary> {
-    // ---- 1. Run directory: the shared options, then the method's ------------------------
-    if cfg.packing {
-        bail!("--packing does not apply to preference pairs (each row holds one side of one pair)");
-    }
-    let mut cfg = cfg.clone();
-    if let Some(init) = &pair_opts.adapter {
-        adopt_adapter_shape(&mut cfg, init)?;
-    }
-    let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, opts.resume)?;
-    let method_options = serde_json::json!({ "method": objective.name(), "objective": &objective, "pairs": pair_opts });
-    if opts.resume {
-        check_method_options(&cfg.output, &method_options)?;
+pub fn run<O: PairObjective + Clone>(cfg: &TrainConfig, pair_opts: &PairOptions, objective: O, opts: &RunOptions) -> Result<RunSummary> {
+    recipe::run_alone(&PreferenceRecipe { pairs: pair_opts.clone(), objective }, cfg, opts)
+}
+
+/// DPO or ORPO as a [`Recipe`]: `objective` over the preference pairs of a run's
+/// configuration, the pair limits and starting adapter of `pairs`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PreferenceRecipe<O> {
+    pub pairs: PairOptions,
+    pub objective: O,
+}
+
+/// The adapter a run's `--init-adapter` is loaded as: the policy starts from a copy of it,
+/// and DPO keeps it, frozen, as the reference (one per run of a packed sweep).
+fn init_adapter_name(run: &str) -> String {
+    format!("{run}-{INIT_ADAPTER}")
+}
+
+impl<O: PairObjective + Clone> Recipe for PreferenceRecipe<O> {
+    type Method = Preference<O>;
+    type Data = (Dataset, Option<Dataset>);
+
+    fn name(&self) -> &'static str {
+        self.objective.name()
     }
 
-    // ---- 2. Pairs, model, INIT ----------------------------------------------------------
-    let (train_ds, eval_ds) = sft::load_split_with(&cfg, crate::data::load_preference_dataset)?;
-    let (mut model, bundle, base_source) = sft::load_base(&cfg)?;
-    let limits = pair_opts.limits(&cfg);
-    let train = pair_data::tokenize_pairs(&bundle, &train_ds, &limits)?;
-    let eval = eval_ds.as_ref().map(|d| pair_data::tokenize_pairs(&bundle, d, &limits)).transpose()?;
-    tracing::info!("{} training pairs, {} eval pairs", train.pairs.len(), eval.as_ref().map_or(0, |e| e.pairs.len()));
-    if let Some(init) = &pair_opts.adapter {
-        model.load_named_adapter(INIT_ADAPTER, init).with_context(|| format!("--adapter {}", init.display()))?;
+    fn options(&self) -> serde_json::Value {
+        serde_json::json!({ "method": self.objective.name(), "objective": &self.objective, "pairs": &self.pairs })
     }
-    let reference_adapter = pair_opts.adapter.as_ref().map(|_| INIT_ADAPTER.to_string());
-    let pad = crate::data::pad_token_id(&bundle);
-    let fingerprint = train.fingerprint();
 
-    // ---- 3. Reference log-probs computed once (before the policy adapter exists) -------
-    let precomputed = match objective.uses_reference() && pair_opts.precompute_ref_logps {
-        true => Some(precomputed_reference(&model, &cfg.output, &train, &fingerprint, reference_adapter.as_deref(), cfg.batch_size, pad)?),
-        false => None,
-    };
+    /// Each row holds one side of one pair, and batches are whole pairs in shuffled order.
+    fn unused_settings(&self) -> &'static [&'static str] {
+        &["packing", "group_by_length"]
+    }
 
-    // ---- 4. The method, 5. the engine ---------------------------------------------------
-    let method = Preference {
-        loader: PairLoader::new(&train.pairs, cfg.batch_size, pad, cfg.seed),
-        eval: eval.map(|e| EvalPairs { loader: PairLoader::new(&e.pairs, cfg.batch_size, pad, 0), tokens: pair_data::pair_tokens(&e.pairs), reference: OnceLock::new() }),
-        accumulation: cfg.gradient_accumulation_steps,
-        precomputed: precomputed.as_ref().map(|p| p.values.clone()),
-        reference_adapter,
-        objective,
-    };
-    let name = lora_models::DEFAULT_ADAPTER;
-    let fresh = resume_from.is_none();
-    let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
-    if fresh && pair_opts.adapter.is_some() {
-        copy_adapter(&model, INIT_ADAPTER, name)?;
+    fn prepare(&self, cfg: &mut TrainConfig) -> Result<()> {
+        if let Some(init) = &self.pairs.adapter {
+            adopt_adapter_shape(cfg, init)?;
+        }
+        Ok(())
     }
-    crate::checkpoint::write_atomic(&cfg.output.join(OPTIONS_FILE), &serde_json::to_vec_pretty(&method_options)?)?;
-    if let Some(p) = &precomputed {
-        crate::checkpoint::write_atomic(&cfg.output.join(REF_LOGPS_FILE), &serde_json::to_vec(p)?)?;
+
+    fn read(&self, cfg: &TrainConfig) -> Result<Self::Data> {
+        sft::load_split_with(cfg, crate::data::load_preference_dataset)
     }
-    engine::train_one(&model, run)
+
+    fn build(&self, (train_ds, eval_ds): Self::Data, model: &mut Model, bundle: &TokenizerBundle, cfg: &TrainConfig, name: &str) -> Result<(Preference<O>, String)> {
+        // ---- Pairs, INIT ----------------------------------------------------------------
+        let limits = self.pairs.limits(cfg);
+        let train = pair_data::tokenize_pairs(bundle, &train_ds, &limits)?;
+        let eval = eval_ds.as_ref().map(|d| pair_data::tokenize_pairs(bundle, d, &limits)).transpose()?;
+        tracing::info!("{} training pairs, {} eval pairs", train.pairs.len(), eval.as_ref().map_or(0, |e| e.pairs.len()));
+        let reference_adapter = match &self.pairs.adapter {
+            Some(init) => {
+                let init_name = init_adapter_name(name);
+                model.load_named_adapter(&init_name, init).with_context(|| format!("--init-adapter {}", init.display()))?;
+                Some(init_name)
+            }
+            None => None,
+        };
+        let pad = crate::data::pad_token_id(bundle);
+        let fingerprint = train.fingerprint();
+
+        // ---- Reference log-probs computed once (before the policy adapter exists) -------
+        let precomputed = match self.objective.uses_reference() && self.pairs.precompute_ref_logps {
+            true => {
+                let p = precomputed_reference(model, &cfg.output, &train, &fingerprint, reference_adapter.as_deref(), cfg.batch_size, pad)?;
+                std::fs::create_dir_all(&cfg.output).with_context(|| format!("creating {}", cfg.output.display()))?;
+                crate::checkpoint::write_atomic(&cfg.output.join(REF_LOGPS_FILE), &serde_json::to_vec(&p)?)?;
+                Some(p.values)
+            }
+            false => None,
+        };
+
+        // ---- The method -----------------------------------------------------------------
+        let method = Preference {
+            loader: PairLoader::new(&train.pairs, cfg.batch_size, pad, cfg.seed),
+            eval: eval.map(|e| EvalPairs { loader: PairLoader::new(&e.pairs, cfg.batch_size, pad, 0), tokens: pair_data::pair_tokens(&e.pairs), reference: OnceLock::new() }),
+            accumulation: cfg.gradient_accumulation_steps,
+            precomputed,
+            reference_adapter,
+            options: self.options(),
+            objective: self.objective.clone(),
+        };
+        Ok((method, fingerprint))
+    }
+
+    /// A fresh run that starts from INIT takes INIT's weights.
+    fn attached(&self, model: &Model, _cfg: &TrainConfig, name: &str, fresh: bool) -> Result<()> {
+        if fresh && self.pairs.adapter.is_some() {
+            copy_adapter(model, &init_adapter_name(name), name)?;
+        }
+        Ok(())
+    }
 }
 
 /// The LoRA shape of a run that starts from `init` is INIT's (rank, alpha, targets,
@@ -247,18 +285,6 @@ fn adopt_adapter_shape(cfg: &mut TrainConfig, init: &Path) -> Result<()> {
     cfg.lora_alpha = c.alpha;
     cfg.use_rslora = c.use_rslora;
     cfg.target_modules = c.target_modules;
-    Ok(())
-}
-
-fn check_method_options(out: &Path, now: &serde_json::Value) -> Result<()> {
-    let path = out.join(OPTIONS_FILE);
-    let before: serde_json::Value = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{}: not valid JSON", path.display()))?,
-        Err(_) => bail!("--resume: {} not found (was this run started by another command?)", path.display()),
-    };
-    if &before != now {
-        bail!("--resume needs the options of the run it continues:\n  in the run: {before}\n  now:        {now}");
-    }
     Ok(())
 }
 
@@ -318,6 +344,8 @@ pub struct Preference<O: PairObjective> {
     /// Reference log-probs of the training pairs by pair index (`--precompute-ref-logps`).
     precomputed: Option<Vec<[f32; 2]>>,
     reference_adapter: Option<String>,
+    /// The recipe's options (`run.json`).
+    options: serde_json::Value,
 }
 
 impl<O: PairObjective> Preference<O> {
@@ -331,6 +359,10 @@ impl<O: PairObjective> Method for Preference<O> {
 
     fn name(&self) -> &'static str {
         self.objective.name()
+    }
+
+    fn options(&self) -> serde_json::Value {
+        self.options.clone()
     }
 
     fn sample_counts(&self) -> (usize, usize) {

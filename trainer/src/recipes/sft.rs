@@ -11,6 +11,10 @@
 //! Determinism: batches are a pure function of (seed, epoch, index), dropout masks of
 //! (seed, step, micro-batch), and a checkpoint stores adapter + AdamW moments + step, so a
 //! run killed at any point and resumed produces the same adapter bit for bit (on CPU).
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use lora_datasets::{Batch, BatchConfig, DataLoader, Dataset};
@@ -19,52 +23,80 @@ use lora_models::{Model, TokenizerBundle};
 use crate::config::TrainConfig;
 use crate::data::{self, TokenizedSet};
 use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, Run, RunOptions, RunSummary};
+use crate::recipes::recipe::{self, Recipe};
+use crate::share_key::ShareKey;
 use crate::report::{q, ChartSpec, ReportSpec, SVG_FILE};
 
 /// Train one adapter as `cfg` says; the summary `sft --json` prints.
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
-    // ---- 1. Run directory (checked before anything slow) --------------------------------
-    let resume_from = engine::prepare_run_dir(&cfg.output, cfg, opts.resume)?;
-
-    // ---- 2. Data (validated first: cheaper than a model load), model, tokens ------------
     let devices = crate::device::device_list(&cfg.device)?;
+    if devices.len() <= 1 {
+        return recipe::run_alone(&SftRecipe::default(), cfg, opts);
+    }
     // Several devices: one run, data-parallel over replicas of the model (`parallel/`).
-    let comms = if devices.len() > 1 { Some(crate::parallel::communicators(&devices)?) } else { None };
-    let (train_ds, eval_ds) = load_split(cfg)?;
-    let (mut model, bundle, base_source) = load_base_on(cfg, &devices[0])?;
-    let data = SftData::tokenize(&bundle, &train_ds, eval_ds.as_ref(), cfg)?;
-
-    // ---- 3. The method, 4. the engine ---------------------------------------------------
-    let fingerprint = data.train.fingerprint();
-    let method = Sft::new(&data, cfg);
+    let recipe = SftRecipe::default();
+    let cfg = recipe::prepared(&recipe, cfg)?;
+    let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, &recipe.options(), opts.resume)?;
+    let comms = crate::parallel::communicators(&devices)?;
+    let split = recipe.read(&cfg)?;
+    let (mut model, bundle, base_source) = load_base_on(&cfg, &devices[0])?;
     let name = lora_models::DEFAULT_ADAPTER;
+    let (method, fingerprint) = recipe.build(split, &mut model, &bundle, &cfg, name)?;
+    let data = recipe.shared_data(&cfg).context("the tokenized data vanished")?;
     let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
-    let Some(comms) = comms else { return engine::train_one(&model, run) };
-    // Data-parallel: one more replica per device, each with its own copy of the base and
-    // the same method over the same tokenized data.
+    // One more replica per device, each with its own copy of the base and the same method
+    // over the same tokenized data.
     engine::data_parallel::train_one_data_parallel(&model, run, comms, |rank| {
-        let (mut replica, _, _) = load_base_on(cfg, &devices[rank])?;
+        let (mut replica, _, _) = load_base_on(&cfg, &devices[rank])?;
         replica.add_adapter(name, &cfg.lora_config(), cfg.seed)?;
-        Ok((replica, Sft::new(&data, cfg)))
+        Ok((replica, Sft::new(&data, &cfg)))
     })
 }
 
-/// The frozen base model of a run on its device, its tokenizer, and where it came from
-/// (written into the adapter's `base_model_name_or_path`).
-pub fn load_base(cfg: &TrainConfig) -> Result<(Model, TokenizerBundle, String)> {
-    load_base_on(cfg, &cfg.device)
+/// SFT as a [`Recipe`]: chat samples, tokenized once per data setting and shared by every
+/// run that has the same (a sweep group's candidates).
+#[derive(Default)]
+pub struct SftRecipe {
+    tokenized: RefCell<HashMap<ShareKey, Arc<SftData>>>,
 }
 
-/// [`load_base`] on `device` (one replica of a data-parallel run).
-pub fn load_base_on(cfg: &TrainConfig, device: &str) -> Result<(Model, TokenizerBundle, String)> {
-    let device = crate::device::parse_device(device)?;
-    tracing::info!("loading {} ({:?}, compute {:?}, base weights {:?}, base quantization {})", cfg.model, device, cfg.dtype, cfg.base_dtype, cfg.base_quant);
-    let loaded = lora_models::load_model_quantized(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle(), cfg.base_quant)
-        .with_context(|| format!("loading model {}", cfg.model))?;
-    // `auto` is decided by the engine's memory check before step 1.
-    loaded.model.set_gradient_checkpointing(cfg.gradient_checkpointing == crate::config::CheckpointingArg::On);
-    Ok((loaded.model, loaded.tokenizer, loaded.source))
+impl SftRecipe {
+    /// The tokenized data of `cfg`, once built.
+    fn shared_data(&self, cfg: &TrainConfig) -> Option<Arc<SftData>> {
+        self.tokenized.borrow().get(&ShareKey::data(cfg)).cloned()
+    }
 }
+
+impl Recipe for SftRecipe {
+    type Method = Sft;
+    type Data = (Dataset, Option<Dataset>);
+
+    fn name(&self) -> &'static str {
+        "sft"
+    }
+
+    fn options(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    fn read(&self, cfg: &TrainConfig) -> Result<Self::Data> {
+        load_split(cfg)
+    }
+
+    fn build(&self, (train, eval): Self::Data, _model: &mut Model, bundle: &TokenizerBundle, cfg: &TrainConfig, _name: &str) -> Result<(Sft, String)> {
+        let data = match self.shared_data(cfg) {
+            Some(d) => d,
+            None => {
+                let d = Arc::new(SftData::tokenize(bundle, &train, eval.as_ref(), cfg)?);
+                self.tokenized.borrow_mut().insert(ShareKey::data(cfg), d.clone());
+                d
+            }
+        };
+        Ok((Sft::new(&data, cfg), data.train.fingerprint()))
+    }
+}
+
+pub use super::recipe::{load_base, load_base_on};
 
 /// The training set and the held-out set: `--eval-dataset`, or `--eval-split` of
 /// `--dataset` (a fraction or a count; 0 = none), then `--max-train-samples`.

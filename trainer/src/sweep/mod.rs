@@ -7,7 +7,6 @@
 //! progress, and records each candidate's outcome in `DIR/sweep.json`. Worker processes
 //! keep a crash contained to its group.
 pub mod candidates;
-pub mod keys;
 pub mod plan;
 pub mod report;
 pub mod worker;
@@ -26,7 +25,7 @@ use crate::engine::{self, Method, RunStatus};
 use crate::run_control::Control;
 use crate::recipes::sft::{self, Sft, SftData};
 use plan::{DeviceSlot, Item, Plan};
-use keys::ShareKey;
+use crate::share_key::ShareKey;
 use worker::{GroupMember, GroupSpec};
 
 pub const SWEEP_FILE: &str = "sweep.json";
@@ -123,7 +122,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
         // Refuse a changed command line here, with the differences, rather than in workers.
         for (c, cfg) in cands.iter().zip(&configs) {
             if cfg.output.join(engine::RUN_FILE).exists() {
-                engine::prepare_run_dir(&cfg.output, cfg, true).with_context(|| format!("--resume: candidate {}", c.name))?;
+                engine::prepare_run_dir(&cfg.output, cfg, &serde_json::Value::Null, true).with_context(|| format!("--resume: candidate {}", c.name))?;
             }
         }
     }
@@ -384,7 +383,7 @@ fn group_spec(dir: &Path, plan: &Plan, k: usize, record: &SweepRecord) -> Option
         .filter(|c| !finished(c.status))
         .map(|c| GroupMember { name: c.name.clone(), config: c.config.clone(), resume: c.output.join(engine::RUN_FILE).exists() })
         .collect();
-    (!members.is_empty()).then(|| GroupSpec { result_file: Some(worker::result_path(dir, k)), device: g.device.clone(), members })
+    (!members.is_empty()).then(|| GroupSpec { result_file: Some(worker::result_path(dir, k)), device: g.device.clone(), members, recipe: worker::RecipeSpec::Sft })
 }
 
 fn spawn_worker(dir: &Path, k: usize, spec: &GroupSpec) -> Result<Child> {

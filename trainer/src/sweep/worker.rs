@@ -1,8 +1,7 @@
 //! A sweep worker: one child process per group of candidates on one device. It loads the
-//! base once, attaches every candidate's adapter, and lets the engine train them packed
-//! in one forward pass. A crash here (OOM, panic, kill -9) takes only this group down;
+//! base once, starts every candidate with the group's recipe (any method), and lets the
+//! engine train them packed in one forward pass. A crash here (OOM, panic, kill -9) takes only this group down;
 //! the parent marks its unfinished candidates failed and the other groups go on.
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -10,8 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::engine::{self, Run, RunOptions};
+use crate::recipes::dpo::Dpo;
+use crate::recipes::grpo::GrpoRecipe;
+use crate::recipes::orpo::Orpo;
+use crate::recipes::preference::PreferenceRecipe;
+use crate::recipes::recipe::{self, load_base_on, Recipe};
+use crate::recipes::sft::SftRecipe;
 use crate::run_control::Control;
-use crate::recipes::sft::{self, Sft, SftData};
 
 /// What the parent hands a worker (written to `DIR/groups/group-K.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -21,6 +25,9 @@ pub struct GroupSpec {
     /// Where the worker writes its measured peak RSS when it finishes.
     #[serde(default)]
     pub result_file: Option<PathBuf>,
+    /// The method every member trains (a spec written before methods were packable: SFT).
+    #[serde(default)]
+    pub recipe: RecipeSpec,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -31,6 +38,18 @@ pub struct GroupMember {
     pub resume: bool,
 }
 
+/// The method of a group's candidates with its own options: every method packs the same
+/// way (one base, each candidate's adapter routed to its own rows).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase")]
+pub enum RecipeSpec {
+    #[default]
+    Sft,
+    Dpo(PreferenceRecipe<Dpo>),
+    Orpo(PreferenceRecipe<Orpo>),
+    Grpo(GrpoRecipe),
+}
+
 pub fn read_spec(path: &Path) -> Result<GroupSpec> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not a sweep group spec", path.display()))
@@ -39,33 +58,44 @@ pub fn read_spec(path: &Path) -> Result<GroupSpec> {
 /// Train one group to the end. A candidate that cannot start is reported and left out;
 /// the others train.
 pub fn run_group(spec: &GroupSpec, control: &Control) -> Result<()> {
-    let Some(first) = spec.members.first() else { bail!("empty group") };
     exit_with_parent();
-    let base = &first.config;
-    let (mut model, bundle, source) = sft::load_base_on(base, &spec.device)?;
-    // Candidates with the same data settings share the tokenized sets.
-    let mut data: HashMap<super::keys::ShareKey, std::rc::Rc<SftData>> = HashMap::new();
+    match &spec.recipe {
+        RecipeSpec::Sft => train_group(&SftRecipe::default(), spec, control),
+        RecipeSpec::Dpo(r) => train_group(r, spec, control),
+        RecipeSpec::Orpo(r) => train_group(r, spec, control),
+        RecipeSpec::Grpo(r) => train_group(r, spec, control),
+    }?;
+    // What the group really took, next to the planner's estimate in sweep.json.
+    if let Some(bytes) = peak_rss_bytes() {
+        eprintln!("peak RSS of this group: {:.2} GiB", bytes as f64 / super::plan::GIB);
+        if let Some(path) = &spec.result_file {
+            crate::checkpoint::write_atomic(path, &serde_json::to_vec(&serde_json::json!({ "peak_rss_bytes": bytes }))?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The group's base loaded once, every member started on it with `recipe`, and trained
+/// packed by the engine.
+pub fn train_group<R: Recipe>(recipe: &R, spec: &GroupSpec, control: &Control) -> Result<()> {
+    let Some(first) = spec.members.first() else { bail!("empty group") };
+    let base = TrainConfig { device: spec.device.clone(), ..first.config.clone() };
+    let (mut model, bundle, source) = load_base_on(&base, &spec.device)?;
     let mut runs = Vec::new();
     // A Slurm task restarted by a requeue finds the run directories its first attempt wrote.
     let restarted = std::env::var("SLURM_RESTART_COUNT").is_ok_and(|c| c.trim() != "0");
     for m in &spec.members {
-        let mut cfg = m.config.clone();
-        cfg.device = spec.device.clone();
-        let resume = m.resume || (restarted && cfg.output.join(engine::RUN_FILE).exists());
-        let started = (|| -> Result<Run<Sft>> {
-            let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, resume)?;
-            let key = super::keys::ShareKey::data(&cfg);
-            let set = match data.get(&key) {
-                Some(d) => d.clone(),
-                None => {
-                    let (train, eval) = sft::load_split(&cfg)?;
-                    let d = std::rc::Rc::new(SftData::tokenize(&bundle, &train, eval.as_ref(), &cfg)?);
-                    data.insert(key, d.clone());
-                    d
-                }
-            };
-            let method = Sft::new(&set, &cfg);
-            Run::start(&mut model, &m.name, cfg.clone(), method, set.train.fingerprint(), resume_from, &source, &RunOptions { resume, quiet: false, control: control.clone() })
+        let started = (|| -> Result<Run<R::Method>> {
+            let cfg = recipe::prepared(recipe, &TrainConfig { device: spec.device.clone(), ..m.config.clone() })?;
+            let resume = m.resume || (restarted && cfg.output.join(engine::RUN_FILE).exists());
+            let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, &recipe.options(), resume)?;
+            let data = recipe.read(&cfg)?;
+            let (method, fingerprint) = recipe.build(data, &mut model, &bundle, &cfg, &m.name)?;
+            let fresh = resume_from.is_none();
+            let opts = RunOptions { resume, quiet: false, control: control.clone() };
+            let run = Run::start(&mut model, &m.name, cfg.clone(), method, fingerprint, resume_from, &source, &opts)?;
+            recipe.attached(&model, &cfg, &m.name, fresh)?;
+            Ok(run)
         })();
         match started {
             Ok(run) => runs.push(run),
@@ -75,15 +105,7 @@ pub fn run_group(spec: &GroupSpec, control: &Control) -> Result<()> {
     if runs.is_empty() {
         bail!("no candidate of this group could start");
     }
-    engine::train(&model, &mut runs)?;
-    // What the group really took, next to the planner's estimate in sweep.json.
-    if let Some(bytes) = peak_rss_bytes() {
-        eprintln!("peak RSS of this group: {:.2} GiB", bytes as f64 / super::plan::GIB);
-        if let Some(path) = &spec.result_file {
-            crate::checkpoint::write_atomic(path, &serde_json::to_vec(&serde_json::json!({ "peak_rss_bytes": bytes }))?)?;
-        }
-    }
-    Ok(())
+    engine::train(&model, &mut runs)
 }
 
 /// This process's peak resident set size (VmHWM), where /proc has it.

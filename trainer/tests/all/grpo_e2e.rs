@@ -86,7 +86,7 @@ fn resume_in_the_middle_of_a_rollout_batch_is_bit_identical() {
     let cut = tmp.path().join("cut");
     copy_dir(&full.join("checkpoints/step-3"), &cut.join("checkpoints/step-3"));
     copy_dir(&full.join("rollout_cache"), &cut.join("rollout_cache"));
-    for f in ["run.json", "grpo.json", "metrics.jsonl", "rollouts.jsonl"] {
+    for f in ["run.json", "metrics.jsonl", "rollouts.jsonl"] {
         std::fs::copy(full.join(f), cut.join(f)).unwrap();
     }
     let c = cut.display().to_string();
@@ -131,7 +131,7 @@ fn resume_in_the_middle_of_a_rollout_batch_is_bit_identical() {
     args.extend(["--resume", "--beta", "0.1"]);
     let out = run(&args);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("GRPO options"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("method options"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -25,17 +25,19 @@ pub mod signal;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
+use lora_datasets::Dataset;
 use lora_models::{Model, RolloutParams, TokenizerBundle};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
-use crate::engine::{self, BatchTokens, EvalOutput, InputRows, Method, MicroLoss, Run, RunOptions, RunSummary};
+use crate::engine::{BatchTokens, EvalOutput, InputRows, Method, MicroLoss, RunOptions, RunSummary};
+use crate::recipes::recipe::{self, Recipe};
 use crate::report::{q, ChartSpec, ReportSpec, SVG_FILE};
 use crate::evaluators::{mean_std, EvaluatorArgs, EvaluatorSet};
 use advantages::ScaleRewards;
@@ -47,7 +49,6 @@ use rollouts::{Cycle, CycleInputs};
 /// Completions per step written to `rollouts.jsonl` (a sample, to read, not a record).
 const LOGGED_ROLLOUTS: usize = 8;
 pub const ROLLOUTS_FILE: &str = "rollouts.jsonl";
-const OPTIONS_FILE: &str = "grpo.json";
 
 /// GRPO's own flags (TRL's names and defaults).
 #[derive(clap::Args, Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -243,25 +244,64 @@ impl GrpoOptions {
 
 /// Train one adapter with GRPO; the summary `grpo --json` prints.
 pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, agent_opts: &agent::AgentOptions, eval_args: &EvaluatorArgs, opts: &RunOptions) -> Result<RunSummary> {
-    grpo.validate()?;
-    agent_opts.validate()?;
-    if let Some(url) = &agent_opts.agent_url {
-        agent::check_reachable(url)?;
+    let recipe = GrpoRecipe { grpo: grpo.clone(), agent: agent_opts.clone(), evaluators: eval_args.clone() };
+    recipe::run_alone(&recipe, cfg, opts)
+}
+
+/// GRPO as a [`Recipe`]: prompts, evaluators and the sampling and loss options.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GrpoRecipe {
+    pub grpo: GrpoOptions,
+    pub agent: agent::AgentOptions,
+    pub evaluators: EvaluatorArgs,
+}
+
+impl Recipe for GrpoRecipe {
+    type Method = Grpo;
+    type Data = (Dataset, Option<Dataset>, crate::evaluators::Context);
+
+    fn name(&self) -> &'static str {
+        "grpo"
     }
-    // ---- 1. Run directory ---------------------------------------------------------------
-    let resume_from = engine::prepare_run_dir(&cfg.output, cfg, opts.resume)?;
-    check_options(&cfg.output, grpo, eval_args, opts.resume)?;
 
-    // ---- 2. Prompts, model, evaluators -----------------------------------------------------
-    let Loaded { mut model, bundle, base_source, train, eval, evaluators } = load(cfg, eval_args)?;
+    /// The GRPO options and evaluators are part of what a resumed run must repeat.
+    fn options(&self) -> serde_json::Value {
+        serde_json::json!({"grpo": self.grpo, "evaluators": self.evaluators.evaluators, "reward_weights": self.evaluators.reward_weights})
+    }
 
-    // ---- 3. The method, 4. the engine ----------------------------------------------------
-    let fingerprint = prompts::fingerprint(&train);
-    let mut method = Grpo::new(train, eval, bundle, evaluators, grpo.clone(), cfg);
-    method.agent_options = agent_opts.agent_url.is_some().then(|| agent_opts.clone());
-    let name = lora_models::DEFAULT_ADAPTER;
-    let run = Run::start(&mut model, name, cfg.clone(), method, fingerprint, resume_from, &base_source, opts)?;
-    engine::train_one(&model, run)
+    /// Rows are prompt + sampled completion, one group of completions a prompt: there is
+    /// no sequence cap to apply (`--max-new-tokens` bounds a completion), no packing and
+    /// no length grouping.
+    fn unused_settings(&self) -> &'static [&'static str] {
+        &["max_sequence_length", "packing", "group_by_length"]
+    }
+
+    fn prepare(&self, _cfg: &mut TrainConfig) -> Result<()> {
+        self.grpo.validate()?;
+        self.agent.validate()?;
+        if let Some(url) = &self.agent.agent_url {
+            agent::check_reachable(url)?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, cfg: &TrainConfig) -> Result<Self::Data> {
+        let (train, eval) = super::sft::load_split_with(cfg, prompts::load_prompt_dataset)?;
+        Ok((train, eval, self.evaluators.context()?))
+    }
+
+    fn build(&self, (train_ds, eval_ds, mut ctx): Self::Data, _model: &mut Model, bundle: &TokenizerBundle, cfg: &TrainConfig, _name: &str) -> Result<(Grpo, String)> {
+        let train = prompts::tokenize_prompts(bundle, &train_ds)?;
+        let eval = eval_ds.as_ref().map(|d| prompts::tokenize_prompts(bundle, d)).transpose()?;
+        fill_context(&mut ctx, bundle, train.iter().chain(eval.iter().flatten()));
+        let evaluators = self.evaluators.build(&ctx)?;
+        tracing::info!("{} training prompts, {} held-out; evaluators: {}", train.len(), eval.as_ref().map_or(0, Vec::len), self.evaluators.evaluators.join(", "));
+        let fingerprint = prompts::fingerprint(&train);
+        let mut method = Grpo::new(train, eval, bundle.clone(), evaluators, self.grpo.clone(), cfg);
+        method.agent_options = self.agent.agent_url.is_some().then(|| self.agent.clone());
+        method.options = self.options();
+        Ok((method, fingerprint))
+    }
 }
 
 /// What a run (and `--preview`) works with: the model, its tokenizer, the training and
@@ -280,7 +320,7 @@ pub struct Loaded {
 pub fn load(cfg: &TrainConfig, eval_args: &EvaluatorArgs) -> Result<Loaded> {
     let (train_ds, eval_ds) = super::sft::load_split_with(cfg, prompts::load_prompt_dataset)?;
     let mut ctx = eval_args.context()?;
-    let (model, bundle, base_source) = super::sft::load_base(cfg)?;
+    let (model, bundle, base_source) = super::recipe::load_base(cfg)?;
     let train = prompts::tokenize_prompts(&bundle, &train_ds)?;
     let eval = eval_ds.as_ref().map(|d| prompts::tokenize_prompts(&bundle, d)).transpose()?;
     fill_context(&mut ctx, &bundle, train.iter().chain(eval.iter().flatten()));
@@ -305,20 +345,6 @@ pub fn fill_context<'a>(ctx: &mut crate::evaluators::Context, bundle: &Tokenizer
     ctx.labels = labels;
     let tokenizer = bundle.tokenizer.clone();
     ctx.count_tokens = Some(Arc::new(move |s: &str| tokenizer.encode(s, false).map(|e| e.len()).unwrap_or(0)));
-}
-
-/// The GRPO options and evaluators are part of what a resumed run must repeat.
-fn check_options(out: &Path, grpo: &GrpoOptions, eval_args: &EvaluatorArgs, resume: bool) -> Result<()> {
-    let now = serde_json::json!({"grpo": grpo, "evaluators": eval_args.evaluators, "reward_weights": eval_args.reward_weights});
-    let path = out.join(OPTIONS_FILE);
-    if resume && path.exists() {
-        let before: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?).with_context(|| format!("{}: not valid JSON", path.display()))?;
-        if before != now {
-            bail!("--resume needs the GRPO options and evaluators of the run it continues: {before} in the run, {now} now");
-        }
-        return Ok(());
-    }
-    lora_models::write_atomic(&path, &serde_json::to_vec_pretty(&now)?)
 }
 
 /// One micro-batch: prompt + completion rows, right-padded.
@@ -354,6 +380,8 @@ pub struct Grpo {
     pub agent_options: Option<agent::AgentOptions>,
     agent: Option<agent::AgentRollouts>,
     signal: signal::SignalWatch,
+    /// The recipe's options (`run.json`).
+    options: serde_json::Value,
 }
 
 impl Grpo {
@@ -376,6 +404,7 @@ impl Grpo {
             log_checked: false,
             agent_options: None,
             agent: None,
+            options: serde_json::Value::Null,
         }
     }
 
@@ -576,6 +605,10 @@ impl Method for Grpo {
 
     fn name(&self) -> &'static str {
         "grpo"
+    }
+
+    fn options(&self) -> serde_json::Value {
+        self.options.clone()
     }
 
     fn sample_counts(&self) -> (usize, usize) {

@@ -1,4 +1,4 @@
-//! Which candidates of a sweep can share something: a loaded base, a tokenized data set, a
+//! Which runs (a sweep's candidates) can share something: a loaded base, a tokenized data set, a
 //! step count. One rule instead of three hand-written keys (one of which forgot `packing`,
 //! so `--grid packing=true,false` gave the second candidate the first one's step count):
 //! a key is the candidate's [`TrainConfig`] as JSON, reduced to the fields that decide
