@@ -330,3 +330,29 @@ fn a_run_without_signal_warns_once_and_stops_after_k_steps() {
     assert!(!out.join("adapter_model.safetensors").exists(), "no final adapter");
     assert_eq!(metrics(&out).last().unwrap()["step"], 2);
 }
+
+#[test]
+fn shared_flags_a_method_does_not_use_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = write_prompts(tmp.path(), "train.jsonl", 2).display().to_string();
+    let pairs = crate::dpo_e2e::write_pairs(tmp.path(), "pairs.jsonl", 4).display().to_string();
+    let m = tiny("llama");
+    let o = tmp.path().join("run").display().to_string();
+    let cases: [(&str, &str, &[&str], &str); 4] = [
+        ("grpo", &prompts, &["--max-sequence-length", "64"], "--max-sequence-length"),
+        ("grpo", &prompts, &["--packing"], "--packing"),
+        ("grpo", &prompts, &["--group-by-length"], "--group-by-length"),
+        ("dpo", &pairs, &["--group-by-length"], "--group-by-length"),
+    ];
+    for (method, data, flags, named) in cases {
+        let mut args = vec![method, "--model", &m, "--dataset", data, "-o", &o, "--device", "cpu", "--steps", "1"];
+        if method == "grpo" {
+            args.extend(["--evaluator", "regex:e"]);
+        }
+        args.extend(flags);
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(named) && err.contains("does not apply"), "{method} {flags:?}: {err}");
+        assert!(!std::path::Path::new(&o).exists(), "refused before anything was written");
+    }
+}
