@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// Frozen weights of projections that read the same input (q/k/v; gate/up),
 /// concatenated once at load ([sum of outs, in]); each member `Linear`'s weight and
 /// bias are views of its rows, so nothing is stored twice. One GEMM over the
-/// concatenation replaces one per projection (issue 15: fewer, bigger GEMMs);
+/// concatenation replaces one per projection (fewer, bigger GEMMs: BENCHMARKS.md);
 /// adapters stay per projection, PEFT-shaped.
 #[derive(Clone)]
 pub struct FusedWeights {

@@ -13,6 +13,7 @@ mod export_cli;
 mod grpo_e2e;
 mod grpo_golden;
 mod jobs_e2e;
+mod layers;
 mod pairs_compare;
 mod preference_golden;
 mod report_charts;
