@@ -471,6 +471,14 @@ impl TrainConfig {
     }
 }
 
+/// What clap gives the flag group `T` when none of its flags is on the command line: its
+/// defaults, for library callers (the workflows) that build options without a command
+/// line, so a default is written once, in the flag's attribute.
+pub fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> Result<T> {
+    let matches = T::augment_args(clap::Command::new("defaults")).try_get_matches_from(["defaults"])?;
+    Ok(T::from_arg_matches(&matches)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use crate::data;
 use crate::evaluators::{EvaluatorArgs, Summary};
 use crate::pair_data;
 use crate::recipes::dpo::{Dpo, LossType};
-use crate::recipes::grpo::{fill_context, prompts};
+use crate::prompts::{self, fill_context};
 use crate::recipes::orpo::Orpo;
 use crate::recipes::preference::{mean_losses, PairLogps};
 

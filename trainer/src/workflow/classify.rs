@@ -299,7 +299,7 @@ fn generation_predictions(loaded: &LoadedModel, adapter: Option<&str>, h: &HeldO
         .iter()
         .map(|p| {
             let ids = lora_datasets::tokenize_prompt(&loaded.tokenizer.tokenizer, &template, p, None).map_err(|e| anyhow::anyhow!("held-out prompt: {e}"))?;
-            Ok(crate::recipes::grpo::prompts::Prompt { ids, messages: Vec::new(), ground_truth: None, fields: Default::default(), tools: None })
+            Ok(crate::prompts::Prompt { ids, messages: Vec::new(), ground_truth: None, fields: Default::default(), tools: None })
         })
         .collect::<Result<Vec<_>>>()?;
     let params = RolloutParams { group: 1, max_new_tokens, temperature: 0.0, top_k: 0, top_p: 1.0 };

@@ -19,14 +19,16 @@ pub mod advantages;
 pub mod agent;
 pub mod loss;
 pub mod preview;
-pub mod prompts;
 pub mod rollouts;
 pub mod signal;
+
+// The prompt type and its helpers live below the recipes (eval, compare and the sides
+// use them too); re-exported so `recipes::grpo::prompts` paths keep working.
+pub use crate::prompts::{self, fill_context};
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -287,24 +289,6 @@ pub fn load(cfg: &TrainConfig, eval_args: &EvaluatorArgs) -> Result<Loaded> {
     let evaluators = eval_args.build(&ctx)?;
     tracing::info!("{} training prompts, {} held-out; evaluators: {}", train.len(), eval.as_ref().map_or(0, Vec::len), eval_args.evaluators.join(", "));
     Ok(Loaded { model, bundle, base_source, train, eval, evaluators })
-}
-
-/// The labels `label` evaluators accept and a token counter for `length`.
-pub fn fill_context<'a>(ctx: &mut crate::evaluators::Context, bundle: &TokenizerBundle, prompts: impl Iterator<Item = &'a Prompt>) {
-    let mut labels: Vec<String> = Vec::new();
-    for p in prompts {
-        let truths = match &p.ground_truth {
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
-            Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
-            _ => vec![],
-        };
-        labels.extend(truths);
-    }
-    labels.sort();
-    labels.dedup();
-    ctx.labels = labels;
-    let tokenizer = bundle.tokenizer.clone();
-    ctx.count_tokens = Some(Arc::new(move |s: &str| tokenizer.encode(s, false).map(|e| e.len()).unwrap_or(0)));
 }
 
 /// The GRPO options and evaluators are part of what a resumed run must repeat.
