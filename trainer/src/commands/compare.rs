@@ -21,12 +21,13 @@ pub struct Args {
     /// `ground_truth` is shown to the judge as the reference answer).
     #[arg(long)]
     pub dataset: PathBuf,
-    /// The baseline is --model with this adapter (default: --model alone).
-    #[arg(long, value_name = "DIR")]
-    pub baseline_adapter: Option<PathBuf>,
+    /// The reference side (the baseline) is --model with this adapter (default: --model
+    /// alone), as `eval --ref-adapter`. `--baseline-adapter` is its old name.
+    #[arg(long, alias = "baseline-adapter", value_name = "DIR")]
+    pub ref_adapter: Option<PathBuf>,
     /// Directory for compare.json, compare.md (and rubric.md when one is written). A
     /// directory that holds an earlier comparison is refused unless --overwrite.
-    #[arg(long)]
+    #[arg(long, short = 'o')]
     pub output: PathBuf,
     /// Replace the comparison already in --output.
     #[arg(long)]
@@ -88,7 +89,7 @@ impl Args {
         Ok(CompareOptions {
             model: self.model.model,
             adapter,
-            baseline_adapter: self.baseline_adapter,
+            baseline_adapter: self.ref_adapter,
             placement: self.model.placement,
             dataset: self.dataset,
             output: self.output,

@@ -32,8 +32,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1, help_heading = "Generation (with --evaluator)")]
     pub samples: usize,
     /// Cut every sample to its first N tokens (preference pairs: prompt + completion,
-    /// cutting the completion's end).
-    #[arg(long, visible_alias = "max-length", default_value_t = 2048)]
+    /// cutting the completion's end). `--max-length` (TRL's name) is the same flag.
+    #[arg(long, alias = "max-length", default_value_t = 2048)]
     pub max_sequence_length: usize,
     /// Preference pairs: keep only the last N prompt tokens.
     #[arg(long)]

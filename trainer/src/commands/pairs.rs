@@ -22,7 +22,7 @@ pub struct Args {
     pub weak: String,
     /// A new file, or a directory (the file gets a time-stamped name inside it). An
     /// existing file is never overwritten.
-    #[arg(long)]
+    #[arg(long, short = 'o')]
     pub output: PathBuf,
     #[command(flatten)]
     pub placement: PlacementArgs,

@@ -275,8 +275,8 @@ fn resolve_devices(opts: &SweepOptions) -> Result<Vec<DeviceSlot>> {
                 .iter()
                 .find(|g| g.name == format!("cuda:{i}"))
                 .cloned()
-                .with_context(|| format!("--devices: cuda:{i} is not available ({})", crate::device::cuda_device_count().err().map_or("no such GPU".into(), |e| format!("{e:#}")))),
-            crate::device::DeviceSpec::Auto => bail!("--devices: `auto` cannot be part of a list"),
+                .with_context(|| format!("--device: cuda:{i} is not available ({})", crate::device::cuda_device_count().err().map_or("no such GPU".into(), |e| format!("{e:#}")))),
+            crate::device::DeviceSpec::Auto => bail!("--device: `auto` cannot be part of a list"),
         })
         .collect()
 }
