@@ -247,6 +247,8 @@ impl GrpoOptions {
 pub fn run(cfg: &TrainConfig, grpo: &GrpoOptions, agent_opts: &agent::AgentOptions, eval_args: &EvaluatorArgs, opts: &RunOptions) -> Result<RunSummary> {
     grpo.validate()?;
     agent_opts.validate()?;
+    // Before the run directory and the model: a mistyped evaluator is reported at once.
+    eval_args.check()?;
     if let Some(url) = &agent_opts.agent_url {
         agent::check_reachable(url)?;
     }
