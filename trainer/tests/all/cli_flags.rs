@@ -196,15 +196,23 @@ fn one_meaning_per_flag() {
             }
         }
     }
-    // Every command's --adapter is described as "to apply"/"to fold in"/"to serve": the
-    // adapter used on the model, never the one a training run starts from.
+    // Every command's --adapter is the adapter used on --model (applied, folded in, merged,
+    // served), never the one a training run starts from.
     for (name, help) in &adapter_help {
         let h = help.to_lowercase();
-        if h.contains("start from") || h.contains("initial") {
-            problems.push(format!("{name}: --adapter reads as a starting point: {help}"));
+        let used = ["apply", "fold", "merged", "serve"].iter().any(|w| h.contains(w));
+        if !used || h.contains("start from") || h.contains("initial") {
+            problems.push(format!("{name}: --adapter does not read as the adapter used on --model: {help}"));
         }
     }
-    assert!(adapter_help.len() >= 4, "--adapter found in too few commands: {adapter_help:?}");
+    assert!(adapter_help.len() >= 6, "--adapter found in too few commands: {adapter_help:?}");
+    // The reference side is --ref-adapter in both commands that have one.
+    for name in ["lora-train eval", "lora-train compare"] {
+        let cmd = commands().into_iter().find(|(n, _)| n == name).map(|(_, c)| c).unwrap();
+        if !cmd.get_arguments().any(|a| a.get_long() == Some("ref-adapter")) {
+            problems.push(format!("{name}: no --ref-adapter"));
+        }
+    }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
