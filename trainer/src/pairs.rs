@@ -104,6 +104,9 @@ pub fn generate_pairs(opts: &PairsOptions) -> Result<Outcome> {
     sides::check_params("--weak-", &weak_params)?;
     // Everything that can fail cheaply fails before a model is loaded.
     let ds = prompts::load_prompt_dataset(&opts.dataset)?;
+    if !opts.evaluators.evaluators.is_empty() {
+        opts.evaluators.check()?;
+    }
     let path = output_file::fresh_path(&opts.output, "pairs", "jsonl", PROVENANCE)?;
     let (strong_ref, weak_ref) = (&opts.strong.model, &opts.weak.model);
     let mut models = Models::default();

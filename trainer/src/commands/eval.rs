@@ -170,6 +170,7 @@ pub fn score_generations(args: &Args) -> Result<Summary> {
     let params = args.generation.params(args.samples)?;
     anyhow::ensure!(args.samples == 1 || params.temperature > 0.0, "--samples {} needs a --temperature above 0 (greedy gives one answer)", args.samples);
     let ds = prompts::load_prompt_dataset(&args.dataset)?;
+    args.evaluators.check()?;
     let mut ctx = args.evaluators.context()?;
     let loaded = args.model.load()?;
     let bundle = &loaded.tokenizer;

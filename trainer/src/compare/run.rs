@@ -73,6 +73,9 @@ pub fn compare(opts: &CompareOptions) -> Result<Summary> {
         bail!("--rubric {}: the file is empty", opts.rubric.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
     }
     let ds = prompts::load_prompt_dataset(&opts.dataset)?;
+    if opts.judge_model.is_none() {
+        opts.evaluators.check()?;
+    }
     let judge_ref = opts.judge_model.as_deref().map(ModelRef::parse).transpose()?;
 
     let finetuned_ref = ModelRef { model: opts.model.clone(), adapter: Some(adapter.clone()) };

@@ -32,3 +32,22 @@ fn grpo_checks_its_evaluators_before_loading_the_model() {
         assert!(!stderr.contains("/nonexistent/model"), "{extra:?}: the model was tried first: {stderr}");
     }
 }
+
+/// The same for the commands that generate before they score: eval, compare, pairs.
+#[test]
+fn generating_commands_check_their_evaluators_before_loading_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("prompts.jsonl");
+    std::fs::write(&data, "{\"messages\": [{\"role\": \"user\", \"content\": \"1+1?\"}], \"ground_truth\": \"2\"}\n").unwrap();
+    let (d, o) = (data.to_str().unwrap(), dir.path().join("out").display().to_string());
+    let m = "/nonexistent/model";
+    for args in [
+        vec!["eval", "--model", m, "--dataset", d, "--evaluator", "numerc"],
+        vec!["compare", "--model", m, "--adapter", "/nonexistent/adapter", "--dataset", d, "-o", &o, "--evaluator", "numerc"],
+        vec!["pairs", "--strong", m, "--weak", m, "--dataset", d, "-o", &o, "--evaluator", "numerc"],
+    ] {
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("unknown evaluator kind `numerc`"), "{}: {stderr}", args[0]);
+    }
+}
