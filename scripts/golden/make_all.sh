@@ -57,7 +57,7 @@ with open(sys.argv[1], "w") as f:
                                          {"role": "assistant", "content": f"The code word is {w} {w} {w}."}]}) + "\n")
 PY
 target/debug/lora-train sweep --model tests/golden/models/qwen2-tiny --dataset "$sweep_dir/train.jsonl" -o "$sweep_dir/sweep" \
-  --steps 8 --lr 1e-3 --devices cpu --candidate rank=4 --candidate rank=8,use_rslora=true --candidate rank=16,target_modules=q+v --json >/dev/null
+  --steps 8 --lr 1e-3 --device cpu --candidate rank=4 --candidate rank=8,use_rslora=true --candidate rank=16,target_modules=q+v --json >/dev/null
 "$py" "$here/check_peft_sweep.py" "$sweep_dir/sweep" --dataset "$sweep_dir/train.jsonl" --lora-train target/debug/lora-train \
   | tee tests/golden/peft_sweep_check.jsonl
 rm -rf "$sweep_dir"

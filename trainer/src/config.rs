@@ -160,10 +160,12 @@ pub struct TrainOptions {
     /// load_in_8bit are accepted. Dequantized one projection at a time. [default: auto]
     #[arg(long, help_heading = "Data and model", value_parser = parse_base_quant)]
     pub base_quant: Option<lora_models::BaseQuant>,
-    /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). `sft` also takes
-    /// a list (cuda:0,cuda:1): data-parallel replicas sharing each step's micro-batches.
-    /// [default: auto]
-    #[arg(long, help_heading = "Data and model")]
+    /// Device: cpu, cuda, cuda:N, or auto (the first GPU if there is one). A list
+    /// (cuda:0,cuda:1): `sft` trains data-parallel replicas sharing each step's
+    /// micro-batches; `sweep` and `run` place candidates on the listed devices (auto: every
+    /// GPU found, else cpu) and a workflow's final run trains on them. [default: auto]
+    // `--devices`, the old name on `sweep` and `run`, stays a hidden alias for one release.
+    #[arg(long, alias = "devices", help_heading = "Data and model")]
     pub device: Option<String>,
 
     /// Optimizer steps to run (overrides --epochs).
@@ -451,6 +453,14 @@ impl TrainConfig {
         }
         v
     }
+}
+
+/// What clap gives the flag group `T` when none of its flags is on the command line: its
+/// defaults, for library callers (the workflows) that build options without a command
+/// line, so a default is written once, in the flag's attribute.
+pub fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> Result<T> {
+    let matches = T::augment_args(clap::Command::new("defaults")).try_get_matches_from(["defaults"])?;
+    Ok(T::from_arg_matches(&matches)?)
 }
 
 #[cfg(test)]

@@ -91,17 +91,16 @@ impl TokenizedSet {
 /// FNV-1a over every token id and mask bit, in order: a resumed run refuses data that
 /// tokenizes differently.
 pub fn fingerprint<'a>(samples: impl IntoIterator<Item = &'a TokenizedSample>) -> String {
+    fnv1a(samples.into_iter().flat_map(|s| std::iter::once(s.input_ids.len() as u64).chain(s.input_ids.iter().zip(&s.loss_mask).map(|(&id, &m)| ((id as u64) << 1) | (m != 0) as u64))))
+}
+
+/// FNV-1a over the little-endian bytes of `values`, as 16 hex digits.
+pub fn fnv1a(values: impl IntoIterator<Item = u64>) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |x: u64| {
+    for x in values {
         for b in x.to_le_bytes() {
             h ^= b as u64;
             h = h.wrapping_mul(0x100_0000_01b3);
-        }
-    };
-    for s in samples {
-        eat(s.input_ids.len() as u64);
-        for (&id, &m) in s.input_ids.iter().zip(&s.loss_mask) {
-            eat(((id as u64) << 1) | (m != 0) as u64);
         }
     }
     format!("{h:016x}")

@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ReportTo;
@@ -102,8 +103,32 @@ impl MetricsWriter {
 /// Read every row. A run killed in the middle of a write leaves a torn LAST line: that
 /// line is dropped with a warning (the resumed run writes its step again). Any other line
 /// that is not a metrics row means the file was damaged or edited: an error naming
-/// `FILE:LINE`, because dropping it would silently rewrite the run's history on resume.
+/// `FILE:LINE`, because dropping it would silently rewrite the run's history on resume
+/// (or, in a sweep, choose the winner from part of a candidate's rows).
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRow>> {
+    read_lines(path, TornLast::Warn)
+}
+
+/// The rows so far of a run that may be writing right now (a sweep's monitor, a workflow,
+/// the dashboard): no file yet is no rows, and a half-written last line is left for the
+/// next read without a warning (the writer is likely still on it). A damaged line before
+/// the last is an error naming `FILE:LINE`, as in [`read_metrics`]. `T` is
+/// [`MetricsRow`], or `serde_json::Value` to keep every key of a row.
+pub fn read_metrics_so_far<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    read_lines(path, TornLast::Quiet)
+}
+
+/// What to say about a last line that does not parse.
+#[derive(Clone, Copy, PartialEq)]
+enum TornLast {
+    Warn,
+    Quiet,
+}
+
+fn read_lines<T: DeserializeOwned>(path: &Path, torn: TornLast) -> Result<Vec<T>> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let lines: Vec<String> = BufReader::new(f).lines().collect::<std::io::Result<_>>().with_context(|| format!("reading {}", path.display()))?;
     let last = lines.iter().rposition(|l| !l.trim().is_empty());
@@ -112,10 +137,12 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRow>> {
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<MetricsRow>(line) {
+        match serde_json::from_str::<T>(line) {
             Ok(row) => rows.push(row),
             Err(e) if Some(i) == last => {
-                tracing::warn!("{}:{}: dropping a torn last line (a killed run was writing it): {e}", path.display(), i + 1);
+                if torn == TornLast::Warn {
+                    tracing::warn!("{}:{}: dropping a torn last line (a killed run was writing it): {e}", path.display(), i + 1);
+                }
             }
             Err(e) => anyhow::bail!("{}:{}: not a metrics row: {e}", path.display(), i + 1),
         }
@@ -166,6 +193,21 @@ mod tests {
         let err = format!("{:#}", read_metrics(&p).unwrap_err());
         assert!(err.contains(&format!("{}:2:", p.display())), "{err}");
         assert!(MetricsWriter::resume(&p, 3).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn rows_so_far_of_a_run_being_written() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("metrics.jsonl");
+        assert!(read_metrics_so_far::<MetricsRow>(&p)?.is_empty(), "no file yet: no rows");
+        std::fs::write(&p, "{\"step\": 1, \"tokens\": 4, \"elapsed_s\": 0.1, \"reward\": 0.5}\n{\"step\": 2, \"to")?;
+        let rows: Vec<serde_json::Value> = read_metrics_so_far(&p)?;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["reward"], 0.5, "a method's own keys are kept");
+        std::fs::write(&p, "{\"step\": 1, \"tokens\": 4, \"elapsed_s\": 0.1}\n{\"step\": oops\n{\"step\": 3, \"tokens\": 4, \"elapsed_s\": 0.1}\n")?;
+        let err = format!("{:#}", read_metrics_so_far::<MetricsRow>(&p).unwrap_err());
+        assert!(err.contains(&format!("{}:2:", p.display())), "{err}");
         Ok(())
     }
 }

@@ -10,8 +10,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lora_models::{LoadedModel, RolloutParams, RoutingGuard};
 use serde::Serialize;
 
-use crate::commands::model_args::PlacementArgs;
-use crate::recipes::grpo::prompts::Prompt;
+use crate::placement::PlacementArgs;
+use crate::prompts::Prompt;
 use crate::recipes::grpo::rollouts::prompt_seed;
 
 /// `MODEL[+ADAPTER]`.

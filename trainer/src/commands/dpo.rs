@@ -19,9 +19,10 @@ pub struct PairArgs {
     #[arg(long)]
     pub max_length: Option<usize>,
     /// Start from this adapter (e.g. an SFT run's output); its rank, alpha and targets are
-    /// used. For DPO a frozen copy of it is the reference model.
-    #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
+    /// used. For DPO a frozen copy of it is the reference model. (`--adapter`, the old
+    /// name, is still accepted for one release: elsewhere it means "apply this adapter".)
+    #[arg(long, alias = "adapter", value_name = "DIR")]
+    pub init_adapter: Option<PathBuf>,
     /// Weight of the preference term (DPO's beta, ORPO's lambda).
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
@@ -31,7 +32,7 @@ impl PairArgs {
     pub fn options(&self, precompute_ref_logps: bool) -> Result<PairOptions> {
         anyhow::ensure!(self.max_prompt_length != Some(0), "--max-prompt-length must be at least 1");
         anyhow::ensure!(self.max_length.is_none_or(|l| l >= 2), "--max-length must be at least 2");
-        Ok(PairOptions { max_prompt_length: self.max_prompt_length, max_length: self.max_length, adapter: self.adapter.clone(), precompute_ref_logps })
+        Ok(PairOptions { max_prompt_length: self.max_prompt_length, max_length: self.max_length, adapter: self.init_adapter.clone(), precompute_ref_logps })
     }
 }
 

@@ -14,7 +14,7 @@ use crate::data;
 use crate::evaluators::{EvaluatorArgs, Summary};
 use crate::pair_data;
 use crate::recipes::dpo::{Dpo, LossType};
-use crate::recipes::grpo::{fill_context, prompts};
+use crate::prompts::{self, fill_context};
 use crate::recipes::orpo::Orpo;
 use crate::recipes::preference::{mean_losses, PairLogps};
 
@@ -32,8 +32,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1, help_heading = "Generation (with --evaluator)")]
     pub samples: usize,
     /// Cut every sample to its first N tokens (preference pairs: prompt + completion,
-    /// cutting the completion's end).
-    #[arg(long, visible_alias = "max-length", default_value_t = 2048)]
+    /// cutting the completion's end). `--max-length` (TRL's name) is the same flag.
+    #[arg(long, alias = "max-length", default_value_t = 2048)]
     pub max_sequence_length: usize,
     /// Preference pairs: keep only the last N prompt tokens.
     #[arg(long)]
@@ -170,6 +170,7 @@ pub fn score_generations(args: &Args) -> Result<Summary> {
     let params = args.generation.params(args.samples)?;
     anyhow::ensure!(args.samples == 1 || params.temperature > 0.0, "--samples {} needs a --temperature above 0 (greedy gives one answer)", args.samples);
     let ds = prompts::load_prompt_dataset(&args.dataset)?;
+    args.evaluators.check()?;
     let mut ctx = args.evaluators.context()?;
     let loaded = args.model.load()?;
     let bundle = &loaded.tokenizer;

@@ -20,8 +20,8 @@ pub struct Args {
     #[arg(long)]
     pub format: Option<Format>,
     /// Count sequences longer than this many tokens (they would be truncated in training;
-    /// for preference pairs, the `--max-length` of dpo/orpo).
-    #[arg(long, visible_alias = "max-length", default_value_t = 2048)]
+    /// for preference pairs, the `--max-length` of dpo/orpo, which is the same flag here).
+    #[arg(long, alias = "max-length", default_value_t = 2048)]
     pub max_sequence_length: usize,
     /// Preference pairs: count prompts longer than this (dpo/orpo keep their end).
     #[arg(long)]

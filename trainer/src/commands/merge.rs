@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long)]
     pub adapter: PathBuf,
     /// Where to write the merged model (config.json, model.safetensors, tokenizer files).
-    #[arg(long)]
+    #[arg(long, short = 'o')]
     pub output: PathBuf,
     /// dtype of the written weights.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]

@@ -1,4 +1,7 @@
-//! One module per subcommand: clap `Args` + `run`.
+//! One module per subcommand: clap `Args` + `run`; `cli.rs` puts them together.
+mod cli;
+pub use cli::{command, parse_command_line, run, Cli, Command};
+
 pub mod dpo;
 pub mod compare;
 pub mod dashboard;

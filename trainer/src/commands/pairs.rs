@@ -1,24 +1,13 @@
-//! `lora-train pairs`: preference pairs from prompts alone (delta learning): the preferred
-//! answer from a stronger sampler, the non-preferred one from a weaker one. Writes
-//! Fireworks-form pairs (what `dpo` and `orpo` read) and a provenance sidecar.
-use std::collections::BTreeMap;
+//! `lora-train pairs`: preference pairs from prompts alone (delta learning), the flags of
+//! [`crate::pairs::generate_pairs`].
 use std::path::PathBuf;
 
 use anyhow::Result;
-use lora_models::RolloutParams;
-use serde::Serialize;
-use serde_json::json;
 
-use super::model_args::PlacementArgs;
 use crate::evaluators::EvaluatorArgs;
-use crate::output_file;
-use crate::recipes::grpo::{fill_context, prompts};
-use crate::sides::{self, ModelRef, Models};
-
-/// One reward per prompt (`None`: no evaluator scored it).
-type Rewards = Vec<Option<f64>>;
-
-const PROVENANCE: &str = ".provenance.json";
+use crate::pairs::{self, PairsOptions, Sampler};
+use crate::placement::PlacementArgs;
+use crate::sides::ModelRef;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -33,14 +22,14 @@ pub struct Args {
     pub weak: String,
     /// A new file, or a directory (the file gets a time-stamped name inside it). An
     /// existing file is never overwritten.
-    #[arg(long)]
+    #[arg(long, short = 'o')]
     pub output: PathBuf,
     #[command(flatten)]
     pub placement: PlacementArgs,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0, help_heading = "Sampling")]
+    #[arg(long, default_value_t = pairs::STRONG_TEMPERATURE, help_heading = "Sampling")]
     pub strong_temperature: f64,
-    #[arg(long, default_value_t = 1.0, help_heading = "Sampling")]
+    #[arg(long, default_value_t = pairs::WEAK_TEMPERATURE, help_heading = "Sampling")]
     pub weak_temperature: f64,
     /// Keep the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0, help_heading = "Sampling")]
@@ -52,12 +41,12 @@ pub struct Args {
     pub strong_top_p: f64,
     #[arg(long, default_value_t = 1.0, help_heading = "Sampling")]
     pub weak_top_p: f64,
-    #[arg(long, default_value_t = 256, help_heading = "Sampling")]
+    #[arg(long, default_value_t = pairs::MAX_NEW_TOKENS, help_heading = "Sampling")]
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 0, help_heading = "Sampling")]
     pub seed: u64,
     /// Prompts per generation batch (does not change the answers).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = pairs::BATCH_SIZE)]
     pub batch_size: usize,
     /// With --evaluator: keep a pair only when the strong answer scores strictly higher.
     #[command(flatten)]
@@ -67,33 +56,10 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Why a prompt gave no pair.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Drop {
-    /// An answer is empty: `dpo` refuses empty outputs.
-    Empty,
-    /// Both answers are the same text: the pair has no preference to learn.
-    Identical,
-    /// An evaluator gave one side no score: no evidence the strong answer is better.
-    Unscored,
-    /// The strong answer did not score strictly higher.
-    NotBetter,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Outcome {
-    pub output: PathBuf,
-    pub provenance: PathBuf,
-    pub prompts: usize,
-    pub pairs: usize,
-    pub dropped: usize,
-    pub dropped_by_reason: BTreeMap<Drop, usize>,
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let out = generate_pairs(&args)?;
-    if args.json {
+    let json = args.json;
+    let out = pairs::generate_pairs(&args.options()?)?;
+    if json {
         println!("{}", serde_json::to_string(&out)?);
     } else {
         println!("output    {}\npairs     {}\ndropped   {}", out.output.display(), out.pairs, out.dropped);
@@ -104,121 +70,20 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn side_params(temperature: f64, top_k: usize, top_p: f64, max_new_tokens: usize) -> RolloutParams {
-    RolloutParams { group: 1, max_new_tokens, temperature, top_k, top_p }
-}
-
-pub fn generate_pairs(args: &Args) -> Result<Outcome> {
-    let strong_params = side_params(args.strong_temperature, args.strong_top_k, args.strong_top_p, args.max_new_tokens);
-    let weak_params = side_params(args.weak_temperature, args.weak_top_k, args.weak_top_p, args.max_new_tokens);
-    sides::check_params("--strong-", &strong_params)?;
-    sides::check_params("--weak-", &weak_params)?;
-    // Everything that can fail cheaply fails before a model is loaded.
-    let ds = prompts::load_prompt_dataset(&args.dataset)?;
-    let path = output_file::fresh_path(&args.output, "pairs", "jsonl", PROVENANCE)?;
-    let (strong_ref, weak_ref) = (ModelRef::parse(&args.strong)?, ModelRef::parse(&args.weak)?);
-    let mut models = Models::default();
-    let strong = models.add("strong", &strong_ref, &args.placement)?;
-    let weak = models.add("weak", &weak_ref, &args.placement)?;
-    // What evaluators see of a prompt (messages, fields) is the same for both sides.
-    let prompt_view = prompts::tokenize_prompts(&models.get(&strong).tokenizer, &ds)?;
-    let evaluators = if args.evaluators.evaluators.is_empty() {
-        None
-    } else {
-        let mut ctx = args.evaluators.context()?;
-        fill_context(&mut ctx, &models.get(&strong).tokenizer, prompt_view.iter());
-        Some(args.evaluators.build(&ctx)?)
-    };
-
-    // Each side renders the prompts with its own model's chat template.
-    let mut answers = Vec::new();
-    for (stream, (side, params)) in [(&strong, &strong_params), (&weak, &weak_params)].into_iter().enumerate() {
-        let loaded = models.get(side);
-        let tokenized = prompts::tokenize_prompts(&loaded.tokenizer, &ds)?;
-        let bar = sides::progress_bar(tokenized.len(), &side.label);
-        let _route = models.route(side)?;
-        let texts = sides::complete_one(loaded, &tokenized, params, args.seed, stream, args.batch_size, &bar)?;
-        bar.finish_and_clear();
-        answers.push(texts);
-        tracing::info!("{}: {} answers", side.label, tokenized.len());
+impl Args {
+    /// The flags as the library's options.
+    pub fn options(self) -> Result<PairsOptions> {
+        let side = |model: &str, temperature, top_k, top_p| -> Result<Sampler> { Ok(Sampler { model: ModelRef::parse(model)?, temperature, top_k, top_p }) };
+        Ok(PairsOptions {
+            strong: side(&self.strong, self.strong_temperature, self.strong_top_k, self.strong_top_p)?,
+            weak: side(&self.weak, self.weak_temperature, self.weak_top_k, self.weak_top_p)?,
+            dataset: self.dataset,
+            output: self.output,
+            placement: self.placement,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            batch_size: self.batch_size,
+            evaluators: self.evaluators,
+        })
     }
-    let (strong_answers, weak_answers) = (&answers[0], &answers[1]);
-
-    // Per prompt: the strong side's reward, the weak side's reward.
-    let scores: Option<(Rewards, Rewards)> = evaluators.as_ref().map(|set| {
-        let mut samples: Vec<_> = prompt_view.iter().zip(strong_answers).enumerate().map(|(i, (p, a))| p.sample(format!("{}-strong", i + 1), a.clone())).collect();
-        samples.extend(prompt_view.iter().zip(weak_answers).enumerate().map(|(i, (p, a))| p.sample(format!("{}-weak", i + 1), a.clone())));
-        let mut rewards = set.score_batch(&samples).rewards;
-        let weak = rewards.split_off(prompt_view.len());
-        (rewards, weak)
-    });
-
-    let mut lines = String::new();
-    // Every reason listed, zeros too: readers need not guess whether a check ran.
-    let mut dropped_by_reason: BTreeMap<Drop, usize> = [Drop::Empty, Drop::Identical, Drop::Unscored, Drop::NotBetter].into_iter().map(|d| (d, 0)).collect();
-    let mut pairs = 0;
-    for (i, p) in prompt_view.iter().enumerate() {
-        let (s, w) = (&strong_answers[i], &weak_answers[i]);
-        let pair_scores = scores.as_ref().map(|(ss, ws)| (ss[i], ws[i]));
-        let verdict = if s.trim().is_empty() || w.trim().is_empty() {
-            Some(Drop::Empty)
-        } else if s == w {
-            Some(Drop::Identical)
-        } else {
-            match pair_scores {
-                Some((Some(a), Some(b))) if a > b => None,
-                Some((Some(_), Some(_))) => Some(Drop::NotBetter),
-                Some(_) => Some(Drop::Unscored),
-                None => None,
-            }
-        };
-        if let Some(why) = verdict {
-            *dropped_by_reason.entry(why).or_insert(0) += 1;
-            continue;
-        }
-        let mut line = json!({
-            "input": {"messages": p.messages},
-            "preferred_output": [{"role": "assistant", "content": s}],
-            "non_preferred_output": [{"role": "assistant", "content": w}],
-        });
-        // The answers were generated with the tools in the prompt; training must see them too.
-        if let Some(tools) = &p.tools {
-            line["tools"] = tools.clone();
-        }
-        if let Some((a, b)) = pair_scores {
-            line["scores"] = json!({"preferred": a, "non_preferred": b});
-        }
-        lines.push_str(&line.to_string());
-        lines.push('\n');
-        pairs += 1;
-    }
-    let dropped: usize = dropped_by_reason.values().sum();
-    if pairs == 0 {
-        tracing::warn!("no pair kept out of {} prompts: {} is empty", prompt_view.len(), path.display());
-    }
-
-    let side_json = |r: &ModelRef, p: &RolloutParams| json!({"model": r.model, "adapter": r.adapter, "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p});
-    let provenance = json!({
-        "command": "pairs",
-        "version": env!("CARGO_PKG_VERSION"),
-        "created": lora_datasets::strftime("%Y-%m-%dT%H:%M:%SZ", lora_datasets::unix_now()),
-        "dataset": args.dataset,
-        "output": path,
-        "strong": side_json(&strong_ref, &strong_params),
-        "weak": side_json(&weak_ref, &weak_params),
-        "max_new_tokens": args.max_new_tokens,
-        "seed": args.seed,
-        "evaluators": args.evaluators.evaluators,
-        "reward_weights": args.evaluators.reward_weights,
-        "evaluator_failures": evaluators.as_ref().map(|e| e.failures()),
-        "prompts": prompt_view.len(),
-        "pairs": pairs,
-        "dropped": dropped,
-        "dropped_by_reason": dropped_by_reason,
-    });
-    // The pairs first: a provenance file never describes pairs that are not there.
-    lora_models::write_new(&path, lines.as_bytes())?;
-    let provenance_path = output_file::with_suffix(&path, PROVENANCE);
-    lora_models::write_new(&provenance_path, serde_json::to_string_pretty(&provenance)?.as_bytes())?;
-    Ok(Outcome { output: path, provenance: provenance_path, prompts: prompt_view.len(), pairs, dropped, dropped_by_reason })
 }

@@ -44,10 +44,6 @@ pub struct Args {
     /// Share one base between candidates that can (auto) or not (off).
     #[arg(long, value_enum, default_value_t = PackMode::Auto, help_heading = "Sweep")]
     pub pack: PackMode,
-    /// Devices to place candidate groups on: auto (every GPU found, else cpu), or a list
-    /// such as cpu or cuda:0,cuda:1.
-    #[arg(long, default_value = "auto", help_heading = "Sweep")]
-    pub devices: String,
     /// At most this many candidates train at the same time.
     #[arg(long, default_value_t = 6, help_heading = "Sweep")]
     pub max_parallel: usize,
@@ -87,13 +83,10 @@ pub fn run(args: Args) -> Result<()> {
     crate::jobs::run_training(launch, |control| train(&args, control))
 }
 
-/// The sweep's options, its devices taken from `--device` when `--devices` is auto.
+/// The sweep's options: its candidates are placed on `--device` (a list, or auto).
 fn sweep_options(args: &Args, slurm: bool, control: &Control) -> Result<(TrainOptions, SweepOptions)> {
-    let mut options = args.options.clone().with_config_file(args.config.as_deref())?;
-    let devices = match options.device.take() {
-        Some(d) if args.devices == "auto" => d,
-        _ => args.devices.clone(),
-    };
+    let options = args.options.clone().with_config_file(args.config.as_deref())?;
+    let devices = options.device.clone().unwrap_or_else(|| "auto".into());
     if args.max_parallel == 0 {
         bail!("--max-parallel must be at least 1");
     }

@@ -5,7 +5,7 @@ use lora_datasets::Message;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::recipes::grpo::prompts::Prompt;
+use crate::prompts::Prompt;
 
 /// What the judge said about one ordering.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

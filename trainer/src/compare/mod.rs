@@ -4,6 +4,7 @@
 //! `compare.json` + `compare.md` (`report.rs`).
 pub mod judge;
 pub mod report;
+mod run;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 pub use judge::Verdict;
+pub use run::{compare, CompareOptions, BATCH_SIZE, EXAMPLES, JUDGE_MAX_NEW_TOKENS};
 
 /// The fine-tuned side's result on one prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

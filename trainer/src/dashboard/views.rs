@@ -68,7 +68,13 @@ pub fn view(dir: &Path, sub: &str, since: Option<u64>) -> Value {
     match kind {
         "run" => {
             v.insert("run".into(), read_json(&dir.join(RUN_FILE)));
-            let rows = read_rows(&dir.join(METRICS_FILE));
+            let rows = match read_rows(&dir.join(METRICS_FILE)) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    v.insert("metrics_error".into(), json!(format!("{e:#}")));
+                    Vec::new()
+                }
+            };
             v.insert("metrics_total".into(), json!(rows.len()));
             // The page checks it against the row it holds (a resumed run rewrites the rows
             // after its checkpoint, with another elapsed_s).
@@ -86,7 +92,11 @@ pub fn view(dir: &Path, sub: &str, since: Option<u64>) -> Value {
                 if name.contains(['/', '\\']) || name.starts_with('.') || !cand.is_dir() {
                     continue;
                 }
-                curves.insert(name.into(), json!({"path": join(sub, &format!("{CANDIDATES_DIR}/{name}")), "metrics": read_rows(&cand.join(METRICS_FILE))}));
+                let (metrics, error) = match read_rows(&cand.join(METRICS_FILE)) {
+                    Ok(rows) => (rows, None),
+                    Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+                };
+                curves.insert(name.into(), json!({"path": join(sub, &format!("{CANDIDATES_DIR}/{name}")), "metrics": metrics, "metrics_error": error}));
             }
             v.insert("sweep".into(), sweep);
             v.insert("candidates".into(), Value::Object(curves));
@@ -121,12 +131,13 @@ fn read_json(path: &Path) -> Value {
     std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
 }
 
-/// The rows of a `metrics.jsonl` being written: a line that does not parse (the last one,
-/// half written) is left for the next poll. Rows are kept as JSON so that a method's own
-/// keys reach the page without this module knowing them.
-pub fn read_rows(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v.get("step").is_some()).collect()
+/// The rows of a `metrics.jsonl` being written ([`crate::metrics::read_metrics_so_far`]:
+/// a half-written last line is left for the next poll, a damaged one before it is an
+/// error the page shows). Rows are kept as JSON so that a method's own keys reach the
+/// page without this module knowing them.
+pub fn read_rows(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let rows: Vec<Value> = crate::metrics::read_metrics_so_far(path)?;
+    Ok(rows.into_iter().filter(|v| v.get("step").is_some()).collect())
 }
 
 fn svg_files(dir: &Path) -> Vec<String> {
@@ -209,6 +220,12 @@ mod tests {
         assert!(v["candidates"].get("../x").is_none());
         let kids: Vec<&str> = v["children"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(kids, ["candidates/a"], "a run's checkpoints are not listed; b has no run yet");
+
+        // A damaged line before the last is shown as an error naming FILE:LINE, not as no rows.
+        std::fs::write(sweep.join("candidates/a").join(METRICS_FILE), "{\"step\": 0}\n{\"step\": oops\n{\"step\": 2}\n").unwrap();
+        let v = view(&sweep, "sweep", None);
+        let err = v["candidates"]["a"]["metrics_error"].as_str().unwrap_or_default().to_string();
+        assert!(err.contains(&format!("{}:2:", sweep.join("candidates/a").join(METRICS_FILE).display())), "{err}");
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The evaluator flags every scoring command shares (`#[command(flatten)]`).
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context as _, Result};
 
-use super::{Context, EvaluatorSet};
+use super::{builtin::Builtin, combine, parse_spec, python, Context, EvaluatorSet, Spec};
 
 #[derive(clap::Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EvaluatorArgs {
@@ -31,6 +31,28 @@ impl EvaluatorArgs {
             .filter(|t| !t.is_zero())
             .ok_or_else(|| anyhow!("--evaluator-timeout must be a positive number of seconds, got {}", self.evaluator_timeout))?;
         Ok(Context::new(self.evaluator_workers, timeout))
+    }
+
+    /// What can be checked before a model loads (a model takes minutes; a typo should
+    /// not): at least one evaluator, every spec parses and builds (patterns compile,
+    /// schema and Python files load), one weight per evaluator, a valid timeout. `label`
+    /// and `length` need the data's labels and the tokenizer: [`EvaluatorArgs::build`]
+    /// finishes them.
+    pub fn check(&self) -> Result<()> {
+        let ctx = self.context()?;
+        combine::weights_for(&self.evaluators, self.reward_weights.as_deref())?;
+        for spec in &self.evaluators {
+            let check = || -> Result<()> {
+                match parse_spec(spec)? {
+                    Spec::Label | Spec::Length { .. } | Spec::Cmd(_) => {}
+                    Spec::Py { file, function } => drop(python::launch(&file, &function)?),
+                    other => drop(Builtin::new(other, &ctx)?),
+                }
+                Ok(())
+            };
+            check().with_context(|| format!("evaluator `{spec}`"))?;
+        }
+        Ok(())
     }
 
     /// Builds the evaluators; `ctx` comes from [`EvaluatorArgs::context`].

@@ -25,24 +25,29 @@ pub struct SetScores {
     pub rewards: Vec<Option<f64>>,
 }
 
+/// One weight per evaluator: `weights`, checked, or 1 each.
+pub(super) fn weights_for(specs: &[String], weights: Option<&[f64]>) -> Result<Vec<f64>> {
+    if specs.is_empty() {
+        bail!("no evaluator given (--evaluator SPEC)");
+    }
+    Ok(match weights {
+        None => vec![1.0; specs.len()],
+        Some(w) if w.len() != specs.len() => {
+            bail!("--reward-weights has {} values for {} evaluators ({}): give one weight per --evaluator", w.len(), specs.len(), specs.join(", "))
+        }
+        Some(w) => {
+            if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
+                bail!("--reward-weights: {bad} is not a finite number");
+            }
+            w.to_vec()
+        }
+    })
+}
+
 impl EvaluatorSet {
     /// `weights` defaults to 1 for each evaluator (as TRL's `reward_weights`).
     pub fn new(specs: &[String], weights: Option<&[f64]>, ctx: &Context) -> Result<Self> {
-        if specs.is_empty() {
-            bail!("no evaluator given (--evaluator SPEC)");
-        }
-        let weights = match weights {
-            None => vec![1.0; specs.len()],
-            Some(w) if w.len() != specs.len() => {
-                bail!("--reward-weights has {} values for {} evaluators ({}): give one weight per --evaluator", w.len(), specs.len(), specs.join(", "))
-            }
-            Some(w) => {
-                if let Some(bad) = w.iter().find(|x| !x.is_finite()) {
-                    bail!("--reward-weights: {bad} is not a finite number");
-                }
-                w.to_vec()
-            }
-        };
+        let weights = weights_for(specs, weights)?;
         let evaluators = specs.iter().map(|s| Evaluator::new(s, ctx)).collect::<Result<Vec<_>>>()?;
         let names = unique_names(evaluators.iter().map(Evaluator::short_name).collect());
         Ok(EvaluatorSet { evaluators, weights, names })

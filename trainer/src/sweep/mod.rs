@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{TrainConfig, TrainOptions};
 use crate::engine::{self, Method, RunStatus};
 use crate::run_control::Control;
+use crate::metrics::MetricsRow;
 use crate::recipes::sft::{self, Sft, SftData};
 use plan::{DeviceSlot, Item, Plan};
 use crate::share_key::ShareKey;
@@ -215,7 +216,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
         // `sweep-worker` on its spec; the sweep's final job collects the outcome.
         std::fs::create_dir_all(dir.join("groups")).with_context(|| format!("creating {}", dir.display()))?;
         for r in record.candidates.iter_mut() {
-            refresh(r);
+            refresh(r)?;
         }
         for k in 0..plan.groups.len() {
             if let Some(spec) = group_spec(dir.as_path(), &plan, k, &record) {
@@ -230,7 +231,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     // ---- run the groups ------------------------------------------------------------------
     std::fs::create_dir_all(dir.join("groups")).with_context(|| format!("creating {}", dir.display()))?;
     for r in record.candidates.iter_mut() {
-        refresh(r);
+        refresh(r)?;
     }
     record.status = "running".into();
     save(&dir, &record)?;
@@ -239,7 +240,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     execute(&dir, &plan, &mut record, opts)?;
     if let Some(signal) = opts.control.stop_requested() {
         for r in record.candidates.iter_mut() {
-            refresh(r);
+            refresh(r)?;
         }
         record.status = "stopped".into();
         record.wall_s = wall.elapsed().as_secs_f64();
@@ -248,10 +249,7 @@ pub fn run(base: TrainOptions, opts: &SweepOptions) -> Result<SweepRecord> {
     }
 
     // ---- outcome --------------------------------------------------------------------------
-    for r in record.candidates.iter_mut() {
-        refresh(r);
-    }
-    choose_winner(&mut record);
+    read_outcome(&mut record)?;
     record.status = if record.candidates.iter().any(|c| c.status == RunStatus::Completed) { "completed".into() } else { "failed".into() };
     record.wall_s = wall.elapsed().as_secs_f64();
     record.parent_peak_rss_bytes = worker::peak_rss_bytes();
@@ -279,8 +277,8 @@ fn resolve_devices(opts: &SweepOptions) -> Result<Vec<DeviceSlot>> {
                 .iter()
                 .find(|g| g.name == format!("cuda:{i}"))
                 .cloned()
-                .with_context(|| format!("--devices: cuda:{i} is not available ({})", crate::device::cuda_device_count().err().map_or("no such GPU".into(), |e| format!("{e:#}")))),
-            crate::device::DeviceSpec::Auto => bail!("--devices: `auto` cannot be part of a list"),
+                .with_context(|| format!("--device: cuda:{i} is not available ({})", crate::device::cuda_device_count().err().map_or("no such GPU".into(), |e| format!("{e:#}")))),
+            crate::device::DeviceSpec::Auto => bail!("--device: `auto` cannot be part of a list"),
         })
         .collect()
 }
@@ -347,7 +345,7 @@ fn execute(dir: &Path, plan: &Plan, record: &mut SweepRecord, opts: &SweepOption
                     let peak = worker::read_peak_rss(&worker::result_path(dir, r.group));
                     for name in &r.members {
                         if let Some(c) = record.candidates.iter_mut().find(|c| &c.name == name) {
-                            refresh(c);
+                            refresh(c)?;
                             c.group_peak_rss_bytes = peak;
                             if !finished(c.status) {
                                 c.status = RunStatus::Failed;
@@ -416,20 +414,30 @@ fn last_error(log: &Path, name: &str) -> String {
         .map_or_else(|| "no output (killed?)".into(), |l| l.to_string())
 }
 
-/// Read a candidate's run directory: status, steps and losses so far.
-fn refresh(c: &mut CandidateRecord) {
+/// Read a candidate's run directory: status, steps and losses so far. A damaged
+/// `metrics.jsonl` is an error naming FILE:LINE, never a candidate without losses.
+fn refresh(c: &mut CandidateRecord) -> Result<()> {
     if let Some(s) = engine::read_status(&c.output) {
         if s != RunStatus::Running || c.status != RunStatus::Failed {
             c.status = s;
         }
     }
-    if let Ok(rows) = crate::metrics::read_metrics(&c.output.join(engine::METRICS_FILE)) {
-        c.steps = rows.last().map_or(0, |r| r.step);
-        c.eval_loss_before = rows.iter().find(|r| r.step == 0).and_then(|r| r.eval_loss);
-        c.eval_loss = rows.iter().rev().find(|r| r.step > 0 && r.eval_loss.is_some()).and_then(|r| r.eval_loss);
-        c.train_loss = rows.iter().rev().find_map(|r| r.loss);
-        c.elapsed_s = rows.last().map(|r| r.elapsed_s);
+    let rows: Vec<MetricsRow> = crate::metrics::read_metrics_so_far(&c.output.join(engine::METRICS_FILE))?;
+    c.steps = rows.last().map_or(0, |r| r.step);
+    c.eval_loss_before = rows.iter().find(|r| r.step == 0).and_then(|r| r.eval_loss);
+    c.eval_loss = rows.iter().rev().find(|r| r.step > 0 && r.eval_loss.is_some()).and_then(|r| r.eval_loss);
+    c.train_loss = rows.iter().rev().find_map(|r| r.loss);
+    c.elapsed_s = rows.last().map(|r| r.elapsed_s);
+    Ok(())
+}
+
+/// Every candidate's final state, then the winner.
+fn read_outcome(record: &mut SweepRecord) -> Result<()> {
+    for c in record.candidates.iter_mut() {
+        refresh(c)?;
     }
+    choose_winner(record);
+    Ok(())
 }
 
 /// Lowest eval loss among completed candidates; by final train loss when no candidate
@@ -485,7 +493,11 @@ impl Bars {
 
     fn update(&self, record: &mut SweepRecord) {
         for c in record.candidates.iter_mut().filter(|c| c.status == RunStatus::Running) {
-            refresh(c);
+            // Only the bars read this; a damaged file fails the sweep at its next
+            // `refresh` outside the bars (a worker's exit, the outcome).
+            if refresh(c).is_err() {
+                continue;
+            }
             if let Some((_, b)) = self.bars.iter().find(|(n, _)| *n == c.name) {
                 b.set_position(c.steps as u64);
                 let f = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.4}"));
@@ -514,5 +526,67 @@ impl Bars {
 
     fn finish(&self) {
         let _ = self.multi.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A completed candidate whose held-out loss ends at `eval_loss`.
+    fn completed(dir: &Path, name: &str, eval_loss: f64) -> Result<CandidateRecord> {
+        let output = dir.join(name);
+        std::fs::create_dir_all(&output)?;
+        let config = TrainOptions { model: Some("m".into()), dataset: Some("d.jsonl".into()), output: Some(output.clone()), ..Default::default() }.resolve()?;
+        engine::write_run_json(&output, "sft", &config, &serde_json::Value::Null, RunStatus::Completed, None::<&()>)?;
+        let mut w = crate::metrics::MetricsWriter::create(&output.join(engine::METRICS_FILE))?;
+        w.write(&MetricsRow { step: 0, eval_loss: Some(3.0), ..Default::default() })?;
+        w.write(&MetricsRow { step: 1, loss: Some(2.0), ..Default::default() })?;
+        w.write(&MetricsRow { step: 2, loss: Some(1.5), eval_loss: Some(eval_loss), ..Default::default() })?;
+        Ok(CandidateRecord {
+            name: name.into(),
+            overrides: BTreeMap::new(),
+            config,
+            status: RunStatus::Running,
+            output,
+            device: None,
+            group: None,
+            steps: 0,
+            total_steps: 2,
+            eval_loss_before: None,
+            eval_loss: None,
+            train_loss: None,
+            elapsed_s: None,
+            est_memory_bytes: 0,
+            est_seconds: 0.0,
+            est_tokens: 0,
+            est_flops: 0.0,
+            group_peak_rss_bytes: None,
+            error: None,
+        })
+    }
+
+    fn record(candidates: Vec<CandidateRecord>) -> SweepRecord {
+        SweepRecord { version: String::new(), status: String::new(), candidates, winner: None, criterion: String::new(), plan: serde_json::Value::Null, wall_s: 0.0, parent_peak_rss_bytes: None }
+    }
+
+    #[test]
+    fn the_winner_is_the_lowest_eval_loss_and_a_damaged_metrics_file_is_an_error() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut r = record(vec![completed(dir.path(), "a", 1.0)?, completed(dir.path(), "b", 2.0)?]);
+        read_outcome(&mut r)?;
+        assert_eq!((r.winner.as_deref(), r.criterion.as_str()), (Some("a"), "eval_loss"));
+
+        // The best candidate's file damaged in the middle: the sweep must not pick `b` from
+        // what is left, it names the line.
+        let path = dir.path().join("a").join(engine::METRICS_FILE);
+        let text = std::fs::read_to_string(&path)?;
+        let lines: Vec<&str> = text.lines().collect();
+        std::fs::write(&path, format!("{}\n{{\"step\": 1, \"lo\n{}\n", lines[0], lines[2]))?;
+        let mut r = record(vec![completed(dir.path(), "b", 2.0)?, r.candidates.remove(0)]);
+        let err = format!("{:#}", read_outcome(&mut r).unwrap_err());
+        assert!(err.contains(&format!("{}:2:", path.display())), "{err}");
+        assert_eq!(r.winner, None);
+        Ok(())
     }
 }

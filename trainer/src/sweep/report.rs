@@ -8,6 +8,7 @@ use anyhow::Result;
 use super::plan::{Plan, GIB};
 use super::{CandidateRecord, SweepRecord};
 use crate::engine::{RunStatus, METRICS_FILE};
+use crate::metrics::MetricsRow;
 use crate::progress::fmt_duration;
 use crate::report::{line_chart_svg, Series, PALETTE, REPORT_FILE};
 
@@ -47,7 +48,7 @@ fn status_name(s: RunStatus) -> String {
 pub fn write(dir: &Path, record: &SweepRecord) -> Result<()> {
     let mut series = Vec::new();
     for (i, c) in record.candidates.iter().enumerate() {
-        let rows = crate::metrics::read_metrics(&c.output.join(METRICS_FILE)).unwrap_or_default();
+        let rows: Vec<MetricsRow> = crate::metrics::read_metrics_so_far(&c.output.join(METRICS_FILE))?;
         let mut points: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.eval_loss.filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect();
         if points.is_empty() {
             points = rows.iter().filter_map(|r| r.loss.filter(|v| v.is_finite()).map(|v| (r.step as f64, v))).collect();

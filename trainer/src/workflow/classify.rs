@@ -46,8 +46,8 @@ pub struct ClassifyArgs {
     /// Flag a most/least frequent label ratio above this in the plan.
     #[arg(long, default_value_t = 50.0, help_heading = "Classification")]
     pub imbalance_threshold: f64,
-    /// Held-out fraction (or count) of --dataset, as --eval-split. [default: 0.2]
-    #[arg(long, value_name = "FRACTION", conflicts_with_all = ["eval_split", "eval_dataset"], help_heading = "Classification")]
+    /// The old name of --eval-split (hidden, kept for one release).
+    #[arg(long, value_name = "FRACTION", conflicts_with_all = ["eval_split", "eval_dataset"], hide = true, help_heading = "Classification")]
     pub split: Option<f64>,
     /// Base models to benchmark on the held-out split, comma-separated [default: --model].
     /// Training uses --model.
@@ -300,7 +300,7 @@ fn generation_predictions(loaded: &LoadedModel, adapter: Option<&str>, h: &HeldO
         .iter()
         .map(|p| {
             let ids = lora_datasets::tokenize_prompt(&loaded.tokenizer.tokenizer, &template, p, None).map_err(|e| anyhow::anyhow!("held-out prompt: {e}"))?;
-            Ok(crate::recipes::grpo::prompts::Prompt { ids, messages: Vec::new(), ground_truth: None, fields: Default::default(), tools: None })
+            Ok(crate::prompts::Prompt { ids, messages: Vec::new(), ground_truth: None, fields: Default::default(), tools: None })
         })
         .collect::<Result<Vec<_>>>()?;
     let params = RolloutParams { group: 1, max_new_tokens, temperature: 0.0, top_k: 0, top_p: 1.0 };

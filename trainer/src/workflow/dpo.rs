@@ -9,7 +9,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
 use lora_datasets::{Format, Sample};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -23,10 +22,15 @@ use super::report::{self, ReportInput};
 use super::sft::WorkflowArgs;
 use super::{Generated, Workflow, PLAN_FILE};
 use crate::run_control::Control;
-use crate::config::{TrainConfig, TrainOptions};
+use crate::compare::CompareOptions;
+use crate::config::{clap_defaults, TrainConfig, TrainOptions};
 use crate::engine::{RunOptions, RunStatus, METRICS_FILE, RUN_FILE};
+use crate::evaluators::EvaluatorArgs;
+use crate::pairs::{PairsOptions, Sampler};
+use crate::placement::PlacementArgs;
 use crate::recipes::dpo::{Dpo, LossType};
 use crate::recipes::preference::{self, PairOptions};
+use crate::sides::{GenerationArgs, ModelRef};
 use crate::sweep::candidates;
 use crate::sweep::plan as sweep_plan;
 
@@ -165,37 +169,41 @@ struct SweepOut {
     stopped_early_by: Option<String>,
 }
 
-/// `compare` of `adapter` against the base on `prompts`, through its own library function.
+/// `compare` of `adapter` against the base on `prompts`, through its library function.
 fn compare(cfg: &TrainConfig, adapter: &Path, prompts: &Path, out: &Path, args: &DpoArgs) -> Result<crate::compare::Summary> {
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: crate::commands::compare::Args,
-    }
-    let mut argv: Vec<String> = ["compare", "--model", &cfg.model, "--device", &cfg.device, "--dtype", &format!("{:?}", cfg.dtype).to_lowercase()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    argv.extend(["--adapter".into(), adapter.display().to_string(), "--dataset".into(), prompts.display().to_string(), "--output".into(), out.display().to_string(), "--overwrite".into()]);
-    argv.extend(["--max-new-tokens".into(), args.max_new_tokens.to_string()]);
-    for e in &args.evaluators {
-        argv.extend(["--evaluator".into(), e.clone()]);
-    }
-    if let Some(j) = &args.judge_model {
-        argv.extend(["--judge-model".into(), j.clone()]);
-    }
-    let cli = Cli::try_parse_from(&argv).map_err(|e| anyhow::anyhow!("compare options: {e}"))?;
-    crate::commands::compare::compare(&cli.args)
+    let opts = CompareOptions {
+        model: cfg.model.clone(),
+        adapter: adapter.to_path_buf(),
+        baseline_adapter: None,
+        placement: placement(cfg)?,
+        dataset: prompts.to_path_buf(),
+        output: out.to_path_buf(),
+        overwrite: true,
+        evaluators: EvaluatorArgs { evaluators: args.evaluators.clone(), ..clap_defaults()? },
+        judge_model: args.judge_model.clone(),
+        rubric: None,
+        judge_max_new_tokens: crate::compare::JUDGE_MAX_NEW_TOKENS,
+        batch_size: crate::compare::BATCH_SIZE,
+        examples: crate::compare::EXAMPLES,
+        generation: GenerationArgs { max_new_tokens: args.max_new_tokens, ..clap_defaults()? },
+    };
+    crate::compare::compare(&opts)
 }
 
-fn read_losses(o: &mut Outcome, run_dir: &Path) {
+/// The base as the candidates trained it: their device and compute dtype (the other
+/// placement flags at their defaults).
+fn placement(cfg: &TrainConfig) -> Result<PlacementArgs> {
+    Ok(PlacementArgs { device: cfg.device.clone(), dtype: cfg.dtype, ..clap_defaults()? })
+}
+
+fn read_losses(o: &mut Outcome, run_dir: &Path) -> Result<()> {
     o.status = crate::engine::read_status(run_dir).unwrap_or(RunStatus::Pending);
-    if let Ok(rows) = crate::metrics::read_metrics(&run_dir.join(METRICS_FILE)) {
-        o.eval_loss_before = rows.iter().find(|r| r.step == 0).and_then(|r| r.eval_loss);
-        o.eval_loss = rows.iter().rev().find(|r| r.step > 0 && r.eval_loss.is_some()).and_then(|r| r.eval_loss);
-        o.train_loss = rows.iter().rev().find_map(|r| r.loss);
-        o.elapsed_s = rows.last().map(|r| r.elapsed_s);
-    }
+    let rows: Vec<crate::metrics::MetricsRow> = crate::metrics::read_metrics_so_far(&run_dir.join(METRICS_FILE))?;
+    o.eval_loss_before = rows.iter().find(|r| r.step == 0).and_then(|r| r.eval_loss);
+    o.eval_loss = rows.iter().rev().find(|r| r.step > 0 && r.eval_loss.is_some()).and_then(|r| r.eval_loss);
+    o.train_loss = rows.iter().rev().find_map(|r| r.loss);
+    o.elapsed_s = rows.last().map(|r| r.elapsed_s);
+    Ok(())
 }
 
 pub fn run(args: DpoArgs, control: &Control) -> Result<()> {
@@ -283,7 +291,7 @@ pub fn run(args: DpoArgs, control: &Control) -> Result<()> {
             }
             let compare_dir = wf.dir.join("compare").join(&c.name);
             let mut o = Outcome { name: c.name.clone(), status: RunStatus::Pending, win_rate: None, ci95: None, eval_loss_before: None, eval_loss: None, train_loss: None, elapsed_s: None, compare_dir: compare_dir.clone() };
-            read_losses(&mut o, run_dir);
+            read_losses(&mut o, run_dir)?;
             if o.status == RunStatus::Completed {
                 eprintln!("dpo: comparing {} against the base", c.name);
                 let s = compare(&c.config, run_dir, &prompts.path, &compare_dir, &args)?;
@@ -396,24 +404,23 @@ struct DataReady {
 /// preferred over `--weak` (default: the base) answers, kept only where the evaluators
 /// score the preferred one strictly higher (when evaluators are given).
 fn make_pairs(cfg: &TrainConfig, prompts: &Path, dir: &Path, args: &DpoArgs) -> Result<Generated> {
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: crate::commands::pairs::Args,
-    }
     let out = dir.join("data");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let strong = args.strong.clone().context("--strong is needed for prompts-only data")?;
     let weak = args.weak.clone().unwrap_or_else(|| cfg.model.clone());
-    let mut argv: Vec<String> = vec!["pairs".into(), "--dataset".into(), prompts.display().to_string(), "--strong".into(), strong.clone(), "--weak".into(), weak.clone()];
-    argv.extend(["--output".into(), out.display().to_string(), "--device".into(), cfg.device.clone(), "--max-new-tokens".into(), args.pair_max_new_tokens.to_string()]);
-    argv.extend(["--dtype".into(), format!("{:?}", cfg.dtype).to_lowercase()]);
-    for e in &args.evaluators {
-        argv.extend(["--evaluator".into(), e.clone()]);
-    }
-    let cli = Cli::try_parse_from(&argv).map_err(|e| anyhow::anyhow!("pairs options: {e}"))?;
+    let opts = PairsOptions {
+        dataset: prompts.to_path_buf(),
+        strong: Sampler::new(ModelRef::parse(&strong)?, crate::pairs::STRONG_TEMPERATURE),
+        weak: Sampler::new(ModelRef::parse(&weak)?, crate::pairs::WEAK_TEMPERATURE),
+        output: out,
+        placement: placement(cfg)?,
+        max_new_tokens: args.pair_max_new_tokens,
+        seed: 0,
+        batch_size: crate::pairs::BATCH_SIZE,
+        evaluators: EvaluatorArgs { evaluators: args.evaluators.clone(), ..clap_defaults()? },
+    };
     eprintln!("pairs: {strong} (preferred) against {weak} on {}", prompts.display());
-    let o = crate::commands::pairs::generate_pairs(&cli.args)?;
+    let o = crate::pairs::generate_pairs(&opts)?;
     eprintln!("pairs: {} pairs, {} prompts dropped -> {}", o.pairs, o.dropped, o.output.display());
     if o.pairs < 2 {
         bail!("only {} pair(s) kept of {} prompts (see {}); DPO needs more", o.pairs, o.prompts, o.provenance.display());
@@ -428,7 +435,7 @@ fn dpo_plan(cands: &[Candidate], insp: &Inspection, args: &DpoArgs, price: Optio
     let cfg = &cands[0].config;
     let model_cfg = lora_models::load_model_config(&cfg.model)?;
     let params = sweep_plan::base_parameters(&model_cfg);
-    let load = if prompts_only { crate::recipes::grpo::prompts::load_prompt_dataset } else { crate::data::load_preference_dataset };
+    let load = if prompts_only { crate::prompts::load_prompt_dataset } else { crate::data::load_preference_dataset };
     let (train, held) = crate::recipes::sft::load_split_with(cfg, load)?;
     let (train_n, held_n) = (train.len(), held.as_ref().map_or(0, |h| h.len()));
     let device = plan::device_for(&cfg.device);

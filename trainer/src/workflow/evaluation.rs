@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::config::TrainConfig;
 use crate::data;
 use crate::evaluators::{EvaluatorSet, Summary};
-use crate::recipes::grpo::prompts::Prompt;
+use crate::prompts::Prompt;
 use crate::recipes::sft;
 
 /// The held-out samples of `cfg` (`--eval-dataset`, or its `--eval-split` of the data).
@@ -177,7 +177,7 @@ pub fn generate_and_score(loaded: &LoadedModel, name: Option<&str>, prompts: &[P
 /// The evaluator set of `specs` for these prompts (labels and a token counter filled in).
 pub fn evaluator_set(specs: &[String], bundle: &lora_models::TokenizerBundle, prompts: &[Prompt]) -> Result<EvaluatorSet> {
     let mut ctx = crate::evaluators::Context::new(4, std::time::Duration::from_secs(30));
-    crate::recipes::grpo::fill_context(&mut ctx, bundle, prompts.iter());
+    crate::prompts::fill_context(&mut ctx, bundle, prompts.iter());
     EvaluatorSet::new(specs, None, &ctx)
 }
 

@@ -14,6 +14,7 @@ use super::plots::{self, Curve};
 use super::promotion::{self, Promotion};
 use super::{Generated, Workflow, REPORT_JSON, REPORT_MD};
 use crate::engine::METRICS_FILE;
+use crate::metrics::MetricsRow;
 use crate::progress::fmt_duration;
 
 pub const CURVES_FILE: &str = "curves.svg";
@@ -75,7 +76,7 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
     if let Some(p) = r.promotion {
         let _ = writeln!(md, "{}", promotion::render(&p.rows, &p.winner, &p.criterion));
         for row in &p.rows {
-            let points = eval_points(&row.output, r.eval_is_negative_reward);
+            let points = eval_points(&row.output, r.eval_is_negative_reward)?;
             if !points.is_empty() {
                 curves.push(Curve { label: row.name.clone(), points });
             }
@@ -83,7 +84,7 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
     }
     if let Some(f) = r.final_run.filter(|f| f.retrained) {
         let run_dir = f.config.output.clone();
-        let points = eval_points(&run_dir, r.eval_is_negative_reward);
+        let points = eval_points(&run_dir, r.eval_is_negative_reward)?;
         if !points.is_empty() {
             curves.push(Curve { label: "final run".into(), points });
         }
@@ -141,14 +142,14 @@ pub fn write(wf: &Workflow, r: &ReportInput) -> Result<Value> {
 
 /// (step, eval loss) of a run directory (minus it, the reward, for GRPO runs); its train
 /// loss when it has no eval rows.
-fn eval_points(run_dir: &Path, negate: bool) -> Vec<(f64, f64)> {
-    let rows = crate::metrics::read_metrics(&run_dir.join(METRICS_FILE)).unwrap_or_default();
+fn eval_points(run_dir: &Path, negate: bool) -> Result<Vec<(f64, f64)>> {
+    let rows: Vec<MetricsRow> = crate::metrics::read_metrics_so_far(&run_dir.join(METRICS_FILE))?;
     let sign = if negate { -1.0 } else { 1.0 };
     let eval: Vec<(f64, f64)> = rows.iter().filter_map(|r| r.eval_loss.map(|v| (r.step as f64, sign * v))).collect();
     if !eval.is_empty() {
-        return eval;
+        return Ok(eval);
     }
-    rows.iter().filter_map(|r| r.loss.map(|v| (r.step as f64, v))).collect()
+    Ok(rows.iter().filter_map(|r| r.loss.map(|v| (r.step as f64, v))).collect())
 }
 
 /// The hosted services' rules for a LoRA upload: rank 4..64, only the supported target

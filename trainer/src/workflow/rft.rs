@@ -145,7 +145,7 @@ pub fn run(args: RftArgs, control: &Control) -> Result<()> {
                     Ok(_) => {}
                 }
             }
-            let rows_m = crate::metrics::read_metrics(&run_dir.join(METRICS_FILE)).unwrap_or_default();
+            let rows_m: Vec<crate::metrics::MetricsRow> = crate::metrics::read_metrics_so_far(&run_dir.join(METRICS_FILE))?;
             // GRPO's eval loss is minus the held-out reward.
             let reward_after = rows_m.iter().rev().find(|r| r.step > 0 && r.eval_loss.is_some()).and_then(|r| r.eval_loss).map(|l| -l);
             rows.push(Row {

@@ -38,9 +38,6 @@ pub struct WorkflowArgs {
     /// and the winner retrains on all of them; 0 = candidates train on all.
     #[arg(long, default_value_t = 1000, help_heading = "Workflow")]
     pub tuning_samples: usize,
-    /// Devices for the sweep: auto, cpu, or cuda:0,cuda:1.
-    #[arg(long, default_value = "auto", help_heading = "Workflow")]
-    pub devices: String,
     /// At most this many candidates train at the same time.
     #[arg(long, default_value_t = 6, help_heading = "Workflow")]
     pub max_parallel: usize,
@@ -84,11 +81,10 @@ impl WorkflowArgs {
         if self.max_parallel == 0 {
             bail!("--max-parallel must be at least 1");
         }
-        let mut options = TrainOptions { dataset: Some(dataset.to_path_buf()), output: Some(dir.join("sweep")), ..self.options.clone() };
-        let devices = match options.device.take() {
-            Some(d) if self.devices == "auto" => d,
-            _ => self.devices.clone(),
-        };
+        // The candidates keep `--device`: the winner's configuration is what the final run
+        // trains, and it must run where the user said, not on `auto`.
+        let options = TrainOptions { dataset: Some(dataset.to_path_buf()), output: Some(dir.join("sweep")), ..self.options.clone() };
+        let devices = options.device.clone().unwrap_or_else(|| "auto".into());
         let sweep = SweepOptions {
             candidates: self.candidate.clone(),
             grid: self.grid.clone(),
@@ -310,4 +306,35 @@ fn comparison_md(c: &Comparison) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::sweep::candidates;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: WorkflowArgs,
+    }
+
+    /// `run sft --device cpu`: the sweep places its candidates on the CPU, and every
+    /// candidate's configuration (the winner's is what the final run trains) says cpu too,
+    /// not `auto`. The old spelling `--devices` means the same.
+    #[test]
+    fn the_device_reaches_the_sweep_and_the_final_run() -> Result<()> {
+        for flag in ["--device", "--devices"] {
+            let w = Cli::try_parse_from(["run", "--model", "m", "--dataset", "d.jsonl", "-o", "out", flag, "cpu"])?.args;
+            let (options, sweep) = w.sweep_setup(Path::new("out"), Path::new("d.jsonl"))?;
+            assert_eq!(sweep.devices, "cpu", "{flag}");
+            for c in candidates::build(&options, &[], &[])? {
+                let config = candidates::apply(&options, &c.overrides)?.resolve()?;
+                assert_eq!(config.device, "cpu", "{flag}: candidate {}", c.name);
+            }
+        }
+        Ok(())
+    }
 }

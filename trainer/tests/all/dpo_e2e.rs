@@ -123,7 +123,7 @@ fn orpo_trains_and_continues_from_an_adapter() {
     // of it, the first loss is ln 2 again.
     let dpo = tmp.path().join("dpo");
     let d = dpo.display().to_string();
-    ok(&with_model(args("dpo", &data, &d, &["--steps", "1", "--batch-size", "2", "--eval-split", "0", "--adapter", &o]), &m));
+    ok(&with_model(args("dpo", &data, &d, &["--steps", "1", "--batch-size", "2", "--eval-split", "0", "--init-adapter", &o]), &m));
     let first = &metrics(&dpo)[0];
     assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
     assert_eq!(read_adapter(&dpo).keys().collect::<std::collections::BTreeSet<_>>(), read_adapter(&out).keys().collect());

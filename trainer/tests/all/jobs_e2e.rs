@@ -207,7 +207,7 @@ fn a_workflow_is_a_job_detached_waited_for_and_its_gate_recorded() {
     let data = write_dataset(tmp.path(), "train.jsonl", 12);
     let (m, d) = (tiny("qwen2"), data.display().to_string());
     let out = tmp.path().join("wf").display().to_string();
-    let args = ["run", "sft", "--model", &m, "--dataset", &d, "--output", &out, "--devices", "cpu", "--steps", "2", "--candidate", "rank=4", "--calibration-steps", "0", "--skip-final"];
+    let args = ["run", "sft", "--model", &m, "--dataset", &d, "--output", &out, "--device", "cpu", "--steps", "2", "--candidate", "rank=4", "--calibration-steps", "0", "--skip-final"];
     // In the background there is no terminal: without --yes it stops at the plan (status 3).
     let id = detach(&home, &args);
     let waited = lt(&home, &["jobs", "wait", &id.to_string()]);
@@ -233,7 +233,7 @@ fn a_sweep_job_row_shows_the_steps_of_all_its_candidates() {
     let data = write_dataset(tmp.path(), "train.jsonl", 10);
     let (m, d) = (tiny("llama"), data.display().to_string());
     let out = tmp.path().join("sweep").display().to_string();
-    lt_ok(&home, &["sweep", "--model", &m, "--dataset", &d, "--output", &out, "--devices", "cpu", "--json", "--steps", "3", "--candidate", "rank=4", "--candidate", "rank=8,steps=2"]);
+    lt_ok(&home, &["sweep", "--model", &m, "--dataset", &d, "--output", &out, "--device", "cpu", "--json", "--steps", "3", "--candidate", "rank=4", "--candidate", "rank=8,steps=2"]);
     let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(&out).join("sweep.json")).unwrap()).unwrap();
     let best = record["candidates"].as_array().unwrap().iter().filter_map(|c| c["train_loss"].as_f64()).fold(f64::MAX, f64::min);
     let list = stdout_json(&lt_ok(&home, &["jobs", "list", "--json"]));

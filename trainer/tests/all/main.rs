@@ -2,6 +2,8 @@
 //! and the tokenizers, and one per file filled the CI disk (stop 17). Add a module here
 //! instead of a new file under tests/.
 mod agent_e2e;
+mod cli_errors;
+mod cli_flags;
 mod common;
 mod dashboard_e2e;
 mod data_parallel;

@@ -157,7 +157,7 @@ fn compare_by_evaluator_counts_outcomes_from_the_scores() {
     // The adapter against itself: the same answers, so every prompt is a tie.
     let out = dir.path().join("self");
     let mut args = compare_args(&model, &a, s(&prompts), s(&out));
-    args.extend(["--evaluator", "regex:[aeiou]", "--baseline-adapter", &a]);
+    args.extend(["--evaluator", "regex:[aeiou]", "--ref-adapter", &a]);
     let summary = stdout_json(&ok(&args));
     check_summary(&summary, 6);
     assert_eq!(summary["ties"], 6);

@@ -44,7 +44,7 @@ fn a_sweep_on_slurm_is_cancelled_mid_training_and_retried_to_the_same_adapters()
     let (m, d, o) = (tiny("llama"), data.display().to_string(), out.display().to_string());
     let steps = "1500";
     let shared = ["--steps", steps, "--checkpoint-interval", "20", "--warmup-ratio", "0"];
-    let mut args = vec!["sweep", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--pack", "off", "--candidate", "rank=4", "--candidate", "rank=8,lr=5e-4"];
+    let mut args = vec!["sweep", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--pack", "off", "--candidate", "rank=4", "--candidate", "rank=8,lr=5e-4"];
     args.extend(shared);
     args.extend(["--backend", "slurm", "--slurm-time", "30:00", "--json"]);
 

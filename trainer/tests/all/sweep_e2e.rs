@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 fn sweep_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec!["sweep", "--model", model, "--dataset", data, "--output", out, "--devices", "cpu", "--json"]
+    vec!["sweep", "--model", model, "--dataset", data, "--output", out, "--device", "cpu", "--json"]
 }
 
 fn sweep_json(dir: &Path) -> serde_json::Value {

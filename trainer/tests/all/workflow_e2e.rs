@@ -27,7 +27,7 @@ fn without_a_terminal_the_plan_stops_with_status_3_and_resume_yes_runs_through()
     let before = std::fs::read(&data).unwrap();
     let out = tmp.path().join("wf");
     let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
-    let args = ["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "2", "--gpu-hour-price", "2.5"];
+    let args = ["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--epochs", "2", "--gpu-hour-price", "2.5"];
     let res = run_headless(&args);
     assert_eq!(res.status.code(), Some(3), "{}", String::from_utf8_lossy(&res.stderr));
     assert!(String::from_utf8_lossy(&res.stderr).contains("--resume --yes"));
@@ -87,7 +87,7 @@ fn prompts_with_ground_truth_train_from_a_fresh_converted_copy() {
     std::fs::write(&path, &text).unwrap();
     let out = tmp.path().join("wf");
     let (m, d, o) = (tiny("llama"), path.display().to_string(), out.display().to_string());
-    let res = run_headless(&["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3", "--evaluator", "auto", "--eval-samples", "2", "--max-new-tokens", "4", "--skip-final", "--yes"]);
+    let res = run_headless(&["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3", "--evaluator", "auto", "--eval-samples", "2", "--max-new-tokens", "4", "--skip-final", "--yes"]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "the user's file is never modified");
     let st = state(&out);
@@ -108,7 +108,7 @@ fn prompts_with_ground_truth_train_from_a_fresh_converted_copy() {
     // JSON answers: auto infers a schema from them.
     let out = tmp.path().join("wf-json");
     let (d, o) = (repo().join("examples/json_answers.train.jsonl").display().to_string(), out.display().to_string());
-    let res = run_headless(&["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--steps", "1", "--candidate", "rank=4", "--evaluator", "auto", "--eval-samples", "2", "--max-new-tokens", "4", "--calibration-steps", "0"]);
+    let res = run_headless(&["run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--steps", "1", "--candidate", "rank=4", "--evaluator", "auto", "--eval-samples", "2", "--max-new-tokens", "4", "--calibration-steps", "0"]);
     assert_eq!(res.status.code(), Some(3));
     let spec = phase(&state(&out), "plan")["outputs"]["evaluators"][0].as_str().unwrap().to_string();
     let file = spec.strip_prefix("json-schema:").unwrap_or_else(|| panic!("{spec}"));
@@ -125,7 +125,7 @@ fn a_workflow_killed_in_its_final_run_resumes_there() {
     let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
     // 8 tuning samples: the winner retrains on all 16 (160 steps, a checkpoint every 10).
     let args = [
-        "run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "40", "--tuning-samples", "8",
+        "run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--epochs", "40", "--tuning-samples", "8",
         "--candidate", "rank=4,lr=1e-3", "--candidate", "rank=8,lr=5e-4", "--checkpoint-interval", "10", "--yes",
     ];
     let mut child = Command::new(bin()).args(args).env("LORA_TRAIN_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -160,6 +160,7 @@ fn a_workflow_killed_in_its_final_run_resumes_there() {
     assert_eq!(run["status"], "completed");
     assert!(run["summary"]["resumed_from_step"].as_u64().unwrap() >= 10, "the final run continued from its checkpoint: {}", run["summary"]);
     assert_eq!(run["summary"]["steps"], 160);
+    assert_eq!(run["config"]["device"], "cpu", "the final run trains on --device, as the sweep did");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("final_report.json")).unwrap()).unwrap();
     assert_eq!(report["final_run"]["retrained"], true);
     assert!(report["adapter"].as_str().unwrap().ends_with("final"));
@@ -174,7 +175,7 @@ fn classify_benchmark_only_prints_per_label_scores_and_trains_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("wf");
     let (m, d, o) = (tiny("llama"), tickets(), out.display().to_string());
-    let args = ["run", "classify", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--benchmark-only", "--benchmark-samples", "24", "--max-new-tokens", "4", "--json"];
+    let args = ["run", "classify", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--benchmark-only", "--benchmark-samples", "24", "--max-new-tokens", "4", "--json"];
     let res = run_headless(&args);
     assert_eq!(res.status.code(), Some(3), "no terminal, no --yes: {}", String::from_utf8_lossy(&res.stderr));
     assert!(res.stdout.is_empty());
@@ -214,7 +215,7 @@ fn classify_trains_and_scores_base_against_fine_tuned() {
     let out = tmp.path().join("wf");
     let (m, d, o) = (tiny("qwen2"), tickets(), out.display().to_string());
     let res = run_headless(&[
-        "run", "classify", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3",
+        "run", "classify", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3",
         "--benchmark-samples", "16", "--max-new-tokens", "4", "--json", "--yes",
     ]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
@@ -336,7 +337,7 @@ fn a_workflow_killed_in_its_sweep_resumes_at_the_unfinished_candidate() {
     let (m, d, o) = (tiny("qwen2"), data.display().to_string(), out.display().to_string());
     // One candidate at a time, so the first finishes while the second trains.
     let args = [
-        "run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "200", "--max-parallel", "1",
+        "run", "sft", "--model", &m, "--dataset", &d, "--output", &o, "--device", "cpu", "--epochs", "200", "--max-parallel", "1",
         "--candidate", "rank=4,lr=1e-3", "--candidate", "rank=8,lr=5e-4", "--checkpoint-interval", "50", "--calibration-steps", "0", "--yes",
     ];
     // Its own process group: the kill takes the sweep's worker processes with it, as a
@@ -414,7 +415,7 @@ fn a_model_sweep_trains_every_candidate_on_each_base_and_promotes_across_them() 
     let (q, l) = (tiny("qwen2"), tiny("llama"));
     let (d, o, models) = (data.display().to_string(), out.display().to_string(), format!("{q},{l}"));
     let res = run_headless(&[
-        "run", "sft", "--model", &q, "--models", &models, "--dataset", &d, "--output", &o, "--devices", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3",
+        "run", "sft", "--model", &q, "--models", &models, "--dataset", &d, "--output", &o, "--device", "cpu", "--epochs", "1", "--candidate", "rank=4,lr=1e-3",
         "--evaluator", "exact", "--eval-samples", "2", "--max-new-tokens", "4", "--calibration-steps", "1", "--yes",
     ]);
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));

@@ -19,14 +19,16 @@ pub mod advantages;
 pub mod agent;
 pub mod loss;
 pub mod preview;
-pub mod prompts;
 pub mod rollouts;
 pub mod signal;
+
+// The prompt type and its helpers live below the recipes (eval, compare and the sides
+// use them too); re-exported so `recipes::grpo::prompts` paths keep working.
+pub use crate::prompts::{self, fill_context};
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -279,6 +281,8 @@ impl Recipe for GrpoRecipe {
     fn prepare(&self, _cfg: &mut TrainConfig) -> Result<()> {
         self.grpo.validate()?;
         self.agent.validate()?;
+        // Before the run directory and the model: a mistyped evaluator is reported at once.
+        self.evaluators.check()?;
         if let Some(url) = &self.agent.agent_url {
             agent::check_reachable(url)?;
         }
@@ -329,23 +333,6 @@ pub fn load(cfg: &TrainConfig, eval_args: &EvaluatorArgs) -> Result<Loaded> {
     Ok(Loaded { model, bundle, base_source, train, eval, evaluators })
 }
 
-/// The labels `label` evaluators accept and a token counter for `length`.
-pub fn fill_context<'a>(ctx: &mut crate::evaluators::Context, bundle: &TokenizerBundle, prompts: impl Iterator<Item = &'a Prompt>) {
-    let mut labels: Vec<String> = Vec::new();
-    for p in prompts {
-        let truths = match &p.ground_truth {
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
-            Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
-            _ => vec![],
-        };
-        labels.extend(truths);
-    }
-    labels.sort();
-    labels.dedup();
-    ctx.labels = labels;
-    let tokenizer = bundle.tokenizer.clone();
-    ctx.count_tokens = Some(Arc::new(move |s: &str| tokenizer.encode(s, false).map(|e| e.len()).unwrap_or(0)));
-}
 
 /// One micro-batch: prompt + completion rows, right-padded.
 pub struct GrpoBatch {

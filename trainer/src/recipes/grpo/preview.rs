@@ -85,6 +85,7 @@ pub struct FailureExample {
 /// Sample and score N prompts x G completions as the run's first steps would.
 pub fn preview(cfg: &TrainConfig, grpo: &GrpoOptions, eval_args: &EvaluatorArgs, n: usize) -> Result<Preview> {
     grpo.validate()?;
+    eval_args.check()?;
     if n == 0 {
         bail!("--preview needs at least 1 prompt");
     }

@@ -1,7 +1,8 @@
 //! Prompt datasets (system/user messages plus fields for evaluators) tokenized for
-//! generation, and the evaluator `Sample` of a completion. Shared by `grpo` and
-//! `eval --evaluator`.
+//! generation, and the evaluator `Sample` of a completion. Shared by `grpo`,
+//! `eval --evaluator`, `compare`, `pairs` and the workflows (below them all).
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use lora_datasets::{load_dataset, tokenize_prompt, Dataset, Format, Sample as DataSample};
@@ -59,18 +60,25 @@ pub fn tokenize_prompts(bundle: &TokenizerBundle, ds: &Dataset) -> Result<Vec<Pr
     Ok(out)
 }
 
+/// The labels `label` evaluators accept and a token counter for `length`.
+pub fn fill_context<'a>(ctx: &mut crate::evaluators::Context, bundle: &TokenizerBundle, prompts: impl Iterator<Item = &'a Prompt>) {
+    let mut labels: Vec<String> = Vec::new();
+    for p in prompts {
+        let truths = match &p.ground_truth {
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            _ => vec![],
+        };
+        labels.extend(truths);
+    }
+    labels.sort();
+    labels.dedup();
+    ctx.labels = labels;
+    let tokenizer = bundle.tokenizer.clone();
+    ctx.count_tokens = Some(Arc::new(move |s: &str| tokenizer.encode(s, false).map(|e| e.len()).unwrap_or(0)));
+}
+
 /// FNV-1a over every prompt's token ids (identifies the training prompts for `--resume`).
 pub fn fingerprint(prompts: &[Prompt]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |x: u64| {
-        for b in x.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100_0000_01b3);
-        }
-    };
-    for p in prompts {
-        eat(p.ids.len() as u64);
-        p.ids.iter().for_each(|&id| eat(id as u64));
-    }
-    format!("{h:016x}")
+    crate::data::fnv1a(prompts.iter().flat_map(|p| std::iter::once(p.ids.len() as u64).chain(p.ids.iter().map(|&id| id as u64))))
 }
