@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
+pub mod metrics_writer;
 pub mod model_card;
 pub mod pair_data;
 pub mod pairs;

@@ -5,15 +5,14 @@
 //! cumulative count of non-padding tokens trained on; `elapsed_s` the cumulative training
 //! wall time. When an evaluation runs at a step its row adds `eval_loss` (and
 //! `eval_perplexity`, `eval_tokens`); the evaluation before training is the row of step 0.
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ReportTo;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MetricsRow {
@@ -40,64 +39,6 @@ pub struct MetricsRow {
     /// forms), flattened into the row so the engine needs no change for a new method.
     #[serde(flatten)]
     pub extra: std::collections::BTreeMap<String, serde_json::Value>,
-}
-
-pub struct MetricsWriter {
-    path: PathBuf,
-    file: File,
-    /// `--report-to tensorboard`: every row also goes to an event file.
-    tensorboard: Option<crate::tensorboard::Reporter>,
-}
-
-impl MetricsWriter {
-    /// Start a fresh file (a new run).
-    pub fn create(path: &Path) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file, tensorboard: None })
-    }
-
-    /// Also write every row to the `report_to` targets of run `name` in `run_dir`.
-    /// `config` is logged as the run's hyperparameters; `resumed_at` is the checkpoint step
-    /// a resumed run continues from.
-    pub fn report_to(mut self, targets: &[ReportTo], run_dir: &Path, name: &str, config: &serde_json::Value, resumed_at: Option<usize>) -> Result<Self> {
-        if targets.contains(&ReportTo::Tensorboard) {
-            let reporter = crate::tensorboard::Reporter::start(run_dir, name, config, resumed_at)?;
-            tracing::info!("TensorBoard events: {}", reporter.path().display());
-            self.tensorboard = Some(reporter);
-        }
-        Ok(self)
-    }
-
-    /// Continue a resumed run: keep the rows up to `step` (rows written after the checkpoint
-    /// by the killed run are dropped, the resumed run writes them again), then append.
-    pub fn resume(path: &Path, step: usize) -> Result<Self> {
-        // No file yet is an empty history; a damaged one is an error, never a silent reset.
-        let rows = if path.exists() { read_metrics(path)? } else { Vec::new() };
-        let kept: Vec<MetricsRow> = rows.into_iter().filter(|r| r.step <= step).collect();
-        let mut bytes = Vec::new();
-        for r in &kept {
-            serde_json::to_writer(&mut bytes, r)?;
-            bytes.push(b'\n');
-        }
-        crate::checkpoint::write_atomic(path, &bytes)?;
-        let file = OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { path: path.to_path_buf(), file, tensorboard: None })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn write(&mut self, row: &MetricsRow) -> Result<()> {
-        let mut line = serde_json::to_vec(row)?;
-        line.push(b'\n');
-        self.file.write_all(&line)?;
-        self.file.flush()?;
-        if let Some(tb) = &mut self.tensorboard {
-            tb.write(row)?;
-        }
-        Ok(())
-    }
 }
 
 /// Read every row. A run killed in the middle of a write leaves a torn LAST line: that
@@ -153,6 +94,7 @@ fn read_lines<T: DeserializeOwned>(path: &Path, torn: TornLast) -> Result<Vec<T>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics_writer::MetricsWriter;
 
     #[test]
     fn write_read_and_resume_truncates_later_rows() -> Result<()> {

@@ -11,7 +11,7 @@
 //!
 //! A resumed run appends a new file in the same directory that starts with a
 //! `SessionLog START` at the resumed step: TensorBoard then drops the killed run's events
-//! from that step on, as `metrics.jsonl` drops its rows ([`crate::metrics::MetricsWriter::resume`]).
+//! from that step on, as `metrics.jsonl` drops its rows ([`crate::metrics_writer::MetricsWriter::resume`]).
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -120,7 +120,7 @@ impl EventWriter {
     }
 }
 
-/// The TensorBoard side of a run's metrics: opened by [`crate::metrics::MetricsWriter`]
+/// The TensorBoard side of a run's metrics: opened by [`crate::metrics_writer::MetricsWriter`]
 /// when `--report-to tensorboard` is given.
 pub struct Reporter {
     writer: EventWriter,

@@ -539,7 +539,7 @@ mod tests {
         std::fs::create_dir_all(&output)?;
         let config = TrainOptions { model: Some("m".into()), dataset: Some("d.jsonl".into()), output: Some(output.clone()), ..Default::default() }.resolve()?;
         engine::write_run_json(&output, "sft", &config, &serde_json::Value::Null, RunStatus::Completed, None::<&()>)?;
-        let mut w = crate::metrics::MetricsWriter::create(&output.join(engine::METRICS_FILE))?;
+        let mut w = crate::metrics_writer::MetricsWriter::create(&output.join(engine::METRICS_FILE))?;
         w.write(&MetricsRow { step: 0, eval_loss: Some(3.0), ..Default::default() })?;
         w.write(&MetricsRow { step: 1, loss: Some(2.0), ..Default::default() })?;
         w.write(&MetricsRow { step: 2, loss: Some(1.5), eval_loss: Some(eval_loss), ..Default::default() })?;
