@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{self, ApiError, ChatRequest, CompletionRequest, RequestId};
-use super::http::{parse_body, plan, resolve, submit, Target};
+use super::request::{parse_body, plan, resolve, submit, Target};
 use super::scheduler::{Event, Finish, TokenInfo};
 use super::tool_calls::{ToolCall, ToolCallFormat};
 use super::{AppState, CallRecord, Models};

@@ -15,6 +15,7 @@
 pub mod api;
 mod completions;
 pub mod http;
+mod request;
 pub mod scheduler;
 pub mod tool_calls;
 
