@@ -379,7 +379,7 @@ fn group_spec(dir: &Path, plan: &Plan, k: usize, record: &SweepRecord) -> Option
         .iter()
         .filter_map(|n| record.candidates.iter().find(|c| &c.name == n))
         .filter(|c| !finished(c.status))
-        .map(|c| GroupMember { name: c.name.clone(), config: c.config.clone(), resume: c.output.join(engine::RUN_FILE).exists() })
+        .map(|c| GroupMember { name: c.name.clone(), config: c.config.clone(), resume: c.output.join(engine::RUN_FILE).exists(), recipe: None })
         .collect();
     (!members.is_empty()).then(|| GroupSpec { result_file: Some(worker::result_path(dir, k)), device: g.device.clone(), members, recipe: worker::RecipeSpec::Sft })
 }

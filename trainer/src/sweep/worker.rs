@@ -36,6 +36,10 @@ pub struct GroupMember {
     pub config: TrainConfig,
     /// Continue the run in `config.output` from its latest checkpoint.
     pub resume: bool,
+    /// This member's own method options (DPO candidates with their own beta), of the
+    /// group's method; none: the group's.
+    #[serde(default)]
+    pub recipe: Option<RecipeSpec>,
 }
 
 /// The method of a group's candidates with its own options: every method packs the same
@@ -59,12 +63,7 @@ pub fn read_spec(path: &Path) -> Result<GroupSpec> {
 /// the others train.
 pub fn run_group(spec: &GroupSpec, control: &Control) -> Result<()> {
     exit_with_parent();
-    match &spec.recipe {
-        RecipeSpec::Sft => train_group(&SftRecipe::default(), spec, control),
-        RecipeSpec::Dpo(r) => train_group(r, spec, control),
-        RecipeSpec::Orpo(r) => train_group(r, spec, control),
-        RecipeSpec::Grpo(r) => train_group(r, spec, control),
-    }?;
+    train_spec(spec, control)?;
     // What the group really took, next to the planner's estimate in sweep.json.
     if let Some(bytes) = peak_rss_bytes() {
         eprintln!("peak RSS of this group: {:.2} GiB", bytes as f64 / super::plan::GIB);
@@ -75,18 +74,43 @@ pub fn run_group(spec: &GroupSpec, control: &Control) -> Result<()> {
     Ok(())
 }
 
-/// The group's base loaded once, every member started on it with `recipe`, and trained
-/// packed by the engine.
-pub fn train_group<R: Recipe>(recipe: &R, spec: &GroupSpec, control: &Control) -> Result<()> {
-    let Some(first) = spec.members.first() else { bail!("empty group") };
-    let base = TrainConfig { device: spec.device.clone(), ..first.config.clone() };
-    let (mut model, bundle, source) = load_base_on(&base, &spec.device)?;
+/// Train the group of `spec` in this process, whatever its method.
+pub fn train_spec(spec: &GroupSpec, control: &Control) -> Result<()> {
+    match &spec.recipe {
+        RecipeSpec::Sft => {
+            // One recipe for all: candidates with the same data share its tokenization.
+            let sft = SftRecipe::default();
+            train_group(&spec.members.iter().map(|m| (m, &sft)).collect::<Vec<_>>(), &spec.device, control)
+        }
+        RecipeSpec::Dpo(group) => train_group(&member_recipes(spec, group, |r| if let RecipeSpec::Dpo(x) = r { Some(x) } else { None })?, &spec.device, control),
+        RecipeSpec::Orpo(group) => train_group(&member_recipes(spec, group, |r| if let RecipeSpec::Orpo(x) = r { Some(x) } else { None })?, &spec.device, control),
+        RecipeSpec::Grpo(group) => train_group(&member_recipes(spec, group, |r| if let RecipeSpec::Grpo(x) = r { Some(x) } else { None })?, &spec.device, control),
+    }
+}
+
+/// Each member with its own recipe, or the group's.
+fn member_recipes<'a, R>(spec: &'a GroupSpec, group: &'a R, pick: impl Fn(&'a RecipeSpec) -> Option<&'a R>) -> Result<Vec<(&'a GroupMember, &'a R)>> {
+    spec.members
+        .iter()
+        .map(|m| match &m.recipe {
+            None => Ok((m, group)),
+            Some(r) => pick(r).map(|r| (m, r)).with_context(|| format!("candidate {}: its method differs from its group's", m.name)),
+        })
+        .collect()
+}
+
+/// The group's base loaded once on `device`, every member started on it with its recipe,
+/// and all trained packed by the engine.
+pub fn train_group<R: Recipe>(members: &[(&GroupMember, &R)], device: &str, control: &Control) -> Result<()> {
+    let Some((first, _)) = members.first() else { bail!("empty group") };
+    let base = TrainConfig { device: device.to_string(), ..first.config.clone() };
+    let (mut model, bundle, source) = load_base_on(&base, device)?;
     let mut runs = Vec::new();
     // A Slurm task restarted by a requeue finds the run directories its first attempt wrote.
     let restarted = std::env::var("SLURM_RESTART_COUNT").is_ok_and(|c| c.trim() != "0");
-    for m in &spec.members {
+    for (m, recipe) in members {
         let started = (|| -> Result<Run<R::Method>> {
-            let cfg = recipe::prepared(recipe, &TrainConfig { device: spec.device.clone(), ..m.config.clone() })?;
+            let cfg = recipe::prepared(*recipe, &TrainConfig { device: device.to_string(), ..m.config.clone() })?;
             let resume = m.resume || (restarted && cfg.output.join(engine::RUN_FILE).exists());
             let resume_from = engine::prepare_run_dir(&cfg.output, &cfg, &recipe.options(), resume)?;
             let data = recipe.read(&cfg)?;

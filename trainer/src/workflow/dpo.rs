@@ -31,7 +31,10 @@ use crate::placement::PlacementArgs;
 use crate::recipes::dpo::{Dpo, LossType};
 use crate::recipes::preference::{self, PairOptions};
 use crate::sides::{GenerationArgs, ModelRef};
+use crate::share_key::ShareKey;
 use crate::sweep::candidates;
+use crate::sweep::worker::{GroupMember, GroupSpec, RecipeSpec};
+use crate::recipes::preference::PreferenceRecipe;
 use crate::sweep::plan as sweep_plan;
 
 pub const ORDER: [&str; 8] = ["inspect", "plan", "approval", "data", "sweep", "promotion", "evaluation", "report"];
@@ -169,6 +172,40 @@ struct SweepOut {
     stopped_early_by: Option<String>,
 }
 
+/// The method of candidate `c` (its beta) as a recipe of the sweep worker.
+fn recipe_of(c: &Candidate, method: Method) -> Result<RecipeSpec> {
+    let pairs = PairOptions { max_prompt_length: None, max_length: None, adapter: None, precompute_ref_logps: false };
+    Ok(match method {
+        Method::Dpo => RecipeSpec::Dpo(PreferenceRecipe { pairs, objective: Dpo::new(c.beta, LossType::Sigmoid, 0.0)? }),
+        Method::Orpo => RecipeSpec::Orpo(PreferenceRecipe { pairs, objective: crate::recipes::orpo::Orpo::new(c.beta)? }),
+    })
+}
+
+/// Train the unfinished candidates, packed over one base per group of candidates that can
+/// share it (`ShareKey::base`). A candidate that cannot start or diverges is left to the
+/// scoreboard (its status says so); a stop on request ends the workflow.
+fn train_packed(cands: &[Candidate], args: &DpoArgs, control: &Control) -> Result<()> {
+    let mut groups: BTreeMap<ShareKey, Vec<&Candidate>> = BTreeMap::new();
+    for c in cands.iter().filter(|c| crate::engine::read_status(&c.config.output) != Some(RunStatus::Completed)) {
+        groups.entry(ShareKey::base(&c.config)).or_default().push(c);
+    }
+    for group in groups.values() {
+        let members = group
+            .iter()
+            .map(|c| Ok(GroupMember { name: c.name.clone(), config: c.config.clone(), resume: c.config.output.join(RUN_FILE).exists(), recipe: Some(recipe_of(c, args.method)?) }))
+            .collect::<Result<Vec<_>>>()?;
+        let names: Vec<&str> = group.iter().map(|c| c.name.as_str()).collect();
+        eprintln!("{}: training {} packed over one base", format!("{:?}", args.method).to_lowercase(), names.join(", "));
+        let spec = GroupSpec { device: group[0].config.device.clone(), members, result_file: None, recipe: recipe_of(group[0], args.method)? };
+        match crate::sweep::worker::train_spec(&spec, control) {
+            Err(e) if crate::run_control::is_stop(&e) => return Err(e),
+            Err(e) => tracing::warn!("candidates {}: {e:#}", names.join(", ")),
+            Ok(()) => {}
+        }
+    }
+    Ok(())
+}
+
 /// `compare` of `adapter` against the base on `prompts`, through its library function.
 fn compare(cfg: &TrainConfig, adapter: &Path, prompts: &Path, out: &Path, args: &DpoArgs) -> Result<crate::compare::Summary> {
     let opts = CompareOptions {
@@ -268,10 +305,18 @@ pub fn run(args: DpoArgs, control: &Control) -> Result<()> {
     let sweep: SweepOut = wf.phase("sweep", |wf| {
         let mut outcomes = Vec::new();
         let mut stopped = None;
+        // Without a target to stop at, every candidate trains: those that share a base
+        // train packed over one loaded copy (one forward pass, each candidate's adapter on
+        // its own rows), as `sweep` packs SFT candidates. With a target, one at a time, so
+        // the first to reach it ends the sweep before the others cost anything.
+        let packed = args.target_win_rate.is_none();
+        if packed {
+            train_packed(&cands, &args, &wf.control)?;
+        }
         for c in &cands {
             let run_dir = &c.config.output;
             let status = crate::engine::read_status(run_dir);
-            if status != Some(RunStatus::Completed) {
+            if status != Some(RunStatus::Completed) && !packed {
                 eprintln!("{}: training {} (beta {})", format!("{:?}", args.method).to_lowercase(), c.name, c.beta);
                 let resume = run_dir.join(RUN_FILE).exists();
                 let pairs = PairOptions { max_prompt_length: None, max_length: None, adapter: None, precompute_ref_logps: false };

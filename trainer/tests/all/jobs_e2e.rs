@@ -308,10 +308,14 @@ fn a_dpo_workflow_cancelled_mid_sweep_is_cancelled_and_its_retry_continues_it() 
     assert!(String::from_utf8_lossy(&res.stdout).contains("cancelled"), "{}", String::from_utf8_lossy(&res.stdout));
     let j = job(&home, id);
     assert_eq!((j["status"].as_str(), j["exit_code"].as_i64()), (Some("cancelled"), Some(143)), "a stop is not a failed candidate: {j}");
-    let stopped_at = last_step(&first);
-    assert!(stopped_at < 400, "cancelled mid-run");
-    assert!(first.join(format!("checkpoints/step-{stopped_at}/adapter_model.safetensors")).exists(), "the candidate's checkpoint was written");
-    assert!(!out.join("sweep").join("beta0.5").exists(), "the workflow stopped; it did not move on to the next candidate");
+    // Without --target-win-rate the candidates train packed: both stopped with a checkpoint.
+    let cands = [first.clone(), out.join("sweep").join("beta0.5")];
+    for c in &cands {
+        let stopped_at = last_step(c);
+        assert!(stopped_at < 400, "cancelled mid-run");
+        assert!(c.join(format!("checkpoints/step-{stopped_at}/adapter_model.safetensors")).exists(), "{}: the checkpoint was written", c.display());
+    }
+    assert!(!out.join("compare").exists(), "the workflow stopped; it did not go on to compare a candidate");
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("workflow.json")).unwrap()).unwrap();
     assert_eq!(state["status"], "cancelled");
 
@@ -319,8 +323,10 @@ fn a_dpo_workflow_cancelled_mid_sweep_is_cancelled_and_its_retry_continues_it() 
     let again = retry["job_id"].as_i64().unwrap();
     let waited = lt(&home, &["jobs", "wait", &again.to_string(), "--timeout", "600"]);
     assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
-    let steps: Vec<u64> = metrics(&first).iter().filter(|r| r.get("loss").is_some()).filter_map(|r| r["step"].as_u64()).collect();
-    assert!(steps.windows(2).all(|w| w[1] > w[0]), "the candidate continued from its checkpoint, no step twice: {steps:?}");
-    assert_eq!(steps.last(), Some(&400));
+    for c in &cands {
+        let steps: Vec<u64> = metrics(c).iter().filter(|r| r.get("loss").is_some()).filter_map(|r| r["step"].as_u64()).collect();
+        assert!(steps.windows(2).all(|w| w[1] > w[0]), "the candidate continued from its checkpoint, no step twice: {steps:?}");
+        assert_eq!(steps.last(), Some(&400));
+    }
     assert!(out.join("final_report.json").exists());
 }
