@@ -3,6 +3,7 @@
 //! candidates (`--sweep-steps` steps each, on the tuning subsample), the promotion of the
 //! one with the highest held-out reward, the final GRPO run on all the prompts, and the
 //! reward before and after.
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,9 @@ use super::report::{self, ReportInput};
 use super::sft::WorkflowArgs;
 use super::{Workflow, PLAN_FILE};
 use crate::run_control::Control;
+use crate::share_key::ShareKey;
+use crate::sweep::worker::{GroupMember, GroupSpec, RecipeSpec};
+use crate::recipes::grpo::GrpoRecipe;
 use crate::config::{TrainConfig, TrainOptions};
 use crate::engine::{RunOptions, RunStatus, METRICS_FILE, RUN_FILE};
 use crate::evaluators::EvaluatorArgs;
@@ -132,19 +136,27 @@ pub fn run(args: RftArgs, control: &Control) -> Result<()> {
     let bench: SideScores = wf.phase("benchmark", |_| reward(&base_cfg, None, &args))?;
     let trained: Trained = wf.phase("sweep", |wf| {
         let mut rows = Vec::new();
+        // The unfinished candidates train packed over one base per group that can share
+        // it (one forward pass, each candidate's adapter on its own rows), as `sweep` packs.
+        let recipe = RecipeSpec::Grpo(GrpoRecipe { grpo: args.grpo.clone(), agent: AgentOptions::local(), evaluators: args.evaluators.clone() });
+        let mut groups: BTreeMap<ShareKey, Vec<GroupMember>> = BTreeMap::new();
+        for c in cands.iter().filter(|c| crate::engine::read_status(&c.config.output) != Some(RunStatus::Completed)) {
+            let member = GroupMember { name: c.name.clone(), config: c.config.clone(), resume: c.config.output.join(RUN_FILE).exists(), recipe: None };
+            groups.entry(ShareKey::base(&c.config)).or_default().push(member);
+        }
+        for members in groups.into_values() {
+            let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+            eprintln!("rft: candidates {} ({} steps), packed over one base", names.join(", "), args.sweep_steps);
+            let spec = GroupSpec { device: members[0].config.device.clone(), members, result_file: None, recipe: recipe.clone() };
+            match crate::sweep::worker::train_spec(&spec, &wf.control) {
+                // A stop on request ends the workflow (resumable), not the candidates.
+                Err(e) if crate::run_control::is_stop(&e) => return Err(e),
+                Err(e) => tracing::warn!("candidates {}: {e:#}", names.join(", ")),
+                Ok(()) => {}
+            }
+        }
         for c in &cands {
             let run_dir = &c.config.output;
-            if crate::engine::read_status(run_dir) != Some(RunStatus::Completed) {
-                eprintln!("rft: candidate {} ({} steps)", c.name, args.sweep_steps);
-                let resume = run_dir.join(RUN_FILE).exists();
-                let opts = RunOptions { resume, quiet: false, control: wf.control.clone() };
-                match grpo::run(&c.config, &args.grpo, &AgentOptions::local(), &args.evaluators, &opts) {
-                    // A stop on request ends the workflow (resumable), not the candidate.
-                    Err(e) if crate::run_control::is_stop(&e) => return Err(e),
-                    Err(e) => tracing::warn!("candidate {}: {e:#}", c.name),
-                    Ok(_) => {}
-                }
-            }
             let rows_m: Vec<crate::metrics::MetricsRow> = crate::metrics::read_metrics_so_far(&run_dir.join(METRICS_FILE))?;
             // GRPO's eval loss is minus the held-out reward.
             let reward_after = rows_m.iter().rev().find(|r| r.step > 0 && r.eval_loss.is_some()).and_then(|r| r.eval_loss).map(|l| -l);
