@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use lora_models::LoadedModel;
 
-use crate::config::DTypeArg;
+use crate::config::{DTypeArg, TrainConfig};
 
 /// Where and in which dtypes a model is loaded; separate from `--model` so commands that
 /// load several models (`pairs`, `compare`) share one set of these flags.
@@ -26,7 +26,14 @@ pub struct PlacementArgs {
 }
 
 impl PlacementArgs {
-    /// The base model `model_ref`, without adapters.
+    /// A training run's placement (its `--device` may be overridden: a data-parallel
+    /// replica, a sweep group's device).
+    pub fn of_run(cfg: &TrainConfig, device: &str) -> Self {
+        PlacementArgs { dtype: cfg.dtype, base_dtype: Some(cfg.base_dtype), base_quant: cfg.base_quant, device: device.to_string() }
+    }
+
+    /// The base model `model_ref`, without adapters: the one loader of every command,
+    /// training run, sweep worker and replica.
     pub fn load(&self, model_ref: &str) -> Result<LoadedModel> {
         let device = crate::device::parse_device(&self.device)?;
         let weights = self.base_dtype.unwrap_or(self.dtype);

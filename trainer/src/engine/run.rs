@@ -335,7 +335,12 @@ impl<M: Method> Run<M> {
         let out = &self.cfg.output;
         let last = checkpoint::latest_checkpoint(out).ok().flatten();
         run_dir::write_run_json(out, self.method.name(), &self.cfg, &self.method.options(), RunStatus::Diverged, None::<&RunSummary>)?;
-        let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_default();
+        // The run is ending either way: a damaged metrics file costs the report its curves,
+        // said once, not the run's status.
+        let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_else(|e| {
+            tracing::warn!("{e:#}; the report has no curves");
+            Vec::new()
+        });
         report::write_report(out, &format!("{} run (diverged)", self.method.name().to_uppercase()), &self.spec, &[], &serde_json::to_value(&self.cfg)?, &rows)?;
         self.status = RunStatus::Diverged;
         self.failure = Some(format!(
@@ -357,7 +362,12 @@ impl<M: Method> Run<M> {
         let checkpoint = self.checkpoint_now(model)?;
         let out = &self.cfg.output;
         run_dir::write_run_json(out, self.method.name(), &self.cfg, &self.method.options(), RunStatus::Stopped, None::<&RunSummary>)?;
-        let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_default();
+        // The run is ending either way: a damaged metrics file costs the report its curves,
+        // said once, not the run's status.
+        let rows = metrics::read_metrics(&out.join(METRICS_FILE)).unwrap_or_else(|e| {
+            tracing::warn!("{e:#}; the report has no curves");
+            Vec::new()
+        });
         report::write_report(out, &format!("{} run (stopped early)", self.method.name().to_uppercase()), &self.spec, &[], &serde_json::to_value(&self.cfg)?, &rows)?;
         self.status = RunStatus::Stopped;
         let kept = checkpoint.map_or("no checkpoint".to_string(), |d| format!("checkpoint {} kept", d.display()));

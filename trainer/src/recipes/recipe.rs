@@ -11,12 +11,13 @@
 //! 4. [`Recipe::build`]: the method over the loaded base (tokenized data, evaluators,
 //!    reference log-probs), then `Run::start` attaches the run's adapter and
 //!    [`Recipe::attached`] finishes what needs it (DPO's copy of its starting adapter).
-use anyhow::{Context, Result};
+use anyhow::Result;
 use lora_models::{Model, TokenizerBundle};
 use serde_json::Value;
 
 use crate::config::{CheckpointingArg, TrainConfig, TrainOptions};
 use crate::engine::{self, Method, Run, RunOptions, RunSummary};
+use crate::placement::PlacementArgs;
 
 pub trait Recipe {
     type Method: Method;
@@ -93,10 +94,8 @@ pub fn load_base(cfg: &TrainConfig) -> Result<(Model, TokenizerBundle, String)> 
 
 /// [`load_base`] on `device` (one replica of a data-parallel run, a sweep group's device).
 pub fn load_base_on(cfg: &TrainConfig, device: &str) -> Result<(Model, TokenizerBundle, String)> {
-    let device = crate::device::parse_device(device)?;
-    tracing::info!("loading {} ({:?}, compute {:?}, base weights {:?}, base quantization {})", cfg.model, device, cfg.dtype, cfg.base_dtype, cfg.base_quant);
-    let loaded = lora_models::load_model_quantized(&cfg.model, &device, cfg.dtype.to_candle(), cfg.base_dtype.to_candle(), cfg.base_quant)
-        .with_context(|| format!("loading model {}", cfg.model))?;
+    tracing::info!("loading {} ({device}, compute {:?}, base weights {:?}, base quantization {})", cfg.model, cfg.dtype, cfg.base_dtype, cfg.base_quant);
+    let loaded = PlacementArgs::of_run(cfg, device).load(&cfg.model)?;
     // `auto` is decided by the engine's memory check before step 1.
     loaded.model.set_gradient_checkpointing(cfg.gradient_checkpointing == CheckpointingArg::On);
     Ok((loaded.model, loaded.tokenizer, loaded.source))
