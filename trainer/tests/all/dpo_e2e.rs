@@ -75,6 +75,22 @@ fn dpo_trains_logs_trl_metrics_and_resumes_bit_identically() {
     assert_eq!(stdout_json(&ok(&resumed))["resumed_from_step"], 2);
     assert_eq!(read_adapter(&full), read_adapter(&cut), "resumed adapter differs from the uninterrupted one");
 
+    // A run.json of an older lora-train (before method options, quantized bases,
+    // checkpointing and --report-to were recorded) still resumes, to the same adapter.
+    let old = tmp.path().join("old");
+    copy_dir(&full.join("checkpoints/step-2"), &old.join("checkpoints/step-2"));
+    let mut run_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(full.join("run.json")).unwrap()).unwrap();
+    run_json.as_object_mut().unwrap().remove("method_options");
+    for key in ["base_quant", "gradient_checkpointing", "report_to", "max_train_samples"] {
+        run_json["config"].as_object_mut().unwrap().remove(key);
+    }
+    std::fs::write(old.join("run.json"), run_json.to_string()).unwrap();
+    let o2 = old.display().to_string();
+    let mut resumed_old = with_model(args("dpo", &data, &o2, &COMMON), &m);
+    resumed_old.push("--resume");
+    assert_eq!(stdout_json(&ok(&resumed_old))["resumed_from_step"], 2);
+    assert_eq!(read_adapter(&full), read_adapter(&old), "an older run.json resumed to another adapter");
+
     // Another beta is another run.
     let mut other = resumed.clone();
     other.extend(["--beta", "0.5"]);
