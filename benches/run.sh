@@ -62,7 +62,7 @@ for case in $CASES; do
   for dt in $DTYPES; do
     tag="${dt}_$case"
     if [ "$ISA" = avx2 ] && [ "$dt" = bf16 ] && [ -z "${TORCH_BF16_ON_AVX2:-}" ]; then
-      # PyTorch's CPU bf16 without AVX512-BF16 runs ~5 tokens/s (issue 15): minutes per
+      # PyTorch's CPU bf16 without AVX512-BF16 runs ~5 tokens/s: minutes per
       # step. On AVX2 our bf16 is held against our own f32; TORCH_BF16_ON_AVX2=1 runs it.
       echo "== $tag: PyTorch+PEFT skipped (bf16 on the AVX2 paths; TORCH_BF16_ON_AVX2=1 runs it)" >&2
     else

@@ -1,5 +1,5 @@
 //! All integration tests of this crate in one test binary: every binary links candle
-//! and the tokenizers, and one per file filled the CI disk (stop 17). Add a module here
+//! and the tokenizers, and one per file once filled the CI disk. Add a module here
 //! instead of a new file under tests/.
 mod fallbacks;
 mod gguf;
