@@ -315,6 +315,66 @@ pub enum QuantizedData {
     Int8(Int8Matrix),
     /// GGUF blocks as loaded (rows already in HF order: see `weights::GgufSource`).
     Gguf(QTensor),
+    /// NF4 or int8 kept in GPU memory and dequantized there by a kernel before each use
+    /// (`lora_kernels::cuda::ops::{nf4,int8}_dequantize`): nothing crosses PCIe per step.
+    #[cfg(feature = "cuda")]
+    OnDevice(device::DeviceQuant),
+}
+
+/// Quantized weights resident on a CUDA device.
+#[cfg(feature = "cuda")]
+pub mod device {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{dynamic_map, Int8Matrix, Nf4Matrix, NF4_CODE};
+
+    pub enum DeviceQuant {
+        Nf4 { packed: Tensor, qabsmax: Tensor, absmax_scale: Tensor, dmap: Tensor, code16: Tensor, offset: f32 },
+        /// The i8 codes as their bytes (candle has no i8 dtype; the kernel reads them signed).
+        Int8 { codes: Tensor, row_absmax: Tensor },
+    }
+
+    impl DeviceQuant {
+        pub fn nf4(m: &Nf4Matrix, device: &Device) -> candle_core::Result<Self> {
+            Ok(DeviceQuant::Nf4 {
+                packed: Tensor::from_slice(&m.packed, m.packed.len(), device)?,
+                qabsmax: Tensor::from_slice(&m.qabsmax, m.qabsmax.len(), device)?,
+                absmax_scale: Tensor::from_slice(&m.absmax_scale, m.absmax_scale.len(), device)?,
+                dmap: Tensor::from_slice(dynamic_map(), 256, device)?,
+                code16: Tensor::from_slice(&NF4_CODE, 16, device)?,
+                offset: m.offset,
+            })
+        }
+
+        pub fn int8(m: &Int8Matrix, device: &Device) -> candle_core::Result<Self> {
+            let bytes: Vec<u8> = m.codes.iter().map(|&c| c as u8).collect();
+            Ok(DeviceQuant::Int8 { codes: Tensor::from_vec(bytes, m.codes.len(), device)?, row_absmax: Tensor::from_slice(&m.row_absmax, m.rows, device)? })
+        }
+
+        pub fn kind(&self) -> &'static str {
+            match self {
+                DeviceQuant::Nf4 { .. } => "nf4",
+                DeviceQuant::Int8 { .. } => "int8",
+            }
+        }
+
+        pub fn storage_bytes(&self) -> usize {
+            match self {
+                DeviceQuant::Nf4 { packed, qabsmax, absmax_scale, .. } => packed.elem_count() + qabsmax.elem_count() + 4 * absmax_scale.elem_count() + 4,
+                DeviceQuant::Int8 { codes, row_absmax } => codes.elem_count() + 4 * row_absmax.elem_count(),
+            }
+        }
+
+        pub fn dequantize(&self, rows: usize, cols: usize, dtype: DType) -> candle_core::Result<Tensor> {
+            use lora_kernels::cuda::ops;
+            match self {
+                DeviceQuant::Nf4 { packed, qabsmax, absmax_scale, dmap, code16, offset } => {
+                    ops::nf4_dequantize(packed, qabsmax, absmax_scale, dmap, code16, *offset, rows, cols, dtype)
+                }
+                DeviceQuant::Int8 { codes, row_absmax } => ops::int8_dequantize(codes, row_absmax, rows, cols, dtype),
+            }
+        }
+    }
 }
 
 /// A quantized `[rows, cols]` weight and the dtype/device its dense form takes.
@@ -333,6 +393,8 @@ impl QuantizedMatrix {
             QuantizedData::Nf4(_) => "nf4".into(),
             QuantizedData::Int8(_) => "int8".into(),
             QuantizedData::Gguf(q) => format!("gguf {:?}", q.dtype()),
+            #[cfg(feature = "cuda")]
+            QuantizedData::OnDevice(d) => d.kind().into(),
         }
     }
 
@@ -341,6 +403,8 @@ impl QuantizedMatrix {
             QuantizedData::Nf4(m) => m.storage_bytes(),
             QuantizedData::Int8(m) => m.storage_bytes(),
             QuantizedData::Gguf(q) => q.storage_size_in_bytes(),
+            #[cfg(feature = "cuda")]
+            QuantizedData::OnDevice(d) => d.storage_bytes(),
         }
     }
 
@@ -351,6 +415,11 @@ impl QuantizedMatrix {
             QuantizedData::Int8(m) => m.dequantize_into(out),
             QuantizedData::Gguf(q) => {
                 let t = q.dequantize(&Device::Cpu)?.flatten_all()?.to_dtype(DType::F32)?;
+                out.copy_from_slice(&t.to_vec1::<f32>()?);
+            }
+            #[cfg(feature = "cuda")]
+            QuantizedData::OnDevice(d) => {
+                let t = d.dequantize(self.rows, self.cols, DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?;
                 out.copy_from_slice(&t.to_vec1::<f32>()?);
             }
         }
@@ -369,6 +438,20 @@ pub fn dequantize_rows(members: &[&QuantizedMatrix]) -> candle_core::Result<Tens
     let first = members.first().ok_or_else(|| candle_core::Error::Msg("dequantize_rows: no matrices".into()))?;
     let cols = first.cols;
     let rows: usize = members.iter().map(|m| m.rows).sum();
+    // NF4 / int8 resident on the GPU dequantize there, one projection at a time.
+    #[cfg(feature = "cuda")]
+    if members.iter().all(|m| matches!(m.data, QuantizedData::OnDevice(_))) {
+        let mut parts = Vec::with_capacity(members.len());
+        for m in members {
+            if m.cols != cols {
+                candle_core::bail!("dequantize_rows: {} columns next to {cols}", m.cols);
+            }
+            if let QuantizedData::OnDevice(d) = &m.data {
+                parts.push(d.dequantize(m.rows, m.cols, m.dtype)?);
+            }
+        }
+        return if parts.len() == 1 { Ok(parts.remove(0)) } else { Tensor::cat(&parts, 0) };
+    }
     // GGUF blocks on an accelerator dequantize there.
     if let [one] = members {
         if let QuantizedData::Gguf(q) = &one.data {
@@ -441,6 +524,13 @@ pub fn quantize_weight(name: &str, w: &Tensor, quant: BaseQuant, dtype: DType, d
         }
         BaseQuant::Int8 => QuantizedData::Int8(Int8Matrix::quantize(&values, rows, cols)?),
         BaseQuant::None | BaseQuant::Auto => bail!("quantize_weight: `{quant}` is not a quantized format"),
+    };
+    // On a GPU the quantized weight moves there once; the host copy is dropped.
+    #[cfg(feature = "cuda")]
+    let data = match (&data, device.is_cuda()) {
+        (QuantizedData::Nf4(m), true) => QuantizedData::OnDevice(device::DeviceQuant::nf4(m, device)?),
+        (QuantizedData::Int8(m), true) => QuantizedData::OnDevice(device::DeviceQuant::int8(m, device)?),
+        _ => data,
     };
     Ok(QuantizedMatrix { rows, cols, data, dtype, device: device.clone() })
 }

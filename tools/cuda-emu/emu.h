@@ -48,6 +48,11 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
   return r;
 }
 inline float __expf(float x) { return std::exp(x); }
+// Round-to-nearest float ops that NVCC never contracts into an FMA (the emulator is built
+// without FMA, so plain operators round each step too).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __logf(float x) { return std::log(x); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __int_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }

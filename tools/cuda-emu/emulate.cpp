@@ -18,6 +18,7 @@
 #include "../../kernels/src/cuda/src/attention.cu"
 #include "../../kernels/src/cuda/src/sgmv.cu"
 #include "../../kernels/src/cuda/src/cross_entropy.cu"
+#include "../../kernels/src/cuda/src/dequant.cu"
 
 static int failures = 0;
 static std::mt19937 rng(7);
@@ -318,6 +319,37 @@ static void ce_case() {
   check("ce_rows dlogits", rel(dl, dL), 1e-5);
 }
 
+// ------------------------------------------------------------------ dequantization
+// NF4 (double-quantized absmax) and int8 weights: every value equal, bit for bit, to the
+// CPU dequantization's formula (models/src/quant.rs), each product and sum rounded alone.
+static void dequant_case() {
+  const i64 rows = 6, cols = 512, n = rows * cols, blocks = n / 64;
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<unsigned char> packed(n / 2), qabsmax(blocks);
+  for (auto& b : packed) b = (unsigned char)byte(rng);
+  for (auto& b : qabsmax) b = (unsigned char)byte(rng);
+  auto scale = randv((blocks + 255) / 256, 2.f), dmap = randv(256), code16 = randv(16);
+  const float offset = 0.0123f;
+  std::vector<float> got(n, -1.f), want(n);
+  for (i64 i = 0; i < n; ++i) {
+    const i64 b = i / 64;
+    const float am = dmap[qabsmax[b]] * scale[b / 256] + offset;
+    const unsigned char p = packed[i / 2];
+    want[i] = code16[i % 2 == 0 ? p >> 4 : p & 15] * am;
+  }
+  emu_launch({(unsigned)((n / 2 + 255) / 256), 1, 1}, 256, [&] {
+    nf4_dequant_impl<float>(packed.data(), qabsmax.data(), scale.data(), dmap.data(), code16.data(), offset, got.data(), n);
+  });
+  check("nf4 dequant (bit for bit)", got == want ? 0.0 : 1.0, 0.0);
+  std::vector<signed char> codes(n);
+  for (auto& c : codes) c = (signed char)(byte(rng) - 128);
+  auto row_absmax = randv(rows, 3.f);
+  std::vector<float> got8(n, -1.f), want8(n);
+  for (i64 i = 0; i < n; ++i) want8[i] = (float)codes[i] * (row_absmax[i / cols] / 127.f);
+  emu_launch({(unsigned)((n + 255) / 256), 1, 1}, 256, [&] { int8_dequant_impl<float>(codes.data(), row_absmax.data(), got8.data(), rows, cols); });
+  check("int8 dequant (bit for bit)", got8 == want8 ? 0.0 : 1.0, 0.0);
+}
+
 int main() {
   attention_case<float>({2, 4, 2, 70, 70, 64, {20, 30, 20}, 0}, 1e-5);
   attention_case<float>({1, 4, 2, 5, 45, 80, {30, 15}, 7}, 1e-5);
@@ -334,6 +366,7 @@ int main() {
   lora_case<bf16>(40, 64, 72, 80, 2e-2);
   sgmv_case();
   ce_case();
+  dequant_case();
   std::printf("%d failure(s)\n", failures);
   return failures ? 1 : 0;
 }

@@ -851,3 +851,66 @@ impl AdamW {
         Ok(())
     }
 }
+
+// ------------------------------------------------------------------- dequantization
+
+/// The CUDA storage and layout of each tensor (all on one device), held for a launch.
+fn cuda_inputs<'a, G: std::ops::Deref<Target = candle_core::Storage>>(guards: &'a [(G, &'a Layout)]) -> Result<Vec<(&'a CudaStorage, &'a Layout)>> {
+    guards.iter().map(|(s, l)| Ok((as_cuda(s)?, *l))).collect()
+}
+
+/// NF4 weights as bitsandbytes stores them (double-quantized absmax: `models/src/quant.rs`)
+/// dequantized on the device into a dense `[rows, cols]` tensor of `dtype`, equal bit for
+/// bit to the CPU dequantization (in f32; bf16/f16 round that once). `packed`: `rows*cols/2`
+/// bytes (u8); `qabsmax`: one u8 per 64 values; `absmax_scale`: one f32 per 256 absmax
+/// values; `dmap`: the 256-entry dynamic map; `code16`: the 16 NF4 values.
+#[allow(clippy::too_many_arguments)]
+pub fn nf4_dequantize(packed: &Tensor, qabsmax: &Tensor, absmax_scale: &Tensor, dmap: &Tensor, code16: &Tensor, offset: f32, rows: usize, cols: usize, dtype: DType) -> Result<Tensor> {
+    let n = rows * cols;
+    if n % 64 != 0 || packed.elem_count() * 2 != n || qabsmax.elem_count() != n / 64 || code16.elem_count() != 16 || dmap.elem_count() != 256 {
+        bail!("nf4_dequantize: inconsistent buffers for a {rows} x {cols} weight");
+    }
+    let ins = [packed, qabsmax, absmax_scale, dmap, code16].map(|t| t.contiguous()).into_iter().collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ins.iter().map(|t| t.storage_and_layout()).collect();
+    let st = cuda_inputs(&guards)?;
+    let dev = st[0].0.device.clone();
+    let out = dispatch!(dtype, T => {
+        let (p, q) = (view::<u8>(st[0].0, st[0].1)?, view::<u8>(st[1].0, st[1].1)?);
+        let (sc, dm, c16) = (view::<f32>(st[2].0, st[2].1)?, view::<f32>(st[3].0, st[3].1)?, view::<f32>(st[4].0, st[4].1)?);
+        let mut o = unsafe { dev.alloc::<T>(n)? };
+        let f = rt::func(&dev, "dequant", &format!("nf4_dequant_{}", rt::suffix(dtype)?))?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let n64 = n as i64;
+        b.arg(&p).arg(&q).arg(&sc).arg(&dm).arg(&c16).arg(&offset).arg(&mut o).arg(&n64);
+        unsafe { b.launch(cfg((ceil_div(n / 2, 256), 1, 1), 256)) }.w()?;
+        CudaStorage::wrap_cuda_slice(o, dev.clone())
+    });
+    Ok(tensor(out, (rows, cols)))
+}
+
+/// int8 weights as bitsandbytes' `int8_vectorwise_quant` stores them (`codes`: `rows*cols`
+/// i8 as u8 bytes; `row_absmax`: one f32 a row) dequantized on the device, bit for bit the
+/// CPU dequantization.
+pub fn int8_dequantize(codes: &Tensor, row_absmax: &Tensor, rows: usize, cols: usize, dtype: DType) -> Result<Tensor> {
+    let n = rows * cols;
+    if codes.elem_count() != n || row_absmax.elem_count() != rows {
+        bail!("int8_dequantize: inconsistent buffers for a {rows} x {cols} weight");
+    }
+    let ins = [codes, row_absmax].map(|t| t.contiguous()).into_iter().collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ins.iter().map(|t| t.storage_and_layout()).collect();
+    let st = cuda_inputs(&guards)?;
+    let dev = st[0].0.device.clone();
+    let out = dispatch!(dtype, T => {
+        let (c, am) = (view::<u8>(st[0].0, st[0].1)?, view::<f32>(st[1].0, st[1].1)?);
+        let mut o = unsafe { dev.alloc::<T>(n)? };
+        let f = rt::func(&dev, "dequant", &format!("int8_dequant_{}", rt::suffix(dtype)?))?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        let (r64, c64) = (rows as i64, cols as i64);
+        b.arg(&c).arg(&am).arg(&mut o).arg(&r64).arg(&c64);
+        unsafe { b.launch(cfg((ceil_div(n, 256), 1, 1), 256)) }.w()?;
+        CudaStorage::wrap_cuda_slice(o, dev.clone())
+    });
+    Ok(tensor(out, (rows, cols)))
+}

@@ -78,6 +78,11 @@ pub const MODULES: &[KernelModule] = &[
         ],
     },
     KernelModule { name: "adamw", source: include_str!("src/adamw.cu"), kernels: &["adamw_multi", "sqnorm_multi"] },
+    KernelModule {
+        name: "dequant",
+        source: include_str!("src/dequant.cu"),
+        kernels: &["nf4_dequant_bf16", "nf4_dequant_f16", "nf4_dequant_float", "int8_dequant_bf16", "int8_dequant_f16", "int8_dequant_float"],
+    },
 ];
 
 /// Architectures CI compiles for (Ampere, Hopper). At run time the device's own

@@ -201,7 +201,26 @@ mod gpu {
         }
         tf32_checks(dev, &mut out)?;
         adamw_check(dev, &mut out)?;
+        dequant_checks(dev, &mut out)?;
         Ok(out)
+    }
+
+    /// NF4 and int8 weights dequantized on the GPU (kept there by `--base-quant`) against
+    /// the CPU dequantization: equal bit for bit in f32 (tolerance 0), and bf16 as that
+    /// f32 rounded once.
+    fn dequant_checks(dev: &Device, out: &mut Vec<Check>) -> Result<()> {
+        use lora_models::quant::{quantize_weight, BaseQuant};
+        let (rows, cols) = (192, 576);
+        let w = randn(&[rows, cols], 0.05)?;
+        for quant in [BaseQuant::Nf4, BaseQuant::Int8] {
+            for dt in [DType::F32, DType::BF16] {
+                let cpu = quantize_weight("selftest", &w, quant, dt, &Device::Cpu)?.dequantize()?;
+                let gpu = quantize_weight("selftest", &w, quant, dt, dev)?.dequantize()?;
+                let tol = if dt == DType::F32 { 0.0 } else { 1e-7 };
+                out.push(Check { op: format!("{quant}_dequantize"), shape: format!("{rows}x{cols}"), dtype: dt, what: "weights".into(), rel_err: rel_err(&gpu, &cpu)?, tol });
+            }
+        }
+        Ok(())
     }
 
     /// Causal attention (flash kernels) against the CPU op: GQA, head dims 64 / 80 / 128 /
