@@ -50,4 +50,5 @@ show_generations after --adapter "$out"
 t1=$(date +%s)
 echo
 echo "demo finished in $((t1 - t0)) s (build $((t_built - t0)) s, training $((t_trained - t_train)) s)."
-echo "adapter (PEFT format): $out/adapter_model.safetensors; report: $out/report.md"
+echo "adapter (PEFT format): $out/adapter_model.safetensors"
+print_story "$out"

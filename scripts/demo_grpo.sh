@@ -26,6 +26,7 @@ checks=(
   "What is 14 + 5? Answer with the number only.|\\b19\\b"
   "A box holds 17 pens. 8 are taken out. How many pens are left? Answer with the number only.|\\b9\\b"
   "What is 23 + 6? Answer with the number only.|\\b29\\b"
+  "What is the capital of Japan?|Tokyo"
   "What is the capital of France?|Paris"
   "How many days are in a week?|\\b(7|seven)\\b"
 )

@@ -6,10 +6,11 @@ echo "== 1. fetch SmolLM2-135M-Instruct (GGUF, cached)" >&2
 gguf="$(bash scripts/fetch_smollm2.sh)"
 echo "   $gguf" >&2
 
-echo "== 2. build (release)" >&2
 if [ -n "${LORA_TRAIN_BIN:-}" ]; then
   bin="$LORA_TRAIN_BIN"
+  echo "== 2. build: skipped, LORA_TRAIN_BIN=$bin" >&2
 else
+  echo "== 2. build (release)" >&2
   cargo build --release -p lora-train
   # Where cargo put it: $CARGO_TARGET_DIR when set (a shared build cache), else ./target.
   bin="${CARGO_TARGET_DIR:-target}/release/lora-train"
