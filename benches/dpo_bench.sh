@@ -25,20 +25,7 @@ PYTHON=${PYTHON:-/root/.venvs/golden/bin/python}
 OUT=${OUT:-target/bench-results}
 mkdir -p "$OUT"
 PAIRS="$OUT/dpo_bench_pairs.jsonl"
-"$PYTHON" - "$PAIRS" <<'PY'
-import json, random, sys
-words = ("the model learns from pairs of answers where one is preferred over another and the "
-         "gradient moves probability toward the chosen text while the reference keeps it close "
-         "to where it started so that fluent language survives small data sets with clear signal "
-         "about format tone length and facts in every domain users care about").split()
-rng = random.Random(7)
-text = lambda n: " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
-with open(sys.argv[1], "w") as f:
-    for i in range(32):
-        f.write(json.dumps({"prompt": [{"role": "user", "content": f"Question {i}: " + text(28)}],
-                            "chosen": [{"role": "assistant", "content": text(170)}],
-                            "rejected": [{"role": "assistant", "content": text(165)}]}) + "\n")
-PY
+"$PYTHON" benches/data/make_dpo_pairs.py "$PAIRS" --seed 7 --rows 32 --words 28 170 165 --long-vocab
 cargo build --release -q -p lora-train
 BIN=${CARGO_TARGET_DIR:-target}/release
 load() { cut -d' ' -f1 /proc/loadavg; }

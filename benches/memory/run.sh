@@ -11,13 +11,15 @@
 #   MODEL_KIND=llama-3.1-8b CONFIGS="nf4:on" TORCH=0 bash benches/memory/run.sh
 #
 # Env: SEQ (2048), STEPS (2: the second step is timed), CONFIGS ("bf16:off bf16:on nf4:off
-# nf4:on"), TORCH (1), PYTHON (~/.venvs/golden/bin/python), OUT (target/bench-results/memory).
+# nf4:on"), DTYPE (compute dtype, f32; bf16 keeps the 8B's embeddings and activations at
+# half the bytes), TORCH (1), PYTHON (~/.venvs/golden/bin/python), OUT
+# (target/bench-results/memory).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-$HOME/.venvs/golden/bin/python}
 CACHE=${LORA_TRAIN_CACHE:-$HOME/.cache/lora-train}
 OUT=${OUT:-target/bench-results/memory}
-SEQ=${SEQ:-2048}; STEPS=${STEPS:-2}; TORCH=${TORCH:-1}
+SEQ=${SEQ:-2048}; STEPS=${STEPS:-2}; TORCH=${TORCH:-1}; DTYPE=${DTYPE:-f32}
 KIND=${MODEL_KIND:-qwen2.5-1.5b}
 CONFIGS=${CONFIGS:-"bf16:off bf16:on nf4:off nf4:on"}
 MODEL="$CACHE/synthetic/$KIND"
@@ -47,9 +49,9 @@ for cfg in $CONFIGS; do
   RUN="$OUT/run-$KIND-$base-$ckpt"; rm -rf "$RUN"
   echo "== lora-train sft, $base base, checkpointing $ckpt, load $(cut -d' ' -f1 /proc/loadavg)" >&2
   PEAK=$("$PYTHON" benches/memory/peak_rss.py -- "$BIN" sft --model "$MODEL" --dataset "$DATA" -o "$RUN" --steps "$STEPS" \
-    --batch-size 1 --max-sequence-length "$SEQ" --packing --eval-split 0 --rank 16 --dtype f32 "${quant[@]}" \
+    --batch-size 1 --max-sequence-length "$SEQ" --packing --eval-split 0 --rank 16 --dtype "$DTYPE" "${quant[@]}" \
     --gradient-checkpointing "$ckpt" --checkpoint-interval 1000 --json)
-  PLAN=$("$BIN" plan-memory --model "$MODEL" --batch-size 1 --max-sequence-length "$SEQ" --rank 16 --dtype f32 "${quant[@]}" --json)
+  PLAN=$("$BIN" plan-memory --model "$MODEL" --batch-size 1 --max-sequence-length "$SEQ" --rank 16 --dtype "$DTYPE" "${quant[@]}" --json)
   "$PYTHON" - "$RUN" "$base" "$ckpt" "$PEAK" "$PLAN" >> "$RESULTS" <<'PY'
 import json, sys
 run, base, ckpt, peak, plan = sys.argv[1], sys.argv[2], sys.argv[3] == "on", json.loads(sys.argv[4]), json.loads(sys.argv[5])
@@ -63,7 +65,7 @@ PY
 done
 if [ "$TORCH" = 1 ]; then
   echo "== PyTorch + PEFT + bitsandbytes NF4, gradient checkpointing, load $(cut -d' ' -f1 /proc/loadavg)" >&2
-  "$PYTHON" benches/torch/peft_train_bench.py --model "$MODEL" --dtype f32 --batch 1 --seq "$SEQ" --rank 16 --steps 1 --warmup 1 \
+  "$PYTHON" benches/torch/peft_train_bench.py --model "$MODEL" --dtype "$DTYPE" --batch 1 --seq "$SEQ" --rank 16 --steps 1 --warmup 1 \
     --load-in-4bit --gradient-checkpointing 2>/dev/null | tail -n 1 | "$PYTHON" -c '
 import json, sys
 r = json.loads(sys.stdin.read())

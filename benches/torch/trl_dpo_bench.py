@@ -8,7 +8,8 @@ One step is what `lora-train dpo` does in one optimizer step: the policy (base +
 the reference (the same base with the adapter disabled: TRL's PEFT path, no second model)
 log-probs of --batch-size pairs (chosen and rejected), the sigmoid loss at beta 0.1, one
 AdamW step. Reference pass inside the step (precompute_ref_log_probs=False, as ours without
---precompute-ref-logps). f32 (bf16=False), no gradient checkpointing, LoRA r=--rank, alpha
+--precompute-ref-logps). f32 (bf16=False), no gradient checkpointing unless
+--gradient-checkpointing (the memory comparison, benches/memory/trl_memory.sh), LoRA r=--rank, alpha
 2r, dropout 0 on q,k,v,o,gate,up,down, as ours. The model is the GGUF dequantized to f32 with
 the smollm pre-tokenizer restored (scripts/golden/common.py).
 
@@ -55,6 +56,8 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="TRL 1.16's default (non-reentrant); off unless given, to match our default")
     ap.add_argument("--output-dir", default="/tmp/trl_dpo_bench")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,7 +92,7 @@ def main():
         output_dir=args.output_dir, max_steps=total, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, learning_rate=args.learning_rate, beta=0.1, loss_type="sigmoid",
         max_length=args.max_length, precompute_ref_log_probs=False,
-        use_cpu=True, bf16=False, gradient_checkpointing=False, logging_steps=1, report_to="none",
+        use_cpu=True, bf16=False, gradient_checkpointing=args.gradient_checkpointing, logging_steps=1, report_to="none",
         save_strategy="no", seed=42, dataloader_num_workers=0,
     )
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -102,7 +105,8 @@ def main():
     sample = trainer.train_dataset[0]
     per_pair = sum(len(sample.get(k, [])) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
     print(json.dumps({
-        "bench": "TRL DPOTrainer + PEFT (reference = adapter disabled, f32, no gradient checkpointing)",
+        "bench": "TRL DPOTrainer + PEFT (reference = adapter disabled, f32)",
+        "gradient_checkpointing": args.gradient_checkpointing,
         "model": args.model, "batch_size": args.batch_size, "max_length": args.max_length, "rank": args.rank,
         "warmup": args.warmup, "steps": len(counted), "step_s": round(sum(counted) / max(len(counted), 1), 4),
         "step_s_each": [round(t, 4) for t in times], "first_pair_tokens": per_pair,

@@ -14,8 +14,9 @@ one AdamW step of the dapo loss on all P x G completions as ONE micro-batch
 steps_per_generation = 1). TRL's defaults otherwise (beta 0, epsilon 0.2, temperature 1,
 top_k 0, top_p 1, scale_rewards group), with two deliberate exceptions that make the
 configuration ours: f32 (bf16=False; TRL would pick bf16 on a bf16-capable host) and no
-gradient checkpointing (TRL 1.16 turns it on by default; we do not checkpoint, and
-recomputing the forward would only slow TRL down). LoRA r=--rank, alpha 2r, dropout 0 on
+gradient checkpointing unless --gradient-checkpointing (TRL 1.16 turns it on by default;
+for step time we do not checkpoint, and recomputing the forward would only slow TRL down;
+the memory comparison, benches/memory/trl_memory.sh, runs both). LoRA r=--rank, alpha 2r, dropout 0 on
 q,k,v,o,gate,up,down, as ours. The model is the GGUF dequantized to f32 with the smollm
 pre-tokenizer restored (scripts/golden/common.py).
 
@@ -91,6 +92,8 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="TRL 1.16's default (non-reentrant); off unless given, to match our default")
     ap.add_argument("--output-dir", default="/tmp/trl_grpo_bench")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,7 +130,7 @@ def main():
         output_dir=args.output_dir, max_steps=total, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, steps_per_generation=1, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, learning_rate=args.learning_rate,
-        use_cpu=True, bf16=False, gradient_checkpointing=False, logging_steps=1, report_to="none",
+        use_cpu=True, bf16=False, gradient_checkpointing=args.gradient_checkpointing, logging_steps=1, report_to="none",
         save_strategy="no", seed=42, dataloader_num_workers=0,
     )
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -138,7 +141,8 @@ def main():
     logs = [h for h in trainer.state.log_history if "reward" in h]
     counted = times[args.warmup:]
     print(json.dumps({
-        "bench": "TRL GRPOTrainer + PEFT (transformers generate, f32, no gradient checkpointing)",
+        "bench": "TRL GRPOTrainer + PEFT (transformers generate, f32)",
+        "gradient_checkpointing": args.gradient_checkpointing,
         "model": args.model, "prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length, "rank": args.rank, "warmup": args.warmup,
         "steps": len(counted), "step_s": round(sum(counted) / max(len(counted), 1), 4),

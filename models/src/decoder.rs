@@ -451,8 +451,10 @@ impl Decoder {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
+            // The tensor read here is the one kept (reading it again would hold two
+            // copies of the largest tensor at once: 1 GB in bf16 for an 8B model).
             match src.try_get("lm_head.weight", device)? {
-                Some(_) => Some(get("lm_head.weight", &[cfg.vocab_size, h])?),
+                Some(t) => Some(crate::weights::check_loaded(src, "lm_head.weight", t, &[cfg.vocab_size, h], dtype)?),
                 // Some exports omit lm_head although the config says untied: treat as
                 // tied (`load_model_mixed` warns, naming the model).
                 None => None,

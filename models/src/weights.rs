@@ -48,15 +48,26 @@ pub fn load_checked(src: &dyn WeightSource, name: &str, shape: &[usize], dtype: 
     let t = src
         .try_get(name, device)?
         .with_context(|| format!("{}: missing tensor `{name}`", src.origin()))?;
+    check_loaded(src, name, t, shape, dtype)
+}
+
+/// `t`, read from `src` as `name`: check its shape, convert to `dtype`.
+pub fn check_loaded(src: &dyn WeightSource, name: &str, t: Tensor, shape: &[usize], dtype: DType) -> Result<Tensor> {
     if t.dims() != shape {
         bail!("{}: tensor `{name}` has shape {:?}, expected {:?}", src.origin(), t.dims(), shape);
     }
     Ok(t.to_dtype(dtype)?)
 }
 
+/// Safetensors shards, mapped one tensor at a time: every page of a mapping that a
+/// read touched counts in the process's resident set until the mapping goes, so keeping
+/// all shards mapped while the decoder loads would hold the whole checkpoint resident
+/// (16 GB of bf16 for an 8B model, whatever the base is quantized to). `try_get` maps
+/// the tensor's shard, copies the tensor out and unmaps it again.
 pub struct SafetensorsSource {
     files: Vec<PathBuf>,
-    tensors: candle_core::safetensors::MmapedSafetensors,
+    /// Tensor name -> index into `files`.
+    shard_of: std::collections::HashMap<String, usize>,
 }
 
 impl SafetensorsSource {
@@ -86,19 +97,28 @@ impl SafetensorsSource {
         } else {
             bail!("{}: neither model.safetensors nor model.safetensors.index.json found", dir.display());
         };
-        // SAFETY: the files are memory-mapped read-only; modifying them while we
-        // run is the user's problem, as with every mmap-based loader.
-        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
-        Ok(Self { files, tensors })
+        let mut shard_of = std::collections::HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for (name, _) in map_shard(f)?.tensors() {
+                shard_of.insert(name, i);
+            }
+        }
+        Ok(Self { files, shard_of })
     }
+}
+
+/// One shard memory-mapped (only its header is read here); unmapped when dropped.
+fn map_shard(path: &Path) -> Result<candle_core::safetensors::MmapedSafetensors> {
+    // SAFETY: the file is memory-mapped read-only; modifying it while we run is the
+    // user's problem, as with every mmap-based loader.
+    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.with_context(|| format!("{}: not a readable safetensors file", path.display()))
 }
 
 impl WeightSource for SafetensorsSource {
     fn try_get(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
-        if self.tensors.get(name).is_err() {
-            return Ok(None);
-        }
-        Ok(Some(self.tensors.load(name, device)?))
+        let Some(&shard) = self.shard_of.get(name) else { return Ok(None) };
+        // The copy out of the mapping is the tensor's own storage; the mapping goes here.
+        Ok(Some(map_shard(&self.files[shard])?.load(name, device)?))
     }
     fn origin(&self) -> String {
         match self.files.as_slice() {
@@ -279,6 +299,37 @@ mod tests {
         let permuted = permute_rows(&w, n_head)?;
         let back = unpermute_rows(&permuted, n_head)?;
         assert_eq!(back.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        Ok(())
+    }
+
+    /// The lines of /proc/self/maps that map `path` (Linux: where the resident set is).
+    fn mappings_of(path: &Path) -> Vec<String> {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        maps.lines().filter(|l| l.ends_with(&*path.to_string_lossy())).map(String::from).collect()
+    }
+
+    #[test]
+    fn sharded_safetensors_are_mapped_only_while_a_tensor_is_read() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 6., &dev)?.reshape((2, 3))?;
+        let b = Tensor::arange(10f32, 14., &dev)?.reshape((4, 1))?.to_dtype(DType::BF16)?;
+        candle_core::safetensors::save(&std::collections::HashMap::from([("a".to_string(), a.clone())]), dir.path().join("model-00001.safetensors"))?;
+        candle_core::safetensors::save(&std::collections::HashMap::from([("b".to_string(), b.clone())]), dir.path().join("model-00002.safetensors"))?;
+        let index = r#"{"metadata": {}, "weight_map": {"a": "model-00001.safetensors", "b": "model-00002.safetensors"}}"#;
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index)?;
+        let src = SafetensorsSource::open_dir(dir.path())?;
+        let shards = [dir.path().join("model-00001.safetensors"), dir.path().join("model-00002.safetensors")];
+        assert!(shards.iter().all(|s| mappings_of(s).is_empty()), "open_dir keeps a shard mapped");
+        assert_eq!(src.try_get("a", &dev)?.expect("a").to_vec2::<f32>()?, a.to_vec2::<f32>()?);
+        let got = src.try_get("b", &dev)?.expect("b");
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_eq!(got.to_dtype(DType::F32)?.to_vec2::<f32>()?, b.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        assert!(src.try_get("c", &dev)?.is_none());
+        // A read leaves no mapping behind: loading a checkpoint holds one tensor of it at a time.
+        for s in &shards {
+            assert!(mappings_of(s).is_empty(), "{} still mapped after try_get: {:?}", s.display(), mappings_of(s));
+        }
         Ok(())
     }
 }

@@ -9,7 +9,7 @@
 #      <= LOSS_TOL, default 0.02; f32 on both sides, only the summation order differs);
 #      the same run in bf16 on the GPU is reported against the CPU curve (looser, BF16_TOL);
 #   3. training throughput (bf16, batch 8 x 512, 30 steps; peak GPU memory polled with
-#      nvidia-smi) and decoding throughput (greedy, 8 prompts x 256 new tokens) on the GPU;
+#      nvidia-smi, printed next to `plan-memory`'s plan for the run) and decoding throughput (greedy, 8 prompts x 256 new tokens) on the GPU;
 #   4. one JSON summary ($OUT/gpu-check.json, also printed) with "passed".
 # Exits non-zero when any check fails.
 #
@@ -82,6 +82,9 @@ log "3/3 benchmarks: training (bf16, batch 8 x 512, 30 steps)"
   --eval-split 0 --seed 7 --checkpoint-interval 1000 --dtype bf16 --device "$DEVICE" --json \
   -o "$OUT/bench-train" > "$OUT/bench-train.json" 2> "$OUT/bench-train.log" || echo '{}' > "$OUT/bench-train.json"
 if [[ -n "$MEM_PID" ]]; then kill "$MEM_PID" 2>/dev/null || true; wait "$MEM_PID" 2>/dev/null || true; fi
+# The memory model's plan for that run (trainer/src/memory.rs), to print next to the peak.
+"$BIN" plan-memory --model "$MODEL" --batch-size 8 --max-sequence-length 512 --dtype bf16 --device 80GiB --json \
+  > "$OUT/bench-train.plan.json" 2> "$OUT/bench-train.plan.log" || echo '{}' > "$OUT/bench-train.plan.json"
 log "3/3 benchmarks: decoding (greedy, 8 prompts x 256 new tokens, bf16)"
 PROMPTS=()
 for p in "Once upon a time" "The capital of France" "def fibonacci(n):" "In 1905, Einstein" \
@@ -125,6 +128,16 @@ try:
         peak_mib = int(f.read().strip())
 except Exception:
     peak_mib = None
+def planned_mib():
+    # The run's own configuration: the base as loaded (the first variant), checkpointing
+    # off (`auto` leaves it off when the plan fits, as it does on any GPU this runs on).
+    try:
+        with open(os.path.join(out, "bench-train.plan.json")) as f:
+            plans = json.load(f)["plans"]
+        return round(next(p["total_bytes"] for p in plans if not p["gradient_checkpointing"]) / 2**20)
+    except Exception:
+        return None
+plan_mib = planned_mib()
 def tps(rows):
     if len(rows) < 2:
         return None
@@ -150,12 +163,16 @@ summary = {
         "gpu_f32": [x[1] for x in gpu], "cpu_f32": [x[1] for x in cpu], "gpu_bf16": [x[1] for x in bf],
         "tokens_per_s_gpu_f32": tps(gpu), "tokens_per_s_cpu_f32": tps(cpu), "tokens_per_s_gpu_bf16": tps(bf),
     },
-    "bench_train_bf16_batch8x512": {"tokens_per_s": tps(train), "steps": len(train), "peak_gpu_memory_mib": peak_mib},
+    "bench_train_bf16_batch8x512": {"tokens_per_s": tps(train), "steps": len(train), "peak_gpu_memory_mib": peak_mib,
+                                    "plan_mib": plan_mib, "plan_over_peak": round(plan_mib / peak_mib, 3) if plan_mib and peak_mib else None},
     "bench_decode_bf16_8x256": {"tokens_per_s": dec.get("tokens_per_s"), "generated_tokens": dec.get("generated_tokens")},
 }
 with open(os.path.join(out, "gpu-check.json"), "w") as f:
     json.dump(summary, f, indent=1)
 print(json.dumps(summary, indent=1))
+# Reported, not checked: nvidia-smi's figure includes the CUDA context, which the plan
+# counts only as its fixed process overhead.
+print(f"memory: peak {peak_mib} MiB (nvidia-smi), plan {plan_mib} MiB (plan-memory)", file=sys.stderr)
 for k, v in checks.items():
     print(f"{'pass' if v else 'FAIL'}  {k}", file=sys.stderr)
 sys.exit(0 if summary["passed"] else 1)
