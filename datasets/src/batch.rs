@@ -121,6 +121,22 @@ pub fn pack_best_fit_decreasing(lengths: &[usize], capacity: usize) -> Vec<Vec<u
     rows
 }
 
+/// Swaps the epoch's largest batch (padded tokens: rows x the longest row; ties: the
+/// longer row, then the earlier batch) to the front, so the first optimizer step of an
+/// epoch holds its peak memory and a run that will not fit fails in its first seconds,
+/// not hours in. The other batches keep their shuffled order. `row_len` gives a row's
+/// tokens (capped by the collator at the loader's max_seq_len; equal caps compare equal).
+pub fn largest_first(batches: &mut [Vec<usize>], row_len: impl Fn(usize) -> usize) {
+    let size = |rows: &[usize]| {
+        let longest = rows.iter().map(|&r| row_len(r)).max().unwrap_or(0);
+        (rows.len() * longest, longest)
+    };
+    let largest = (0..batches.len()).max_by_key(|&b| (size(&batches[b]), std::cmp::Reverse(b)));
+    if let Some(largest) = largest {
+        batches.swap(0, largest);
+    }
+}
+
 pub struct DataLoader {
     samples: Vec<TokenizedSample>,
     config: BatchConfig,
@@ -166,13 +182,15 @@ impl DataLoader {
         let mut order: Vec<usize> = (0..self.rows.len()).collect();
         rng.shuffle(&mut order);
         let batch_size = self.config.batch_size;
+        let row_len = |r: usize| self.rows[r].iter().map(|&s| self.samples[s].len()).sum::<usize>();
         if !self.config.group_by_length || self.config.packing {
-            return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+            let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+            largest_first(&mut batches, row_len);
+            return batches;
         }
         // transformers' LengthGroupedSampler: sort mega-batches of 50 batches by length,
         // cut into batches, shuffle the batches; the longest batch goes first so memory
         // problems show at step 1, not hours in.
-        let row_len = |r: usize| self.rows[r].iter().map(|&s| self.samples[s].len()).sum::<usize>();
         let mut batches: Vec<Vec<usize>> = Vec::new();
         for mega in order.chunks(batch_size * 50) {
             let mut mega = mega.to_vec();
@@ -180,9 +198,7 @@ impl DataLoader {
             batches.extend(mega.chunks(batch_size).map(<[usize]>::to_vec));
         }
         rng.shuffle(&mut batches);
-        if let Some(longest) = (0..batches.len()).max_by_key(|&b| (row_len(batches[b][0]), std::cmp::Reverse(b))) {
-            batches.swap(0, longest);
-        }
+        largest_first(&mut batches, row_len);
         batches
     }
 
@@ -310,5 +326,27 @@ mod tests {
         let first = a.batch(0, 0).unwrap();
         assert_eq!(first.seq_len, 37, "the longest batch comes first");
         assert!(a.batch(0, 10).is_none());
+    }
+
+    /// Without length grouping (and with packing) the shuffle decides the order, except that
+    /// the largest batch of every epoch comes first: the first step holds the peak memory.
+    #[test]
+    fn every_epoch_starts_with_its_largest_batch_in_every_mode() {
+        let samples: Vec<TokenizedSample> = (0..23).map(|i| sample(3 + (i * 7) % 29, 0)).collect();
+        let size = |b: &Batch| b.batch_size * b.seq_len;
+        for (packing, group_by_length) in [(false, false), (true, false), (false, true)] {
+            let config = BatchConfig { batch_size: 3, max_seq_len: 40, packing, group_by_length, ..BatchConfig::default() };
+            let loader = DataLoader::new(samples.clone(), config);
+            for epoch in 0..4 {
+                let batches: Vec<Batch> = loader.epoch(epoch).collect();
+                let largest = batches.iter().map(size).max().unwrap();
+                assert_eq!(size(&batches[0]), largest, "packing {packing}, grouped {group_by_length}, epoch {epoch}");
+                assert_eq!(batches.iter().map(|b| b.rows.len()).sum::<usize>(), loader.rows.len());
+            }
+        }
+        // The shuffle still decides the rest: two epochs differ beyond their first batch.
+        let config = BatchConfig { batch_size: 3, max_seq_len: 40, group_by_length: false, ..BatchConfig::default() };
+        let loader = DataLoader::new(samples, config);
+        assert_ne!(loader.epoch_plan(0)[1..], loader.epoch_plan(1)[1..]);
     }
 }

@@ -8,7 +8,7 @@
 //! completion. Both follow TRL's `DPOConfig`.
 use serde::Serialize;
 
-use crate::batch::{Batch, BatchConfig, DataLoader};
+use crate::batch::{largest_first, Batch, BatchConfig, DataLoader};
 use crate::mask::TokenizedSample;
 use crate::rng::SplitMix64;
 
@@ -197,7 +197,11 @@ impl PairLoader {
     pub fn batch(&self, epoch: u64, index: usize) -> Option<PairBatch> {
         let mut order: Vec<usize> = (0..self.pairs).collect();
         SplitMix64::derived(self.seed, epoch).shuffle(&mut order);
-        order.chunks(self.batch_size).nth(index).map(|chunk| self.collate(chunk))
+        let mut batches: Vec<Vec<usize>> = order.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
+        // A pair's size is its longer side; the batch puts both sides through the model.
+        let samples = self.sequences.samples();
+        largest_first(&mut batches, |p| samples[p].len().max(samples[self.pairs + p].len()));
+        batches.get(index).map(|chunk| self.collate(chunk))
     }
 
     /// Every pair once, in file order (evaluation, reference pre-computation).
@@ -242,6 +246,22 @@ mod tests {
         let pairs = vec![TokenizedPair { chosen: side(6, 4, 0), rejected: side(2, 2, 0) }, TokenizedPair { chosen: side(1, 2, 0), rejected: side(1, 2, 9) }];
         let (kept, idx, t) = fit_pairs(pairs, &PairLimits { max_prompt_length: None, max_length: 6 });
         assert_eq!((kept.len(), idx, t.dropped), (1, vec![1], vec![0]));
+    }
+
+    #[test]
+    fn the_largest_pair_batch_comes_first_in_every_epoch() {
+        // Pair i's rejected side grows with i, so the largest batch is wherever pair 9 lands.
+        let pairs: Vec<TokenizedPair> = (0..10).map(|i| TokenizedPair { chosen: side(2, 3, 0), rejected: side(2, 1 + 2 * i, 50) }).collect();
+        let loader = PairLoader::new(&pairs, 2, 0, 11);
+        for epoch in 0..5 {
+            let batches: Vec<PairBatch> = (0..loader.batches_per_epoch()).map(|i| loader.batch(epoch, i).unwrap()).collect();
+            let size = |b: &PairBatch| b.rows.batch_size * b.rows.seq_len;
+            assert_eq!(size(&batches[0]), batches.iter().map(size).max().unwrap(), "epoch {epoch}");
+            assert!(batches[0].pair_indices.contains(&9), "epoch {epoch}: {:?}", batches[0].pair_indices);
+            let mut seen: Vec<usize> = batches.iter().flat_map(|b| b.pair_indices.clone()).collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        }
     }
 
     #[test]

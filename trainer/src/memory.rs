@@ -41,6 +41,16 @@ impl BaseStorage {
             BaseQuant::None | BaseQuant::Auto => Self::Dense(dense_bytes),
         }
     }
+    /// The storage of a loaded model's projections: `stored` bytes for `params` values.
+    /// A dense base (any dtype, also one widened or narrowed from the file's) is
+    /// `Dense`, so its embeddings count at the base dtype and no dequantized copies are
+    /// planned; a quantized one (nf4, int8, GGUF blocks kept) is what was measured.
+    pub fn of_loaded(quant: BaseQuant, stored: u64, params: u64) -> Self {
+        match quant {
+            BaseQuant::None => Self::Dense(stored as f64 / params.max(1) as f64),
+            BaseQuant::Nf4 | BaseQuant::Int8 | BaseQuant::Auto => Self::Measured(stored),
+        }
+    }
     fn quantized(&self) -> bool {
         !matches!(self, Self::Dense(_))
     }
@@ -310,6 +320,23 @@ mod tests {
         let nf4 = plan(&m, BaseStorage::Nf4, 4.0, 16, &all(), &w, true);
         assert!(nf4.base_bytes < on.base_bytes / 2);
         assert_eq!(on.lora_bytes, nf4.lora_bytes);
+    }
+
+    /// A run plans its loaded base: a dense bf16 base under f32 compute is dense (the
+    /// same plan as `plan-memory --base-dtype bf16`), not a quantized one whose
+    /// dequantized weights the graph keeps (that mistake planned the Qwen2.5-1.5B bf16 run
+    /// at 19.2 GiB for a 14.5 GiB peak).
+    #[test]
+    fn a_loaded_dense_base_plans_like_its_dtype_and_a_quantized_one_like_its_bytes() {
+        let m = smollm2();
+        let w = Workload { rows: 1, row_len: 2048, adapters: 1, rollout_rows: 0, rollout_len: 0 };
+        let params = projection_parameters(&m) as u64;
+        let loaded = BaseStorage::of_loaded(BaseQuant::None, 2 * params, params);
+        assert_eq!(loaded, BaseStorage::Dense(2.0));
+        assert_eq!(plan(&m, loaded, 4.0, 16, &all(), &w, false), plan(&m, BaseStorage::Dense(2.0), 4.0, 16, &all(), &w, false));
+        for quant in [BaseQuant::Nf4, BaseQuant::Int8, BaseQuant::Auto] {
+            assert_eq!(BaseStorage::of_loaded(quant, params / 2, params), BaseStorage::Measured(params / 2));
+        }
     }
 
     #[test]

@@ -55,8 +55,8 @@ pub fn fit_before_training<M: Method>(model: &Model, runs: &[Run<M>]) -> Result<
         return Ok(model.gradient_checkpointing());
     }
     let workload = Workload { rows, row_len, adapters: active.len(), rollout_rows: 0, rollout_len: 0 };
-    let (stored, _) = model.projection_storage();
-    let storage = BaseStorage::Measured(stored);
+    let (stored, params) = model.projection_storage();
+    let storage = BaseStorage::of_loaded(model.base_quant(), stored, params);
     let compute_bytes = model.compute_dtype().size_in_bytes() as f64;
     let m = model.config();
     let targets = cfg.target_modules.clone();
