@@ -167,10 +167,37 @@ impl Layer {
 /// as [b, kv_heads, capacity, d], writes every step's positions in place and hands
 /// attention a view of the filled part. [`KvCache::new`] grows by concatenation,
 /// which reallocates and copies the whole cache every step.
+///
+/// A cache made by [`KvCache::share_prompts`] holds prompts once: each row's keys are its
+/// prompt's (one row of a shared per-prompt cache, prefilled once) followed by its own
+/// (the completion, appended in place). This is the two-block case of a paged KV cache
+/// (a block table of two entries per row: the prompt block, shared and never written,
+/// and the row's own block): rollouts start all the rows of a batch at one step and
+/// append to each row in lockstep, so one own block per row, preallocated to the
+/// longest completion, is as small as fixed-size pages would be and needs no page
+/// table or gather in the attention kernel.
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     capacity: Option<usize>,
+    prompts: Option<SharedPrompts>,
+}
+
+/// The prompt part of a shared-prompt cache: per layer, the prompts' keys and values
+/// [p, kv_heads, len, d] (left-padded to the longest prompt), and which prompt each
+/// batch row continues.
+struct SharedPrompts {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    of_row: Vec<u32>,
+}
+
+/// One layer's shared prompts as attention reads them.
+pub struct PromptKv<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    /// The prompt row of each batch row.
+    pub of_row: &'a [u32],
 }
 
 /// One layer's keys and values; with a capacity, only the first `len` positions
@@ -188,13 +215,57 @@ impl KvCache {
     }
     /// A cache for at most `capacity` positions, preallocated at the first step.
     pub fn with_capacity(capacity: usize) -> Self {
-        Self { layers: Vec::new(), capacity: Some(capacity) }
+        Self { layers: Vec::new(), capacity: Some(capacity), prompts: None }
+    }
+    /// Rows that continue the prompts of `prefilled` (one row per prompt, as prefilled):
+    /// row r continues prompt `of_row[r]`, whose keys and values are held once and read
+    /// in place by every row continuing it (never copied); each row appends its own
+    /// positions, at most `capacity` of them. Decoding only (attention on such a cache
+    /// has no backward).
+    pub fn share_prompts(prefilled: KvCache, of_row: Vec<u32>, capacity: usize) -> candle_core::Result<Self> {
+        if prefilled.prompts.is_some() {
+            candle_core::bail!("share_prompts: the prefilled cache already shares prompts");
+        }
+        let (p, len) = (prefilled.rows(), prefilled.len());
+        if let Some(bad) = of_row.iter().find(|&&r| r as usize >= p) {
+            candle_core::bail!("share_prompts: row continues prompt {bad} of {p}");
+        }
+        let mut layers = Vec::with_capacity(prefilled.layers.len());
+        for entry in prefilled.layers {
+            let Some(e) = entry else { candle_core::bail!("share_prompts: a layer of the prefilled cache holds no keys") };
+            // The filled part only: a buffer with spare capacity is copied once to its
+            // length (a prefill sized to its prompts, as `rollouts` makes it, is not).
+            let filled = e.len;
+            let fit = |t: Tensor| -> candle_core::Result<Tensor> { if t.dim(2)? == filled { Ok(t) } else { t.narrow(2, 0, filled)?.contiguous() } };
+            layers.push((fit(e.k)?, fit(e.v)?));
+        }
+        Ok(Self { layers: Vec::new(), capacity: Some(capacity), prompts: Some(SharedPrompts { layers, len, of_row }) })
+    }
+    /// Layer `layer`'s shared prompts, if this cache shares prompts.
+    pub fn prompts(&self, layer: usize) -> Option<PromptKv<'_>> {
+        let s = self.prompts.as_ref()?;
+        let (k, v) = s.layers.get(layer)?;
+        Some(PromptKv { k, v, of_row: &s.of_row })
     }
     pub fn capacity(&self) -> Option<usize> {
         self.capacity
     }
+    /// Positions per row: the shared prompt's (if any) and the row's own.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
+        self.prompts.as_ref().map_or(0, |s| s.len) + self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
+    }
+    /// Bytes of keys and values held (buffers at their capacity; shared prompts once).
+    pub fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let own: usize = self.layers.iter().flatten().map(|l| size(&l.k) + size(&l.v)).sum();
+        own + self.prompts.as_ref().map_or(0, |s| s.layers.iter().map(|(k, v)| size(k) + size(v)).sum())
+    }
+    /// Refuses what a shared-prompt cache cannot do (its rows' positions are split in two).
+    fn own_rows_only(&self, what: &str) -> candle_core::Result<()> {
+        if self.prompts.is_some() {
+            candle_core::bail!("{what}: not supported on a cache that shares prompts");
+        }
+        Ok(())
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -204,6 +275,7 @@ impl KvCache {
     /// a prompt prefilled once then continues as `n` independent samples. The buffers
     /// keep their capacity.
     pub fn repeat_rows(&mut self, n: usize) -> candle_core::Result<()> {
+        self.own_rows_only("repeat_rows")?;
         for entry in self.layers.iter_mut().flatten() {
             let b = entry.k.dim(0)?;
             let index: Vec<u32> = (0..b as u32).flat_map(|r| std::iter::repeat_n(r, n)).collect();
@@ -215,8 +287,11 @@ impl KvCache {
         Ok(())
     }
 
-    /// Batch rows held (0 before the first step).
+    /// Batch rows held (0 before the first step; a shared-prompt cache: its rows).
     pub fn rows(&self) -> usize {
+        if let Some(s) = &self.prompts {
+            return s.of_row.len();
+        }
         self.layers.first().and_then(|l| l.as_ref()).and_then(|l| l.k.dim(0).ok()).unwrap_or(0)
     }
 
@@ -225,6 +300,9 @@ impl KvCache {
     pub fn retain_rows(&mut self, keep: &[usize]) -> candle_core::Result<()> {
         if keep.is_empty() {
             self.layers.clear();
+            if let Some(s) = self.prompts.as_mut() {
+                s.of_row.clear();
+            }
             return Ok(());
         }
         let rows = self.rows();
@@ -232,11 +310,17 @@ impl KvCache {
             candle_core::bail!("retain_rows: row {bad} of a cache of {rows} rows");
         }
         let index: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
+        if let Some(s) = self.prompts.as_mut() {
+            // The rows' own positions move; the prompts stay where they are.
+            s.of_row = keep.iter().map(|&r| s.of_row[r]).collect();
+        }
         self.rebuild(None, |t| t.index_select(&Tensor::from_slice(&index, index.len(), t.device())?, 0))
     }
 
     /// Append the rows of `other` (same length, same layers) after this cache's rows.
     pub fn append_rows(&mut self, other: KvCache) -> candle_core::Result<()> {
+        self.own_rows_only("append_rows")?;
+        other.own_rows_only("append_rows")?;
         if self.layers.iter().all(Option::is_none) {
             let capacity = self.capacity;
             self.layers = other.layers;
@@ -264,6 +348,7 @@ impl KvCache {
     /// must then be marked with segment 0 there): aligns a shorter cache with a longer
     /// one before [`KvCache::append_rows`].
     pub fn pad_front(&mut self, n: usize) -> candle_core::Result<()> {
+        self.own_rows_only("pad_front")?;
         if n == 0 {
             return Ok(());
         }
@@ -277,6 +362,7 @@ impl KvCache {
 
     /// Drop the first `n` positions of every row (padding no row needs any more).
     pub fn drop_front(&mut self, n: usize) -> candle_core::Result<()> {
+        self.own_rows_only("drop_front")?;
         if n == 0 {
             return Ok(());
         }
@@ -572,11 +658,18 @@ fn attention(attn: &Attention, ctx: &LayerInputs, x: &Tensor, cache: Option<(&mu
     }
     let q = lora_kernels::rope(&q, ctx.cos, ctx.sin)?;
     let k = lora_kernels::rope(&k, ctx.cos, ctx.sin)?;
-    let (k, v) = match cache {
-        Some((c, layer)) => c.append(layer, &k, &v)?,
-        None => (k, v),
+    let scale = 1.0 / (hd as f64).sqrt();
+    let y = match cache {
+        Some((c, layer)) => {
+            let (k, v) = c.append(layer, &k, &v)?;
+            match c.prompts(layer) {
+                // Each row reads its prompt's shared keys, then its own.
+                Some(p) => lora_kernels::prefix_causal_attention(&q, &k, &v, p.k, p.v, p.of_row, ctx.segment_ids, scale)?,
+                None => lora_kernels::causal_attention(&q, &k, &v, Some(ctx.segment_ids), scale)?,
+            }
+        }
+        None => lora_kernels::causal_attention(&q, &k, &v, Some(ctx.segment_ids), scale)?,
     };
-    let y = lora_kernels::causal_attention(&q, &k, &v, Some(ctx.segment_ids), 1.0 / (hd as f64).sqrt())?;
     let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     attn.o_proj.forward(&y)
 }

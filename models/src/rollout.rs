@@ -1,11 +1,12 @@
 //! Rollouts for reinforcement fine-tuning: G sampled completions per prompt, with the
 //! log-probability of every sampled token.
 //!
-//! - Each prompt is prefilled once (all prompts in one left-padded batch); its KV cache
-//!   rows are then copied G times ([`KvCache::repeat_rows`]) and decoding runs over the
-//!   P x G rows. Copying after the prefill (instead of sharing one cache row between G
-//!   queries) keeps the attention kernel unchanged; the prefill, the expensive part for
-//!   long prompts, is still done once per prompt.
+//! - Each prompt is prefilled once (all prompts in one left-padded batch) and its keys
+//!   and values are held once: the G rows of a prompt read them in place and append only
+//!   their own completion ([`KvCache::share_prompts`], [`KvLayout::SharedPrompt`]). The
+//!   earlier layout, the prompt's cache rows copied G times ([`KvLayout::CopiedPrompt`]),
+//!   stays as the reference the tests and `rollout_bench --kv copied` compare against:
+//!   both give the same tokens and log-probs bit for bit on CPU.
 //! - Row (p, g) draws from its own SplitMix64 stream seeded from the prompt's seed and g,
 //!   so a completion depends only on (its seed, the prompt, g, the weights), never on
 //!   which other prompts share the batch.
@@ -47,6 +48,17 @@ pub struct Completion {
     pub stopped: bool,
 }
 
+/// How rollouts hold their prompts' keys and values while the completions decode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvLayout {
+    /// Each prompt once, read in place by its G rows (the default).
+    #[default]
+    SharedPrompt,
+    /// The prompt's rows copied into each of its G rows (the layout before shared prompts;
+    /// G times the prompt memory, the reference the shared layout is tested against).
+    CopiedPrompt,
+}
+
 /// The random stream of completion `g` of the prompt whose seed is `prompt_seed`.
 pub fn row_seed(prompt_seed: u64, g: usize) -> u64 {
     mix64(prompt_seed ^ (g as u64 + 1).wrapping_mul(GOLDEN_GAMMA))
@@ -56,6 +68,11 @@ impl Model {
     /// `params.group` completions for every prompt; `prompt_seeds[p]` seeds prompt p's
     /// rows. Returns `[prompt][g]`.
     pub fn rollouts(&self, prompts: &[Vec<u32>], prompt_seeds: &[u64], params: &RolloutParams, stop_ids: &[u32]) -> Result<Vec<Vec<Completion>>> {
+        self.rollouts_with(prompts, prompt_seeds, params, stop_ids, KvLayout::default())
+    }
+
+    /// [`Model::rollouts`] with the prompts' keys and values held as `layout` says.
+    pub fn rollouts_with(&self, prompts: &[Vec<u32>], prompt_seeds: &[u64], params: &RolloutParams, stop_ids: &[u32], layout: KvLayout) -> Result<Vec<Vec<Completion>>> {
         if prompts.len() != prompt_seeds.len() {
             bail!("{} prompts but {} seeds", prompts.len(), prompt_seeds.len());
         }
@@ -78,14 +95,26 @@ impl Model {
             positions.extend((0..longest).map(|i| i.saturating_sub(pad) as u32));
             segments.extend((0..longest).map(|i| u32::from(i >= pad)));
         }
-        let mut cache = KvCache::with_capacity(longest + params.max_new_tokens);
+        // Shared: the prefill's buffers hold exactly the prompts (they become the shared
+        // part); copied: they also hold the completions, and are copied G times.
+        let mut cache = match layout {
+            KvLayout::SharedPrompt => KvCache::with_capacity(longest),
+            KvLayout::CopiedPrompt => KvCache::with_capacity(longest + params.max_new_tokens),
+        };
         let input = Tensor::from_vec(ids, (p, longest), &device)?;
         let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
         let last = hidden.narrow(1, longest - 1, 1)?;
         // The prompt's next-token logits are the same for its G rows: computed once.
         let mut logits = self.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        match layout {
+            KvLayout::SharedPrompt => {
+                let of_row = (0..p * g).map(|r| (r / g) as u32).collect();
+                cache = KvCache::share_prompts(cache, of_row, params.max_new_tokens)?;
+            }
+            KvLayout::CopiedPrompt if g > 1 => cache.repeat_rows(g)?,
+            KvLayout::CopiedPrompt => {}
+        }
         if g > 1 {
-            cache.repeat_rows(g)?;
             logits = logits.into_iter().flat_map(|row| std::iter::repeat_n(row, g)).collect();
         }
 

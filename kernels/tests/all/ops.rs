@@ -409,3 +409,50 @@ fn swiglu_cat_matches_reference() {
         }
     }
 }
+
+/// Rows continuing shared prompts read the prompt's planes in place: bit for bit the
+/// fused attention over the prompt copied in front of each row, for decode steps and
+/// several queries, with padded prompts, a key tile straddling prompt and row (256 keys
+/// a tile at head dim 16), grouped-query heads, f32 and bf16.
+#[test]
+fn prefix_attention_equals_attention_on_the_joined_rows() {
+    for dtype in [DType::F32, DType::BF16] {
+        // (prompts, rows per prompt, hq, hkv, prompt len, own len, queries, d)
+        for (p, g, hq, hkv, lp, n, tq, d) in [(2, 3, 4, 2, 7, 1, 1, 16), (3, 2, 2, 1, 40, 300, 1, 16), (1, 4, 4, 4, 250, 20, 3, 16), (2, 2, 2, 2, 5, 9, 9, 8)] {
+            let b = p * g;
+            let cast = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let (q, kk, v) = (cast(randn(&[b, hq, tq, d])), cast(randn(&[b, hkv, n, d])), cast(randn(&[b, hkv, n, d])));
+            let (pk, pv) = (cast(randn(&[p, hkv, lp, d])), cast(randn(&[p, hkv, lp, d])));
+            let of_row: Vec<u32> = (0..b).map(|r| (r / g) as u32).collect();
+            // Row r's prompt is left-padded by r % 3 positions (segment 0); the last
+            // row's final query is a finished row's padding (segment 0 after 1s).
+            let mut ids = Vec::new();
+            for r in 0..b {
+                let pad = (r % 3).min(lp - 1);
+                ids.extend((0..lp + n).map(|j| u32::from(j >= pad)));
+                if r == b - 1 {
+                    *ids.last_mut().unwrap() = 0;
+                }
+            }
+            let seg = Tensor::from_vec(ids, (b, lp + n), &CPU).unwrap();
+            let got = k::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &of_row, &seg, 0.25).unwrap();
+            let rows = Tensor::from_slice(&of_row, b, &CPU).unwrap();
+            let join = |pre: &Tensor, own: &Tensor| Tensor::cat(&[&pre.index_select(&rows, 0).unwrap(), own], 2).unwrap();
+            let want = k::causal_attention(&q, &join(&pk, &kk), &join(&pv, &v), Some(&seg), 0.25).unwrap();
+            let (got, want) = (got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{dtype:?} p {p} g {g} lp {lp} n {n} tq {tq}");
+        }
+    }
+}
+
+#[test]
+fn prefix_attention_refuses_a_graph_and_bad_rows() {
+    let (q, kk, v) = (randn(&[2, 2, 1, 8]), randn(&[2, 2, 1, 8]), randn(&[2, 2, 1, 8]));
+    let (pk, pv) = (randn(&[1, 2, 3, 8]), randn(&[1, 2, 3, 8]));
+    let seg = Tensor::ones((2, 4), DType::U32, &CPU).unwrap();
+    let err = k::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &[0, 1], &seg, 0.3).unwrap_err();
+    assert!(format!("{err}").contains("prefix rows"), "{err}");
+    let tracked = Var::from_tensor(&q).unwrap();
+    let err = k::prefix_causal_attention(tracked.as_tensor(), &kk, &v, &pk, &pv, &[0, 0], &seg, 0.3).unwrap_err();
+    assert!(format!("{err}").contains("no backward"), "{err}");
+}

@@ -65,3 +65,42 @@ fn greedy_rollouts_equal_generate() -> Result<()> {
     assert_eq!(out[0][1].tokens, gen[0].tokens);
     Ok(())
 }
+
+/// The prompts' keys and values held once per prompt (read in place by its G rows) give
+/// the very rollouts of the prompt copied into every row: tokens, log-probs, entropies
+/// and stop flags bit for bit, greedy and sampled with the same seeds, with prompts of
+/// different lengths (left padding), rows that stop early while others go on, and
+/// completions long enough that a key tile straddles prompt and completion.
+#[test]
+fn shared_prompt_rollouts_equal_copied_prompt_rollouts() -> Result<()> {
+    use lora_models::KvLayout;
+    let loaded = tiny_llama()?;
+    let m = &loaded.model;
+    let prompts = vec![
+        loaded.tokenizer.encode("The quick brown fox")?,
+        loaded.tokenizer.encode("Once upon a time there was a")?,
+        loaded.tokenizer.encode("Hi")?,
+    ];
+    let seeds = [11, 22, 33];
+    let stop = [loaded.tokenizer.eos_token_ids.clone(), vec![17, 40]].concat();
+    let cases = [
+        RolloutParams { group: 4, max_new_tokens: 24, temperature: 0.0, top_k: 0, top_p: 1.0 },
+        RolloutParams { group: 4, max_new_tokens: 24, temperature: 1.0, top_k: 0, top_p: 1.0 },
+        RolloutParams { group: 3, max_new_tokens: 20, temperature: 0.8, top_k: 20, top_p: 0.9 },
+        // 280 positions: the first 256-key tile holds the prompt and the start of the
+        // completion. No stop token, so every row runs the whole way.
+        RolloutParams { group: 2, max_new_tokens: 270, temperature: 1.0, top_k: 0, top_p: 1.0 },
+    ];
+    for (i, params) in cases.iter().enumerate() {
+        let stop_ids: &[u32] = if i == 3 { &[] } else { &stop };
+        let shared = m.rollouts_with(&prompts, &seeds, params, stop_ids, KvLayout::SharedPrompt)?;
+        let copied = m.rollouts_with(&prompts, &seeds, params, stop_ids, KvLayout::CopiedPrompt)?;
+        assert_eq!(shared, copied, "case {i}: {params:?}");
+        if i == 1 {
+            let lengths: Vec<usize> = shared.iter().flatten().map(|c| c.tokens.len()).collect();
+            assert!(lengths.iter().any(|&l| l < params.max_new_tokens), "some row stops early: {lengths:?}");
+            assert!(lengths.iter().any(|&l| l != lengths[0]), "rows of different lengths: {lengths:?}");
+        }
+    }
+    Ok(())
+}
