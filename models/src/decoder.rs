@@ -190,6 +190,8 @@ struct SharedPrompts {
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
     of_row: Vec<u32>,
+    /// Per row, its first own position (rows that joined a running batch start later).
+    own_start: Vec<u32>,
 }
 
 /// One layer's shared prompts as attention reads them.
@@ -198,6 +200,8 @@ pub struct PromptKv<'a> {
     pub v: &'a Tensor,
     /// The prompt row of each batch row.
     pub of_row: &'a [u32],
+    /// The first own position each row reads.
+    pub own_start: &'a [u32],
 }
 
 /// One layer's keys and values; with a capacity, only the first `len` positions
@@ -239,13 +243,78 @@ impl KvCache {
             let fit = |t: Tensor| -> candle_core::Result<Tensor> { if t.dim(2)? == filled { Ok(t) } else { t.narrow(2, 0, filled)?.contiguous() } };
             layers.push((fit(e.k)?, fit(e.v)?));
         }
-        Ok(Self { layers: Vec::new(), capacity: Some(capacity), prompts: Some(SharedPrompts { layers, len, of_row }) })
+        let own_start = vec![0; of_row.len()];
+        Ok(Self { layers: Vec::new(), capacity: Some(capacity), prompts: Some(SharedPrompts { layers, len, of_row, own_start }) })
+    }
+
+    /// An empty shared-prompt cache that rows join with [`KvCache::join_prompt`] (own
+    /// positions preallocated for `capacity`, grown by [`KvCache::reserve`]).
+    pub fn shared_prompts(capacity: usize) -> Self {
+        Self { layers: Vec::new(), capacity: Some(capacity), prompts: Some(SharedPrompts { layers: Vec::new(), len: 0, of_row: Vec::new(), own_start: Vec::new() }) }
+    }
+
+    /// Positions of the rows' own part (all rows write the next one in lockstep).
+    pub fn own_len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
+    }
+
+    /// Prompt positions every row's keys begin with (shorter prompts left-padded).
+    pub fn prompt_len(&self) -> usize {
+        self.prompts.as_ref().map_or(0, |s| s.len)
+    }
+
+    /// Each row's first own position.
+    pub fn own_starts(&self) -> &[u32] {
+        self.prompts.as_ref().map_or(&[], |s| &s.own_start)
+    }
+
+    /// `rows` new rows that continue the prompt of `prefilled` (one row, prefilled alone),
+    /// which is stored once; the rows' own positions start at the current own length. A
+    /// prompt shorter than the stored ones is left-padded to their length; a longer one
+    /// pads them instead (one copy of each stored prompt, not of its rows).
+    pub fn join_prompt(&mut self, prefilled: KvCache, rows: usize) -> candle_core::Result<()> {
+        if prefilled.prompts.is_some() || prefilled.rows() != 1 {
+            candle_core::bail!("join_prompt: takes one prefilled prompt row");
+        }
+        let own = self.own_len() as u32;
+        let Some(s) = self.prompts.as_mut() else { candle_core::bail!("join_prompt: not a shared-prompt cache") };
+        let len = prefilled.len();
+        let pad = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            if n == 0 {
+                return Ok(t.clone());
+            }
+            let (b, h, _, d) = t.dims4()?;
+            Tensor::cat(&[&Tensor::zeros((b, h, n, d), t.dtype(), t.device())?, t], 2)
+        };
+        let longest = s.len.max(len);
+        let mut layers = Vec::with_capacity(prefilled.layers.len());
+        for (l, entry) in prefilled.layers.into_iter().enumerate() {
+            let Some(e) = entry else { candle_core::bail!("join_prompt: a layer of the prefilled cache holds no keys") };
+            let (k, v) = (pad(&e.k.narrow(2, 0, e.len)?, longest - len)?, pad(&e.v.narrow(2, 0, e.len)?, longest - len)?);
+            layers.push(match s.layers.get(l) {
+                Some((sk, sv)) => (Tensor::cat(&[&pad(sk, longest - s.len)?, &k], 0)?, Tensor::cat(&[&pad(sv, longest - s.len)?, &v], 0)?),
+                None => (k.contiguous()?, v.contiguous()?),
+            });
+        }
+        let prompt = s.layers.first().map_or(Ok(0), |(k, _)| k.dim(0))? as u32;
+        s.layers = layers;
+        s.len = longest;
+        s.of_row.extend(std::iter::repeat_n(prompt, rows));
+        s.own_start.extend(std::iter::repeat_n(own, rows));
+        // The new rows' own buffers: zeros, never read (they start at `own`).
+        for entry in self.layers.iter_mut().flatten() {
+            let (_, h, c, d) = entry.k.dims4()?;
+            let z = Tensor::zeros((rows, h, c, d), entry.k.dtype(), entry.k.device())?;
+            entry.k = Tensor::cat(&[&entry.k, &z], 0)?;
+            entry.v = Tensor::cat(&[&entry.v, &z], 0)?;
+        }
+        Ok(())
     }
     /// Layer `layer`'s shared prompts, if this cache shares prompts.
     pub fn prompts(&self, layer: usize) -> Option<PromptKv<'_>> {
         let s = self.prompts.as_ref()?;
         let (k, v) = s.layers.get(layer)?;
-        Some(PromptKv { k, v, of_row: &s.of_row })
+        Some(PromptKv { k, v, of_row: &s.of_row, own_start: &s.own_start })
     }
     pub fn capacity(&self) -> Option<usize> {
         self.capacity
@@ -301,7 +370,7 @@ impl KvCache {
         if keep.is_empty() {
             self.layers.clear();
             if let Some(s) = self.prompts.as_mut() {
-                s.of_row.clear();
+                (s.of_row, s.own_start, s.layers, s.len) = (Vec::new(), Vec::new(), Vec::new(), 0);
             }
             return Ok(());
         }
@@ -310,11 +379,30 @@ impl KvCache {
             candle_core::bail!("retain_rows: row {bad} of a cache of {rows} rows");
         }
         let index: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
+        let mut drop = 0;
         if let Some(s) = self.prompts.as_mut() {
-            // The rows' own positions move; the prompts stay where they are.
-            s.of_row = keep.iter().map(|&r| s.of_row[r]).collect();
+            // The rows' own positions move; prompts no kept row continues are dropped and
+            // own positions before every kept row's start are cut off.
+            let used: Vec<u32> = {
+                let mut u: Vec<u32> = keep.iter().map(|&r| s.of_row[r]).collect();
+                u.sort_unstable();
+                u.dedup();
+                u
+            };
+            s.of_row = keep.iter().map(|&r| used.binary_search(&s.of_row[r]).unwrap_or(0) as u32).collect();
+            s.own_start = keep.iter().map(|&r| s.own_start[r]).collect();
+            if used.len() < s.layers.first().map_or(Ok(0), |(k, _)| k.dim(0))? {
+                let at = Tensor::from_slice(&used, used.len(), &Device::Cpu)?;
+                for (k, v) in s.layers.iter_mut() {
+                    let at = at.to_device(k.device())?;
+                    (*k, *v) = (k.index_select(&at, 0)?, v.index_select(&at, 0)?);
+                }
+            }
+            drop = s.own_start.iter().copied().min().unwrap_or(0) as usize;
+            s.own_start.iter_mut().for_each(|x| *x -= drop as u32);
         }
-        self.rebuild(None, |t| t.index_select(&Tensor::from_slice(&index, index.len(), t.device())?, 0))
+        let len = self.own_len();
+        self.rebuild(None, |t| t.index_select(&Tensor::from_slice(&index, index.len(), t.device())?, 0)?.narrow(2, drop, len - drop))
     }
 
     /// Append the rows of `other` (same length, same layers) after this cache's rows.
@@ -664,7 +752,7 @@ fn attention(attn: &Attention, ctx: &LayerInputs, x: &Tensor, cache: Option<(&mu
             let (k, v) = c.append(layer, &k, &v)?;
             match c.prompts(layer) {
                 // Each row reads its prompt's shared keys, then its own.
-                Some(p) => lora_kernels::prefix_causal_attention(&q, &k, &v, p.k, p.v, p.of_row, ctx.segment_ids, scale)?,
+                Some(p) => lora_kernels::prefix_causal_attention(&q, &k, &v, p.k, p.v, p.of_row, p.own_start, ctx.segment_ids, scale)?,
                 None => lora_kernels::causal_attention(&q, &k, &v, Some(ctx.segment_ids), scale)?,
             }
         }

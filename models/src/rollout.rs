@@ -6,7 +6,8 @@
 //!   their own completion ([`KvCache::share_prompts`], [`KvLayout::SharedPrompt`]). The
 //!   earlier layout, the prompt's cache rows copied G times ([`KvLayout::CopiedPrompt`]),
 //!   stays as the reference the tests and `rollout_bench --kv copied` compare against:
-//!   both give the same tokens and log-probs bit for bit on CPU.
+//!   both give the same tokens, and log-probs to float rounding (a key tile of the
+//!   attention ends where the shared prompt ends).
 //! - Row (p, g) draws from its own SplitMix64 stream seeded from the prompt's seed and g,
 //!   so a completion depends only on (its seed, the prompt, g, the weights), never on
 //!   which other prompts share the batch.
@@ -167,6 +168,153 @@ impl Model {
             grouped.push(it.by_ref().take(g).collect());
         }
         Ok(grouped)
+    }
+}
+
+/// One row of a streamed rollout batch.
+struct StreamRow {
+    rng: u64,
+    logits: Vec<f32>,
+    out: Completion,
+    done: bool,
+    next_pos: u32,
+}
+
+/// The G rows of one prompt in a streamed rollout batch (they join and leave together).
+struct StreamGroup {
+    prompt: usize,
+    prompt_len: usize,
+    rows: Vec<StreamRow>,
+}
+
+impl Model {
+    /// Rollouts as a stream (continuous batching): at most `max_rows` rows decode at once
+    /// (at least one group). A prompt's G rows join the running batch together, right
+    /// after its prefill, and leave it together once the last of them has finished; then
+    /// `finished(prompt, completions)` receives them and the next prompt's group takes the
+    /// freed rows, so no row waits for the longest row of a fixed batch. Groups are the
+    /// unit because they share their prompt's keys and values (`KvCache::join_prompt`):
+    /// a finished row of a running group idles until its group ends, as in
+    /// [`Model::rollouts`]. A completion is the one [`Model::rollouts`] gives (its own
+    /// seed, prompt and g): the same tokens, log-probs to float rounding (which rows share
+    /// a GEMM differs).
+    pub fn rollouts_streamed(
+        &self,
+        prompts: &[Vec<u32>],
+        prompt_seeds: &[u64],
+        params: &RolloutParams,
+        stop_ids: &[u32],
+        max_rows: usize,
+        mut finished: impl FnMut(usize, Vec<Completion>) -> Result<()>,
+    ) -> Result<()> {
+        if prompts.len() != prompt_seeds.len() {
+            bail!("{} prompts but {} seeds", prompts.len(), prompt_seeds.len());
+        }
+        if prompts.iter().any(Vec::is_empty) {
+            bail!("cannot generate from an empty prompt");
+        }
+        let g = params.group;
+        if g == 0 || params.max_new_tokens == 0 {
+            return prompts.iter().enumerate().try_for_each(|(p, _)| finished(p, Vec::new()));
+        }
+        let _inference = self.inference();
+        let device = self.device().clone();
+        let groups_at_once = (max_rows / g).max(1);
+        let mut cache = KvCache::shared_prompts(params.max_new_tokens + 1);
+        let mut live: Vec<StreamGroup> = Vec::new();
+        let mut next = 0;
+        let pad_token = stop_ids.first().copied().unwrap_or(0);
+        loop {
+            while live.len() < groups_at_once && next < prompts.len() {
+                let prompt = &prompts[next];
+                let len = prompt.len();
+                let mut one = KvCache::with_capacity(len);
+                let input = Tensor::from_slice(prompt, (1, len), &device)?;
+                let positions: Vec<u32> = (0..len as u32).collect();
+                let hidden = self.forward_cached(&input, &positions, &vec![1; len], &mut one)?;
+                let logits = self.logits(&hidden.narrow(1, len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                cache.join_prompt(one, g)?;
+                let rows = (0..g)
+                    .map(|gi| StreamRow {
+                        rng: row_seed(prompt_seeds[next], gi),
+                        logits: logits.clone(),
+                        out: Completion { tokens: vec![], logprobs: vec![], entropies: vec![], stopped: false },
+                        done: false,
+                        next_pos: len as u32,
+                    })
+                    .collect();
+                live.push(StreamGroup { prompt: next, prompt_len: len, rows });
+                next += 1;
+            }
+            if live.is_empty() {
+                return Ok(());
+            }
+            let mut step_ids = Vec::with_capacity(live.len() * g);
+            for group in &mut live {
+                for (gi, row) in group.rows.iter_mut().enumerate() {
+                    if row.done {
+                        step_ids.push(pad_token);
+                        continue;
+                    }
+                    if let Some(bad) = row.logits.iter().find(|v| !v.is_finite()) {
+                        bail!("the model produced {bad} logits at completion token {} of prompt {} (sample {gi})", row.out.tokens.len(), group.prompt);
+                    }
+                    let picked = pick(&row.logits, params, unit(splitmix64(&mut row.rng)));
+                    row.out.tokens.push(picked.token);
+                    row.out.logprobs.push(picked.logprob);
+                    row.out.entropies.push(picked.entropy);
+                    row.out.stopped = stop_ids.contains(&picked.token);
+                    row.done = row.out.stopped || row.out.tokens.len() == params.max_new_tokens;
+                    step_ids.push(picked.token);
+                }
+            }
+            // Groups whose rows have all finished leave; their rows are freed.
+            let mut keep_rows = Vec::with_capacity(step_ids.len());
+            let mut kept_ids = Vec::with_capacity(step_ids.len());
+            let mut still = Vec::with_capacity(live.len());
+            for (i, group) in std::mem::take(&mut live).into_iter().enumerate() {
+                if group.rows.iter().all(|r| r.done) {
+                    finished(group.prompt, group.rows.into_iter().map(|r| r.out).collect())?;
+                } else {
+                    keep_rows.extend(i * g..(i + 1) * g);
+                    kept_ids.extend_from_slice(&step_ids[i * g..(i + 1) * g]);
+                    still.push(group);
+                }
+            }
+            live = still;
+            if keep_rows.len() != step_ids.len() {
+                cache.retain_rows(&keep_rows)?;
+            }
+            if live.is_empty() {
+                continue;
+            }
+            // One new token per row. Each row's key positions: the prompt part (its
+            // prompt right-aligned), then the own part from its start (earlier own
+            // positions are skipped by the attention); a finished row's token is padding.
+            let own = cache.own_len();
+            if cache.capacity().is_some_and(|c| own + 1 > c) {
+                cache.reserve(own + 1 + params.max_new_tokens)?;
+            }
+            let lp = cache.prompt_len();
+            let total = lp + own + 1;
+            let mut segments = Vec::with_capacity(live.len() * g * total);
+            let mut positions = Vec::with_capacity(live.len() * g);
+            for (group, &start) in live.iter().flat_map(|grp| grp.rows.iter().map(move |r| (grp, r))).zip(cache.own_starts()) {
+                let (grp, row) = group;
+                let start = start as usize;
+                segments.extend((0..lp).map(|j| u32::from(j >= lp - grp.prompt_len)));
+                segments.extend((0..own).map(|j| u32::from(j >= start)));
+                segments.push(u32::from(!row.done));
+                positions.push(row.next_pos);
+            }
+            let input = Tensor::from_vec(kept_ids, (live.len() * g, 1), &device)?;
+            let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
+            let logits = self.logits(&hidden)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (row, l) in live.iter_mut().flat_map(|grp| grp.rows.iter_mut()).zip(logits) {
+                row.logits = l;
+                row.next_pos += 1;
+            }
+        }
     }
 }
 

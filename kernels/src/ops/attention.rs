@@ -172,7 +172,8 @@ fn key_tile(d: usize) -> usize {
 /// The keys (or values) of one (batch, kv head), `d` floats a position: positions
 /// `0..first.len() / d` in `first`, the rest in `second`. One plane has an empty `second`;
 /// a row of a shared-prompt cache has its prompt's plane (shared by the prompt's rows)
-/// first and its own completion's plane second, read in place, never joined.
+/// first and its own completion's plane second, both read in place, never joined: a key
+/// tile never spans the two (the forward ends a tile where `first` ends).
 #[derive(Clone, Copy)]
 struct Seq<'a> {
     first: &'a [f32],
@@ -184,24 +185,20 @@ impl<'a> Seq<'a> {
         Seq { first: plane, second: &[] }
     }
 
-    /// Positions `t0..t1`: borrowed where they lie in one part; a tile that straddles the
-    /// two parts is gathered into `scratch` (at most one key tile, once per tile), so the
-    /// tiles, and with them every rounding, are those of the joined sequence.
+    /// Positions held in `first`.
     #[inline(always)]
-    fn rows<'s>(&self, t0: usize, t1: usize, d: usize, scratch: &'s mut Vec<f32>) -> &'s [f32]
-    where
-        'a: 's,
-    {
-        let split = self.first.len() / d.max(1);
+    fn split(&self, d: usize) -> usize {
+        self.first.len() / d.max(1)
+    }
+
+    /// Positions `t0..t1`, all in one of the two parts.
+    #[inline(always)]
+    fn rows(&self, t0: usize, t1: usize, d: usize) -> &'a [f32] {
+        let split = self.split(d);
         if t1 <= split {
             &self.first[t0 * d..t1 * d]
-        } else if t0 >= split {
-            &self.second[(t0 - split) * d..(t1 - split) * d]
         } else {
-            scratch.clear();
-            scratch.extend_from_slice(&self.first[t0 * d..]);
-            scratch.extend_from_slice(&self.second[..(t1 - split) * d]);
-            scratch
+            &self.second[(t0 - split) * d..(t1 - split) * d]
         }
     }
 }
@@ -286,14 +283,19 @@ isa_dispatch! {
         let mut s = vec![0f32; rows * bk];
         let mut max = [f32::NEG_INFINITY; BQ];
         let mut sum = [0f32; BQ];
-        let (mut k_scratch, mut v_scratch) = (Vec::new(), Vec::new());
+        // A shared prompt's keys end a tile (the online softmax takes any tiling), so
+        // that every tile is read in place from one plane.
+        let split = h.k.split(d);
         o.fill(0.0);
         let mut kt0 = k_lo;
         while kt0 < k_hi {
-            let kt1 = (kt0 + bk).min(k_hi);
+            let mut kt1 = (kt0 + bk).min(k_hi);
+            if kt0 < split && split < kt1 {
+                kt1 = split;
+            }
             let kw = kt1 - kt0;
             let sb = &mut s[..rows * kw];
-            let seen = h.scores_tile(q0, q1, kt0, kt1, h.k.rows(kt0, kt1, d, &mut k_scratch), sb);
+            let seen = h.scores_tile(q0, q1, kt0, kt1, h.k.rows(kt0, kt1, d), sb);
             for (r, &(a, e)) in seen[..rows].iter().enumerate().filter(|(_, (a, e))| a < e) {
                 let row = &mut sb[r * kw + a..r * kw + e];
                 let m = max[r].max(max_f32(row));
@@ -305,7 +307,7 @@ isa_dispatch! {
                 }
                 max[r] = m;
             }
-            matmul(o, true, Mat::new(sb, rows, kw), Mat::new(h.v.rows(kt0, kt1, d, &mut v_scratch), kw, d), 1.0, Par::Seq);
+            matmul(o, true, Mat::new(sb, rows, kw), Mat::new(h.v.rows(kt0, kt1, d), kw, d), 1.0, Par::Seq);
             kt0 = kt1;
         }
         for r in 0..rows {
@@ -414,7 +416,8 @@ impl CustomOp3 for CausalAttention {
         let v = planes(sv, lv, op)?;
         let starts = self.segment_starts(b, tk)?;
         let dims = Dims { b, hq, hkv, tq, tk, d };
-        let (out, lse) = forward_heads(&q, &dims, &starts, self.scale, |bi, kv| (Seq::one(k.plane(bi, kv)), Seq::one(v.plane(bi, kv))));
+        let row_at: Vec<usize> = (0..=b).map(|r| r * tk).collect();
+        let (out, lse) = forward_heads(&q, &dims, &starts, &row_at, self.scale, |bi, kv| (Seq::one(k.plane(bi, kv)), Seq::one(v.plane(bi, kv))));
         *self.lse.lock().unwrap() = Some(lse);
         Ok((storage_from_f32(out, sq.dtype())?, lq.shape().clone()))
     }
@@ -502,18 +505,20 @@ impl CustomOp3 for CausalAttention {
 }
 
 /// The forward of every (batch, query head): `kv(bi, kv_head)` gives the keys and values
-/// a batch row's kv head reads. Returns the output [b, hq, tq, d] and the per-row
-/// log-sum-exp [b, hq, tq].
-fn forward_heads<'a>(q: &[f32], dims: &Dims, starts: &[usize], scale: f32, kv: impl Fn(usize, usize) -> (Seq<'a>, Seq<'a>) + Sync) -> (Vec<f32>, Vec<f32>) {
-    let Dims { b, hq, hkv, tq, tk, d } = *dims;
-    let (rep, off) = (hq / hkv, tk - tq);
+/// a batch row's kv head reads, `starts[row_at[bi]..row_at[bi + 1]]` where each of its
+/// keys' segment starts (rows may hold different numbers of keys; `dims.tk` is unused).
+/// Returns the output [b, hq, tq, d] and the per-row log-sum-exp [b, hq, tq].
+fn forward_heads<'a>(q: &[f32], dims: &Dims, starts: &[usize], row_at: &[usize], scale: f32, kv: impl Fn(usize, usize) -> (Seq<'a>, Seq<'a>) + Sync) -> (Vec<f32>, Vec<f32>) {
+    let Dims { b, hq, hkv, tq, d, .. } = *dims;
+    let rep = hq / hkv;
     let mut out = crate::cpu::uninit::<f32>(b * hq * tq * d);
     let mut lse = vec![0f32; b * hq * tq];
     // One task per (batch, query head, query block): independent in the forward.
     out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
         let (bi, hi) = (bh / hq, bh % hq);
         let (k, v) = kv(bi, hi / rep);
-        let head = Head { q: &q[bh * tq * d..(bh + 1) * tq * d], k, v, starts: &starts[bi * tk..(bi + 1) * tk], off, d, scale };
+        let starts = &starts[row_at[bi]..row_at[bi + 1]];
+        let head = Head { q: &q[bh * tq * d..(bh + 1) * tq * d], k, v, starts, off: starts.len() - tq, d, scale };
         o.par_chunks_mut(BQ * d).zip(l.par_chunks_mut(BQ)).enumerate().for_each(|(qb, (ob, lb))| {
             let q0 = qb * BQ;
             forward_block(&head, q0, q0 + lb.len(), ob, lb);
@@ -525,15 +530,20 @@ fn forward_heads<'a>(q: &[f32], dims: &Dims, starts: &[usize], scale: f32, kv: i
 /// Causal attention of rows that continue a shared prompt (decoding only, no backward):
 /// batch row `r`'s keys and values are its prompt's, `prefix_k`/`prefix_v` row
 /// `prefix_of_row[r]` ([p, hkv, lp, d], shared by every row of that prompt), followed by
-/// its own (the op's k and v, [b, hkv, n, d]). Everything else is [`CausalAttention`] on
-/// the joined sequence of `lp + n` keys (`segments`: [b, lp + n]), with the same tiles, so
-/// the result is bit for bit that of the prompt copied into every row.
+/// its own from position `own_start[r]` on (the op's k and v, [b, hkv, n, d]: positions
+/// before a row's start were written before it joined and are skipped). Everything else
+/// is [`CausalAttention`] on the joined sequence (`segments`: [b, lp + n], the entries of
+/// skipped positions ignored), except that a key tile ends where the prompt ends: the
+/// result equals that of the prompt copied into every row to float rounding (the
+/// softmax's partial sums are grouped differently), not bit for bit.
 pub struct PrefixAttention {
     pub scale: f32,
     pub segments: Vec<u32>,
     pub prefix_k: Tensor,
     pub prefix_v: Tensor,
     pub prefix_of_row: Vec<usize>,
+    /// Per row, the first own position it reads (empty: 0 for every row).
+    pub own_start: Vec<usize>,
 }
 
 impl CustomOp3 for PrefixAttention {
@@ -555,18 +565,30 @@ impl CustomOp3 for PrefixAttention {
             bail!("{op}: {} prefix rows for {b} batch rows of {p} prefixes", self.prefix_of_row.len());
         }
         let tk = lp + n;
-        if tq > tk {
-            bail!("{op}: {tq} queries for {tk} keys");
+        let own_start = if self.own_start.is_empty() { vec![0; b] } else { self.own_start.clone() };
+        if own_start.len() != b || own_start.iter().any(|&s| s + tq > n) {
+            bail!("{op}: own starts {own_start:?} for {b} rows of {n} positions and {tq} queries");
+        }
+        if self.segments.len() != b * tk {
+            bail!("{op}: segment ids have {} entries, expected {b}x{tk}", self.segments.len());
         }
         let q = f32_view(sq, lq, op)?;
         let (k, v) = (planes(sk, lk, op)?, planes(sv, lv, op)?);
         let pk = planes(crate::cpu::cpu_storage(&pk_g.0, op)?, pk_g.1, op)?;
         let pv = planes(crate::cpu::cpu_storage(&pv_g.0, op)?, pv_g.1, op)?;
-        let starts = segment_starts(Some(&self.segments), b, tk)?;
+        // Each row's keys: the prompt's lp, then its own from its start.
+        let (mut starts, mut row_at) = (Vec::with_capacity(b * tk), vec![0]);
+        for (r, &from) in own_start.iter().enumerate() {
+            let seg = &self.segments[r * tk..(r + 1) * tk];
+            let joined: Vec<u32> = seg[..lp].iter().chain(&seg[lp + from..]).copied().collect();
+            starts.extend(segment_starts(Some(&joined), 1, joined.len())?);
+            row_at.push(starts.len());
+        }
         let dims = Dims { b, hq, hkv, tq, tk, d };
         let rows = &self.prefix_of_row;
-        let (out, _lse) = forward_heads(&q, &dims, &starts, self.scale, |bi, kv| {
-            (Seq { first: pk.plane(rows[bi], kv), second: k.plane(bi, kv) }, Seq { first: pv.plane(rows[bi], kv), second: v.plane(bi, kv) })
+        let (out, _lse) = forward_heads(&q, &dims, &starts, &row_at, self.scale, |bi, kv| {
+            let own = own_start[bi] * d;
+            (Seq { first: pk.plane(rows[bi], kv), second: &k.plane(bi, kv)[own..] }, Seq { first: pv.plane(rows[bi], kv), second: &v.plane(bi, kv)[own..] })
         });
         Ok((storage_from_f32(out, sq.dtype())?, lq.shape().clone()))
     }
