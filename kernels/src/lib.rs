@@ -240,14 +240,8 @@ pub fn prefix_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, prefix_k: &Te
     if q.track_op() || k.track_op() || v.track_op() || prefix_k.track_op() || prefix_v.track_op() {
         candle_core::bail!("prefix_causal_attention is for decoding: it has no backward (run under inference mode)");
     }
-    if own_start.iter().any(|&s| s != 0) && !fused(q) {
-        // The joined fallback below needs one key count for all rows.
-        candle_core::bail!("prefix_causal_attention: rows that joined late (own_start > 0) are supported on CPU only");
-    }
     if !fused(q) {
-        let rows = Tensor::from_slice(prefix_of_row, prefix_of_row.len(), q.device())?;
-        let join = |prefix: &Tensor, own: &Tensor| Tensor::cat(&[&prefix.index_select(&rows, 0)?, &own.contiguous()?], 2);
-        return causal_attention(q, &join(prefix_k, k)?, &join(prefix_v, v)?, Some(segments), scale);
+        return reference::prefix_causal_attention(q, k, v, prefix_k, prefix_v, prefix_of_row, own_start, segments, scale);
     }
     let op = ops::attention::PrefixAttention {
         scale: scale as f32,

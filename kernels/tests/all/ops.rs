@@ -487,6 +487,10 @@ fn prefix_attention_skips_own_positions_before_a_rows_start() {
         let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst <= 2e-6, "row {r}: {worst}");
     }
+    // The tensor-op path (other devices) gives the same.
+    let joined = r::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &of_row, &own_start, &seg, 0.25).unwrap();
+    let (a, z) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), joined.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert!(a.iter().zip(&z).all(|(x, y)| (x - y).abs() <= 2e-6));
     let err = k::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &of_row, &[0, 0, 300], &seg, 0.25).unwrap_err();
     assert!(format!("{err}").contains("own starts"), "{err}");
 }
