@@ -172,10 +172,12 @@ impl Layer {
 /// prompt's (one row of a shared per-prompt cache, prefilled once) followed by its own
 /// (the completion, appended in place). This is the two-block case of a paged KV cache
 /// (a block table of two entries per row: the prompt block, shared and never written,
-/// and the row's own block): rollouts start all the rows of a batch at one step and
-/// append to each row in lockstep, so one own block per row, preallocated to the
-/// longest completion, is as small as fixed-size pages would be and needs no page
-/// table or gather in the attention kernel.
+/// and the row's own block): rollouts append to every row in lockstep, so one own block
+/// per row, preallocated to the longest completion, is as small as fixed-size pages
+/// would be and needs no page table or gather in the attention kernel. Rows that join a
+/// running stream later ([`KvCache::join_prompt`]) start their own block at the current
+/// position (`own_start`); the positions no row needs are cut off when a group leaves
+/// ([`KvCache::retain_rows`]). ARCHITECTURE.md, "Rollouts: one prompt KV per group".
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
