@@ -184,3 +184,44 @@ pub fn linear_cross_entropy_rows(hidden: &Tensor, lm_head: &Tensor, targets: &Te
     let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
     (lse - picked)?.squeeze(1)
 }
+
+/// [`crate::prefix_causal_attention`] from tensor ops (the path of devices without the
+/// CPU op): each row's prompt rows are gathered and joined in front of its own, then
+/// [`crate::causal_attention`] runs on the joined rows. A row's skipped own positions
+/// (before its `own_start`) are moved to the front of its joined row with segment id 0,
+/// so every row keeps `lp + n` keys and the query its position at the end; attention
+/// skips them as padding.
+#[allow(clippy::too_many_arguments)]
+pub fn prefix_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, prefix_k: &Tensor, prefix_v: &Tensor, prefix_of_row: &[u32], own_start: &[u32], segments: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, _, n, _) = k.dims4()?;
+    let (p, _, lp, _) = prefix_k.dims4()?;
+    if prefix_of_row.len() != b || prefix_of_row.iter().any(|&r| r as usize >= p) {
+        candle_core::bail!("prefix-attention: {} prefix rows for {b} batch rows of {p} prefixes", prefix_of_row.len());
+    }
+    let rows = Tensor::from_slice(prefix_of_row, b, q.device())?;
+    let join = |prefix: &Tensor, own: &Tensor| Tensor::cat(&[&prefix.index_select(&rows, 0)?, &own.contiguous()?], 2);
+    let (kj, vj) = (join(prefix_k, k)?, join(prefix_v, v)?);
+    if own_start.iter().all(|&s| s == 0) {
+        return crate::causal_attention(q, &kj, &vj, Some(segments), scale);
+    }
+    if own_start.len() != b || own_start.iter().any(|&s| s as usize >= n) {
+        candle_core::bail!("prefix-attention: own starts {own_start:?} for {b} rows of {n} positions");
+    }
+    // Joined position j of row r comes from: a skipped own position (j < s), the prompt
+    // (s <= j < s + lp), or its own position j.
+    let tk = lp + n;
+    let seg = crate::ops::attention::segments_vec(segments)?;
+    let (mut from, mut ids) = (Vec::with_capacity(b * tk), Vec::with_capacity(b * tk));
+    for (r, &s) in own_start.iter().enumerate() {
+        let s = s as usize;
+        for j in 0..tk {
+            let src = if j < s { lp } else if j < s + lp { j - s } else { j };
+            from.push(src as u32);
+            ids.push(if j < s { 0 } else { seg[r * tk + src] });
+        }
+    }
+    let (_, h, _, d) = kj.dims4()?;
+    let index = Tensor::from_vec(from, (b, 1, tk, 1), q.device())?.broadcast_as((b, h, tk, d))?.contiguous()?;
+    let ids = Tensor::from_vec(ids, (b, tk), q.device())?;
+    crate::causal_attention(q, &kj.gather(&index, 2)?, &vj.gather(&index, 2)?, Some(&ids), scale)
+}

@@ -167,10 +167,43 @@ impl Layer {
 /// as [b, kv_heads, capacity, d], writes every step's positions in place and hands
 /// attention a view of the filled part. [`KvCache::new`] grows by concatenation,
 /// which reallocates and copies the whole cache every step.
+///
+/// A cache made by [`KvCache::share_prompts`] holds prompts once: each row's keys are its
+/// prompt's (one row of a shared per-prompt cache, prefilled once) followed by its own
+/// (the completion, appended in place). This is the two-block case of a paged KV cache
+/// (a block table of two entries per row: the prompt block, shared and never written,
+/// and the row's own block): rollouts append to every row in lockstep, so one own block
+/// per row, preallocated to the longest completion, is as small as fixed-size pages
+/// would be and needs no page table or gather in the attention kernel. Rows that join a
+/// running stream later ([`KvCache::join_prompt`]) start their own block at the current
+/// position (`own_start`); the positions no row needs are cut off when a group leaves
+/// ([`KvCache::retain_rows`]). ARCHITECTURE.md, "Rollouts: one prompt KV per group".
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     capacity: Option<usize>,
+    prompts: Option<SharedPrompts>,
+}
+
+/// The prompt part of a shared-prompt cache: per layer, the prompts' keys and values
+/// [p, kv_heads, len, d] (left-padded to the longest prompt), and which prompt each
+/// batch row continues.
+struct SharedPrompts {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    of_row: Vec<u32>,
+    /// Per row, its first own position (rows that joined a running batch start later).
+    own_start: Vec<u32>,
+}
+
+/// One layer's shared prompts as attention reads them.
+pub struct PromptKv<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    /// The prompt row of each batch row.
+    pub of_row: &'a [u32],
+    /// The first own position each row reads.
+    pub own_start: &'a [u32],
 }
 
 /// One layer's keys and values; with a capacity, only the first `len` positions
@@ -188,13 +221,122 @@ impl KvCache {
     }
     /// A cache for at most `capacity` positions, preallocated at the first step.
     pub fn with_capacity(capacity: usize) -> Self {
-        Self { layers: Vec::new(), capacity: Some(capacity) }
+        Self { layers: Vec::new(), capacity: Some(capacity), prompts: None }
+    }
+    /// Rows that continue the prompts of `prefilled` (one row per prompt, as prefilled):
+    /// row r continues prompt `of_row[r]`, whose keys and values are held once and read
+    /// in place by every row continuing it (never copied); each row appends its own
+    /// positions, at most `capacity` of them. Decoding only (attention on such a cache
+    /// has no backward).
+    pub fn share_prompts(prefilled: KvCache, of_row: Vec<u32>, capacity: usize) -> candle_core::Result<Self> {
+        if prefilled.prompts.is_some() {
+            candle_core::bail!("share_prompts: the prefilled cache already shares prompts");
+        }
+        let (p, len) = (prefilled.rows(), prefilled.len());
+        if let Some(bad) = of_row.iter().find(|&&r| r as usize >= p) {
+            candle_core::bail!("share_prompts: row continues prompt {bad} of {p}");
+        }
+        let mut layers = Vec::with_capacity(prefilled.layers.len());
+        for entry in prefilled.layers {
+            let Some(e) = entry else { candle_core::bail!("share_prompts: a layer of the prefilled cache holds no keys") };
+            // The filled part only: a buffer with spare capacity is copied once to its
+            // length (a prefill sized to its prompts, as `rollouts` makes it, is not).
+            let filled = e.len;
+            let fit = |t: Tensor| -> candle_core::Result<Tensor> { if t.dim(2)? == filled { Ok(t) } else { t.narrow(2, 0, filled)?.contiguous() } };
+            layers.push((fit(e.k)?, fit(e.v)?));
+        }
+        let own_start = vec![0; of_row.len()];
+        Ok(Self { layers: Vec::new(), capacity: Some(capacity), prompts: Some(SharedPrompts { layers, len, of_row, own_start }) })
+    }
+
+    /// An empty shared-prompt cache that rows join with [`KvCache::join_prompt`] (own
+    /// positions preallocated for `capacity`, grown by [`KvCache::reserve`]).
+    pub fn shared_prompts(capacity: usize) -> Self {
+        Self { layers: Vec::new(), capacity: Some(capacity), prompts: Some(SharedPrompts { layers: Vec::new(), len: 0, of_row: Vec::new(), own_start: Vec::new() }) }
+    }
+
+    /// Positions of the rows' own part (all rows write the next one in lockstep).
+    pub fn own_len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
+    }
+
+    /// Prompt positions every row's keys begin with (shorter prompts left-padded).
+    pub fn prompt_len(&self) -> usize {
+        self.prompts.as_ref().map_or(0, |s| s.len)
+    }
+
+    /// Each row's first own position.
+    pub fn own_starts(&self) -> &[u32] {
+        self.prompts.as_ref().map_or(&[], |s| &s.own_start)
+    }
+
+    /// `rows` new rows that continue the prompt of `prefilled` (one row, prefilled alone),
+    /// which is stored once; the rows' own positions start at the current own length. A
+    /// prompt shorter than the stored ones is left-padded to their length; a longer one
+    /// pads them instead (one copy of each stored prompt, not of its rows).
+    pub fn join_prompt(&mut self, prefilled: KvCache, rows: usize) -> candle_core::Result<()> {
+        if prefilled.prompts.is_some() || prefilled.rows() != 1 {
+            candle_core::bail!("join_prompt: takes one prefilled prompt row");
+        }
+        let own = self.own_len() as u32;
+        let Some(s) = self.prompts.as_mut() else { candle_core::bail!("join_prompt: not a shared-prompt cache") };
+        let len = prefilled.len();
+        let pad = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+            if n == 0 {
+                return Ok(t.clone());
+            }
+            let (b, h, _, d) = t.dims4()?;
+            Tensor::cat(&[&Tensor::zeros((b, h, n, d), t.dtype(), t.device())?, t], 2)
+        };
+        let longest = s.len.max(len);
+        let mut layers = Vec::with_capacity(prefilled.layers.len());
+        for (l, entry) in prefilled.layers.into_iter().enumerate() {
+            let Some(e) = entry else { candle_core::bail!("join_prompt: a layer of the prefilled cache holds no keys") };
+            let (k, v) = (pad(&e.k.narrow(2, 0, e.len)?, longest - len)?, pad(&e.v.narrow(2, 0, e.len)?, longest - len)?);
+            layers.push(match s.layers.get(l) {
+                Some((sk, sv)) => (Tensor::cat(&[&pad(sk, longest - s.len)?, &k], 0)?, Tensor::cat(&[&pad(sv, longest - s.len)?, &v], 0)?),
+                None => (k.contiguous()?, v.contiguous()?),
+            });
+        }
+        let prompt = s.layers.first().map_or(Ok(0), |(k, _)| k.dim(0))? as u32;
+        s.layers = layers;
+        s.len = longest;
+        s.of_row.extend(std::iter::repeat_n(prompt, rows));
+        s.own_start.extend(std::iter::repeat_n(own, rows));
+        // The new rows' own buffers: zeros, never read (they start at `own`).
+        for entry in self.layers.iter_mut().flatten() {
+            let (_, h, c, d) = entry.k.dims4()?;
+            let z = Tensor::zeros((rows, h, c, d), entry.k.dtype(), entry.k.device())?;
+            entry.k = Tensor::cat(&[&entry.k, &z], 0)?;
+            entry.v = Tensor::cat(&[&entry.v, &z], 0)?;
+        }
+        Ok(())
+    }
+    /// Layer `layer`'s shared prompts, if this cache shares prompts.
+    pub fn prompts(&self, layer: usize) -> Option<PromptKv<'_>> {
+        let s = self.prompts.as_ref()?;
+        let (k, v) = s.layers.get(layer)?;
+        Some(PromptKv { k, v, of_row: &s.of_row, own_start: &s.own_start })
     }
     pub fn capacity(&self) -> Option<usize> {
         self.capacity
     }
+    /// Positions per row: the shared prompt's (if any) and the row's own.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
+        self.prompts.as_ref().map_or(0, |s| s.len) + self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
+    }
+    /// Bytes of keys and values held (buffers at their capacity; shared prompts once).
+    pub fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let own: usize = self.layers.iter().flatten().map(|l| size(&l.k) + size(&l.v)).sum();
+        own + self.prompts.as_ref().map_or(0, |s| s.layers.iter().map(|(k, v)| size(k) + size(v)).sum())
+    }
+    /// Refuses what a shared-prompt cache cannot do (its rows' positions are split in two).
+    fn own_rows_only(&self, what: &str) -> candle_core::Result<()> {
+        if self.prompts.is_some() {
+            candle_core::bail!("{what}: not supported on a cache that shares prompts");
+        }
+        Ok(())
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -204,6 +346,7 @@ impl KvCache {
     /// a prompt prefilled once then continues as `n` independent samples. The buffers
     /// keep their capacity.
     pub fn repeat_rows(&mut self, n: usize) -> candle_core::Result<()> {
+        self.own_rows_only("repeat_rows")?;
         for entry in self.layers.iter_mut().flatten() {
             let b = entry.k.dim(0)?;
             let index: Vec<u32> = (0..b as u32).flat_map(|r| std::iter::repeat_n(r, n)).collect();
@@ -215,8 +358,11 @@ impl KvCache {
         Ok(())
     }
 
-    /// Batch rows held (0 before the first step).
+    /// Batch rows held (0 before the first step; a shared-prompt cache: its rows).
     pub fn rows(&self) -> usize {
+        if let Some(s) = &self.prompts {
+            return s.of_row.len();
+        }
         self.layers.first().and_then(|l| l.as_ref()).and_then(|l| l.k.dim(0).ok()).unwrap_or(0)
     }
 
@@ -225,6 +371,9 @@ impl KvCache {
     pub fn retain_rows(&mut self, keep: &[usize]) -> candle_core::Result<()> {
         if keep.is_empty() {
             self.layers.clear();
+            if let Some(s) = self.prompts.as_mut() {
+                (s.of_row, s.own_start, s.layers, s.len) = (Vec::new(), Vec::new(), Vec::new(), 0);
+            }
             return Ok(());
         }
         let rows = self.rows();
@@ -232,11 +381,36 @@ impl KvCache {
             candle_core::bail!("retain_rows: row {bad} of a cache of {rows} rows");
         }
         let index: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
-        self.rebuild(None, |t| t.index_select(&Tensor::from_slice(&index, index.len(), t.device())?, 0))
+        let mut drop = 0;
+        if let Some(s) = self.prompts.as_mut() {
+            // The rows' own positions move; prompts no kept row continues are dropped and
+            // own positions before every kept row's start are cut off.
+            let used: Vec<u32> = {
+                let mut u: Vec<u32> = keep.iter().map(|&r| s.of_row[r]).collect();
+                u.sort_unstable();
+                u.dedup();
+                u
+            };
+            s.of_row = keep.iter().map(|&r| used.binary_search(&s.of_row[r]).unwrap_or(0) as u32).collect();
+            s.own_start = keep.iter().map(|&r| s.own_start[r]).collect();
+            if used.len() < s.layers.first().map_or(Ok(0), |(k, _)| k.dim(0))? {
+                let at = Tensor::from_slice(&used, used.len(), &Device::Cpu)?;
+                for (k, v) in s.layers.iter_mut() {
+                    let at = at.to_device(k.device())?;
+                    (*k, *v) = (k.index_select(&at, 0)?, v.index_select(&at, 0)?);
+                }
+            }
+            drop = s.own_start.iter().copied().min().unwrap_or(0) as usize;
+            s.own_start.iter_mut().for_each(|x| *x -= drop as u32);
+        }
+        let len = self.own_len();
+        self.rebuild(None, |t| t.index_select(&Tensor::from_slice(&index, index.len(), t.device())?, 0)?.narrow(2, drop, len - drop))
     }
 
     /// Append the rows of `other` (same length, same layers) after this cache's rows.
     pub fn append_rows(&mut self, other: KvCache) -> candle_core::Result<()> {
+        self.own_rows_only("append_rows")?;
+        other.own_rows_only("append_rows")?;
         if self.layers.iter().all(Option::is_none) {
             let capacity = self.capacity;
             self.layers = other.layers;
@@ -264,6 +438,7 @@ impl KvCache {
     /// must then be marked with segment 0 there): aligns a shorter cache with a longer
     /// one before [`KvCache::append_rows`].
     pub fn pad_front(&mut self, n: usize) -> candle_core::Result<()> {
+        self.own_rows_only("pad_front")?;
         if n == 0 {
             return Ok(());
         }
@@ -277,6 +452,7 @@ impl KvCache {
 
     /// Drop the first `n` positions of every row (padding no row needs any more).
     pub fn drop_front(&mut self, n: usize) -> candle_core::Result<()> {
+        self.own_rows_only("drop_front")?;
         if n == 0 {
             return Ok(());
         }
@@ -572,11 +748,18 @@ fn attention(attn: &Attention, ctx: &LayerInputs, x: &Tensor, cache: Option<(&mu
     }
     let q = lora_kernels::rope(&q, ctx.cos, ctx.sin)?;
     let k = lora_kernels::rope(&k, ctx.cos, ctx.sin)?;
-    let (k, v) = match cache {
-        Some((c, layer)) => c.append(layer, &k, &v)?,
-        None => (k, v),
+    let scale = 1.0 / (hd as f64).sqrt();
+    let y = match cache {
+        Some((c, layer)) => {
+            let (k, v) = c.append(layer, &k, &v)?;
+            match c.prompts(layer) {
+                // Each row reads its prompt's shared keys, then its own.
+                Some(p) => lora_kernels::prefix_causal_attention(&q, &k, &v, p.k, p.v, p.of_row, p.own_start, ctx.segment_ids, scale)?,
+                None => lora_kernels::causal_attention(&q, &k, &v, Some(ctx.segment_ids), scale)?,
+            }
+        }
+        None => lora_kernels::causal_attention(&q, &k, &v, Some(ctx.segment_ids), scale)?,
     };
-    let y = lora_kernels::causal_attention(&q, &k, &v, Some(ctx.segment_ids), 1.0 / (hd as f64).sqrt())?;
     let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     attn.o_proj.forward(&y)
 }

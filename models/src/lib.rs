@@ -25,7 +25,7 @@ pub use decoder::KvCache;
 pub use generate::{FinishReason, Generated, GenerationStats, SamplingParams};
 pub use io::{write_atomic, write_new};
 pub use lora::{LoraConfig, ALL_TARGETS};
-pub use rollout::{Completion, RolloutParams};
+pub use rollout::{Completion, KvLayout, RolloutParams};
 pub use quant::BaseQuant;
 pub use model::{InferenceGuard, Model, Route, RoutingGuard, DEFAULT_ADAPTER};
 pub use tokenizer::TokenizerBundle;

@@ -1,11 +1,13 @@
 //! Rollouts for reinforcement fine-tuning: G sampled completions per prompt, with the
 //! log-probability of every sampled token.
 //!
-//! - Each prompt is prefilled once (all prompts in one left-padded batch); its KV cache
-//!   rows are then copied G times ([`KvCache::repeat_rows`]) and decoding runs over the
-//!   P x G rows. Copying after the prefill (instead of sharing one cache row between G
-//!   queries) keeps the attention kernel unchanged; the prefill, the expensive part for
-//!   long prompts, is still done once per prompt.
+//! - Each prompt is prefilled once (all prompts in one left-padded batch) and its keys
+//!   and values are held once: the G rows of a prompt read them in place and append only
+//!   their own completion ([`KvCache::share_prompts`], [`KvLayout::SharedPrompt`]). The
+//!   earlier layout, the prompt's cache rows copied G times ([`KvLayout::CopiedPrompt`]),
+//!   stays as the reference the tests and `rollout_bench --kv copied` compare against:
+//!   both give the same tokens, and log-probs to float rounding (a key tile of the
+//!   attention ends where the shared prompt ends).
 //! - Row (p, g) draws from its own SplitMix64 stream seeded from the prompt's seed and g,
 //!   so a completion depends only on (its seed, the prompt, g, the weights), never on
 //!   which other prompts share the batch.
@@ -47,6 +49,17 @@ pub struct Completion {
     pub stopped: bool,
 }
 
+/// How rollouts hold their prompts' keys and values while the completions decode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvLayout {
+    /// Each prompt once, read in place by its G rows (the default).
+    #[default]
+    SharedPrompt,
+    /// The prompt's rows copied into each of its G rows (the layout before shared prompts;
+    /// G times the prompt memory, the reference the shared layout is tested against).
+    CopiedPrompt,
+}
+
 /// The random stream of completion `g` of the prompt whose seed is `prompt_seed`.
 pub fn row_seed(prompt_seed: u64, g: usize) -> u64 {
     mix64(prompt_seed ^ (g as u64 + 1).wrapping_mul(GOLDEN_GAMMA))
@@ -56,6 +69,11 @@ impl Model {
     /// `params.group` completions for every prompt; `prompt_seeds[p]` seeds prompt p's
     /// rows. Returns `[prompt][g]`.
     pub fn rollouts(&self, prompts: &[Vec<u32>], prompt_seeds: &[u64], params: &RolloutParams, stop_ids: &[u32]) -> Result<Vec<Vec<Completion>>> {
+        self.rollouts_with(prompts, prompt_seeds, params, stop_ids, KvLayout::default())
+    }
+
+    /// [`Model::rollouts`] with the prompts' keys and values held as `layout` says.
+    pub fn rollouts_with(&self, prompts: &[Vec<u32>], prompt_seeds: &[u64], params: &RolloutParams, stop_ids: &[u32], layout: KvLayout) -> Result<Vec<Vec<Completion>>> {
         if prompts.len() != prompt_seeds.len() {
             bail!("{} prompts but {} seeds", prompts.len(), prompt_seeds.len());
         }
@@ -78,14 +96,26 @@ impl Model {
             positions.extend((0..longest).map(|i| i.saturating_sub(pad) as u32));
             segments.extend((0..longest).map(|i| u32::from(i >= pad)));
         }
-        let mut cache = KvCache::with_capacity(longest + params.max_new_tokens);
+        // Shared: the prefill's buffers hold exactly the prompts (they become the shared
+        // part); copied: they also hold the completions, and are copied G times.
+        let mut cache = match layout {
+            KvLayout::SharedPrompt => KvCache::with_capacity(longest),
+            KvLayout::CopiedPrompt => KvCache::with_capacity(longest + params.max_new_tokens),
+        };
         let input = Tensor::from_vec(ids, (p, longest), &device)?;
         let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
         let last = hidden.narrow(1, longest - 1, 1)?;
         // The prompt's next-token logits are the same for its G rows: computed once.
         let mut logits = self.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        match layout {
+            KvLayout::SharedPrompt => {
+                let of_row = (0..p * g).map(|r| (r / g) as u32).collect();
+                cache = KvCache::share_prompts(cache, of_row, params.max_new_tokens)?;
+            }
+            KvLayout::CopiedPrompt if g > 1 => cache.repeat_rows(g)?,
+            KvLayout::CopiedPrompt => {}
+        }
         if g > 1 {
-            cache.repeat_rows(g)?;
             logits = logits.into_iter().flat_map(|row| std::iter::repeat_n(row, g)).collect();
         }
 
@@ -138,6 +168,153 @@ impl Model {
             grouped.push(it.by_ref().take(g).collect());
         }
         Ok(grouped)
+    }
+}
+
+/// One row of a streamed rollout batch.
+struct StreamRow {
+    rng: u64,
+    logits: Vec<f32>,
+    out: Completion,
+    done: bool,
+    next_pos: u32,
+}
+
+/// The G rows of one prompt in a streamed rollout batch (they join and leave together).
+struct StreamGroup {
+    prompt: usize,
+    prompt_len: usize,
+    rows: Vec<StreamRow>,
+}
+
+impl Model {
+    /// Rollouts as a stream (continuous batching): at most `max_rows` rows decode at once
+    /// (at least one group). A prompt's G rows join the running batch together, right
+    /// after its prefill, and leave it together once the last of them has finished; then
+    /// `finished(prompt, completions)` receives them and the next prompt's group takes the
+    /// freed rows, so no row waits for the longest row of a fixed batch. Groups are the
+    /// unit because they share their prompt's keys and values (`KvCache::join_prompt`):
+    /// a finished row of a running group idles until its group ends, as in
+    /// [`Model::rollouts`]. A completion is the one [`Model::rollouts`] gives (its own
+    /// seed, prompt and g): the same tokens, log-probs to float rounding (which rows share
+    /// a GEMM differs).
+    pub fn rollouts_streamed(
+        &self,
+        prompts: &[Vec<u32>],
+        prompt_seeds: &[u64],
+        params: &RolloutParams,
+        stop_ids: &[u32],
+        max_rows: usize,
+        mut finished: impl FnMut(usize, Vec<Completion>) -> Result<()>,
+    ) -> Result<()> {
+        if prompts.len() != prompt_seeds.len() {
+            bail!("{} prompts but {} seeds", prompts.len(), prompt_seeds.len());
+        }
+        if prompts.iter().any(Vec::is_empty) {
+            bail!("cannot generate from an empty prompt");
+        }
+        let g = params.group;
+        if g == 0 || params.max_new_tokens == 0 {
+            return prompts.iter().enumerate().try_for_each(|(p, _)| finished(p, Vec::new()));
+        }
+        let _inference = self.inference();
+        let device = self.device().clone();
+        let groups_at_once = (max_rows / g).max(1);
+        let mut cache = KvCache::shared_prompts(params.max_new_tokens + 1);
+        let mut live: Vec<StreamGroup> = Vec::new();
+        let mut next = 0;
+        let pad_token = stop_ids.first().copied().unwrap_or(0);
+        loop {
+            while live.len() < groups_at_once && next < prompts.len() {
+                let prompt = &prompts[next];
+                let len = prompt.len();
+                let mut one = KvCache::with_capacity(len);
+                let input = Tensor::from_slice(prompt, (1, len), &device)?;
+                let positions: Vec<u32> = (0..len as u32).collect();
+                let hidden = self.forward_cached(&input, &positions, &vec![1; len], &mut one)?;
+                let logits = self.logits(&hidden.narrow(1, len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                cache.join_prompt(one, g)?;
+                let rows = (0..g)
+                    .map(|gi| StreamRow {
+                        rng: row_seed(prompt_seeds[next], gi),
+                        logits: logits.clone(),
+                        out: Completion { tokens: vec![], logprobs: vec![], entropies: vec![], stopped: false },
+                        done: false,
+                        next_pos: len as u32,
+                    })
+                    .collect();
+                live.push(StreamGroup { prompt: next, prompt_len: len, rows });
+                next += 1;
+            }
+            if live.is_empty() {
+                return Ok(());
+            }
+            let mut step_ids = Vec::with_capacity(live.len() * g);
+            for group in &mut live {
+                for (gi, row) in group.rows.iter_mut().enumerate() {
+                    if row.done {
+                        step_ids.push(pad_token);
+                        continue;
+                    }
+                    if let Some(bad) = row.logits.iter().find(|v| !v.is_finite()) {
+                        bail!("the model produced {bad} logits at completion token {} of prompt {} (sample {gi})", row.out.tokens.len(), group.prompt);
+                    }
+                    let picked = pick(&row.logits, params, unit(splitmix64(&mut row.rng)));
+                    row.out.tokens.push(picked.token);
+                    row.out.logprobs.push(picked.logprob);
+                    row.out.entropies.push(picked.entropy);
+                    row.out.stopped = stop_ids.contains(&picked.token);
+                    row.done = row.out.stopped || row.out.tokens.len() == params.max_new_tokens;
+                    step_ids.push(picked.token);
+                }
+            }
+            // Groups whose rows have all finished leave; their rows are freed.
+            let mut keep_rows = Vec::with_capacity(step_ids.len());
+            let mut kept_ids = Vec::with_capacity(step_ids.len());
+            let mut still = Vec::with_capacity(live.len());
+            for (i, group) in std::mem::take(&mut live).into_iter().enumerate() {
+                if group.rows.iter().all(|r| r.done) {
+                    finished(group.prompt, group.rows.into_iter().map(|r| r.out).collect())?;
+                } else {
+                    keep_rows.extend(i * g..(i + 1) * g);
+                    kept_ids.extend_from_slice(&step_ids[i * g..(i + 1) * g]);
+                    still.push(group);
+                }
+            }
+            live = still;
+            if keep_rows.len() != step_ids.len() {
+                cache.retain_rows(&keep_rows)?;
+            }
+            if live.is_empty() {
+                continue;
+            }
+            // One new token per row. Each row's key positions: the prompt part (its
+            // prompt right-aligned), then the own part from its start (earlier own
+            // positions are skipped by the attention); a finished row's token is padding.
+            let own = cache.own_len();
+            if cache.capacity().is_some_and(|c| own + 1 > c) {
+                cache.reserve(own + 1 + params.max_new_tokens)?;
+            }
+            let lp = cache.prompt_len();
+            let total = lp + own + 1;
+            let mut segments = Vec::with_capacity(live.len() * g * total);
+            let mut positions = Vec::with_capacity(live.len() * g);
+            for (group, &start) in live.iter().flat_map(|grp| grp.rows.iter().map(move |r| (grp, r))).zip(cache.own_starts()) {
+                let (grp, row) = group;
+                let start = start as usize;
+                segments.extend((0..lp).map(|j| u32::from(j >= lp - grp.prompt_len)));
+                segments.extend((0..own).map(|j| u32::from(j >= start)));
+                segments.push(u32::from(!row.done));
+                positions.push(row.next_pos);
+            }
+            let input = Tensor::from_vec(kept_ids, (live.len() * g, 1), &device)?;
+            let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
+            let logits = self.logits(&hidden)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (row, l) in live.iter_mut().flat_map(|grp| grp.rows.iter_mut()).zip(logits) {
+                row.logits = l;
+                row.next_pos += 1;
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //!     rollout_bench --model PATH --prompt-ids FILE [--group 8] [--max-new-tokens 128]
 //!                   [--temperature 1.0] [--repeats 3] [--seed 0] [--dtype f32|bf16]
+//!                   [--kv shared|copied]
 //!
 //! FILE is the JSON list of prompt token-id lists that generate_bench.py `--dump-ids`
 //! wrote, so both sides decode from the very same tokens (the chat template is rendered
@@ -11,14 +12,15 @@
 //! sides then do the same work whatever the samples say. No adapter (transformers runs
 //! the base model too). One warm-up call with 2 new tokens, then --repeats timed calls;
 //! the best counts. Prints ONE JSON line: tokens_per_s = prompts x group x max_new_tokens
-//! / best_s.
+//! / best_s. `--kv copied` holds each prompt's keys and values once per completion (the
+//! layout before shared prompts), for before/after comparisons of time and peak RSS.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use lora_benches::peak_rss_mb;
-use lora_models::RolloutParams;
+use lora_models::{KvLayout, RolloutParams};
 use std::time::Instant;
 
 fn main() -> Result<()> {
@@ -26,6 +28,7 @@ fn main() -> Result<()> {
     let (mut model_ref, mut ids_path) = (String::new(), String::new());
     let (mut group, mut max_new, mut temperature, mut repeats, mut seed) = (8usize, 128usize, 1.0f64, 3usize, 0u64);
     let mut dtype = DType::F32;
+    let mut layout = KvLayout::SharedPrompt;
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().with_context(|| format!("{k} needs a value"));
@@ -44,6 +47,13 @@ fn main() -> Result<()> {
                     other => bail!("--dtype {other}: f32 or bf16"),
                 }
             }
+            "--kv" => {
+                layout = match v()?.as_str() {
+                    "shared" => KvLayout::SharedPrompt,
+                    "copied" => KvLayout::CopiedPrompt,
+                    other => bail!("--kv {other}: shared or copied"),
+                }
+            }
             _ => bail!("unknown argument {k}"),
         }
     }
@@ -58,12 +68,12 @@ fn main() -> Result<()> {
     let seeds: Vec<u64> = (0..prompts.len() as u64).map(|p| seed.wrapping_add(p)).collect();
     let params = |n: usize| RolloutParams { group, max_new_tokens: n, temperature, top_k: 0, top_p: 1.0 };
 
-    model.rollouts(&prompts, &seeds, &params(2), &[])?;
+    model.rollouts_with(&prompts, &seeds, &params(2), &[], layout)?;
     let mut times = Vec::with_capacity(repeats);
     let mut sample = String::new();
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
-        let out = model.rollouts(&prompts, &seeds, &params(max_new), &[])?;
+        let out = model.rollouts_with(&prompts, &seeds, &params(max_new), &[], layout)?;
         times.push(t.elapsed().as_secs_f64());
         // The count is the claim: every row must have produced exactly max_new tokens.
         if let Some(c) = out.iter().flatten().find(|c| c.tokens.len() != max_new) {
@@ -78,7 +88,7 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "bench": "lora-train Model::rollouts (prefill once per prompt, P x G rows, no autograd)",
-            "model": model_ref, "dtype": format!("{dtype:?}").to_lowercase(), "prompts": prompts.len(), "group": group,
+            "model": model_ref, "kv": format!("{layout:?}"), "dtype": format!("{dtype:?}").to_lowercase(), "prompts": prompts.len(), "group": group,
             "prompt_tokens": prompts.iter().map(Vec::len).collect::<Vec<_>>(),
             "max_new_tokens": max_new, "temperature": temperature, "repeats": repeats,
             "new_tokens": tokens, "seconds_each": times.iter().map(|t| (t * 1e4).round() / 1e4).collect::<Vec<_>>(),

@@ -60,22 +60,26 @@ impl CausalAttention {
         CausalAttention { scale, segments, lse: Mutex::new(None) }
     }
 
-    /// For each batch row, `start[j]` = first key of the segment containing key `j`.
     fn segment_starts(&self, b: usize, tk: usize) -> Result<Vec<usize>> {
-        let mut start = vec![0usize; b * tk];
-        if let Some(seg) = &self.segments {
-            if seg.len() != b * tk {
-                bail!("causal-attention: segment ids have {} entries, expected {b}x{tk}", seg.len());
-            }
-            for bi in 0..b {
-                for j in 1..tk {
-                    let i = bi * tk + j;
-                    start[i] = if seg[i] == seg[i - 1] { start[i - 1] } else { j };
-                }
+        segment_starts(self.segments.as_deref(), b, tk)
+    }
+}
+
+/// For each batch row, `start[j]` = first key of the segment containing key `j`.
+fn segment_starts(segments: Option<&[u32]>, b: usize, tk: usize) -> Result<Vec<usize>> {
+    let mut start = vec![0usize; b * tk];
+    if let Some(seg) = segments {
+        if seg.len() != b * tk {
+            bail!("causal-attention: segment ids have {} entries, expected {b}x{tk}", seg.len());
+        }
+        for bi in 0..b {
+            for j in 1..tk {
+                let i = bi * tk + j;
+                start[i] = if seg[i] == seg[i - 1] { start[i - 1] } else { j };
             }
         }
-        Ok(start)
     }
+    Ok(start)
 }
 
 /// Whether a [b, h, t, d] layout has every (batch, head) plane of t*d elements
@@ -165,12 +169,47 @@ fn key_tile(d: usize) -> usize {
     (16384 / d.max(1)).clamp(64, 256)
 }
 
-/// The read-only inputs of one (batch, query head): its query plane, the planes of its
-/// key/value head, where each key's segment starts, and the query -> key position offset.
+/// The keys (or values) of one (batch, kv head), `d` floats a position: positions
+/// `0..first.len() / d` in `first`, the rest in `second`. One plane has an empty `second`;
+/// a row of a shared-prompt cache has its prompt's plane (shared by the prompt's rows)
+/// first and its own completion's plane second, both read in place, never joined: a key
+/// tile never spans the two (the forward ends a tile where `first` ends).
+#[derive(Clone, Copy)]
+struct Seq<'a> {
+    first: &'a [f32],
+    second: &'a [f32],
+}
+
+impl<'a> Seq<'a> {
+    fn one(plane: &'a [f32]) -> Self {
+        Seq { first: plane, second: &[] }
+    }
+
+    /// Positions held in `first`.
+    #[inline(always)]
+    fn split(&self, d: usize) -> usize {
+        self.first.len() / d.max(1)
+    }
+
+    /// Positions `t0..t1`, all in one of the two parts.
+    #[inline(always)]
+    fn rows(&self, t0: usize, t1: usize, d: usize) -> &'a [f32] {
+        let split = self.split(d);
+        if t1 <= split {
+            &self.first[t0 * d..t1 * d]
+        } else {
+            &self.second[(t0 - split) * d..(t1 - split) * d]
+        }
+    }
+}
+
+/// The read-only inputs of one (batch, query head): its query plane, the keys and values
+/// of its key/value head, where each key's segment starts, and the query -> key position
+/// offset.
 struct Head<'a> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    k: Seq<'a>,
+    v: Seq<'a>,
     starts: &'a [usize],
     off: usize,
     d: usize,
@@ -195,11 +234,12 @@ impl Head<'_> {
     /// `s` (rows x kw) = scale * Q[q0..q1] K[kt0..kt1]^T with the keys a row does not see
     /// set to 0. Returns each row's visible column range (the caller's loop over them
     /// stays in the caller's instruction set: a closure here would not).
+    /// `keys`: the tile's keys (kw x d).
     #[inline(always)]
-    fn scores_tile(&self, q0: usize, q1: usize, kt0: usize, kt1: usize, s: &mut [f32]) -> [(usize, usize); BQ] {
+    fn scores_tile(&self, q0: usize, q1: usize, kt0: usize, kt1: usize, keys: &[f32], s: &mut [f32]) -> [(usize, usize); BQ] {
         let (d, kw) = (self.d, kt1 - kt0);
         let qb = Mat::new(&self.q[q0 * d..q1 * d], q1 - q0, d);
-        matmul(s, false, qb, Mat::new(&self.k[kt0 * d..kt1 * d], kw, d).t(), self.scale, Par::Seq);
+        matmul(s, false, qb, Mat::new(keys, kw, d).t(), self.scale, Par::Seq);
         let mut seen = [(0, 0); BQ];
         for (r, row) in s.chunks_exact_mut(kw).enumerate() {
             let (a, e) = self.visible_in(q0 + r, kt0, kt1).unwrap_or((0, 0));
@@ -243,13 +283,19 @@ isa_dispatch! {
         let mut s = vec![0f32; rows * bk];
         let mut max = [f32::NEG_INFINITY; BQ];
         let mut sum = [0f32; BQ];
+        // A shared prompt's keys end a tile (the online softmax takes any tiling), so
+        // that every tile is read in place from one plane.
+        let split = h.k.split(d);
         o.fill(0.0);
         let mut kt0 = k_lo;
         while kt0 < k_hi {
-            let kt1 = (kt0 + bk).min(k_hi);
+            let mut kt1 = (kt0 + bk).min(k_hi);
+            if kt0 < split && split < kt1 {
+                kt1 = split;
+            }
             let kw = kt1 - kt0;
             let sb = &mut s[..rows * kw];
-            let seen = h.scores_tile(q0, q1, kt0, kt1, sb);
+            let seen = h.scores_tile(q0, q1, kt0, kt1, h.k.rows(kt0, kt1, d), sb);
             for (r, &(a, e)) in seen[..rows].iter().enumerate().filter(|(_, (a, e))| a < e) {
                 let row = &mut sb[r * kw + a..r * kw + e];
                 let m = max[r].max(max_f32(row));
@@ -261,7 +307,7 @@ isa_dispatch! {
                 }
                 max[r] = m;
             }
-            matmul(o, true, Mat::new(sb, rows, kw), Mat::new(&h.v[kt0 * d..kt1 * d], kw, d), 1.0, Par::Seq);
+            matmul(o, true, Mat::new(sb, rows, kw), Mat::new(h.v.rows(kt0, kt1, d), kw, d), 1.0, Par::Seq);
             kt0 = kt1;
         }
         for r in 0..rows {
@@ -296,9 +342,10 @@ isa_dispatch! {
             let kt1 = (kt0 + bk).min(k_hi);
             let kw = kt1 - kt0;
             let (pb, dpb) = (&mut p[..rows * kw], &mut dp[..rows * kw]);
-            let kb = Mat::new(&h.k[kt0 * d..kt1 * d], kw, d);
-            let vb = Mat::new(&h.v[kt0 * d..kt1 * d], kw, d);
-            let seen = h.scores_tile(q0, q1, kt0, kt1, pb);
+            // The backward runs on one plane (`CausalAttention`): `first` is all of it.
+            let kb = Mat::new(&h.k.first[kt0 * d..kt1 * d], kw, d);
+            let vb = Mat::new(&h.v.first[kt0 * d..kt1 * d], kw, d);
+            let seen = h.scores_tile(q0, q1, kt0, kt1, &h.k.first[kt0 * d..kt1 * d], pb);
             for (r, &(a, e)) in seen[..rows].iter().enumerate() {
                 let l = g.lse[q0 + r];
                 pb[r * kw + a..r * kw + e].iter_mut().for_each(|x| *x = fast_exp(*x - l));
@@ -368,26 +415,9 @@ impl CustomOp3 for CausalAttention {
         let k = planes(sk, lk, op)?;
         let v = planes(sv, lv, op)?;
         let starts = self.segment_starts(b, tk)?;
-        let (rep, off, scale) = (hq / hkv, tk - tq, self.scale);
-        let mut out = crate::cpu::uninit::<f32>(b * hq * tq * d);
-        let mut lse = vec![0f32; b * hq * tq];
-        // One task per (batch, query head, query block): independent in the forward.
-        out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
-            let (bi, hi) = (bh / hq, bh % hq);
-            let head = Head {
-                q: &q[bh * tq * d..(bh + 1) * tq * d],
-                k: k.plane(bi, hi / rep),
-                v: v.plane(bi, hi / rep),
-                starts: &starts[bi * tk..(bi + 1) * tk],
-                off,
-                d,
-                scale,
-            };
-            o.par_chunks_mut(BQ * d).zip(l.par_chunks_mut(BQ)).enumerate().for_each(|(qb, (ob, lb))| {
-                let q0 = qb * BQ;
-                forward_block(&head, q0, q0 + lb.len(), ob, lb);
-            });
-        });
+        let dims = Dims { b, hq, hkv, tq, tk, d };
+        let row_at: Vec<usize> = (0..=b).map(|r| r * tk).collect();
+        let (out, lse) = forward_heads(&q, &dims, &starts, &row_at, self.scale, |bi, kv| (Seq::one(k.plane(bi, kv)), Seq::one(v.plane(bi, kv))));
         *self.lse.lock().unwrap() = Some(lse);
         Ok((storage_from_f32(out, sq.dtype())?, lq.shape().clone()))
     }
@@ -452,8 +482,8 @@ impl CustomOp3 for CausalAttention {
             let span = |n: usize, i: usize| i * n..(i + 1) * n;
             let head = Head {
                 q: &qv[span(tq * d, t.bh)],
-                k: &kv[span(tk * d, bkv)],
-                v: &vv[span(tk * d, bkv)],
+                k: Seq::one(&kv[span(tk * d, bkv)]),
+                v: Seq::one(&vv[span(tk * d, bkv)]),
                 starts: &starts[bi * tk..(bi + 1) * tk],
                 off,
                 d,
@@ -472,6 +502,99 @@ impl CustomOp3 for CausalAttention {
         let dv = if v.track_op() { Some(tensor_from_f32(dv, v.shape(), v.dtype())?) } else { None };
         Ok((dq, dk, dv))
     }
+}
+
+/// The forward of every (batch, query head): `kv(bi, kv_head)` gives the keys and values
+/// a batch row's kv head reads, `starts[row_at[bi]..row_at[bi + 1]]` where each of its
+/// keys' segment starts (rows may hold different numbers of keys; `dims.tk` is unused).
+/// Returns the output [b, hq, tq, d] and the per-row log-sum-exp [b, hq, tq].
+fn forward_heads<'a>(q: &[f32], dims: &Dims, starts: &[usize], row_at: &[usize], scale: f32, kv: impl Fn(usize, usize) -> (Seq<'a>, Seq<'a>) + Sync) -> (Vec<f32>, Vec<f32>) {
+    let Dims { b, hq, hkv, tq, d, .. } = *dims;
+    let rep = hq / hkv;
+    let mut out = crate::cpu::uninit::<f32>(b * hq * tq * d);
+    let mut lse = vec![0f32; b * hq * tq];
+    // One task per (batch, query head, query block): independent in the forward.
+    out.par_chunks_mut(tq * d).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (o, l))| {
+        let (bi, hi) = (bh / hq, bh % hq);
+        let (k, v) = kv(bi, hi / rep);
+        let starts = &starts[row_at[bi]..row_at[bi + 1]];
+        let head = Head { q: &q[bh * tq * d..(bh + 1) * tq * d], k, v, starts, off: starts.len() - tq, d, scale };
+        o.par_chunks_mut(BQ * d).zip(l.par_chunks_mut(BQ)).enumerate().for_each(|(qb, (ob, lb))| {
+            let q0 = qb * BQ;
+            forward_block(&head, q0, q0 + lb.len(), ob, lb);
+        });
+    });
+    (out, lse)
+}
+
+/// Causal attention of rows that continue a shared prompt (decoding only, no backward):
+/// batch row `r`'s keys and values are its prompt's, `prefix_k`/`prefix_v` row
+/// `prefix_of_row[r]` ([p, hkv, lp, d], shared by every row of that prompt), followed by
+/// its own from position `own_start[r]` on (the op's k and v, [b, hkv, n, d]: positions
+/// before a row's start were written before it joined and are skipped). Everything else
+/// is [`CausalAttention`] on the joined sequence (`segments`: [b, lp + n], the entries of
+/// skipped positions ignored), except that a key tile ends where the prompt ends: the
+/// result equals that of the prompt copied into every row to float rounding (the
+/// softmax's partial sums are grouped differently), not bit for bit.
+pub struct PrefixAttention {
+    pub scale: f32,
+    pub segments: Vec<u32>,
+    pub prefix_k: Tensor,
+    pub prefix_v: Tensor,
+    pub prefix_of_row: Vec<usize>,
+    /// Per row, the first own position it reads (empty: 0 for every row).
+    pub own_start: Vec<usize>,
+}
+
+impl CustomOp3 for PrefixAttention {
+    fn name(&self) -> &'static str {
+        "prefix-attention"
+    }
+
+    fn cpu_fwd(&self, sq: &CpuStorage, lq: &Layout, sk: &CpuStorage, lk: &Layout, sv: &CpuStorage, lv: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _p = crate::profile::scope(self.name());
+        let op = self.name();
+        let Dims { b, hq, hkv, tq, tk: n, d } = dims(lq.dims(), lk.dims(), lv.dims())?;
+        let (pk_g, pv_g) = (self.prefix_k.storage_and_layout(), self.prefix_v.storage_and_layout());
+        let (pkd, pvd) = (pk_g.1.dims(), pv_g.1.dims());
+        let &[p, phkv, lp, pd] = pkd else { bail!("{op}: prefix keys {pkd:?} must be 4-d") };
+        if pkd != pvd || phkv != hkv || pd != d {
+            bail!("{op}: prefix keys {pkd:?} / values {pvd:?} do not fit keys {:?}", lk.dims());
+        }
+        if self.prefix_of_row.len() != b || self.prefix_of_row.iter().any(|&r| r >= p) {
+            bail!("{op}: {} prefix rows for {b} batch rows of {p} prefixes", self.prefix_of_row.len());
+        }
+        let tk = lp + n;
+        let own_start = if self.own_start.is_empty() { vec![0; b] } else { self.own_start.clone() };
+        if own_start.len() != b || own_start.iter().any(|&s| s + tq > n) {
+            bail!("{op}: own starts {own_start:?} for {b} rows of {n} positions and {tq} queries");
+        }
+        if self.segments.len() != b * tk {
+            bail!("{op}: segment ids have {} entries, expected {b}x{tk}", self.segments.len());
+        }
+        let q = f32_view(sq, lq, op)?;
+        let (k, v) = (planes(sk, lk, op)?, planes(sv, lv, op)?);
+        let pk = planes(crate::cpu::cpu_storage(&pk_g.0, op)?, pk_g.1, op)?;
+        let pv = planes(crate::cpu::cpu_storage(&pv_g.0, op)?, pv_g.1, op)?;
+        // Each row's keys: the prompt's lp, then its own from its start.
+        let (mut starts, mut row_at) = (Vec::with_capacity(b * tk), vec![0]);
+        for (r, &from) in own_start.iter().enumerate() {
+            let seg = &self.segments[r * tk..(r + 1) * tk];
+            let joined: Vec<u32> = seg[..lp].iter().chain(&seg[lp + from..]).copied().collect();
+            starts.extend(segment_starts(Some(&joined), 1, joined.len())?);
+            row_at.push(starts.len());
+        }
+        let dims = Dims { b, hq, hkv, tq, tk, d };
+        let rows = &self.prefix_of_row;
+        let (out, _lse) = forward_heads(&q, &dims, &starts, &row_at, self.scale, |bi, kv| {
+            let own = own_start[bi] * d;
+            (Seq { first: pk.plane(rows[bi], kv), second: &k.plane(bi, kv)[own..] }, Seq { first: pv.plane(rows[bi], kv), second: &v.plane(bi, kv)[own..] })
+        });
+        Ok((storage_from_f32(out, sq.dtype())?, lq.shape().clone()))
+    }
+
+    // No cuda_fwd and no bwd: `lora_kernels::prefix_causal_attention` runs this op only on
+    // CPU and without a graph; elsewhere it joins the planes and runs `causal_attention`.
 }
 
 /// Sum each run of `rep` consecutive planes of `plane` elements (the partials of the

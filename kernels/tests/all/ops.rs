@@ -409,3 +409,88 @@ fn swiglu_cat_matches_reference() {
         }
     }
 }
+
+/// Rows continuing shared prompts read the prompt's planes in place: the fused attention
+/// over the prompt copied in front of each row (to float rounding: a tile ends where the
+/// prompt ends), for decode steps and several queries, with padded prompts, a 256-key tile
+/// (head dim 16) that would span prompt and row, grouped-query heads, f32 and bf16.
+#[test]
+fn prefix_attention_equals_attention_on_the_joined_rows() {
+    for dtype in [DType::F32, DType::BF16] {
+        // (prompts, rows per prompt, hq, hkv, prompt len, own len, queries, d)
+        for (p, g, hq, hkv, lp, n, tq, d) in [(2, 3, 4, 2, 7, 1, 1, 16), (3, 2, 2, 1, 40, 300, 1, 16), (1, 4, 4, 4, 250, 20, 3, 16), (2, 2, 2, 2, 5, 9, 9, 8)] {
+            let b = p * g;
+            let cast = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let (q, kk, v) = (cast(randn(&[b, hq, tq, d])), cast(randn(&[b, hkv, n, d])), cast(randn(&[b, hkv, n, d])));
+            let (pk, pv) = (cast(randn(&[p, hkv, lp, d])), cast(randn(&[p, hkv, lp, d])));
+            let of_row: Vec<u32> = (0..b).map(|r| (r / g) as u32).collect();
+            // Row r's prompt is left-padded by r % 3 positions (segment 0); the last
+            // row's final query is a finished row's padding (segment 0 after 1s).
+            let mut ids = Vec::new();
+            for r in 0..b {
+                let pad = (r % 3).min(lp - 1);
+                ids.extend((0..lp + n).map(|j| u32::from(j >= pad)));
+                if r == b - 1 {
+                    *ids.last_mut().unwrap() = 0;
+                }
+            }
+            let seg = Tensor::from_vec(ids, (b, lp + n), &CPU).unwrap();
+            let got = k::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &of_row, &[], &seg, 0.25).unwrap();
+            let rows = Tensor::from_slice(&of_row, b, &CPU).unwrap();
+            let join = |pre: &Tensor, own: &Tensor| Tensor::cat(&[&pre.index_select(&rows, 0).unwrap(), own], 2).unwrap();
+            let want = k::causal_attention(&q, &join(&pk, &kk), &join(&pv, &v), Some(&seg), 0.25).unwrap();
+            let (got, want) = (got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            // A tile ends where the prompt ends: the same sums, grouped differently.
+            let tol = if dtype == DType::F32 { 2e-6 } else { 1e-2 };
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= tol, "{dtype:?} p {p} g {g} lp {lp} n {n} tq {tq}: {worst}");
+        }
+    }
+}
+
+#[test]
+fn prefix_attention_refuses_a_graph_and_bad_rows() {
+    let (q, kk, v) = (randn(&[2, 2, 1, 8]), randn(&[2, 2, 1, 8]), randn(&[2, 2, 1, 8]));
+    let (pk, pv) = (randn(&[1, 2, 3, 8]), randn(&[1, 2, 3, 8]));
+    let seg = Tensor::ones((2, 4), DType::U32, &CPU).unwrap();
+    let err = k::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &[0, 1], &[], &seg, 0.3).unwrap_err();
+    assert!(format!("{err}").contains("prefix rows"), "{err}");
+    let tracked = Var::from_tensor(&q).unwrap();
+    let err = k::prefix_causal_attention(tracked.as_tensor(), &kk, &v, &pk, &pv, &[0, 0], &[], &seg, 0.3).unwrap_err();
+    assert!(format!("{err}").contains("no backward"), "{err}");
+}
+
+/// Rows that joined late read their own positions from their start on: each row equals
+/// the fused attention over its prompt followed by its own positions from that start.
+#[test]
+fn prefix_attention_skips_own_positions_before_a_rows_start() {
+    let (b, hq, hkv, lp, n, d) = (3, 4, 2, 6, 300, 16);
+    let (q, kk, v) = (randn(&[b, hq, 1, d]), randn(&[b, hkv, n, d]), randn(&[b, hkv, n, d]));
+    let (pk, pv) = (randn(&[2, hkv, lp, d]), randn(&[2, hkv, lp, d]));
+    let (of_row, own_start) = ([0u32, 1, 1], [0u32, 17, 299]);
+    // Prompt row 1 is 4 tokens, left-padded by 2; skipped positions carry junk ids.
+    let mut ids = Vec::new();
+    for r in 0..b {
+        ids.extend((0..lp).map(|j| u32::from(of_row[r] == 0 || j >= 2)));
+        ids.extend((0..n).map(|j| if j < own_start[r] as usize { 7 } else { 1 }));
+    }
+    let seg = Tensor::from_vec(ids.clone(), (b, lp + n), &CPU).unwrap();
+    let got = k::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &of_row, &own_start, &seg, 0.25).unwrap();
+    for r in 0..b {
+        let s = own_start[r] as usize;
+        let one = |t: &Tensor| t.narrow(0, r, 1).unwrap();
+        let join = |pre: &Tensor, own: &Tensor| Tensor::cat(&[&pre.narrow(0, of_row[r] as usize, 1).unwrap(), &one(own).narrow(2, s, n - s).unwrap()], 2).unwrap();
+        let row_ids: Vec<u32> = ids[r * (lp + n)..r * (lp + n) + lp].iter().chain(&ids[r * (lp + n) + lp + s..(r + 1) * (lp + n)]).copied().collect();
+        let row_seg = Tensor::from_vec(row_ids, (1, lp + n - s), &CPU).unwrap();
+        let want = k::causal_attention(&one(&q), &join(&pk, &kk), &join(&pv, &v), Some(&row_seg), 0.25).unwrap();
+        let (g, w) = (one(&got).flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 2e-6, "row {r}: {worst}");
+    }
+    // The tensor-op path (other devices) gives the same.
+    let joined = r::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &of_row, &own_start, &seg, 0.25).unwrap();
+    let (a, z) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), joined.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert!(a.iter().zip(&z).all(|(x, y)| (x - y).abs() <= 2e-6));
+    let err = k::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &of_row, &[0, 0, 300], &seg, 0.25).unwrap_err();
+    assert!(format!("{err}").contains("own starts"), "{err}");
+}

@@ -530,14 +530,19 @@ impl Grpo {
         let params = RolloutParams { group: 1, temperature: 0.0, top_k: 0, top_p: 1.0, max_new_tokens: self.opts.max_completion_length };
         let mut samples = Vec::new();
         let mut tokens = 0u64;
-        for (k, part) in prompts.chunks(self.batch_size.max(self.opts.prompts_per_step)).enumerate() {
-            let ids: Vec<Vec<u32>> = part.iter().map(|p| p.ids.clone()).collect();
-            let out = model.rollouts(&ids, &vec![0; ids.len()], &params, &self.bundle.eos_token_ids)?;
-            for (i, (p, group)) in part.iter().zip(out).enumerate() {
-                let c = &group[0];
-                tokens += c.tokens.len() as u64;
-                samples.push(p.sample(format!("eval-{k}-{i}"), self.bundle.decode(&c.tokens, true)?));
-            }
+        // One row per prompt, at most `chunk` at once: a finished row's place goes to
+        // the next prompt (`rollouts_streamed`). Sample ids keep the chunk numbering.
+        let chunk = self.batch_size.max(self.opts.prompts_per_step).max(1);
+        let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+        let mut done: Vec<Vec<lora_models::Completion>> = vec![Vec::new(); prompts.len()];
+        model.rollouts_streamed(&ids, &vec![0; ids.len()], &params, &self.bundle.eos_token_ids, chunk, |i, group| {
+            done[i] = group;
+            Ok(())
+        })?;
+        for (j, (p, group)) in prompts.iter().zip(done).enumerate() {
+            let Some(c) = group.first() else { anyhow::bail!("held-out prompt {j} got no completion") };
+            tokens += c.tokens.len() as u64;
+            samples.push(p.sample(format!("eval-{}-{}", j / chunk, j % chunk), self.bundle.decode(&c.tokens, true)?));
         }
         let scores = self.evaluators.score_batch(&samples);
         Ok((mean_std(scores.rewards).map(|(m, s, _)| (m, s)), tokens))

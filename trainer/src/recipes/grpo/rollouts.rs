@@ -87,17 +87,21 @@ pub fn run_cycle_scored(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Re
     let stop = &inp.bundle.eos_token_ids;
     let mut rollouts = Vec::with_capacity(chosen.len() * g);
     let mut entropy = (0.0f64, 0usize);
-    for part in chosen.chunks(inp.chunk.max(1)) {
-        let ids: Vec<Vec<u32>> = part.iter().map(|&p| inp.prompts[p].ids.clone()).collect();
-        let seeds: Vec<u64> = part.iter().map(|&p| prompt_seed(inp.seed, index, p)).collect();
-        let out = inp.model.rollouts(&ids, &seeds, inp.params, stop)?;
-        for (&p, group) in part.iter().zip(out) {
-            for (gi, c) in group.into_iter().enumerate() {
-                entropy.0 += c.entropies.iter().map(|&e| e as f64).sum::<f64>();
-                entropy.1 += c.entropies.len();
-                let text = inp.bundle.decode(&c.tokens, true)?;
-                rollouts.push(Rollout { prompt: p, g: gi, tokens: c.tokens, logprobs: c.logprobs, stopped: c.stopped, reward: None, advantage: 0.0, text, prompt_ids: None });
-            }
+    // A stream of at most `chunk` x G rows: a prompt's group joins as soon as another's
+    // has finished, instead of every chunk waiting for its longest row.
+    let ids: Vec<Vec<u32>> = chosen.iter().map(|&p| inp.prompts[p].ids.clone()).collect();
+    let seeds: Vec<u64> = chosen.iter().map(|&p| prompt_seed(inp.seed, index, p)).collect();
+    let mut groups: Vec<Vec<lora_models::Completion>> = vec![Vec::new(); chosen.len()];
+    inp.model.rollouts_streamed(&ids, &seeds, inp.params, stop, inp.chunk.max(1) * g, |i, group| {
+        groups[i] = group;
+        Ok(())
+    })?;
+    for (&p, group) in chosen.iter().zip(groups) {
+        for (gi, c) in group.into_iter().enumerate() {
+            entropy.0 += c.entropies.iter().map(|&e| e as f64).sum::<f64>();
+            entropy.1 += c.entropies.len();
+            let text = inp.bundle.decode(&c.tokens, true)?;
+            rollouts.push(Rollout { prompt: p, g: gi, tokens: c.tokens, logprobs: c.logprobs, stopped: c.stopped, reward: None, advantage: 0.0, text, prompt_ids: None });
         }
     }
     let rollout_s = started.elapsed().as_secs_f64();
