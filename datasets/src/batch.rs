@@ -121,6 +121,15 @@ pub fn pack_best_fit_decreasing(lengths: &[usize], capacity: usize) -> Vec<Vec<u
     rows
 }
 
+/// Swaps the longest of `items` (by `len`; ties: the earlier) to the front; the others keep
+/// their shuffled order. Cut into batches afterwards, the first batch is the largest one
+/// (only the last batch can hold fewer rows), for any batch size.
+pub fn longest_first(items: &mut [usize], len: impl Fn(usize) -> usize) {
+    if let Some(longest) = (0..items.len()).max_by_key(|&k| (len(items[k]), std::cmp::Reverse(k))) {
+        items.swap(0, longest);
+    }
+}
+
 /// Swaps the epoch's largest batch (padded tokens: rows x the longest row; ties: the
 /// longer row, then the earlier batch) to the front, so the first optimizer step of an
 /// epoch holds its peak memory and a run that will not fit fails in its first seconds,
@@ -184,9 +193,11 @@ impl DataLoader {
         let batch_size = self.config.batch_size;
         let row_len = |r: usize| self.rows[r].iter().map(|&s| self.samples[s].len()).sum::<usize>();
         if !self.config.group_by_length || self.config.packing {
-            let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
-            largest_first(&mut batches, row_len);
-            return batches;
+            // The longest row leads the epoch, so the first micro-batch is the largest
+            // (full rows x the longest row) whatever the batch size: moving rows, not
+            // batches, keeps `--batch-size 4` equal to `--batch-size 2` with accumulation 2.
+            longest_first(&mut order, row_len);
+            return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
         }
         // transformers' LengthGroupedSampler: sort mega-batches of 50 batches by length,
         // cut into batches, shuffle the batches; the longest batch goes first so memory
@@ -346,7 +357,16 @@ mod tests {
         }
         // The shuffle still decides the rest: two epochs differ beyond their first batch.
         let config = BatchConfig { batch_size: 3, max_seq_len: 40, group_by_length: false, ..BatchConfig::default() };
-        let loader = DataLoader::new(samples, config);
+        let loader = DataLoader::new(samples.clone(), config.clone());
         assert_ne!(loader.epoch_plan(0)[1..], loader.epoch_plan(1)[1..]);
+        // The row order does not depend on the batch size (batch 6 = batch 3 x accumulation 2).
+        for packing in [false, true] {
+            let rows_in_order = |batch_size: usize| -> Vec<usize> {
+                let loader = DataLoader::new(samples.clone(), BatchConfig { batch_size, packing, ..config.clone() });
+                loader.epoch_plan(2).concat()
+            };
+            assert_eq!(rows_in_order(6), rows_in_order(3));
+            assert_eq!(rows_in_order(6), rows_in_order(1));
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! completion. Both follow TRL's `DPOConfig`.
 use serde::Serialize;
 
-use crate::batch::{largest_first, Batch, BatchConfig, DataLoader};
+use crate::batch::{longest_first, Batch, BatchConfig, DataLoader};
 use crate::mask::TokenizedSample;
 use crate::rng::SplitMix64;
 
@@ -197,11 +197,11 @@ impl PairLoader {
     pub fn batch(&self, epoch: u64, index: usize) -> Option<PairBatch> {
         let mut order: Vec<usize> = (0..self.pairs).collect();
         SplitMix64::derived(self.seed, epoch).shuffle(&mut order);
-        let mut batches: Vec<Vec<usize>> = order.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
-        // A pair's size is its longer side; the batch puts both sides through the model.
+        // The longest pair (by its longer side) leads the epoch: the first micro-batch is the
+        // largest for any batch size, and batch 4 still equals batch 2 x accumulation 2.
         let samples = self.sequences.samples();
-        largest_first(&mut batches, |p| samples[p].len().max(samples[self.pairs + p].len()));
-        batches.get(index).map(|chunk| self.collate(chunk))
+        longest_first(&mut order, |p| samples[p].len().max(samples[self.pairs + p].len()));
+        order.chunks(self.batch_size).nth(index).map(|chunk| self.collate(chunk))
     }
 
     /// Every pair once, in file order (evaluation, reference pre-computation).
