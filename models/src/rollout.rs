@@ -188,6 +188,17 @@ struct StreamGroup {
 }
 
 impl Model {
+    /// [`Model::rollouts_streamed`], every prompt's group collected in prompt order (what
+    /// [`Model::rollouts`] returns, decoded as a stream of at most `max_rows` rows).
+    pub fn rollouts_streamed_all(&self, prompts: &[Vec<u32>], prompt_seeds: &[u64], params: &RolloutParams, stop_ids: &[u32], max_rows: usize) -> Result<Vec<Vec<Completion>>> {
+        let mut groups: Vec<Vec<Completion>> = vec![Vec::new(); prompts.len()];
+        self.rollouts_streamed(prompts, prompt_seeds, params, stop_ids, max_rows, |i, group| {
+            groups[i] = group;
+            Ok(())
+        })?;
+        Ok(groups)
+    }
+
     /// Rollouts as a stream (continuous batching): at most `max_rows` rows decode at once
     /// (at least one group). A prompt's G rows join the running batch together, right
     /// after its prefill, and leave it together once the last of them has finished; then

@@ -534,11 +534,7 @@ impl Grpo {
         // the next prompt (`rollouts_streamed`). Sample ids keep the chunk numbering.
         let chunk = self.batch_size.max(self.opts.prompts_per_step).max(1);
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-        let mut done: Vec<Vec<lora_models::Completion>> = vec![Vec::new(); prompts.len()];
-        model.rollouts_streamed(&ids, &vec![0; ids.len()], &params, &self.bundle.eos_token_ids, chunk, |i, group| {
-            done[i] = group;
-            Ok(())
-        })?;
+        let done = model.rollouts_streamed_all(&ids, &vec![0; ids.len()], &params, &self.bundle.eos_token_ids, chunk)?;
         for (j, (p, group)) in prompts.iter().zip(done).enumerate() {
             let Some(c) = group.first() else { anyhow::bail!("held-out prompt {j} got no completion") };
             tokens += c.tokens.len() as u64;

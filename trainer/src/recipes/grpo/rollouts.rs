@@ -91,11 +91,7 @@ pub fn run_cycle_scored(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Re
     // has finished, instead of every chunk waiting for its longest row.
     let ids: Vec<Vec<u32>> = chosen.iter().map(|&p| inp.prompts[p].ids.clone()).collect();
     let seeds: Vec<u64> = chosen.iter().map(|&p| prompt_seed(inp.seed, index, p)).collect();
-    let mut groups: Vec<Vec<lora_models::Completion>> = vec![Vec::new(); chosen.len()];
-    inp.model.rollouts_streamed(&ids, &seeds, inp.params, stop, inp.chunk.max(1) * g, |i, group| {
-        groups[i] = group;
-        Ok(())
-    })?;
+    let groups = inp.model.rollouts_streamed_all(&ids, &seeds, inp.params, stop, inp.chunk.max(1) * g)?;
     for (&p, group) in chosen.iter().zip(groups) {
         for (gi, c) in group.into_iter().enumerate() {
             entropy.0 += c.entropies.iter().map(|&e| e as f64).sum::<f64>();
