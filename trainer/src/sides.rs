@@ -99,22 +99,23 @@ impl Models {
     }
 }
 
-/// `params.group` decoded completions per prompt, generated `batch_size` prompts at a
-/// time. Prompt i of stream `stream` draws from `prompt_seed(seed, stream, i)`, so an
+/// `params.group` decoded completions per prompt, decoded as a stream of at most
+/// `batch_size` prompts' rows: a prompt joins as soon as another has finished
+/// (`Model::rollouts_streamed`), so no prompt waits for the longest answer of a fixed
+/// batch. Prompt i of stream `stream` draws from `prompt_seed(seed, stream, i)`, so an
 /// answer depends on its index and seed only, never on its batch-mates; different
 /// streams (the sides of `pairs`) never share a random sequence.
 pub fn complete(loaded: &LoadedModel, prompts: &[Prompt], params: &RolloutParams, seed: u64, stream: usize, batch_size: usize, bar: &ProgressBar) -> Result<Vec<Vec<String>>> {
     let bundle = &loaded.tokenizer;
-    let mut out = Vec::with_capacity(prompts.len());
-    let indexed: Vec<(usize, &Prompt)> = prompts.iter().enumerate().collect();
-    for part in indexed.chunks(batch_size.max(1)) {
-        let ids: Vec<Vec<u32>> = part.iter().map(|(_, p)| p.ids.clone()).collect();
-        let seeds: Vec<u64> = part.iter().map(|(i, _)| prompt_seed(seed, stream, *i)).collect();
-        for group in loaded.model.rollouts(&ids, &seeds, params, &bundle.eos_token_ids)? {
-            out.push(group.iter().map(|c| bundle.decode(&c.tokens, true)).collect::<Result<Vec<_>>>()?);
-        }
-        bar.inc(part.len() as u64);
-    }
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let seeds: Vec<u64> = (0..prompts.len()).map(|i| prompt_seed(seed, stream, i)).collect();
+    let mut out: Vec<Vec<String>> = vec![Vec::new(); prompts.len()];
+    let rows = batch_size.max(1) * params.group.max(1);
+    loaded.model.rollouts_streamed(&ids, &seeds, params, &bundle.eos_token_ids, rows, |i, group| {
+        out[i] = group.iter().map(|c| bundle.decode(&c.tokens, true)).collect::<Result<Vec<_>>>()?;
+        bar.inc(1);
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -59,6 +59,15 @@ fn a_few_grpo_steps_write_metrics_rollouts_and_an_adapter() {
         std::fs::read_to_string(out.join("rollouts.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(logged.len(), 3 * 8, "eight completions of each step's 2 x 4");
     assert!(logged.iter().all(|r| r["completion"].is_string() && r["advantage"].is_number()));
+    // The evaluators score each group on their own thread while the others decode, and the
+    // groups finish in any order: each reward must still be its own completion's
+    // (regex `e` weighs 1, length 1-5 weighs 0.5, so the integer part is the regex's).
+    for r in &logged {
+        let has_e = r["completion"].as_str().unwrap().contains('e');
+        let reward = r["reward"].as_f64().expect("every completion scored");
+        assert_eq!(reward.floor() == 1.0, has_e, "a reward that is not its completion's: {r}");
+    }
+    assert!(last["time_scoring_total_s"].is_number());
     let adapter = read_adapter(&out);
     let moved = adapter.iter().filter(|(k, _)| k.contains("lora_B")).any(|(_, v)| v.iter().any(|&x| x != 0.0));
     assert!(moved, "GRPO left every LoRA B at its zero init");

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::advantages::{advantages, ScaleRewards};
 use super::prompts::Prompt;
-use crate::evaluators::{mean_std, EvaluatorSet, SetScores};
+use crate::evaluators::{mean_std, EvaluatorSet, Sample, SetScores};
 
 /// One completion with what training needs of it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -81,38 +81,66 @@ pub fn run_cycle(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<Cy
 }
 
 /// [`run_cycle`], with every evaluator's score of every completion (why one failed).
+///
+/// The evaluators score a prompt's group on their own thread as soon as the group has
+/// finished decoding, while the other groups decode (an external evaluator's processes
+/// or a judge's HTTP calls then cost nothing on top of the rollouts); the advantages wait
+/// for every score. `time_scoring_s` is the scoring time the step still waits for once the
+/// last group has finished, `time_scoring_total_s` the scorer's whole busy time.
 pub fn run_cycle_scored(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<(Cycle, SetScores)> {
     let started = Instant::now();
     let g = inp.params.group;
     let stop = &inp.bundle.eos_token_ids;
-    let mut rollouts = Vec::with_capacity(chosen.len() * g);
     let mut entropy = (0.0f64, 0usize);
     // A stream of at most `chunk` x G rows: a prompt's group joins as soon as another's
     // has finished, instead of every chunk waiting for its longest row.
     let ids: Vec<Vec<u32>> = chosen.iter().map(|&p| inp.prompts[p].ids.clone()).collect();
     let seeds: Vec<u64> = chosen.iter().map(|&p| prompt_seed(inp.seed, index, p)).collect();
-    let groups = inp.model.rollouts_streamed_all(&ids, &seeds, inp.params, stop, inp.chunk.max(1) * g)?;
-    for (&p, group) in chosen.iter().zip(groups) {
-        for (gi, c) in group.into_iter().enumerate() {
-            entropy.0 += c.entropies.iter().map(|&e| e as f64).sum::<f64>();
-            entropy.1 += c.entropies.len();
-            let text = inp.bundle.decode(&c.tokens, true)?;
-            rollouts.push(Rollout { prompt: p, g: gi, tokens: c.tokens, logprobs: c.logprobs, stopped: c.stopped, reward: None, advantage: 0.0, text, prompt_ids: None });
-        }
-    }
-    let rollout_s = started.elapsed().as_secs_f64();
-
-    let started = Instant::now();
+    // Slot k holds the group of chosen[k], whatever order the groups finish in.
+    let mut groups: Vec<Vec<Rollout>> = vec![Vec::new(); chosen.len()];
     let failures_before = inp.evaluators.failure_count();
-    let samples: Vec<_> = rollouts.iter().map(|r| inp.prompts[r.prompt].sample(format!("{}-{}-{}", index, r.prompt, r.g), r.text.clone())).collect();
-    let scores = inp.evaluators.score_batch(&samples);
+    let (group_scores, rollout_s, scoring_s, scoring_total_s) = std::thread::scope(|scope| -> Result<_> {
+        let (to_scorer, finished_groups) = std::sync::mpsc::channel::<(usize, Vec<Sample>)>();
+        let scorer = scope.spawn(move || {
+            let mut scored = Vec::new();
+            let mut busy = 0.0;
+            for (k, samples) in finished_groups {
+                let t = Instant::now();
+                scored.push((k, inp.evaluators.score_batch(&samples)));
+                busy += t.elapsed().as_secs_f64();
+            }
+            (scored, busy)
+        });
+        let decoded = inp.model.rollouts_streamed(&ids, &seeds, inp.params, stop, inp.chunk.max(1) * g, |k, group| {
+            let p = chosen[k];
+            let mut rows = Vec::with_capacity(group.len());
+            for (gi, c) in group.into_iter().enumerate() {
+                entropy.0 += c.entropies.iter().map(|&e| e as f64).sum::<f64>();
+                entropy.1 += c.entropies.len();
+                let text = inp.bundle.decode(&c.tokens, true)?;
+                rows.push(Rollout { prompt: p, g: gi, tokens: c.tokens, logprobs: c.logprobs, stopped: c.stopped, reward: None, advantage: 0.0, text, prompt_ids: None });
+            }
+            let samples = rows.iter().map(|r| inp.prompts[p].sample(format!("{}-{}-{}", index, p, r.g), r.text.clone())).collect();
+            groups[k] = rows;
+            // The scorer only stops early by panicking, which `join` reports below.
+            let _ = to_scorer.send((k, samples));
+            Ok(())
+        });
+        drop(to_scorer); // the scorer ends once it has scored every group sent
+        let rollout_s = started.elapsed().as_secs_f64();
+        let waited = Instant::now();
+        let (scored, busy) = scorer.join().map_err(|_| anyhow::anyhow!("the evaluators' scoring thread panicked"))?;
+        decoded?;
+        Ok((scored, rollout_s, waited.elapsed().as_secs_f64(), busy))
+    })?;
+    let mut rollouts: Vec<Rollout> = groups.into_iter().flatten().collect();
+    let scores = concat_in_prompt_order(group_scores, inp.evaluators.evaluators().len());
     let rewards = scores.rewards.clone();
     let adv = advantages(&rewards, g, inp.scale_rewards);
     for ((r, reward), a) in rollouts.iter_mut().zip(&rewards).zip(&adv.values) {
         r.reward = *reward;
         r.advantage = *a;
     }
-    let scoring_s = started.elapsed().as_secs_f64();
 
     let mut m = cycle_metrics(inp.evaluators, &rewards, &scores.per_evaluator, adv.frac_reward_zero_std, &rollouts);
     if entropy.1 > 0 {
@@ -121,8 +149,23 @@ pub fn run_cycle_scored(inp: &CycleInputs, index: usize, chosen: &[usize]) -> Re
     m.insert("evaluator_failures".into(), (inp.evaluators.failure_count() - failures_before) as f64);
     m.insert("time_rollout_s".into(), rollout_s);
     m.insert("time_scoring_s".into(), scoring_s);
+    m.insert("time_scoring_total_s".into(), scoring_total_s);
     let groups_without_signal = super::signal::groups_without_signal(&rewards, g);
     Ok((Cycle { index, rollouts, metrics: m, groups: chosen.len(), groups_without_signal }, scores))
+}
+
+/// The per-group scores of a streamed cycle, (slot, scores) in finishing order, as one
+/// batch's scores in slot order (the order of the rollouts).
+fn concat_in_prompt_order(mut scored: Vec<(usize, SetScores)>, evaluators: usize) -> SetScores {
+    scored.sort_by_key(|(k, _)| *k);
+    let mut all = SetScores { per_evaluator: vec![Vec::new(); evaluators], rewards: Vec::new() };
+    for (_, s) in scored {
+        for (list, part) in all.per_evaluator.iter_mut().zip(s.per_evaluator) {
+            list.extend(part);
+        }
+        all.rewards.extend(s.rewards);
+    }
+    all
 }
 
 /// The reward and length statistics of a rollout batch for `metrics.jsonl`.
