@@ -3,7 +3,7 @@
 
     python benches/torch/trl_grpo_bench.py --model GGUF --prompts F [--steps 3] [--warmup 1]
         [--num-generations 8] [--prompts-per-step 4] [--max-completion-length 16] [--rank 16]
-        [--threads N]
+        [--threads N] [--dtype f32|bf16]
 
 One step is what `lora-train grpo` does in one optimizer step: sample G completions for each
 of P prompts with the current adapter (TRL's transformers `generate`, no vLLM), score them
@@ -16,7 +16,9 @@ top_k 0, top_p 1, scale_rewards group), with two deliberate exceptions that make
 configuration ours: f32 (bf16=False; TRL would pick bf16 on a bf16-capable host) and no
 gradient checkpointing unless --gradient-checkpointing (TRL 1.16 turns it on by default;
 for step time we do not checkpoint, and recomputing the forward would only slow TRL down;
-the memory comparison, benches/memory/trl_memory.sh, runs both). LoRA r=--rank, alpha 2r, dropout 0 on
+the memory comparison, benches/memory/trl_memory.sh, runs both). `--dtype bf16` loads the
+model in bfloat16 and sets `bf16=True` (autocast); PEFT keeps the LoRA weights in f32
+(`autocast_adapter_dtype`), as ours keeps them with `--dtype bf16`. LoRA r=--rank, alpha 2r, dropout 0 on
 q,k,v,o,gate,up,down, as ours. The model is the GGUF dequantized to f32 with the smollm
 pre-tokenizer restored (scripts/golden/common.py).
 
@@ -92,6 +94,7 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--learning-rate", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="TRL 1.16's default (non-reentrant); off unless given, to match our default")
     ap.add_argument("--output-dir", default="/tmp/trl_grpo_bench")
@@ -105,7 +108,7 @@ def main():
 
     rows = [json.loads(l) for l in open(args.prompts) if l.strip()]
     ds = Dataset.from_list([{"prompt": r["messages"], "ground_truth": str(r["ground_truth"])} for r in rows])
-    model, tok, _info = common.load_model_and_tokenizer(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    model, tok, _info = common.load_model_and_tokenizer(args.model, dtype=torch.float32 if args.dtype == "f32" else torch.bfloat16, attn_implementation="sdpa")
     # transformers has dequantized the GGUF to plain f32 tensors but still flags the model as
     # GGUF-quantized, which Trainer refuses to train; the flag describes the file, not the weights.
     model.hf_quantizer = None
@@ -130,7 +133,7 @@ def main():
         output_dir=args.output_dir, max_steps=total, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, steps_per_generation=1, num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, learning_rate=args.learning_rate,
-        use_cpu=True, bf16=False, gradient_checkpointing=args.gradient_checkpointing, logging_steps=1, report_to="none",
+        use_cpu=True, bf16=args.dtype == "bf16", gradient_checkpointing=args.gradient_checkpointing, logging_steps=1, report_to="none",
         save_strategy="no", seed=42, dataloader_num_workers=0,
     )
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -142,7 +145,7 @@ def main():
     counted = times[args.warmup:]
     print(json.dumps({
         "bench": "TRL GRPOTrainer + PEFT (transformers generate, f32)",
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing": args.gradient_checkpointing, "dtype": args.dtype,
         "model": args.model, "prompts_per_step": args.prompts_per_step, "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length, "rank": args.rank, "warmup": args.warmup,
         "steps": len(counted), "step_s": round(sum(counted) / max(len(counted), 1), 4),
