@@ -173,7 +173,9 @@ pub fn chart_series(chart: &ChartSpec, rows: &[MetricsRow]) -> Vec<Series> {
     for qt in &chart.series {
         for (key, label) in expand(qt, &values) {
             let points: Vec<(f64, f64)> = values.iter().filter_map(|(step, v)| v.get(&key).map(|y| (*step as f64, *y))).collect();
-            if points.is_empty() || out.iter().any(|s: &Series| s.label == label) {
+            // A series equal to one already drawn (one evaluator's reward is the mean
+            // reward) would hide under it and only lengthen the legend.
+            if points.is_empty() || out.iter().any(|s: &Series| s.label == label || s.points == points) {
                 continue;
             }
             let color = PALETTE[out.len() % PALETTE.len()].to_string();
@@ -434,5 +436,19 @@ mod tests {
         assert_eq!(labels, ["clip_ratio/low_mean", "clip_ratio_region"]);
         let absent = ChartSpec { series: vec![q("kl", "KL")], ..chart };
         assert!(chart_series(&absent, &rows).is_empty());
+    }
+
+    #[test]
+    fn a_series_equal_to_one_already_drawn_is_not_drawn_again() {
+        let mut rows = rows();
+        for r in rows.iter_mut().skip(1) {
+            let reward = r.step as f64 / 20.0;
+            r.extra.insert("reward".into(), serde_json::json!(reward));
+            r.extra.insert("rewards_numeric".into(), serde_json::json!(reward)); // the only evaluator
+            r.extra.insert("rewards_format".into(), serde_json::json!(1.0 - reward));
+        }
+        let chart = ChartSpec { file: "r.svg", title: "Reward", y_label: "reward", series: vec![q("reward", "reward (mean)"), q("rewards_*", "")] };
+        let labels: Vec<String> = chart_series(&chart, &rows).into_iter().map(|s| s.label).collect();
+        assert_eq!(labels, ["reward (mean)", "rewards_format"]);
     }
 }

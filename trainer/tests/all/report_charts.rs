@@ -163,6 +163,8 @@ fn grpo_report_tells_the_reward_story_and_charts_every_rollout_family() {
         0 => -0.02 * (s as f64).sin(),
         14 => -(0.344 + 0.0172 * s as f64),
         6 | 7 => 12.0 + s as f64,
+        // Clip ratios that differ (a series equal to one already drawn is not drawn again).
+        8 | 9 => 0.01 * i as f64 + 0.001 * s as f64,
         _ => 0.344 + 0.0172 * s as f64,
     };
     let rows = rows(&train, &eval, f);
