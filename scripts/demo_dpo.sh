@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The DPO demo: teach SmolLM2-135M-Instruct (CPU, f32) to PREFER answering in one line of
 # JSON over prose, from 96 preference pairs built by examples/make_json_preferences.py
-# (chosen: {"answer": ..., "topic": ...}; rejected: the same answer in a sentence), without
-# breaking what it knew. The loss is TRL's combination of the DPO sigmoid loss and an SFT
-# term on the chosen answers (`--loss-type sigmoid,sft`, the RPO remedy for a falling
-# chosen likelihood) at a moderate learning rate. Shows the held-out reward accuracy, margin
+# (chosen: {"answer": "<the answer as a sentence>", "topic": ...}; rejected: the same answer
+# in loose prose), without breaking what it knew. The loss is TRL's combination of the DPO
+# sigmoid loss and an SFT term on the chosen answers (`--loss-type sigmoid,sft`, weights
+# 1,3: the RPO remedy for a falling chosen likelihood) at a moderate learning rate, 2 epochs
+# (README "What was tried" has the settings that kept fewer facts). Shows the held-out reward accuracy, margin
 # and chosen log-prob (lora-train eval on pairs) before and after, the base's and the
 # adapter's greedy answers to questions inside and OUTSIDE the preference data (facts it
 # must keep), a head-to-head win rate, and the report's one-line story.
@@ -46,12 +47,12 @@ before="$(pair_eval)"
 echo "  base model:       $before"
 
 lr="${DEMO_LR:-2e-4}" beta="${DEMO_BETA:-0.5}"
-echo "== 4. lora-train dpo: sigmoid + sft loss (weights 1,1), beta $beta, lr $lr, reference = the base in the same forward pass" >&2
+echo "== 4. lora-train dpo: sigmoid + sft loss (weights 1,3), beta $beta, lr $lr, 2 epochs, reference = the base in the same forward pass" >&2
 rm -rf "$out"
 t_train=$(date +%s)
 "$bin" dpo --model "$gguf" --dataset "$train" --eval-dataset "$eval" --output "$out" \
-  --loss-type sigmoid,sft --loss-weights 1,1 --beta "$beta" \
-  --epochs 1 --batch-size 4 --learning-rate "$lr" --lora-rank 16 --lora-alpha 32 \
+  --loss-type sigmoid,sft --loss-weights 1,3 --beta "$beta" \
+  --epochs 2 --batch-size 4 --learning-rate "$lr" --lora-rank 16 --lora-alpha 32 \
   --eval-interval 6 --checkpoint-interval 24 --device cpu
 t_trained=$(date +%s)
 
