@@ -12,8 +12,8 @@
 //! **The AVX-512 register tile** (`tile512`, used when the CPU has AVX-512 F/BW/VL and
 //! `LORA_KERNELS_ISA` does not cap it): 4 rows of `W` x 6 token rows = 24 zmm
 //! accumulators; each step loads 4 `W` vectors and 6 token vectors for 24 FMAs (29 of the
-//! 32 registers), the last partial step with masked loads (zeros past `k`), then one
-//! horizontal sum per output. Three variants: f32 `W` (`vfmadd`); bf16 `W` widened in
+//! 32 registers), the reduction tail as one more step with masked loads (zeros past `k`,
+//! nothing read beyond the row), then one horizontal sum per output. Three variants: f32 `W` (`vfmadd`); bf16 `W` widened in
 //! registers (a 16-bit shift) against f32 rows, which stay f32; and bf16 rows x bf16 `W`
 //! on `vdpbf16ps` where [`crate::cpu::use_bf16_dot`] picks the bf16 kernel: 32
 //! consecutive bf16 of a row are already the pairs the instruction wants, so only the
@@ -21,11 +21,14 @@
 //! written in intrinsics because the same tile written as arrays of scalar accumulators
 //! ran 5-10x slower (LLVM kept them in memory), and the portable step below (4 rows of
 //! `W` against one token row) loads 5 vectors for 4 FMAs and plateaus near 40-50
-//! GFLOP/s on this 2-vCPU host. The tile reaches 90-105 GFLOP/s in f32 and 150-200 with
-//! `vdpbf16ps`, and beats the general path (sgemm / widen + sgemm / the vdpbf16ps GEMM,
-//! which pad their tiles and pack per call) from 2 rows up to 256 on the SmolLM2 decode
-//! shapes, ties it at 256 (`gemm_bench --decode 1`, BENCHMARKS.md "Many-row decoding"),
-//! so the limits are 256 rows for all three variants.
+//! GFLOP/s on a 2-vCPU Zen 4 host. There the tile reaches 90-105 GFLOP/s in f32 and
+//! 150-200 with `vdpbf16ps` (`gemm_bench --decode 1`, BENCHMARKS.md "Many-row decoding"),
+//! and on the SmolLM2 decode shapes beats the general path (sgemm, widen + sgemm, the
+//! vdpbf16ps GEMM, which pack per call) from 2 rows to 128 on every shape; at 256 sgemm
+//! is within 5% ahead on three shapes and 33% behind on `down`, the tile still ahead
+//! over a layer; so the limits are 256 rows for all three variants. Products under 1 M
+//! multiply-adds (one token row) run on the calling thread: waking the pool cost more
+//! (q/o at one row: 37 GFLOP/s serial, 14-20 through rayon).
 //!
 //! **The portable path** (hosts without AVX-512, compiled through `isa_dispatch!`): 4
 //! rows of `W` against one token row at a time, 16 lanes each, bf16 widened in
@@ -101,16 +104,17 @@ pub fn force_portable<R>(f: impl FnOnce() -> R) -> R {
 /// Whether the AVX-512 register tile runs on this thread: the CPU has AVX-512 F/BW/VL,
 /// `LORA_KERNELS_ISA` does not cap it, and [`force_portable`] is not in effect.
 pub fn tile_available() -> bool {
-    if FORCE_PORTABLE.with(|c| c.get()) {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        static BW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        crate::simd::isa() == crate::simd::Isa::Avx512
-            && *BW.get_or_init(|| is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
+    !FORCE_PORTABLE.with(|c| c.get()) && crate::simd::isa() == crate::simd::Isa::Avx512 && cpu_has_bw_vl()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_bw_vl() -> bool {
+    static BW_VL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BW_VL.get_or_init(|| is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_bw_vl() -> bool {
     false
 }
 
@@ -242,6 +246,10 @@ mod tile512 {
     const TR: usize = 6;
     /// Token rows walked against each `W` tile: as many as fit in this many bytes (L2).
     const X_BLOCK_BYTES: usize = 128 * 1024;
+    /// Products up to this many multiply-adds run on the calling thread: waking the
+    /// other threads costs more than the work (one token row of a 576 x 1536 projection
+    /// is 0.9 M).
+    const SERIAL_MACS: usize = 1 << 20;
 
     /// How one variant loads a chunk of a `W` row and of a token row and multiplies them.
     trait Arith {
@@ -497,13 +505,18 @@ mod tile512 {
         let y = Out { ptr: y.as_mut_ptr(), ld: out, len: y.len() };
         let threads = rayon::current_num_threads().max(1);
         let per_task = (out / (threads * 8) / TJ * TJ).clamp(TJ, 64);
-        (0..out.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let task = |task: usize| {
             let j0 = task * per_task;
             // SAFETY: the caller checked the CPU features (`tile_available`); the tiles
             // read rows < out of `w` and < n of `x` (asserted above), the last chunk of
             // a row masked, and each task writes only its own columns j0..j1 of `y`.
             unsafe { block(x.as_ptr(), n, k, w.as_ptr(), j0, (j0 + per_task).min(out), &y, accumulate) };
-        });
+        };
+        if n * out * k <= SERIAL_MACS {
+            (0..out.div_ceil(per_task)).for_each(task);
+        } else {
+            (0..out.div_ceil(per_task)).into_par_iter().for_each(task);
+        }
     }
 
     pub(super) fn rows_f32(x: &[f32], n: usize, k: usize, w: &[f32], out: usize, y: &mut [f32], accumulate: bool) {
