@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Decode throughput at R rows: `Model::rollouts` of one prompt x R completions (SmolLM2-135M,
 # temperature 1, stop tokens off so every row makes --max-new-tokens), with the many-row
-# decode path (default) and with it capped at 8 rows (LORA_KERNELS_DECODE_ROWS=8: the path
-# before it), side by side per R; then the projection shapes alone (gemm_bench --decode 1).
+# decode path (default: up to 256 rows on AVX-512 hosts) and with it capped at 8 rows
+# (LORA_KERNELS_DECODE_ROWS=8: the general GEMMs past 8 rows, as before it), side by side
+# per R; then the projection shapes alone (gemm_bench --decode 1).
 #
 #     bash benches/decode_bench.sh [ROWS...]       (default 1 8 32 64 128)
 #

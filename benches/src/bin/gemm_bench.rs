@@ -5,10 +5,10 @@
 //!     gemm_bench [--reps 3] [--tokens 1024]
 //!     gemm_bench --decode 1 [--reps 3]
 //!
-//! `--decode 1`: the decode-step shapes instead, for R = 2..256 token rows: the
-//! many-row decode path (`lora_kernels::ops::gemv::gemv_rows`, W read in place) against
-//! what a decode step over more than 8 rows did before it: sgemm (W packed per call),
-//! and for bf16 weights a widened f32 copy of W first.
+//! `--decode 1`: the decode-step shapes instead, for R = 1..256 token rows: the
+//! many-row decode path (`lora_kernels::ops::gemv`, W read in place: the AVX-512 tile
+//! and the portable path) against the general path: sgemm (W packed per call), for
+//! bf16 weights a widened f32 copy of W first, and for bf16 x bf16 the vdpbf16ps GEMM.
 use lora_benches::{time_best, cpu_info};
 use lora_kernels::gemm_bf16::{self, AnyMat, Src};
 
@@ -93,31 +93,52 @@ fn main() {
     }
 }
 
-/// Decode-step projections at R rows: the many-row path against sgemm (f32 W) and
-/// widen-then-sgemm (bf16 W), as GFLOP/s.
+/// Decode-step projections at R rows, as GFLOP/s: the many-row path (the AVX-512
+/// register tile where the CPU has it, `tile_*`), the portable path it replaced
+/// (`portable_*`: 4 rows of W against one token row, what ran up to 8 / 16 rows before),
+/// and the general path past the row limit: sgemm (f32 W), widen W to f32 then sgemm
+/// (bf16 W), and for bf16 rows x bf16 W the vdpbf16ps GEMM (`gemm_bf16::matmul_xwt`)
+/// against the tile on vdpbf16ps.
 fn decode_rows(reps: usize) {
-    use lora_kernels::ops::gemv::{gemv_rows, Weights};
+    use lora_kernels::ops::gemv::{force_portable, gemv_rows, gemv_rows_bf16_dot, tile_available, Weights};
+    println!("{}", serde_json::json!({"tile": tile_available(), "load_1min": load_avg()}));
     let shapes = [("q/o 576->576", 576, 576), ("gate/up 576->1536", 576, 1536), ("down 1536->576", 1536, 576), ("lm_head 576->49152", 576, 49152)];
+    let r1 = |v: f64| (v * 10.0).round() / 10.0;
     for (name, k, n) in shapes {
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.01).collect();
         let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
-        for m in [2, 4, 8, 16, 32, 64, 128, 256] {
+        for m in [1, 2, 4, 8, 16, 32, 64, 128, 256] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
             let mut c = vec![0f32; m * n];
-            let rows_f32 = time_best(reps, || gemv_rows(&x, m, k, &Weights::F32(&w), n, &mut c, false));
+            let gf = |s: f64| r1(2.0 * (m * k * n) as f64 / s / 1e9);
+            let tile_f32 = time_best(reps, || gemv_rows(&x, m, k, &Weights::F32(&w), n, &mut c, false));
+            let portable_f32 = force_portable(|| time_best(reps, || gemv_rows(&x, m, k, &Weights::F32(&w), n, &mut c, false)));
             let sgemm_f32 = time_best(reps, || sgemm(&mut c, m, k, n, &x, k, 1, &w, 1, k));
-            let rows_bf16 = time_best(reps, || gemv_rows(&x, m, k, &Weights::Bf16(&wb), n, &mut c, false));
+            let tile_bf16 = time_best(reps, || gemv_rows(&x, m, k, &Weights::Bf16(&wb), n, &mut c, false));
+            let portable_bf16 = force_portable(|| time_best(reps, || gemv_rows(&x, m, k, &Weights::Bf16(&wb), n, &mut c, false)));
             let widen_bf16 = time_best(reps, || {
                 let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
                 sgemm(&mut c, m, k, n, &x, k, 1, &wf, 1, k)
             });
-            let gf = |s: f64| (2.0 * (m * k * n) as f64 / s / 1e9 * 10.0).round() / 10.0;
+            let (tile_dot, gemm_dot) = if gemm_bf16::available() {
+                let t = time_best(reps, || gemv_rows_bf16_dot(&x, m, k, &wb, n, &mut c, false));
+                let g = time_best(reps, || gemm_bf16::matmul_xwt(&mut c, n, false, AnyMat::new(Src::F32(&x), m, k), &wb, n, 1.0));
+                (Some(gf(t)), Some(gf(g)))
+            } else {
+                (None, None)
+            };
             println!(
                 "{}",
-                serde_json::json!({"shape": name, "rows": m, "f32_rows_gflops": gf(rows_f32), "f32_sgemm_gflops": gf(sgemm_f32),
-                    "bf16_rows_gflops": gf(rows_bf16), "bf16_widen_sgemm_gflops": gf(widen_bf16),
-                    "f32_speedup": (sgemm_f32 / rows_f32 * 100.0).round() / 100.0, "bf16_speedup": (widen_bf16 / rows_bf16 * 100.0).round() / 100.0})
+                serde_json::json!({"shape": name, "rows": m,
+                    "f32_tile": gf(tile_f32), "f32_portable": gf(portable_f32), "f32_sgemm": gf(sgemm_f32),
+                    "bf16_tile": gf(tile_bf16), "bf16_portable": gf(portable_bf16), "bf16_widen_sgemm": gf(widen_bf16),
+                    "dot_tile": tile_dot, "dot_gemm_bf16": gemm_dot, "load_1min": load_avg()})
             );
         }
     }
+}
+
+/// The 1-minute load average (the machine is shared), or -1 where unknown.
+fn load_avg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(-1.0)
 }

@@ -1,40 +1,121 @@
-//! Decode-time fast path of the frozen projections: a few token rows (one per sequence
-//! of a decode batch, up to [`fast_rows`]) against `W` [out, in], read once and in its
-//! own dtype.
+//! Decode-time path of the frozen projections: a few to a few hundred token rows (one per
+//! sequence of a decode batch, up to [`fast_rows`]) against `W` [out, in], read in place
+//! and in its own dtype, never packed.
 //!
-//! With a few rows the projection is bound by reading `W`. The general path widens a
-//! bf16 `W` to an f32 copy on every call (3x the bytes of just reading it) and packs `W`
-//! into the `gemm` crate's panels on every call. Here each task owns a block of output
-//! columns (rows of `W`, streamed from memory once) and computes them for every token
-//! row, 4 rows of `W` (kept in L1) against one token row at a time, 16 lanes each; bf16
-//! is widened in registers. That inner step loads 5 vectors for 4 FMAs, so it plateaus
-//! near 40 GFLOP/s on 2 cores, where sgemm's register-blocked kernel reaches 100+: past
-//! [`fast_rows`] the general path is faster. A 4 x 4 tile (4 rows of `W` x 4 token rows)
-//! written as arrays of accumulators ran 5-10x slower (LLVM kept them in memory); a tile
-//! in explicit intrinsics is what would lift the plateau.
+//! With few rows the projection is bound by reading `W`. The general path widens a bf16
+//! `W` to an f32 copy on every call (3x the bytes of just reading it) and packs `W` into
+//! the `gemm` crate's panels on every call. Here each task owns a block of output columns
+//! (rows of `W`, streamed once per block of token rows) and computes them for every token
+//! row, in dot-product form: both operands run along the reduction dim, 16 lanes (32 bf16
+//! for `vdpbf16ps`) per step, horizontal sums at the end.
 //!
-//! Every output is the same 16-lane dot product whatever the number of rows or the tile
-//! it falls in (lane sums in one order, then the tail), so a row's result never depends
-//! on its batch-mates: decoding R rows at once gives each row the bits it gets alone.
+//! **The AVX-512 register tile** (`tile512`, used when the CPU has AVX-512 F/BW/VL and
+//! `LORA_KERNELS_ISA` does not cap it): 4 rows of `W` x 6 token rows = 24 zmm
+//! accumulators; each step loads 4 `W` vectors and 6 token vectors for 24 FMAs (29 of the
+//! 32 registers), the reduction tail as one more step with masked loads (zeros past `k`,
+//! nothing read beyond the row), then one horizontal sum per output. Three variants: f32 `W` (`vfmadd`); bf16 `W` widened in
+//! registers (a 16-bit shift) against f32 rows, which stay f32; and bf16 rows x bf16 `W`
+//! on `vdpbf16ps` where [`crate::cpu::use_bf16_dot`] picks the bf16 kernel: 32
+//! consecutive bf16 of a row are already the pairs the instruction wants, so only the
+//! rows are converted to bf16 once per call (exact: they hold bf16 values). The tile is
+//! written in intrinsics because the same tile written as arrays of scalar accumulators
+//! ran 5-10x slower (LLVM kept them in memory), and the portable step below (4 rows of
+//! `W` against one token row) loads 5 vectors for 4 FMAs and plateaus near 40-50
+//! GFLOP/s on a 2-vCPU Zen 4 host. There the tile reaches 90-105 GFLOP/s in f32 and
+//! 150-200 with `vdpbf16ps` (`gemm_bench --decode 1`, BENCHMARKS.md "Many-row decoding"),
+//! and on the SmolLM2 decode shapes beats the general path (sgemm, widen + sgemm, the
+//! vdpbf16ps GEMM, which pack per call) from 2 rows to 128 on every shape; at 256 sgemm
+//! is within 5% ahead on three shapes and 33% behind on `down`, the tile still ahead
+//! over a layer; so the limits are 256 rows for all three variants. Products under 1 M
+//! multiply-adds (one token row) run on the calling thread: waking the pool cost more
+//! (q/o at one row: 37 GFLOP/s serial, 14-20 through rayon).
+//!
+//! **The portable path** (hosts without AVX-512, compiled through `isa_dispatch!`): 4
+//! rows of `W` against one token row at a time, 16 lanes each, bf16 widened in
+//! registers, the reduction tail scalar; limits 8 rows (f32 `W`: sgemm's packed kernel
+//! wins past that) and 16 (bf16 `W`, which the general path first widens); bf16 x bf16
+//! computes here as bf16 widened, up to 8 rows. [`force_portable`] selects it on any
+//! host (tests, `gemm_bench`). `LORA_KERNELS_DECODE_ROWS=N` caps both paths' limits.
+//!
+//! Every output is the same arithmetic whatever the number of rows or the tile it falls
+//! in (one accumulator over the chunks in order, the masked last chunk, one horizontal
+//! sum; the portable path: lane sums in one order, then the tail), so a row's result
+//! never depends on its batch-mates: decoding R rows at once gives each row the bits it
+//! gets alone (tested for each variant and both paths).
 use candle_core::{CpuStorage, Layout};
 use half::bf16;
 use rayon::prelude::*;
+use std::cell::Cell;
 
 use crate::simd::isa_dispatch;
 
-/// Up to where the fast path beats the general one (`gemm_bench --decode 1`,
-/// BENCHMARKS.md): with f32 weights sgemm's packed kernel wins past about 8 rows; with
-/// bf16 weights, which the general path first widens to an f32 copy, past about 16.
+/// The arithmetic of a frozen product, which picks the kernel and its row limit.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// f32 `W`, f32 rows.
+    F32,
+    /// bf16 `W` widened to f32 in registers, f32 rows (f32 compute).
+    Bf16Widened,
+    /// bf16 `W` times bf16 rows on `vdpbf16ps` ([`crate::cpu::use_bf16_dot`]).
+    Bf16Dot,
+}
+
+/// Limits of the AVX-512 register tile (`gemm_bench --decode 1`, BENCHMARKS.md).
+const TILE_ROWS_F32: usize = 256;
+const TILE_ROWS_BF16: usize = 256;
+const TILE_ROWS_BF16_DOT: usize = 256;
+/// Limits of the portable path (hosts without AVX-512, `LORA_KERNELS_ISA=avx2`): with
+/// f32 weights sgemm's packed kernel wins past about 8 rows; with bf16 weights, which
+/// the general path first widens to an f32 copy, past about 16; bf16 x bf16 computes
+/// here as bf16 widened (as before the tile) up to 8.
 const FAST_ROWS_F32: usize = 8;
 const FAST_ROWS_BF16: usize = 16;
+const FAST_ROWS_BF16_DOT: usize = 8;
 
-/// How many rows take the fast path for weights of this kind (`bf16`: stored bf16 and
-/// not multiplied by the bf16 dot-product kernel), capped by `LORA_KERNELS_DECODE_ROWS=N`
-/// (N = 8 is the limit before bf16 weights got their own).
-pub fn fast_rows(bf16: bool) -> usize {
+/// How many rows take the decode path for a product of this kind, capped by
+/// `LORA_KERNELS_DECODE_ROWS=N` (N = 8 is the limit before bf16 weights got their own).
+pub fn fast_rows(kind: Kind) -> usize {
     static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cap = *CAP.get_or_init(|| std::env::var("LORA_KERNELS_DECODE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX));
-    cap.min(if bf16 { FAST_ROWS_BF16 } else { FAST_ROWS_F32 })
+    let limit = match (tile_available(), kind) {
+        (true, Kind::F32) => TILE_ROWS_F32,
+        (true, Kind::Bf16Widened) => TILE_ROWS_BF16,
+        (true, Kind::Bf16Dot) if crate::gemm_bf16::available() => TILE_ROWS_BF16_DOT,
+        (_, Kind::F32) => FAST_ROWS_F32,
+        (_, Kind::Bf16Widened) => FAST_ROWS_BF16,
+        (_, Kind::Bf16Dot) => FAST_ROWS_BF16_DOT,
+    };
+    cap.min(limit)
+}
+
+thread_local! {
+    static FORCE_PORTABLE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` with the AVX-512 tile switched off on the calling thread: the portable path
+/// (what hosts without AVX-512 run) computes, so its tests run on any host.
+pub fn force_portable<R>(f: impl FnOnce() -> R) -> R {
+    let prev = FORCE_PORTABLE.with(|c| c.replace(true));
+    let r = f();
+    FORCE_PORTABLE.with(|c| c.set(prev));
+    r
+}
+
+/// Whether the AVX-512 register tile runs on this thread: the CPU has AVX-512 F/BW/VL,
+/// `LORA_KERNELS_ISA` does not cap it, and [`force_portable`] is not in effect.
+pub fn tile_available() -> bool {
+    !FORCE_PORTABLE.with(|c| c.get()) && crate::simd::isa() == crate::simd::Isa::Avx512 && cpu_has_bw_vl()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_bw_vl() -> bool {
+    static BW_VL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BW_VL.get_or_init(|| is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_bw_vl() -> bool {
+    false
 }
 
 /// Rows of `W` (output columns) per rayon task: enough work to amortise scheduling.
@@ -111,15 +192,36 @@ impl Out {
 }
 
 /// `y[r, j] (+)= sum_k x[r, k] W[j, k]` for `n` rows (any number: past [`fast_rows`] the
-/// general path is faster); `y` is [n, out].
+/// general path is faster); `y` is [n, out]. f32 arithmetic: a bf16 `W` is widened.
 pub fn gemv_rows(x: &[f32], n: usize, k: usize, w: &Weights, out: usize, y: &mut [f32], accumulate: bool) {
     assert!(x.len() >= n * k && y.len() >= n * out, "gemv_rows: buffers too small for {n} x {k} -> {out}");
+    #[cfg(target_arch = "x86_64")]
+    if tile_available() {
+        match w {
+            Weights::F32(v) => tile512::rows_f32(x, n, k, v, out, y, accumulate),
+            Weights::Bf16(v) => tile512::rows_bf16(x, n, k, v, out, y, accumulate),
+        }
+        return;
+    }
     match w {
         Weights::F32(v) => rows::<f32>(x, n, k, v, out, y, accumulate),
         Weights::Bf16(v) => rows::<bf16>(x, n, k, v, out, y, accumulate),
     }
 }
 
+/// As [`gemv_rows`] for bf16 rows (`x` holds bf16 values as f32; others are rounded to
+/// bf16, nearest even) and a bf16 `W`, on `vdpbf16ps` when [`tile_available`] and
+/// [`crate::gemm_bf16::available`]; otherwise `W` is widened and the rows stay f32.
+pub fn gemv_rows_bf16_dot(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize, y: &mut [f32], accumulate: bool) {
+    assert!(x.len() >= n * k && y.len() >= n * out, "gemv_rows: buffers too small for {n} x {k} -> {out}");
+    #[cfg(target_arch = "x86_64")]
+    if tile_available() && crate::gemm_bf16::available() {
+        return tile512::rows_dot(x, n, k, w, out, y, accumulate);
+    }
+    gemv_rows(x, n, k, &Weights::Bf16(w), out, y, accumulate)
+}
+
+/// The portable path: `W` rows per task, 4 rows of `W` against one token row.
 fn rows<E: Elem>(x: &[f32], n: usize, k: usize, w: &[E], out: usize, y: &mut [f32], accumulate: bool) {
     assert!(w.len() >= out * k, "gemv_rows: weight too small for {out} x {k}");
     let y = Out { ptr: y.as_mut_ptr(), ld: out, len: y.len() };
@@ -127,6 +229,328 @@ fn rows<E: Elem>(x: &[f32], n: usize, k: usize, w: &[E], out: usize, y: &mut [f3
         let j0 = task * W_ROWS_PER_TASK;
         column_block(x, n, k, w, j0, (j0 + W_ROWS_PER_TASK).min(out), &y, accumulate);
     });
+}
+
+/// The AVX-512 register tile: 4 rows of `W` x 6 token rows in 24 zmm accumulators.
+#[cfg(target_arch = "x86_64")]
+mod tile512 {
+    use super::Out;
+    use core::arch::x86_64::*;
+    use half::bf16;
+    use rayon::prelude::*;
+
+    /// Rows of `W` per tile.
+    const TJ: usize = 4;
+    /// Token rows per tile: 4 x 6 = 24 accumulators, + 4 `W` vectors + 1 token vector
+    /// = 29 of the 32 zmm registers.
+    const TR: usize = 6;
+    /// Token rows walked against each `W` tile: as many as fit in this many bytes (L2).
+    const X_BLOCK_BYTES: usize = 128 * 1024;
+    /// Products up to this many multiply-adds run on the calling thread: waking the
+    /// other threads costs more than the work (one token row of a 576 x 1536 projection
+    /// is 0.9 M).
+    const SERIAL_MACS: usize = 1 << 20;
+
+    /// How one variant loads a chunk of a `W` row and of a token row and multiplies them.
+    trait Arith {
+        type W: Copy + Sync;
+        type X: Copy + Sync;
+        type V: Copy;
+        /// Reduction elements per chunk.
+        const STEP: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load_w(p: *const Self::W) -> Self::V;
+        /// The first `n` < STEP elements, zeros after (reads nothing past them).
+        unsafe fn load_w_tail(p: *const Self::W, n: usize) -> Self::V;
+        unsafe fn load_x(p: *const Self::X) -> Self::V;
+        unsafe fn load_x_tail(p: *const Self::X, n: usize) -> Self::V;
+        unsafe fn fma(acc: __m512, x: Self::V, w: Self::V) -> __m512;
+    }
+
+    #[inline(always)]
+    fn mask16(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    #[inline(always)]
+    fn mask32(n: usize) -> __mmask32 {
+        ((1u64 << n) - 1) as __mmask32
+    }
+
+    /// f32 rows, f32 `W`.
+    struct F32;
+    impl Arith for F32 {
+        type W = f32;
+        type X = f32;
+        type V = __m512;
+        const STEP: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load_w(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_w_tail(p: *const f32, n: usize) -> __m512 {
+            unsafe { _mm512_maskz_loadu_ps(mask16(n), p) }
+        }
+        #[inline(always)]
+        unsafe fn load_x(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_x_tail(p: *const f32, n: usize) -> __m512 {
+            unsafe { _mm512_maskz_loadu_ps(mask16(n), p) }
+        }
+        #[inline(always)]
+        unsafe fn fma(acc: __m512, x: __m512, w: __m512) -> __m512 {
+            _mm512_fmadd_ps(x, w, acc)
+        }
+    }
+
+    /// f32 rows, bf16 `W` widened in registers (bf16 -> f32 is a 16-bit shift).
+    struct Widened;
+    impl Widened {
+        #[inline(always)]
+        unsafe fn widen(h: __m256i) -> __m512 {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+    impl Arith for Widened {
+        type W = bf16;
+        type X = f32;
+        type V = __m512;
+        const STEP: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load_w(p: *const bf16) -> __m512 {
+            unsafe { Self::widen(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+        #[inline(always)]
+        unsafe fn load_w_tail(p: *const bf16, n: usize) -> __m512 {
+            unsafe { Self::widen(_mm256_maskz_loadu_epi16(mask16(n), p as *const i16)) }
+        }
+        #[inline(always)]
+        unsafe fn load_x(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_x_tail(p: *const f32, n: usize) -> __m512 {
+            unsafe { _mm512_maskz_loadu_ps(mask16(n), p) }
+        }
+        #[inline(always)]
+        unsafe fn fma(acc: __m512, x: __m512, w: __m512) -> __m512 {
+            _mm512_fmadd_ps(x, w, acc)
+        }
+    }
+
+    /// bf16 rows, bf16 `W` on `vdpbf16ps`: both rows run along the reduction dim, so 32
+    /// consecutive bf16 are already the pairs the instruction multiplies.
+    struct Dot;
+    impl Arith for Dot {
+        type W = bf16;
+        type X = u16;
+        type V = __m512bh;
+        const STEP: usize = 32;
+        #[inline(always)]
+        unsafe fn zero() -> __m512bh {
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()) }
+        }
+        #[inline(always)]
+        unsafe fn load_w(p: *const bf16) -> __m512bh {
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _)) }
+        }
+        #[inline(always)]
+        unsafe fn load_w_tail(p: *const bf16, n: usize) -> __m512bh {
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask32(n), p as *const i16)) }
+        }
+        #[inline(always)]
+        unsafe fn load_x(p: *const u16) -> __m512bh {
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _)) }
+        }
+        #[inline(always)]
+        unsafe fn load_x_tail(p: *const u16, n: usize) -> __m512bh {
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(mask32(n), p as *const i16)) }
+        }
+        #[inline(always)]
+        unsafe fn fma(acc: __m512, x: __m512bh, w: __m512bh) -> __m512 {
+            _mm512_dpbf16_ps(acc, x, w)
+        }
+    }
+
+    /// Rows `j..j + J` of `W` against token rows `r..r + R`: every output is one
+    /// accumulator over the chunks in order (the masked last chunk included), then one
+    /// horizontal sum, then stored: the same operations whatever J, R or n.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn tile<A: Arith, const J: usize, const R: usize>(x: *const A::X, k: usize, w: *const A::W, j: usize, r: usize, y: &Out, accumulate: bool) {
+        unsafe {
+            let w = w.add(j * k);
+            let x = x.add(r * k);
+            let mut acc = [[_mm512_setzero_ps(); R]; J];
+            let mut wv = [A::zero(); J];
+            let full = k / A::STEP * A::STEP;
+            let mut i = 0;
+            while i < full {
+                for a in 0..J {
+                    wv[a] = A::load_w(w.add(a * k + i));
+                }
+                for b in 0..R {
+                    let xv = A::load_x(x.add(b * k + i));
+                    for a in 0..J {
+                        acc[a][b] = A::fma(acc[a][b], xv, wv[a]);
+                    }
+                }
+                i += A::STEP;
+            }
+            if full < k {
+                let n = k - full;
+                for a in 0..J {
+                    wv[a] = A::load_w_tail(w.add(a * k + full), n);
+                }
+                for b in 0..R {
+                    let xv = A::load_x_tail(x.add(b * k + full), n);
+                    for a in 0..J {
+                        acc[a][b] = A::fma(acc[a][b], xv, wv[a]);
+                    }
+                }
+            }
+            for a in 0..J {
+                for b in 0..R {
+                    // SAFETY: column j + a belongs to this task alone (`run`).
+                    y.put(r + b, j + a, _mm512_reduce_add_ps(acc[a][b]), accumulate);
+                }
+            }
+        }
+    }
+
+    /// Rows `j..j + J` of `W` against token rows `r0..r1`, 6 at a time, then the rest.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles<A: Arith, const J: usize>(x: *const A::X, k: usize, w: *const A::W, j: usize, r0: usize, r1: usize, y: &Out, accumulate: bool) {
+        unsafe {
+            let mut r = r0;
+            while r + TR <= r1 {
+                tile::<A, J, TR>(x, k, w, j, r, y, accumulate);
+                r += TR;
+            }
+            match r1 - r {
+                0 => {}
+                1 => tile::<A, J, 1>(x, k, w, j, r, y, accumulate),
+                2 => tile::<A, J, 2>(x, k, w, j, r, y, accumulate),
+                3 => tile::<A, J, 3>(x, k, w, j, r, y, accumulate),
+                4 => tile::<A, J, 4>(x, k, w, j, r, y, accumulate),
+                _ => tile::<A, J, 5>(x, k, w, j, r, y, accumulate),
+            }
+        }
+    }
+
+    /// Columns `j0..j1` of `y` for every token row: token rows in blocks that stay in
+    /// L2, each `W` tile (4 rows, in L1) against every row of the block.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<A: Arith>(x: *const A::X, n: usize, k: usize, w: *const A::W, j0: usize, j1: usize, y: &Out, accumulate: bool) {
+        let xb = (X_BLOCK_BYTES / (k * std::mem::size_of::<A::X>()).max(1) / TR * TR).max(TR);
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + xb).min(n);
+            let mut j = j0;
+            unsafe {
+                while j + TJ <= j1 {
+                    tiles::<A, TJ>(x, k, w, j, r0, r1, y, accumulate);
+                    j += TJ;
+                }
+                while j < j1 {
+                    tiles::<A, 1>(x, k, w, j, r0, r1, y, accumulate);
+                    j += 1;
+                }
+            }
+            r0 = r1;
+        }
+    }
+
+    type Block<A> = unsafe fn(*const <A as Arith>::X, usize, usize, *const <A as Arith>::W, usize, usize, &Out, bool);
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_f32(x: *const f32, n: usize, k: usize, w: *const f32, j0: usize, j1: usize, y: &Out, accumulate: bool) {
+        unsafe { block::<F32>(x, n, k, w, j0, j1, y, accumulate) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_widened(x: *const f32, n: usize, k: usize, w: *const bf16, j0: usize, j1: usize, y: &Out, accumulate: bool) {
+        unsafe { block::<Widened>(x, n, k, w, j0, j1, y, accumulate) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_dot(x: *const u16, n: usize, k: usize, w: *const bf16, j0: usize, j1: usize, y: &Out, accumulate: bool) {
+        unsafe { block::<Dot>(x, n, k, w, j0, j1, y, accumulate) }
+    }
+
+    /// Blocks of `W` rows in parallel, enough tasks to keep every thread busy.
+    #[allow(clippy::too_many_arguments)]
+    fn run<A: Arith>(x: &[A::X], n: usize, k: usize, w: &[A::W], out: usize, y: &mut [f32], accumulate: bool, block: Block<A>) {
+        assert!(w.len() >= out * k, "gemv_rows: weight too small for {out} x {k}");
+        assert!(x.len() >= n * k && y.len() >= n * out, "gemv_rows: buffers too small for {n} x {k} -> {out}");
+        if n == 0 || out == 0 {
+            return;
+        }
+        let y = Out { ptr: y.as_mut_ptr(), ld: out, len: y.len() };
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = (out / (threads * 8) / TJ * TJ).clamp(TJ, 64);
+        let task = |task: usize| {
+            let j0 = task * per_task;
+            // SAFETY: the caller checked the CPU features (`tile_available`); the tiles
+            // read rows < out of `w` and < n of `x` (asserted above), the last chunk of
+            // a row masked, and each task writes only its own columns j0..j1 of `y`.
+            unsafe { block(x.as_ptr(), n, k, w.as_ptr(), j0, (j0 + per_task).min(out), &y, accumulate) };
+        };
+        if n * out * k <= SERIAL_MACS {
+            (0..out.div_ceil(per_task)).for_each(task);
+        } else {
+            (0..out.div_ceil(per_task)).into_par_iter().for_each(task);
+        }
+    }
+
+    pub(super) fn rows_f32(x: &[f32], n: usize, k: usize, w: &[f32], out: usize, y: &mut [f32], accumulate: bool) {
+        run::<F32>(x, n, k, w, out, y, accumulate, block_f32)
+    }
+
+    pub(super) fn rows_bf16(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize, y: &mut [f32], accumulate: bool) {
+        run::<Widened>(x, n, k, w, out, y, accumulate, block_widened)
+    }
+
+    pub(super) fn rows_dot(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize, y: &mut [f32], accumulate: bool) {
+        let mut xb = vec![0u16; n * k];
+        // SAFETY: the caller checked AVX512-BF16 (`gemm_bf16::available`).
+        unsafe { to_bf16(&x[..n * k], &mut xb) };
+        run::<Dot>(&xb, n, k, w, out, y, accumulate, block_dot)
+    }
+
+    /// f32 -> bf16 bits, nearest even (exact for bf16 values), 16 at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn to_bf16(x: &[f32], o: &mut [u16]) {
+        let full = x.len() / 16 * 16;
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= len of both.
+            unsafe {
+                let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(i)));
+                _mm256_storeu_si256(o.as_mut_ptr().add(i) as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(h));
+            }
+            i += 16;
+        }
+        for (o, v) in o[full..].iter_mut().zip(&x[full..]) {
+            *o = bf16::from_f32(*v).to_bits();
+        }
+    }
 }
 
 isa_dispatch! {
@@ -203,49 +627,168 @@ fn tile<const J: usize, const R: usize, E: Elem>(x: &[f32], k: usize, w: &[E], j
 mod tests {
     use super::*;
 
-    fn naive(x: &[f32], n: usize, k: usize, w: &[f32], out: usize) -> Vec<f32> {
-        let mut y = vec![0f32; n * out];
-        for r in 0..n {
-            for j in 0..out {
-                y[r * out + j] = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum::<f64>() as f32;
+    /// The three variants: f32 W, bf16 W widened (f32 rows), bf16 x bf16 on the dot kernel.
+    #[derive(Clone, Copy, Debug)]
+    enum Variant {
+        F32,
+        Widened,
+        Dot,
+    }
+    const VARIANTS: [Variant; 3] = [Variant::F32, Variant::Widened, Variant::Dot];
+
+    fn round_bf16(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|v| bf16::from_f32(*v).to_f32()).collect()
+    }
+
+    /// `y (+)= x W^T` through `variant`, from f32 `x` and `w` (rounded to bf16 where the
+    /// variant stores them so); returns the f32 values the product actually used.
+    #[allow(clippy::too_many_arguments)]
+    fn product(variant: Variant, x: &[f32], n: usize, k: usize, w: &[f32], out: usize, y: &mut [f32], acc: bool) -> (Vec<f32>, Vec<f32>) {
+        match variant {
+            Variant::F32 => {
+                gemv_rows(x, n, k, &Weights::F32(w), out, y, acc);
+                (x.to_vec(), w.to_vec())
+            }
+            Variant::Widened => {
+                let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+                gemv_rows(x, n, k, &Weights::Bf16(&wb), out, y, acc);
+                (x.to_vec(), round_bf16(w))
+            }
+            Variant::Dot => {
+                let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+                let xb = round_bf16(x);
+                gemv_rows_bf16_dot(&xb, n, k, &wb, out, y, acc);
+                (xb, round_bf16(w))
             }
         }
-        y
+    }
+
+    /// f64-accumulated reference and the scale of its terms (sum of |x w|).
+    fn naive(x: &[f32], n: usize, k: usize, w: &[f32], out: usize) -> (Vec<f64>, Vec<f64>) {
+        let mut y = vec![0f64; n * out];
+        let mut mag = vec![0f64; n * out];
+        for r in 0..n {
+            for j in 0..out {
+                for i in 0..k {
+                    let p = x[r * k + i] as f64 * w[j * k + i] as f64;
+                    y[r * out + j] += p;
+                    mag[r * out + j] += p.abs();
+                }
+            }
+        }
+        (y, mag)
+    }
+
+    fn inputs(n: usize, k: usize, out: usize) -> (Vec<f32>, Vec<f32>) {
+        // Not bf16-representable (so rounding the rows to bf16 where they must stay f32
+        // would show), mixed signs and magnitudes.
+        let x = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 333.3).collect();
+        let w = (0..out * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 251.7).collect();
+        (x, w)
+    }
+
+    fn check_against_naive(path: &str) {
+        let out = 21; // 5 tiles of 4 rows of W and one row alone
+        for variant in VARIANTS {
+            for n in [1, 2, 3, 5, 7, 13, 32, 100] {
+                for k in [1, 15, 16, 17, 576, 1000] {
+                    let (x, w) = inputs(n, k, out);
+                    for acc in [false, true] {
+                        let bias: Vec<f32> = (0..n * out).map(|i| (i % 5) as f32 * 0.75 - 1.0).collect();
+                        let mut y = if acc { bias.clone() } else { vec![f32::NAN; n * out] };
+                        let (xu, wu) = product(variant, &x, n, k, &w, out, &mut y, acc);
+                        let (expect, mag) = naive(&xu, n, k, &wu, out);
+                        for i in 0..n * out {
+                            let e = expect[i] + if acc { bias[i] as f64 } else { 0.0 };
+                            let tol = 1e-5 * (mag[i] + 1.0);
+                            assert!(
+                                (y[i] as f64 - e).abs() <= tol,
+                                "{path} {variant:?} n {n} k {k} acc {acc} [{}, {}]: {} vs {e}",
+                                i / out,
+                                i % out,
+                                y[i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
-    fn matches_naive_f32_and_bf16_with_accumulation() {
-        for &(n, k, out) in &[(1, 37, 5), (3, 576, 130), (8, 100, 64), (37, 70, 131), (256, 48, 9)] {
-            let x: Vec<f32> = (0..n * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
-            let w: Vec<f32> = (0..out * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
-            let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
-            let wb_f32: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-            for (weights, wref) in [(Weights::F32(&w), &w), (Weights::Bf16(&wb), &wb_f32)] {
-                let expect = naive(&x, n, k, wref, out);
-                let mut y = vec![1f32; n * out];
-                gemv_rows(&x, n, k, &weights, out, &mut y, true);
-                for (a, b) in y.iter().zip(&expect) {
-                    assert!((a - (b + 1.0)).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {}", b + 1.0);
+    fn every_variant_matches_an_f64_reference() {
+        check_against_naive(if tile_available() { "tile" } else { "portable" });
+    }
+
+    #[test]
+    fn the_portable_path_matches_an_f64_reference() {
+        force_portable(|| {
+            assert!(!tile_available());
+            check_against_naive("portable")
+        });
+    }
+
+    #[test]
+    fn the_dot_variant_without_the_bf16_instructions_widens() {
+        crate::gemm_bf16::force_fallback(|| check_against_naive("no bf16 dot"));
+    }
+
+    #[test]
+    fn matches_naive_at_many_rows() {
+        for &(n, k, out) in &[(256, 48, 9), (256, 576, 130), (200, 1536, 64)] {
+            let (x, w) = inputs(n, k, out);
+            for variant in VARIANTS {
+                let mut y = vec![0f32; n * out];
+                let (xu, wu) = product(variant, &x, n, k, &w, out, &mut y, false);
+                let (expect, mag) = naive(&xu, n, k, &wu, out);
+                for i in 0..n * out {
+                    assert!((y[i] as f64 - expect[i]).abs() <= 1e-5 * (mag[i] + 1.0), "{variant:?} {n} x {k} -> {out} at {i}");
                 }
-                gemv_rows(&x, n, k, &weights, out, &mut y, false);
-                for (a, b) in y.iter().zip(&expect) {
-                    assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()));
+            }
+        }
+    }
+
+    fn same_bits_alone_as_in_any_batch(path: &str) {
+        for variant in VARIANTS {
+            for (n, k, out) in [(23, 150, 67), (19, 1000, 9), (14, 17, 6)] {
+                let (x, w) = inputs(n, k, out);
+                let mut all: Vec<f32> = (0..n * out).map(|i| i as f32 * 0.1).collect();
+                let bias = all.clone();
+                product(variant, &x, n, k, &w, out, &mut all, true);
+                for r in 0..n {
+                    let mut alone = bias[r * out..(r + 1) * out].to_vec();
+                    product(variant, &x[r * k..(r + 1) * k], 1, k, &w, out, &mut alone, true);
+                    assert_eq!(alone, all[r * out..(r + 1) * out], "{path} {variant:?} {n} x {k} -> {out}: row {r}");
                 }
+                // And at another position in a smaller batch (rows 3.. land elsewhere in
+                // the tiles).
+                let mut part = bias[3 * out..].to_vec();
+                product(variant, &x[3 * k..], n - 3, k, &w, out, &mut part, true);
+                assert_eq!(part, all[3 * out..], "{path} {variant:?} {n} x {k} -> {out}: rows 3..");
             }
         }
     }
 
     #[test]
     fn a_row_gets_the_same_bits_alone_as_in_any_batch() {
-        let (n, k, out) = (23, 150, 67);
-        let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1013) as f32 - 500.0) / 333.0).collect();
-        let w: Vec<f32> = (0..out * k).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 251.0).collect();
-        let mut all = vec![0f32; n * out];
-        gemv_rows(&x, n, k, &Weights::F32(&w), out, &mut all, false);
-        for r in 0..n {
-            let mut alone = vec![0f32; out];
-            gemv_rows(&x[r * k..(r + 1) * k], 1, k, &Weights::F32(&w), out, &mut alone, false);
-            assert_eq!(alone, all[r * out..(r + 1) * out], "row {r}");
+        same_bits_alone_as_in_any_batch(if tile_available() { "tile" } else { "portable" });
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_as_in_any_batch_on_the_portable_path() {
+        force_portable(|| same_bits_alone_as_in_any_batch("portable"));
+    }
+
+    #[test]
+    fn row_limits_follow_the_path() {
+        let cap = std::env::var("LORA_KERNELS_DECODE_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
+        force_portable(|| {
+            assert_eq!(fast_rows(Kind::F32), FAST_ROWS_F32.min(cap));
+            assert_eq!(fast_rows(Kind::Bf16Widened), FAST_ROWS_BF16.min(cap));
+            assert_eq!(fast_rows(Kind::Bf16Dot), FAST_ROWS_BF16_DOT.min(cap));
+        });
+        if tile_available() {
+            assert_eq!(fast_rows(Kind::F32), TILE_ROWS_F32.min(cap));
         }
     }
 }

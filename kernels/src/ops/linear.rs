@@ -35,13 +35,25 @@ pub(crate) fn base_forward(x: &[f32], n: usize, k: usize, w: &Tensor, bias: Opti
         }
         None => false,
     };
-    let bf16_widened = w.dtype() == DType::BF16 && !crate::cpu::use_bf16_dot(x_dtype, w);
-    if n <= gemv::fast_rows(bf16_widened) {
+    let dot = crate::cpu::use_bf16_dot(x_dtype, w);
+    let kind = match w.dtype() {
+        DType::BF16 if dot => gemv::Kind::Bf16Dot,
+        DType::BF16 => gemv::Kind::Bf16Widened,
+        _ => gemv::Kind::F32,
+    };
+    if n <= gemv::fast_rows(kind) {
         let wc = w.contiguous()?;
         let (ws, wl) = wc.storage_and_layout();
-        if let Some(weights) = gemv::Weights::from_storage(crate::cpu::cpu_storage(&ws, op)?, wl) {
-            gemv::gemv_rows(x, n, k, &weights, out, &mut y, acc);
-            return Ok(y);
+        match gemv::Weights::from_storage(crate::cpu::cpu_storage(&ws, op)?, wl) {
+            Some(gemv::Weights::Bf16(wv)) if dot => {
+                gemv::gemv_rows_bf16_dot(x, n, k, wv, out, &mut y, acc);
+                return Ok(y);
+            }
+            Some(weights) => {
+                gemv::gemv_rows(x, n, k, &weights, out, &mut y, acc);
+                return Ok(y);
+            }
+            None => {}
         }
     }
     frozen_matmul(&mut y, acc, x, n, w, WProd::XWt, x_dtype, op)?;
