@@ -16,7 +16,9 @@
 #   bash benches/grpo_bench.sh [--model PATH] [--repeats 2] [--steps 2] [--only a|b]
 #
 # Env: PYTHON (default /root/.venvs/golden/bin/python), OUT (default target/bench-results),
-# DTYPE (f32, or bf16: bf16 weights and compute on both sides, LoRA weights f32).
+# DTYPE (f32, or bf16: bf16 weights and compute on both sides, LoRA weights f32),
+# BASE_QUANT (ours: none = dense weights, as transformers runs the GGUF dequantized; auto =
+# the GGUF's blocks kept and dequantized per projection call, `lora-train`'s default).
 # The load average is recorded before every side: on a shared machine compare only ratios
 # measured at similar load.
 set -euo pipefail
@@ -34,6 +36,7 @@ PYTHON=${PYTHON:-/root/.venvs/golden/bin/python}
 OUT=${OUT:-target/bench-results}
 PROMPTS=benches/data/grpo_arith.jsonl
 export DTYPE=${DTYPE:-f32}
+export BASE_QUANT=${BASE_QUANT:-none}
 mkdir -p "$OUT"
 cargo build --release -q -p lora-benches --bin rollout_bench
 cargo build --release -q -p lora-train
@@ -47,7 +50,7 @@ if [ "$ONLY" != b ]; then
     --dump-ids "$OUT/grpo_prompt_ids.json" 2>/dev/null | tail -n 1 > "$OUT/rollouts_torch.json"
   echo "== (a) lora-train rollouts, load $(load)" >&2
   "$BIN/rollout_bench" --model "$MODEL" --prompt-ids "$OUT/grpo_prompt_ids.json" --group 8 \
-    --temperature 1.0 --max-new-tokens 128 --repeats "$REPEATS" --dtype "$DTYPE" > "$OUT/rollouts_ours.json"
+    --temperature 1.0 --max-new-tokens 128 --repeats "$REPEATS" --dtype "$DTYPE" --base-quant "$BASE_QUANT" > "$OUT/rollouts_ours.json"
 fi
 
 if [ "$ONLY" != a ]; then
@@ -61,7 +64,7 @@ if [ "$ONLY" != a ]; then
   # --batch-size 32: all completions in one micro-batch, as TRL's per_device_train_batch_size 32.
   "$BIN/lora-train" grpo --model "$MODEL" --dataset "$PROMPTS" --output "$RUN" --evaluator numeric \
     --num-generations 8 --prompts-per-step 4 --max-completion-length 16 --lora-rank 16 \
-    --batch-size 32 --eval-split 0 --dtype "$DTYPE" --steps $((STEPS + 1)) --json 2>/dev/null > "$RUN.summary.json"
+    --batch-size 32 --eval-split 0 --dtype "$DTYPE" --base-quant "$BASE_QUANT" --steps $((STEPS + 1)) --json 2>/dev/null > "$RUN.summary.json"
   "$PYTHON" - "$RUN" "$LOAD_BEFORE" > "$OUT/grpo_step_ours.json" <<'PY'
 import json, sys
 run, load_before = sys.argv[1], float(sys.argv[2])
@@ -86,7 +89,7 @@ fi
 import json, os, sys
 out, only = sys.argv[1], sys.argv[2]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, load avg now {os.getloadavg()[0]:.2f}, dtype {os.environ.get('DTYPE', 'f32')}")
+print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, load avg now {os.getloadavg()[0]:.2f}, dtype {os.environ.get('DTYPE', 'f32')}, ours --base-quant {os.environ.get('BASE_QUANT', 'none')}")
 print(f"{'benchmark':44s} {'reference':>16s} {'ours':>16s} {'ratio':>7s}  target")
 if only != "b":
     t, o = (json.load(open(f"{out}/rollouts_{s}.json")) for s in ("torch", "ours"))

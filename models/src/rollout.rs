@@ -17,6 +17,7 @@
 //! - Log-probabilities are those of the full temperature-scaled distribution (as TRL
 //!   computes them at training time), not of the truncated top-k/top-p one.
 //! - Runs under inference mode: no autograd graph.
+use rayon::prelude::*;
 use crate::decoder::KvCache;
 use crate::model::Model;
 use crate::rng::{mix64, splitmix64, GOLDEN_GAMMA};
@@ -129,17 +130,21 @@ impl Model {
         let pad_token = stop_ids.first().copied().unwrap_or(0);
         for step in 0..params.max_new_tokens {
             let mut step_ids = Vec::with_capacity(rows);
-            for r in 0..rows {
-                if done[r] {
+            let sampling = lora_kernels::profile::part("rollout/sample");
+            // Rows sample in parallel: each draws from its own stream, so the tokens are
+            // the same in any order.
+            let picks: Vec<Option<std::result::Result<Picked, f32>>> = logits
+                .par_iter()
+                .zip(rngs.par_iter_mut())
+                .zip(done.par_iter())
+                .map(|((row, rng), &finished)| (!finished).then(|| checked_pick(row, params, rng)))
+                .collect();
+            for (r, picked) in picks.into_iter().enumerate() {
+                let Some(picked) = picked else {
                     step_ids.push(pad_token);
                     continue;
-                }
-                let row = &logits[r];
-                if let Some(bad) = row.iter().find(|v| !v.is_finite()) {
-                    bail!("the model produced {bad} logits at completion token {step} of prompt {} (sample {})", r / g, r % g);
-                }
-                let u = unit(splitmix64(&mut rngs[r]));
-                let picked = pick(row, params, u);
+                };
+                let picked = picked.map_err(|bad| candle_core::Error::Msg(format!("the model produced {bad} logits at completion token {step} of prompt {} (sample {})", r / g, r % g)))?;
                 out[r].tokens.push(picked.token);
                 out[r].logprobs.push(picked.logprob);
                 out[r].entropies.push(picked.entropy);
@@ -149,6 +154,7 @@ impl Model {
                 }
                 step_ids.push(picked.token);
             }
+            drop(sampling);
             if done.iter().all(|d| *d) || step + 1 == params.max_new_tokens {
                 break;
             }
@@ -158,8 +164,11 @@ impl Model {
             }
             let flat: Vec<u32> = row_segments.iter().flatten().copied().collect();
             let input = Tensor::from_vec(step_ids, (rows, 1), &device)?;
+            let forward = lora_kernels::profile::part("rollout/forward");
             let hidden = self.forward_cached(&input, &next_pos, &flat, &mut cache)?;
+            drop(forward);
             next_pos.iter_mut().for_each(|x| *x += 1);
+            let _logits = lora_kernels::profile::part("rollout/logits");
             logits = self.logits(&hidden)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         }
         let mut grouped = Vec::with_capacity(p);
@@ -261,16 +270,22 @@ impl Model {
                 return Ok(());
             }
             let mut step_ids = Vec::with_capacity(live.len() * g);
+            let sampling = lora_kernels::profile::part("rollout/sample");
+            // Rows sample in parallel (each from its own stream), then append in order.
+            let picks: Vec<Option<std::result::Result<Picked, f32>>> = {
+                let mut rows: Vec<&mut StreamRow> = live.iter_mut().flat_map(|grp| grp.rows.iter_mut()).collect();
+                rows.par_iter_mut().map(|row| (!row.done).then(|| checked_pick(&row.logits, params, &mut row.rng))).collect()
+            };
+            let mut picks = picks.into_iter();
             for group in &mut live {
                 for (gi, row) in group.rows.iter_mut().enumerate() {
-                    if row.done {
+                    let Some(picked) = picks.next().flatten() else {
                         step_ids.push(pad_token);
                         continue;
-                    }
-                    if let Some(bad) = row.logits.iter().find(|v| !v.is_finite()) {
-                        bail!("the model produced {bad} logits at completion token {} of prompt {} (sample {gi})", row.out.tokens.len(), group.prompt);
-                    }
-                    let picked = pick(&row.logits, params, unit(splitmix64(&mut row.rng)));
+                    };
+                    let picked = picked.map_err(|bad| {
+                        candle_core::Error::Msg(format!("the model produced {bad} logits at completion token {} of prompt {} (sample {gi})", row.out.tokens.len(), group.prompt))
+                    })?;
                     row.out.tokens.push(picked.token);
                     row.out.logprobs.push(picked.logprob);
                     row.out.entropies.push(picked.entropy);
@@ -279,6 +294,7 @@ impl Model {
                     step_ids.push(picked.token);
                 }
             }
+            drop(sampling);
             // Groups whose rows have all finished leave; their rows are freed.
             let mut keep_rows = Vec::with_capacity(step_ids.len());
             let mut kept_ids = Vec::with_capacity(step_ids.len());
@@ -319,7 +335,10 @@ impl Model {
                 positions.push(row.next_pos);
             }
             let input = Tensor::from_vec(kept_ids, (live.len() * g, 1), &device)?;
+            let forward = lora_kernels::profile::part("rollout/forward");
             let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
+            drop(forward);
+            let _logits = lora_kernels::profile::part("rollout/logits");
             let logits = self.logits(&hidden)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for (row, l) in live.iter_mut().flat_map(|grp| grp.rows.iter_mut()).zip(logits) {
                 row.logits = l;
@@ -327,6 +346,14 @@ impl Model {
             }
         }
     }
+}
+
+/// [`pick`] with the next draw of `rng`, or the first non-finite logit (nothing drawn).
+fn checked_pick(logits: &[f32], params: &RolloutParams, rng: &mut u64) -> std::result::Result<Picked, f32> {
+    if let Some(&bad) = logits.iter().find(|v| !v.is_finite()) {
+        return Err(bad);
+    }
+    Ok(pick(logits, params, unit(splitmix64(rng))))
 }
 
 /// A uniform draw in [0, 1) from 53 random bits.
