@@ -413,10 +413,7 @@ impl QuantizedMatrix {
         match &self.data {
             QuantizedData::Nf4(m) => m.dequantize_into(out),
             QuantizedData::Int8(m) => m.dequantize_into(out),
-            QuantizedData::Gguf(q) => {
-                let t = q.dequantize(&Device::Cpu)?.flatten_all()?.to_dtype(DType::F32)?;
-                out.copy_from_slice(&t.to_vec1::<f32>()?);
-            }
+            QuantizedData::Gguf(q) => gguf_blocks_to_f32(q, out)?,
             #[cfg(feature = "cuda")]
             QuantizedData::OnDevice(d) => {
                 let t = d.dequantize(self.rows, self.cols, DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?;
@@ -429,6 +426,53 @@ impl QuantizedMatrix {
     /// The dense weight, `[rows, cols]` in `dtype` on `device`.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
         dequantize_rows(&[self])
+    }
+}
+
+/// A GGUF tensor's blocks dequantized straight into `out`, chunks of blocks in parallel.
+///
+/// A decode step dequantizes every projection of a GGUF base kept in blocks (`--base-quant
+/// auto`), so this runs once per projection per token: candle's `QTensor::dequantize`
+/// zero-fills a fresh buffer, converts on one thread, and the result was then copied twice
+/// more (to a Vec, then into the fused projection's buffer). Same values: each block type's
+/// own `to_float`.
+fn gguf_blocks_to_f32(q: &QTensor, out: &mut [f32]) -> Result<()> {
+    use candle_core::quantized::k_quants::{
+        BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
+    };
+    use candle_core::quantized::GgmlDType;
+    use rayon::prelude::*;
+    fn convert<T: GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
+        let size = std::mem::size_of::<T>();
+        let blocks = bytes.len() / size;
+        if bytes.len() % size != 0 || blocks * T::BLCK_SIZE != out.len() || bytes.as_ptr() as usize % std::mem::align_of::<T>() != 0 {
+            bail!("{:?} tensor of {} bytes does not hold {} values", T::DTYPE, bytes.len(), out.len());
+        }
+        // SAFETY: size, count and alignment checked above; the bytes are the tensor's own
+        // storage of `T` blocks (candle's `QStorage::data` borrows its `Vec<T>`).
+        let xs = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), blocks) };
+        // About 8k values per task: enough to amortise scheduling, fine enough to balance.
+        let per_task = (8192 / T::BLCK_SIZE).max(1);
+        xs.par_chunks(per_task).zip(out.par_chunks_mut(per_task * T::BLCK_SIZE)).for_each(|(x, y)| T::to_float(x, y));
+        Ok(())
+    }
+    let bytes = q.data()?;
+    match q.dtype() {
+        GgmlDType::F32 => convert::<f32>(&bytes, out),
+        GgmlDType::F16 => convert::<half::f16>(&bytes, out),
+        GgmlDType::BF16 => convert::<half::bf16>(&bytes, out),
+        GgmlDType::Q4_0 => convert::<BlockQ4_0>(&bytes, out),
+        GgmlDType::Q4_1 => convert::<BlockQ4_1>(&bytes, out),
+        GgmlDType::Q5_0 => convert::<BlockQ5_0>(&bytes, out),
+        GgmlDType::Q5_1 => convert::<BlockQ5_1>(&bytes, out),
+        GgmlDType::Q8_0 => convert::<BlockQ8_0>(&bytes, out),
+        GgmlDType::Q8_1 => convert::<BlockQ8_1>(&bytes, out),
+        GgmlDType::Q2K => convert::<BlockQ2K>(&bytes, out),
+        GgmlDType::Q3K => convert::<BlockQ3K>(&bytes, out),
+        GgmlDType::Q4K => convert::<BlockQ4K>(&bytes, out),
+        GgmlDType::Q5K => convert::<BlockQ5K>(&bytes, out),
+        GgmlDType::Q6K => convert::<BlockQ6K>(&bytes, out),
+        GgmlDType::Q8K => convert::<BlockQ8K>(&bytes, out),
     }
 }
 
@@ -460,7 +504,14 @@ pub fn dequantize_rows(members: &[&QuantizedMatrix]) -> candle_core::Result<Tens
             }
         }
     }
-    let mut out = vec![0f32; rows * cols];
+    // Every element is written below (each member's rows, in order), so no zero fill.
+    let mut out: Vec<f32> = Vec::with_capacity(rows * cols);
+    // SAFETY: f32 has no invalid bit patterns, and the loop below writes all rows * cols
+    // elements before `out` is read (a failing member returns the error, dropping `out`).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(rows * cols)
+    };
     let mut start = 0;
     for m in members {
         if m.cols != cols {

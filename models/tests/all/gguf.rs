@@ -123,9 +123,18 @@ fn gguf_blocks_kept_quantized_give_the_dequantized_models_logits() -> Result<()>
     // Q8_0 projections (q/k rows permuted as llama.cpp stores them): kept as blocks
     // (`auto`, the default for .gguf) and dequantized per GEMM, the model computes what
     // the model dequantized at load computes, bit for bit, at a quarter of the memory.
+    // Every 32-value block type (each has its own dequantization, run straight into the
+    // fused projection's buffer, in parallel over chunks of blocks).
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1] {
+        blocks_kept_match_dense(dtype)?;
+    }
+    Ok(())
+}
+
+fn blocks_kept_match_dense(dtype: GgmlDType) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let path = tmp.path().join("llama-tiny.q8_0.gguf");
-    write_llama_tiny_gguf_as(&path, GgmlDType::Q8_0, Vec::new())?;
+    let path = tmp.path().join(format!("llama-tiny.{dtype:?}.gguf"));
+    write_llama_tiny_gguf_as(&path, dtype, Vec::new())?;
     let load = |quant| -> Result<lora_models::Model> {
         let mut src = GgufSource::open(&path)?;
         let cfg = lora_models::gguf::config_from_gguf(src.content())?;
@@ -136,13 +145,13 @@ fn gguf_blocks_kept_quantized_give_the_dequantized_models_logits() -> Result<()>
     assert_eq!(kept.base_quant(), lora_models::BaseQuant::Auto);
     let ((kept_bytes, params), (dense_bytes, _)) = (kept.projection_storage(), dense.projection_storage());
     assert_eq!(dense_bytes, params * 4);
-    assert!(kept_bytes * 3 < dense_bytes, "Q8_0 blocks hold {kept_bytes} bytes, dense f32 {dense_bytes}");
+    assert!(kept_bytes * 3 < dense_bytes, "{dtype:?} blocks hold {kept_bytes} bytes, dense f32 {dense_bytes}");
     let ids = Tensor::new(&[[5u32, 17, 42, 99, 3, 250, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]], &Device::Cpu)?;
     let pos = Tensor::arange(0u32, 8, &Device::Cpu)?.unsqueeze(0)?.repeat((2, 1))?;
     let a = kept.logits(&kept.forward_hidden(&ids, &pos, None)?)?;
     let b = dense.logits(&dense.forward_hidden(&ids, &pos, None)?)?;
     let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    assert_eq!(diff, 0.0, "kept-quantized vs dequantized-at-load logits differ by {diff}");
+    assert_eq!(diff, 0.0, "{dtype:?}: kept-quantized vs dequantized-at-load logits differ by {diff}");
     Ok(())
 }
 
