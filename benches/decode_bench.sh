@@ -8,7 +8,10 @@
 #     bash benches/decode_bench.sh [ROWS...]       (default 1 8 32 64 128)
 #
 # Needs the prompt ids of benches/data/grpo_arith.jsonl's first prompt in $IDS (JSON list of
-# lists; generate_bench.py --dump-ids writes them); prints one JSON line per run.
+# lists; generate_bench.py --dump-ids writes them, and grpo_bench.sh leaves them in
+# $OUT/grpo_prompt_ids.json: the first list is that prompt); prints one JSON line per run.
+# BASE_QUANT (default none: dense weights, so the projections are what is measured; auto:
+# the GGUF's blocks kept and dequantized per call, `lora-train`'s default for a .gguf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=("$@")
@@ -17,6 +20,7 @@ MODEL=${MODEL:-$(bash scripts/fetch_smollm2.sh)}
 IDS=${IDS:?set IDS to a prompt-ids JSON file}
 NEW=${NEW:-32}
 REPEATS=${REPEATS:-2}
+BASE_QUANT=${BASE_QUANT:-none}
 cargo build --release -q -p lora-benches --bin rollout_bench --bin gemm_bench
 BIN=${CARGO_TARGET_DIR:-target}/release
 for dtype in f32 bf16; do
@@ -24,7 +28,7 @@ for dtype in f32 bf16; do
     for cap in 256 8; do
       echo "== $dtype rows $r decode-rows cap $cap, load $(cut -d' ' -f1 /proc/loadavg)" >&2
       LORA_KERNELS_DECODE_ROWS=$cap "$BIN/rollout_bench" --model "$MODEL" --prompt-ids "$IDS" --group "$r" \
-        --max-new-tokens "$NEW" --repeats "$REPEATS" --dtype "$dtype" | sed "s/^{/{\"decode_rows_cap\": $cap, /"
+        --max-new-tokens "$NEW" --repeats "$REPEATS" --dtype "$dtype" --base-quant "$BASE_QUANT" | sed "s/^{/{\"decode_rows_cap\": $cap, /"
     done
   done
 done
