@@ -395,7 +395,7 @@ mod tests {
 /// A buffer of `n` elements for outputs that are fully overwritten before being read
 /// (gemm with `accumulate = false`, element-wise maps): skips the zero-fill pass.
 #[allow(clippy::uninit_vec)]
-pub(crate) fn uninit<T: Copy>(n: usize) -> Vec<T> {
+pub fn uninit<T: Copy>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     // SAFETY: callers write every element before reading any (plain float data).
     unsafe { v.set_len(n) };

@@ -505,13 +505,7 @@ pub fn dequantize_rows(members: &[&QuantizedMatrix]) -> candle_core::Result<Tens
         }
     }
     // Every element is written below (each member's rows, in order), so no zero fill.
-    let mut out: Vec<f32> = Vec::with_capacity(rows * cols);
-    // SAFETY: f32 has no invalid bit patterns, and the loop below writes all rows * cols
-    // elements before `out` is read (a failing member returns the error, dropping `out`).
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        out.set_len(rows * cols)
-    };
+    let mut out = lora_kernels::cpu::uninit::<f32>(rows * cols);
     let mut start = 0;
     for m in members {
         if m.cols != cols {
