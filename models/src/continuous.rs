@@ -15,8 +15,13 @@
 //!   on its batch-mates (the test `continuous` checks it against one-at-a-time decoding).
 //! - Padding every row shares at the front is dropped when rows leave, so the cache is
 //!   as long as its longest row, not as long as the server has been running.
+//! - With a prefix cache ([`DecodeBatch::with_prefix_cache`]) a prompt that begins with
+//!   blocks an earlier prompt prefilled (a server's shared system prompt) prefills only
+//!   the rest ([`crate::prefix_cache`]); the running batch still holds each row's
+//!   positions itself.
 use crate::decoder::KvCache;
 use crate::model::{Model, Route};
+use crate::prefix_cache::{PrefixCache, PrefixStats};
 use crate::rng::splitmix64;
 use crate::rollout::{pick, unit, RolloutParams};
 use anyhow::{bail, Result};
@@ -85,6 +90,8 @@ struct Row {
     top_logprobs: usize,
     /// Empty positions before the row's first real one in the batch cache.
     pad: usize,
+    /// Prompt positions that came from the prefix cache.
+    cached_prompt_tokens: usize,
     next_pos: u32,
     generated: usize,
     /// The logits of the row's next token.
@@ -96,11 +103,31 @@ struct Row {
 pub struct DecodeBatch {
     rows: Vec<Row>,
     cache: KvCache,
+    prefixes: Option<PrefixCache>,
 }
 
 impl DecodeBatch {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A batch whose prefills reuse prompt prefixes kept across requests, at most
+    /// `budget_bytes` of keys and values (0: none kept).
+    pub fn with_prefix_cache(budget_bytes: usize) -> Self {
+        Self { prefixes: (budget_bytes > 0).then(|| PrefixCache::new(budget_bytes)), ..Self::default() }
+    }
+    /// What the prefix cache has done (None without one).
+    pub fn prefix_stats(&self) -> Option<PrefixStats> {
+        self.prefixes.as_ref().map(PrefixCache::stats)
+    }
+    /// Drop the kept prefixes of `adapter` (its weights are about to change).
+    pub fn forget_prefixes(&mut self, adapter: Option<&str>) {
+        if let Some(p) = self.prefixes.as_mut() {
+            p.forget_adapter(adapter);
+        }
+    }
+    /// Prompt tokens of running row `id` whose keys came from the prefix cache.
+    pub fn cached_prompt_tokens(&self, id: u64) -> Option<usize> {
+        self.rows.iter().find(|r| r.id == id).map(|r| r.cached_prompt_tokens)
     }
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -129,8 +156,8 @@ impl DecodeBatch {
         while i < specs.len() {
             let same = |s: &RowSpec| s.prompt == specs[i].prompt && s.adapter == specs[i].adapter;
             let j = i + specs[i..].iter().take_while(|s| same(s)).count();
-            match prefill(model, &specs[i]) {
-                Ok((cache, logits)) => self.merge(cache, &specs[i..j], logits)?,
+            match prefill(model, &specs[i], self.prefixes.as_mut()) {
+                Ok(p) => self.merge(p, &specs[i..j])?,
                 Err(e) => errors.extend(specs[i..j].iter().map(|s| RowError { id: s.id, message: format!("{e:#}") })),
             }
             i = j;
@@ -140,7 +167,8 @@ impl DecodeBatch {
     }
 
     /// Add the prefilled rows `specs` (one cache row, copied for each).
-    fn merge(&mut self, mut cache: KvCache, specs: &[RowSpec], logits: Vec<f32>) -> Result<()> {
+    fn merge(&mut self, prefilled: Prefilled, specs: &[RowSpec]) -> Result<()> {
+        let Prefilled { mut cache, logits, cached_tokens } = prefilled;
         let len = cache.len();
         if specs.len() > 1 {
             cache.repeat_rows(specs.len())?;
@@ -168,6 +196,7 @@ impl DecodeBatch {
                 stop_ids: s.stop_ids.clone(),
                 top_logprobs: s.top_logprobs,
                 pad,
+                cached_prompt_tokens: cached_tokens,
                 next_pos: len as u32,
                 generated: 0,
                 logits: logits.clone(),
@@ -281,8 +310,17 @@ impl DecodeBatch {
     }
 }
 
-/// The prompt of `spec` through its adapter: its cache row and next-token logits.
-fn prefill(model: &Model, spec: &RowSpec) -> Result<(KvCache, Vec<f32>)> {
+/// A prompt through its adapter: its cache row, next-token logits, and how many of its
+/// positions came from the prefix cache.
+struct Prefilled {
+    cache: KvCache,
+    logits: Vec<f32>,
+    cached_tokens: usize,
+}
+
+/// The prompt of `spec` through its adapter, starting from the longest prefix the prefix
+/// cache holds (if any); the prompt's full blocks are then kept for later requests.
+fn prefill(model: &Model, spec: &RowSpec, prefixes: Option<&mut PrefixCache>) -> Result<Prefilled> {
     if spec.prompt.is_empty() {
         bail!("cannot generate from an empty prompt");
     }
@@ -290,14 +328,23 @@ fn prefill(model: &Model, spec: &RowSpec) -> Result<(KvCache, Vec<f32>)> {
         bail!("max_new_tokens must be at least 1");
     }
     let _routing = model.route(&[Route { rows: 1, adapter: spec.adapter.as_deref(), dropout_seed: None }])?;
+    let adapter = spec.adapter.as_deref();
     let len = spec.prompt.len();
-    let mut cache = KvCache::new();
-    let input = Tensor::from_slice(&spec.prompt, (1, len), model.device())?;
-    let positions: Vec<u32> = (0..len as u32).collect();
+    let mut prefixes = prefixes;
+    let (mut cache, cached) = match prefixes.as_deref_mut().map(|p| p.lookup(adapter, &spec.prompt)).transpose()?.flatten() {
+        Some(hit) => (hit.cache, hit.tokens),
+        None => (KvCache::new(), 0),
+    };
+    let rest = &spec.prompt[cached..];
+    let input = Tensor::from_slice(rest, (1, rest.len()), model.device())?;
+    let positions: Vec<u32> = (cached as u32..len as u32).collect();
     let hidden = model.forward_cached(&input, &positions, &vec![1; len], &mut cache)?;
-    let last = hidden.narrow(1, len - 1, 1)?;
+    let last = hidden.narrow(1, rest.len() - 1, 1)?;
     let logits = model.logits(&last)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok((cache, logits))
+    if let Some(p) = prefixes {
+        p.insert(adapter, &spec.prompt, &cache)?;
+    }
+    Ok(Prefilled { cache, logits, cached_tokens: cached })
 }
 
 /// The `n` most likely tokens and their log-probs under softmax(logits / t) (t = 1 when

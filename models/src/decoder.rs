@@ -342,6 +342,37 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// A one-row cache holding, per layer, the keys and values [1, kv_heads, len, d] of a
+    /// prompt prefix prefilled earlier (`PrefixCache`); it grows by concatenation, so
+    /// a forward over the rest of the prompt appends to it.
+    pub fn from_layers(layers: Vec<(Tensor, Tensor)>) -> candle_core::Result<Self> {
+        let mut entries = Vec::with_capacity(layers.len());
+        for (k, v) in layers {
+            if k.dim(0)? != 1 || k.dims() != v.dims() {
+                candle_core::bail!("from_layers: keys {:?} and values {:?} are not one row of the same shape", k.dims(), v.dims());
+            }
+            entries.push(Some(into_buffers(k, v, None)?));
+        }
+        Ok(Self { layers: entries, capacity: None, prompts: None })
+    }
+
+    /// Layers that hold keys.
+    pub fn layer_count(&self) -> usize {
+        self.layers.iter().flatten().count()
+    }
+
+    /// Row 0's keys and values of layer `layer` at positions `start..start + len`, as
+    /// fresh tensors (they keep nothing else of the cache alive).
+    pub fn row_positions(&self, layer: usize, start: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        self.own_rows_only("row_positions")?;
+        let Some(Some(e)) = self.layers.get(layer) else { candle_core::bail!("row_positions: layer {layer} holds no keys") };
+        if start + len > e.len {
+            candle_core::bail!("row_positions: positions {start}..{} of {}", start + len, e.len);
+        }
+        let copy = |t: &Tensor| -> candle_core::Result<Tensor> { t.narrow(0, 0, 1)?.narrow(2, start, len)?.force_contiguous() };
+        Ok((copy(&e.k)?, copy(&e.v)?))
+    }
+
     /// Copy every row `n` times in place of the cache (row r becomes rows r*n..r*n+n):
     /// a prompt prefilled once then continues as `n` independent samples. The buffers
     /// keep their capacity.

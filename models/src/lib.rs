@@ -12,6 +12,7 @@ pub mod lora;
 pub mod merge;
 pub mod quant;
 pub mod model;
+pub mod prefix_cache;
 pub mod rollout;
 pub mod rope;
 pub mod rng;
@@ -27,6 +28,7 @@ pub use io::{write_atomic, write_new};
 pub use lora::{LoraConfig, ALL_TARGETS};
 pub use rollout::{Completion, KvLayout, RolloutParams};
 pub use quant::BaseQuant;
+pub use prefix_cache::{PrefixCache, PrefixStats};
 pub use model::{InferenceGuard, Model, Route, RoutingGuard, DEFAULT_ADAPTER};
 pub use tokenizer::TokenizerBundle;
 

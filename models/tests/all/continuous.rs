@@ -42,7 +42,11 @@ fn spec(id: u64, prompt: &[u32], adapter: Option<&str>, temperature: f64, max_ne
 
 /// Run `specs`, admitting spec i at step `arrivals[i]`; every row's tokens and log-probs.
 fn run(model: &Model, specs: &[RowSpec], arrivals: &[usize]) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
-    let mut batch = DecodeBatch::new();
+    run_in(&mut DecodeBatch::new(), model, specs, arrivals)
+}
+
+/// [`run`] on a given batch (one with a prefix cache).
+fn run_in(batch: &mut DecodeBatch, model: &Model, specs: &[RowSpec], arrivals: &[usize]) -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
     let mut out = vec![(Vec::new(), Vec::new()); specs.len()];
     let mut step = 0;
     let mut finished = 0;
@@ -132,6 +136,61 @@ fn a_greedy_base_row_equals_generate_and_n_rows_share_a_prefill() -> Result<()> 
         assert_eq!(out[s.id as usize], alone[0].0);
     }
     assert!(out[0] != out[1] || out[1] != out[2], "each row draws its own stream");
+    Ok(())
+}
+
+/// Rows whose prompts begin with the same 40-token system prompt, through different
+/// adapters, arriving one after another: with a prefix cache the later ones prefill only
+/// what follows the cached blocks, and every row gives the tokens (and log-probs to float
+/// rounding) it gives without one.
+#[test]
+fn prompts_sharing_a_system_prompt_prefill_only_the_rest_and_answer_the_same() -> Result<()> {
+    let loaded = tiny_llama_with_adapters()?;
+    let tok = &loaded.tokenizer;
+    let system = tok.encode("You are a careful assistant. Answer in one short sentence, never more, and say when you do not know the answer to a question.")?;
+    assert!(system.len() >= 2 * lora_models::prefix_cache::BLOCK_TOKENS, "{} tokens", system.len());
+    let questions = ["What is the capital of France?", "Name a prime number.", "Hello", "Why is the sky blue? Explain briefly."];
+    let prompts: Vec<Vec<u32>> = questions.iter().map(|q| Ok([system.clone(), tok.encode(q)?].concat())).collect::<Result<_>>()?;
+    let adapters = [None, Some("a"), Some("a"), Some("b"), None, Some("a")];
+    let specs: Vec<RowSpec> = (0..6u64).map(|i| spec(i, &prompts[i as usize % 4], adapters[i as usize], if i % 2 == 1 { 0.8 } else { 0.0 }, 5)).collect();
+    let arrivals = [0, 1, 2, 3, 4, 7];
+    let m = &loaded.model;
+    let plain = run(m, &specs, &arrivals)?;
+    let mut batch = DecodeBatch::with_prefix_cache(64 << 20);
+    let cached = run_in(&mut batch, m, &specs, &arrivals)?;
+    for (i, (a, b)) in plain.iter().zip(&cached).enumerate() {
+        assert_eq!(a.0, b.0, "row {i}: tokens differ with the prefix cache");
+        for (x, y) in a.1.iter().zip(&b.1) {
+            assert!((x - y).abs() < 1e-4, "row {i}: logprob {x} vs {y}");
+        }
+    }
+    let stats = batch.prefix_stats().expect("a prefix cache");
+    let blocks = system.len() / lora_models::prefix_cache::BLOCK_TOKENS;
+    // Rows 2 and 5 (adapter a) and row 4 (the base) find the system prompt's blocks; the
+    // first row of each adapter and b's only row find nothing.
+    assert_eq!((stats.lookups, stats.hits), (6, 3), "{stats:?}");
+    assert!(stats.cached_tokens >= 3 * (blocks * lora_models::prefix_cache::BLOCK_TOKENS) as u64, "{stats:?}");
+
+    // A row reports how much of its prompt came from the cache.
+    batch.admit(m, vec![spec(9, &prompts[0], None, 0.0, 3)])?;
+    assert!(batch.cached_prompt_tokens(9).unwrap() >= blocks * lora_models::prefix_cache::BLOCK_TOKENS);
+    batch.cancel(&[9])?;
+
+    // Adapter a's weights change: its kept blocks are stale until forgotten.
+    for (key, var) in loaded.model.adapter_parameters("a")? {
+        if key.contains("lora_B") {
+            var.set(&var.as_tensor().affine(-2.0, 0.0)?)?;
+        }
+    }
+    let m = &loaded.model;
+    let one = [RowSpec { id: 0, ..specs[1].clone() }];
+    let fresh = run(m, &one, &[0])?;
+    batch.forget_prefixes(Some("a"));
+    let after = run_in(&mut batch, m, &one, &[0])?;
+    assert_eq!(after[0].0, fresh[0].0);
+    for (x, y) in after[0].1.iter().zip(&fresh[0].1) {
+        assert!((x - y).abs() < 1e-4, "after forgetting: logprob {x} vs {y}");
+    }
     Ok(())
 }
 
