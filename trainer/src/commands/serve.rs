@@ -48,6 +48,12 @@ pub struct Args {
     /// Most rows decoded together; later requests wait for room.
     #[arg(long, default_value_t = 64)]
     pub max_batch_rows: usize,
+    /// MiB of prompt keys and values kept across requests, so that prompts beginning with
+    /// the same tokens (a shared system prompt, few-shot examples) prefill that part once
+    /// (16-token blocks per adapter, least recently used evicted first; 0 = off). What a
+    /// request found is its usage's `prompt_tokens_details.cached_tokens`.
+    #[arg(long, default_value_t = 1024)]
+    pub prefix_cache_mb: usize,
     /// How chat answers are read for tool calls: `hermes` (`<tool_call>{json}</tool_call>`,
     /// Qwen2.5/Qwen3), `llama3_json` (Llama 3.1 JSON), `none`, or `auto` (from the chat
     /// template; a template with neither refuses requests with `tools`).
@@ -104,12 +110,13 @@ pub fn run(args: Args) -> Result<()> {
     let server = HttpServer::start(state, &args.host, args.port, true)?;
     // Tests and scripts read the address (with --port 0) from this line.
     eprintln!("lora-train serve: listening on http://{}", server.addr);
-    let mut scheduler = Scheduler::new(rx, bundle, args.max_batch_rows);
+    let mut scheduler = Scheduler::new(rx, bundle, args.max_batch_rows).with_prefix_cache(args.prefix_cache_mb << 20);
     // The model lives on this thread: decoding steps here, adapter loads between steps.
     while !scheduler.finished() {
         for control in scheduler.tick(&model, Duration::from_millis(200)) {
             match control {
                 Control::Load { name, path, reply } => {
+                    scheduler.forget_prefixes(&name);
                     let result = model.load_named_adapter(&name, std::path::Path::new(&path)).map(|_| ()).map_err(|e| format!("cannot load adapter `{name}` from {path}: {e:#}"));
                     if result.is_ok() {
                         tracing::info!("adapter {name} loaded from {path}");
@@ -121,12 +128,16 @@ pub fn run(args: Args) -> Result<()> {
                     let result = if busy > 0 {
                         Err(format!("adapter `{name}` is in use by {busy} running or waiting requests; retry when they finish"))
                     } else {
+                        scheduler.forget_prefixes(&name);
                         model.remove_named_adapter(&name).map_err(|e| format!("{e:#}"))
                     };
                     let _ = reply.send(result);
                 }
             }
         }
+    }
+    if let Some(s) = scheduler.prefix_stats() {
+        tracing::info!("prefix cache: {} of {} prompt tokens came from it ({} of {} requests), {} blocks ({:.1} MiB) held, {} evicted", s.cached_tokens, s.prompt_tokens, s.hits, s.lookups, s.blocks, s.bytes as f64 / (1 << 20) as f64, s.evicted_blocks);
     }
     drop(server);
     Ok(())

@@ -37,6 +37,8 @@ pub(super) struct Choice {
     text: String,
     tokens: Vec<TokenInfo>,
     finish: Option<Finish>,
+    /// Prompt tokens the server's prefix cache held.
+    cached_prompt_tokens: usize,
 }
 
 /// Apply one event to the choices; the index of the choice it changed, or Err (with the
@@ -52,6 +54,12 @@ fn absorb(choices: &mut [Choice], event: Event) -> Result<(usize, Vec<TokenInfo>
             Ok((choice, tokens))
         }
         Event::Error(m) => Err(ApiError::internal(m)),
+        Event::Prefilled { choice, cached_tokens } => {
+            let count = choices.len();
+            let c = choices.get_mut(choice).ok_or_else(|| ApiError::internal(format!("an event for choice {choice} of {count}")))?;
+            c.cached_prompt_tokens = cached_tokens;
+            Ok((choice, Vec::new()))
+        }
     }
 }
 
@@ -112,9 +120,16 @@ fn completion_logprobs(st: &AppState, tokens: &[TokenInfo], offset: usize) -> Va
     json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
-fn usage(prompt_tokens: usize, choices: &[Choice]) -> Value {
+/// OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts the prompt tokens
+/// whose keys came from the prefix cache (the n choices of a prompt share one prefill,
+/// so each prompt counts once).
+fn usage(prompts: &[Vec<u32>], choices: &[Choice]) -> Value {
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     let completion: usize = choices.iter().map(|c| c.tokens.len()).sum();
-    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion})
+    let per_prompt = (choices.len() / prompts.len().max(1)).max(1);
+    let cached: usize = choices.chunks(per_prompt).map(|c| c[0].cached_prompt_tokens).sum();
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// OpenAI's `tool_calls` entries; `first` numbers them within the choice.
@@ -200,7 +215,6 @@ pub(super) async fn chat(State(st): St, Extension(rid): Extension<RequestId>, bo
     let rx = submit(&st, &prompts, &target.adapter, &p)?;
     let id = format!("chatcmpl-{}", st.next_row.fetch_add(1, Ordering::Relaxed));
     let created = super::unix_seconds();
-    let prompt_tokens = prompts[0].len();
     if req.sampling.stream {
         let head: Vec<String> = (0..p.n)
             .map(|i| {
@@ -236,7 +250,7 @@ pub(super) async fn chat(State(st): St, Extension(rid): Extension<RequestId>, bo
             json!({"index": i, "message": message, "logprobs": if req.logprobs { chat_logprobs(&st, &c.tokens) } else { Value::Null }, "finish_reason": finish})
         })
         .collect();
-    Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": req.model, "choices": out, "usage": usage(prompt_tokens, &choices)})).into_response())
+    Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": req.model, "choices": out, "usage": usage(&prompts, &choices)})).into_response())
 }
 
 /// The prompts of a completions `prompt` (token ids and text each): a string, a list of
@@ -292,7 +306,6 @@ pub(super) async fn completions(State(st): St, Extension(rid): Extension<Request
     let n = prompts.len() * p.n;
     let echo: Vec<String> = (0..n).map(|i| if req.echo { texts[i / p.n].clone() } else { String::new() }).collect();
     let want_logprobs = req.logprobs.is_some();
-    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     if req.sampling.stream {
         let head: Vec<String> = (0..n)
             .filter(|&i| !echo[i].is_empty())
@@ -323,7 +336,7 @@ pub(super) async fn completions(State(st): St, Extension(rid): Extension<Request
                 "finish_reason": c.finish.map(Finish::as_str)})
         })
         .collect();
-    Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": req.model, "choices": out, "usage": usage(prompt_tokens, &choices)})).into_response())
+    Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": req.model, "choices": out, "usage": usage(&prompts, &choices)})).into_response())
 }
 
 /// What one streamed chunk of a choice carries: new text, and the tool calls at its end.
@@ -409,7 +422,7 @@ fn stream_response(st: Arc<AppState>, rid: RequestId, rx: UnboundedReceiver<Even
                         if s.choices.iter().all(|c| c.finish.is_some()) {
                             record(&s.st, &s.out.target, &s.out.prompts[0], &s.choices[0]);
                             if let Some(u) = &s.out.usage_chunk {
-                                s.queue.push_back(u(usage(s.out.prompts.iter().map(Vec::len).sum(), &s.choices)).to_string());
+                                s.queue.push_back(u(usage(&s.out.prompts, &s.choices)).to_string());
                             }
                             s.queue.push_back("[DONE]".into());
                             s.done = true;

@@ -46,6 +46,9 @@ pub enum Event {
     Delta { choice: usize, text: String, tokens: Vec<TokenInfo>, finish: Option<Finish> },
     /// The request failed (its other choices are dropped).
     Error(String),
+    /// Choice `choice`'s prompt began with `cached_tokens` positions the prefix cache
+    /// held (sent once, before its first delta, when some were).
+    Prefilled { choice: usize, cached_tokens: usize },
 }
 
 /// One request: its rows (choice i = `rows[i]`), stop strings, and where events go.
@@ -108,11 +111,32 @@ pub struct Scheduler {
     bundle: TokenizerBundle,
     max_rows: usize,
     closed: bool,
+    /// Bytes of prompt prefixes kept across requests (0: none).
+    prefix_budget: usize,
 }
 
 impl Scheduler {
     pub fn new(rx: Receiver<Job>, bundle: TokenizerBundle, max_rows: usize) -> Self {
-        Self { rx, waiting: VecDeque::new(), batch: DecodeBatch::new(), rows: HashMap::new(), bundle, max_rows: max_rows.max(1), closed: false }
+        Self { rx, waiting: VecDeque::new(), batch: DecodeBatch::new(), rows: HashMap::new(), bundle, max_rows: max_rows.max(1), closed: false, prefix_budget: 0 }
+    }
+
+    /// Keep prompt prefixes across requests, at most `budget_bytes` of keys and values
+    /// (`serve --prefix-cache-mb`); 0 keeps none.
+    pub fn with_prefix_cache(mut self, budget_bytes: usize) -> Self {
+        self.prefix_budget = budget_bytes;
+        self.batch = DecodeBatch::with_prefix_cache(budget_bytes);
+        self
+    }
+
+    /// Drop the kept prefixes of adapter `name` (it is being loaded or unloaded: blocks
+    /// made with its old weights would answer for the new ones).
+    pub fn forget_prefixes(&mut self, name: &str) {
+        self.batch.forget_prefixes(Some(name));
+    }
+
+    /// What the prefix cache has done so far (None without one).
+    pub fn prefix_stats(&self) -> Option<lora_models::PrefixStats> {
+        self.batch.prefix_stats()
     }
 
     /// Every sender is gone and no work is left.
@@ -204,7 +228,13 @@ impl Scheduler {
             }
             let ids: Vec<u64> = job.rows.iter().map(|r| r.id).collect();
             match guarded("a prefill", || self.batch.admit(model, job.rows)) {
-                Ok(errors) if errors.is_empty() => {}
+                Ok(errors) if errors.is_empty() => {
+                    for (choice, id) in ids.iter().enumerate() {
+                        if let Some(cached_tokens) = self.batch.cached_prompt_tokens(*id).filter(|&c| c > 0) {
+                            let _ = job.events.send(Event::Prefilled { choice, cached_tokens });
+                        }
+                    }
+                }
                 Ok(errors) => {
                     let _ = job.events.send(Event::Error(errors[0].message.clone()));
                     self.cancel(&ids);
@@ -233,7 +263,8 @@ impl Scheduler {
         for (_, r) in self.rows.drain() {
             let _ = r.events.send(Event::Error(message.to_string()));
         }
-        self.batch = DecodeBatch::new();
+        // The kept prefixes go too: a failed forward may have left them half written.
+        self.batch = DecodeBatch::with_prefix_cache(self.prefix_budget);
     }
 
     /// Record row `id`'s new token and send what text is settled. Returns true when a

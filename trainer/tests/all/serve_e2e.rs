@@ -272,6 +272,28 @@ fn serve_answers_the_openai_routes_and_refuses_bad_requests() {
     assert_eq!(s, 404);
     let (_, models) = get(&u("/v1/models"));
     assert_eq!(models["data"].as_array().unwrap().len(), 4);
+
+    // The prefix cache: a prompt seen before finds its 16-token blocks (the usage says how
+    // many tokens) and answers the same; an adapter unloaded and loaded again under the
+    // same name answers with its new weights, not with blocks kept from the old ones.
+    let story = "Tell me a story about a dragon who lived in a castle by the sea and read books all day long";
+    let (s, e) = post(&u("/v1/load_lora_adapter"), &json!({"lora_name": "d", "lora_path": tmp.path().join("b").display().to_string()}));
+    assert_eq!(s, 200, "{e}");
+    let (_, fresh) = post(&u("/v1/chat/completions"), &chat_body("d", story, 8));
+    assert_eq!(fresh["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{fresh}");
+    let (_, kept) = post(&u("/v1/chat/completions"), &chat_body("d", story, 8));
+    let prompt_tokens = kept["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 16, "{kept}");
+    assert_eq!(kept["usage"]["prompt_tokens_details"]["cached_tokens"], (prompt_tokens - 1) / 16 * 16, "{kept}");
+    assert_eq!(text_of(&kept), text_of(&fresh));
+    assert_eq!(post(&u("/v1/unload_lora_adapter"), &json!({"lora_name": "d"})).0, 200);
+    let (s, e) = post(&u("/v1/load_lora_adapter"), &json!({"lora_name": "d", "lora_path": tmp.path().join("c").display().to_string()}));
+    assert_eq!(s, 200, "{e}");
+    let (_, as_c) = post(&u("/v1/chat/completions"), &chat_body("d", story, 8));
+    assert_eq!(as_c["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{as_c}");
+    assert_eq!(text_of(&as_c), text_of(&post(&u("/v1/chat/completions"), &chat_body("c", story, 8)).1));
+    assert_eq!(post(&u("/v1/unload_lora_adapter"), &json!({"lora_name": "d"})).0, 200);
+
     // b still answers as before (the unload shifted adapter indices, not names).
     let (_, vb2) = post(&u("/v1/chat/completions"), &chat_body("b", "Tell me a story", 12));
     assert_eq!(text_of(&vb), text_of(&vb2));
