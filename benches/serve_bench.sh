@@ -4,7 +4,9 @@
 # over the base model and three adapters (continuous batching with mixed adapters).
 # Usage: bash benches/serve_bench.sh   (release build; loopback only)
 # Env: BIN (default $CARGO_TARGET_DIR or target, release/lora-train), CONCURRENCY (1,8,32),
-#      PER_CLIENT (requests each client sends, default 2), MAX_TOKENS (64).
+#      PER_CLIENT (requests each client sends, default 2), MAX_TOKENS (64),
+#      SYSTEM_WORDS (a system message of N words shared by every request, default 0),
+#      PREFIX_CACHE_MB (serve --prefix-cache-mb, default the server's: 1024; 0 = off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/lora-train}
@@ -41,11 +43,11 @@ for k, name in enumerate("abc"):
                "target_modules": list(shapes), "bias": "none"}, open(os.path.join(d, "adapter_config.json"), "w"))
 PY
 "$BIN" serve --model "$GGUF" --adapter "a=$WORK/a" --adapter "b=$WORK/b" --adapter "c=$WORK/c" --port 0 --device cpu \
-  2> "$WORK/serve.log" &
+  ${PREFIX_CACHE_MB:+--prefix-cache-mb "$PREFIX_CACHE_MB"} 2> "$WORK/serve.log" &
 PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" && break; sleep 0.2; done
 URL=$(sed -n 's/.*listening on //p' "$WORK/serve.log" | head -1)
 [ -n "$URL" ] || { cat "$WORK/serve.log" >&2; exit 1; }
 echo "serve at $URL ($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
 python3 benches/serve_load.py "$URL" --models "$GGUF,a,b,c" --concurrency "${CONCURRENCY:-1,8,32}" \
-  --requests-per-client "${PER_CLIENT:-2}" --max-tokens "${MAX_TOKENS:-64}"
+  --requests-per-client "${PER_CLIENT:-2}" --max-tokens "${MAX_TOKENS:-64}" --system-words "${SYSTEM_WORDS:-0}"
