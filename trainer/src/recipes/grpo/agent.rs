@@ -36,6 +36,11 @@ use serde_json::{json, Value};
 use super::advantages::advantages;
 use super::rollouts::{cycle_metrics, prompt_seed, Cycle, CycleInputs, Rollout};
 use crate::serve::scheduler::Scheduler;
+
+/// Prompt keys and values kept across an agent's calls within one cycle: each turn of a
+/// conversation resends the earlier turns, and the G rollouts of a prompt begin alike, so
+/// most of a call's prompt is found (forgotten at every cycle: the weights change).
+const AGENT_PREFIX_CACHE_BYTES: usize = 256 << 20;
 use crate::serve::{AppState, CallRecord, Control, HttpServer, Limits, Models, RolloutCalls, RolloutRegistry};
 
 /// `grpo --agent-url` and its settings.
@@ -140,7 +145,7 @@ impl AgentRollouts {
             concurrency: opts.agent_concurrency,
             run_id,
             server,
-            scheduler: Scheduler::new(rx, bundle.clone(), rows),
+            scheduler: Scheduler::new(rx, bundle.clone(), rows).with_prefix_cache(AGENT_PREFIX_CACHE_BYTES),
             registry,
             base_url,
             dropped_total: 0,
@@ -150,6 +155,8 @@ impl AgentRollouts {
     /// The rollouts of cycle `index` for the prompts `chosen`, G each, through the agent.
     pub fn run_cycle(&mut self, inp: &CycleInputs, index: usize, chosen: &[usize]) -> Result<Cycle> {
         let started = Instant::now();
+        // The policy's weights changed since the last cycle: its kept prompt blocks are stale.
+        self.scheduler.forget_prefixes(&self.registry.adapter);
         let g = inp.params.group;
         let mut jobs = VecDeque::new();
         let mut ids = Vec::new();
