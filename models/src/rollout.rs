@@ -75,6 +75,10 @@ impl Model {
 
     /// [`Model::rollouts`] with the prompts' keys and values held as `layout` says.
     pub fn rollouts_with(&self, prompts: &[Vec<u32>], prompt_seeds: &[u64], params: &RolloutParams, stop_ids: &[u32], layout: KvLayout) -> Result<Vec<Vec<Completion>>> {
+        in_pool(|| self.rollouts_in_pool(prompts, prompt_seeds, params, stop_ids, layout))
+    }
+
+    fn rollouts_in_pool(&self, prompts: &[Vec<u32>], prompt_seeds: &[u64], params: &RolloutParams, stop_ids: &[u32], layout: KvLayout) -> Result<Vec<Vec<Completion>>> {
         if prompts.len() != prompt_seeds.len() {
             bail!("{} prompts but {} seeds", prompts.len(), prompt_seeds.len());
         }
@@ -106,8 +110,10 @@ impl Model {
         let input = Tensor::from_vec(ids, (p, longest), &device)?;
         let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
         let last = hidden.narrow(1, longest - 1, 1)?;
-        // The prompt's next-token logits are the same for its G rows: computed once.
-        let mut logits = self.logits(&last)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        // The prompt's next-token logits are the same for its G rows: computed once, and
+        // batch row r reads logits row r / share (share = G for them, then 1).
+        let mut logits = self.logits(&last)?.squeeze(1)?;
+        let mut share = g;
         match layout {
             KvLayout::SharedPrompt => {
                 let of_row = (0..p * g).map(|r| (r / g) as u32).collect();
@@ -115,9 +121,6 @@ impl Model {
             }
             KvLayout::CopiedPrompt if g > 1 => cache.repeat_rows(g)?,
             KvLayout::CopiedPrompt => {}
-        }
-        if g > 1 {
-            logits = logits.into_iter().flat_map(|row| std::iter::repeat_n(row, g)).collect();
         }
 
         let rows = p * g;
@@ -133,12 +136,14 @@ impl Model {
             let sampling = lora_kernels::profile::part("rollout/sample");
             // Rows sample in parallel: each draws from its own stream, so the tokens are
             // the same in any order.
-            let picks: Vec<Option<std::result::Result<Picked, f32>>> = logits
-                .par_iter()
-                .zip(rngs.par_iter_mut())
-                .zip(done.par_iter())
-                .map(|((row, rng), &finished)| (!finished).then(|| checked_pick(row, params, rng)))
-                .collect();
+            let picks: Vec<Option<std::result::Result<Picked, f32>>> = with_host_f32(&logits, |flat| {
+                let vocab = flat.len() / (rows / share);
+                rngs.par_iter_mut()
+                    .zip(done.par_iter())
+                    .enumerate()
+                    .map(|(r, (rng, &finished))| (!finished).then(|| checked_pick(&flat[r / share * vocab..][..vocab], params, rng)))
+                    .collect()
+            })?;
             for (r, picked) in picks.into_iter().enumerate() {
                 let Some(picked) = picked else {
                     step_ids.push(pad_token);
@@ -169,7 +174,8 @@ impl Model {
             drop(forward);
             next_pos.iter_mut().for_each(|x| *x += 1);
             let _logits = lora_kernels::profile::part("rollout/logits");
-            logits = self.logits(&hidden)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            logits = self.logits(&hidden)?.squeeze(1)?;
+            share = 1;
         }
         let mut grouped = Vec::with_capacity(p);
         let mut it = out.into_iter();
@@ -251,8 +257,10 @@ impl Model {
                 let mut one = KvCache::with_capacity(len);
                 let input = Tensor::from_slice(prompt, (1, len), &device)?;
                 let positions: Vec<u32> = (0..len as u32).collect();
-                let hidden = self.forward_cached(&input, &positions, &vec![1; len], &mut one)?;
-                let logits = self.logits(&hidden.narrow(1, len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let logits = in_pool(|| -> Result<Vec<f32>> {
+                    let hidden = self.forward_cached(&input, &positions, &vec![1; len], &mut one)?;
+                    Ok(self.logits(&hidden.narrow(1, len - 1, 1)?)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                })?;
                 cache.join_prompt(one, g)?;
                 let rows = (0..g)
                     .map(|gi| StreamRow {
@@ -335,17 +343,46 @@ impl Model {
                 positions.push(row.next_pos);
             }
             let input = Tensor::from_vec(kept_ids, (live.len() * g, 1), &device)?;
-            let forward = lora_kernels::profile::part("rollout/forward");
-            let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
-            drop(forward);
-            let _logits = lora_kernels::profile::part("rollout/logits");
-            let logits = self.logits(&hidden)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            for (row, l) in live.iter_mut().flat_map(|grp| grp.rows.iter_mut()).zip(logits) {
-                row.logits = l;
-                row.next_pos += 1;
-            }
+            in_pool(|| -> Result<()> {
+                let forward = lora_kernels::profile::part("rollout/forward");
+                let hidden = self.forward_cached(&input, &positions, &segments, &mut cache)?;
+                drop(forward);
+                let _logits = lora_kernels::profile::part("rollout/logits");
+                // Into each row's own buffer (the vocabulary's size since it joined).
+                with_host_f32(&self.logits(&hidden)?.squeeze(1)?, |flat| {
+                    let vocab = flat.len() / (live.len() * g);
+                    for (row, l) in live.iter_mut().flat_map(|grp| grp.rows.iter_mut()).zip(flat.chunks_exact(vocab)) {
+                        row.logits.copy_from_slice(l);
+                        row.next_pos += 1;
+                    }
+                })
+            })?;
         }
     }
+}
+
+/// Runs `f` on a worker of rayon's pool, the caller waiting. A decode step runs hundreds
+/// of small parallel regions (a few per projection); called from a thread outside the
+/// pool, each of them hands its work to the pool and sleeps until it is done (two thread
+/// wake-ups per region, the rayon scheduling a `perf` profile of rollouts showed), in
+/// the pool they are plain joins. The same threads split the same work: results are
+/// unchanged.
+fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+/// Runs `f` on `t`'s values, f32 in row-major order: on the CPU read from its storage in
+/// place (a decode step's logits are rows x vocabulary floats: no host copy, no fresh
+/// buffer per step), elsewhere copied to the host.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// [`pick`] with the next draw of `rng`, or the first non-finite logit (nothing drawn).
@@ -369,24 +406,45 @@ pub struct Picked {
     pub entropy: f32,
 }
 
+thread_local! {
+    /// Each sampling thread's scratch: a row's exp weights and top-k / top-p candidates
+    /// (a vocabulary of each), kept across rows and steps instead of allocated per row.
+    static SCRATCH: std::cell::RefCell<(Vec<f64>, Vec<usize>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// Sample one token from `logits` with the uniform draw `u` (greedy when temperature is
 /// 0). The log-probability and entropy are of the full temperature-scaled distribution.
 pub fn pick(logits: &[f32], params: &RolloutParams, u: f64) -> Picked {
+    SCRATCH.with_borrow_mut(|(weights, candidates)| pick_with(logits, params, u, weights, candidates))
+}
+
+fn pick_with(logits: &[f32], params: &RolloutParams, u: f64, weights: &mut Vec<f64>, candidates: &mut Vec<usize>) -> Picked {
     let t = if params.temperature > 0.0 { params.temperature } else { 1.0 };
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    // Stable log-sum-exp and entropy of softmax(logits / t), in f64.
+    // Stable log-sum-exp and entropy of softmax(logits / t), in f64. The weights are
+    // kept for the draw: exp over the vocabulary once per row, not three times.
     let mut z = 0.0f64;
     let mut weighted = 0.0f64;
-    for &v in logits {
+    weights.clear();
+    weights.extend(logits.iter().map(|&v| {
         let s = (v as f64 - max) / t;
         let e = s.exp();
         z += e;
         weighted += e * s;
-    }
+        e
+    }));
     let log_z = z.ln();
     let entropy = (log_z - weighted / z) as f32;
     let logprob = |tok: usize| ((logits[tok] as f64 - max) / t - log_z) as f32;
-    let token = if params.temperature <= 0.0 { argmax(logits) } else { sample_truncated(logits, params, max, t, u) };
+    let token = if params.temperature <= 0.0 {
+        argmax(logits)
+    } else if params.top_k == 0 && params.top_p >= 1.0 {
+        // No truncation: `z` is the total the truncated draw below would sum (every
+        // weight in index order from zero), so the same token without a candidate list.
+        draw(weights, 0..weights.len(), z, u)
+    } else {
+        sample_truncated(logits, params, weights, candidates, u)
+    };
     Picked { token: token as u32, logprob: logprob(token), entropy }
 }
 
@@ -399,15 +457,32 @@ fn by_logit_desc(logits: &[f32]) -> impl Fn(&usize, &usize) -> std::cmp::Orderin
     move |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
 }
 
-/// Sample from the top-k / top-p truncation of softmax(logits / t).
-fn sample_truncated(logits: &[f32], params: &RolloutParams, max: f64, t: f64, u: f64) -> usize {
+/// The first of `candidates` (ascending) at which `u * total` minus the running sum of
+/// their weights drops below zero (the last one if rounding leaves none).
+fn draw(weights: &[f64], candidates: impl IntoIterator<Item = usize>, total: f64, u: f64) -> usize {
+    let mut r = u * total;
+    let mut last = 0;
+    for i in candidates {
+        r -= weights[i];
+        if r < 0.0 {
+            return i;
+        }
+        last = i;
+    }
+    last
+}
+
+/// Sample from the top-k / top-p truncation of softmax(logits / t); `weights[i]` is
+/// exp((logits[i] - max) / t).
+fn sample_truncated(logits: &[f32], params: &RolloutParams, weights: &[f64], candidates: &mut Vec<usize>, u: f64) -> usize {
     let cmp = by_logit_desc(logits);
-    let mut candidates: Vec<usize> = (0..logits.len()).collect();
+    candidates.clear();
+    candidates.extend(0..logits.len());
     if params.top_k > 0 && params.top_k < candidates.len() {
         candidates.select_nth_unstable_by(params.top_k - 1, &cmp);
         candidates.truncate(params.top_k);
     }
-    let weight = |i: usize| ((logits[i] as f64 - max) / t).exp();
+    let weight = |i: usize| weights[i];
     if params.top_p < 1.0 {
         let total: f64 = candidates.iter().map(|&i| weight(i)).sum();
         // Sort a head of the candidates; grow it until it holds top_p of the mass.
@@ -434,14 +509,7 @@ fn sample_truncated(logits: &[f32], params: &RolloutParams, max: f64, t: f64, u:
     }
     candidates.sort_unstable();
     let total: f64 = candidates.iter().map(|&i| weight(i)).sum();
-    let mut r = u * total;
-    for &i in &candidates {
-        r -= weight(i);
-        if r < 0.0 {
-            return i;
-        }
-    }
-    *candidates.last().unwrap_or(&0)
+    draw(weights, candidates.iter().copied(), total, u)
 }
 
 #[cfg(test)]
@@ -490,6 +558,20 @@ mod tests {
         let two = [0.0f32, 0.0];
         assert_eq!(pick(&two, &params(1.0, 0, 1.0), 0.49).token, 0);
         assert_eq!(pick(&two, &params(1.0, 0, 1.0), 0.51).token, 1);
+    }
+
+    #[test]
+    fn untruncated_draw_equals_the_candidate_list_draw() {
+        // `pick` skips the candidate list when nothing is truncated: the same tokens.
+        let logits: Vec<f32> = (0..5000u64).map(|i| (mix64(i) % 1000) as f32 * 0.013 - 6.0).collect();
+        let p = params(0.9, 0, 1.0);
+        let mut rng = 5u64;
+        for _ in 0..200 {
+            let u = unit(splitmix64(&mut rng));
+            let mut weights = Vec::new();
+            let fast = pick_with(&logits, &p, u, &mut weights, &mut Vec::new()).token as usize;
+            assert_eq!(fast, sample_truncated(&logits, &p, &weights, &mut Vec::new(), u));
+        }
     }
 
     #[test]
