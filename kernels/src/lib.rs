@@ -227,10 +227,13 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: Option<&Te
 /// [`causal_attention`] for rows that continue shared prompts (decoding; no graph):
 /// batch row r's keys are `prefix_k` row `prefix_of_row[r]` ([p, hkv, lp, d], one per
 /// prompt, shared by its completions) followed by its own `k` ([b, hkv, n, d]); likewise
-/// the values. `segments`: [b, lp + n], the ids of the joined sequence. On CPU the op
-/// reads the prompt's planes in place (the result of copying them into every row, to
-/// float rounding: a key tile ends where the prompt ends); on other devices the prompt rows are gathered and joined for this call only (the
-/// cache still holds each prompt once) and [`causal_attention`] runs on the result.
+/// the values. `segments`: [b, lp + n], the ids of the joined sequence. On CPU
+/// (`ops::attention::PrefixAttention`) and on CUDA (`attn_prefix_fwd_*`,
+/// `cuda::attention::prefix_causal_attention`) the prompt's planes and the row's own are
+/// read in place, nothing gathered or joined (the result of copying the prompt into
+/// every row, to float rounding: a key tile ends where the prompt ends); on other devices
+/// the prompt rows are gathered and joined for this call only (the cache still holds each
+/// prompt once) and [`causal_attention`] runs on the result.
 ///
 /// `own_start` (empty: all 0): row r reads its own positions from `own_start[r]` on, a row
 /// that joined a running batch later than the others (the positions before were written
@@ -239,6 +242,10 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: Option<&Te
 pub fn prefix_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, prefix_k: &Tensor, prefix_v: &Tensor, prefix_of_row: &[u32], own_start: &[u32], segments: &Tensor, scale: f64) -> Result<Tensor> {
     if q.track_op() || k.track_op() || v.track_op() || prefix_k.track_op() || prefix_v.track_op() {
         candle_core::bail!("prefix_causal_attention is for decoding: it has no backward (run under inference mode)");
+    }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return cuda::attention::prefix_causal_attention(q, k, v, prefix_k, prefix_v, prefix_of_row, own_start, segments, scale);
     }
     if !fused(q) {
         return reference::prefix_causal_attention(q, k, v, prefix_k, prefix_v, prefix_of_row, own_start, segments, scale);

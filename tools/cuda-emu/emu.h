@@ -75,6 +75,12 @@ inline float atomicAdd(float* p, float v) {
   *p = old + v;
   return old;
 }
+inline int atomicMax(int* p, int v) {
+  std::lock_guard<std::mutex> g(emu_atomic_mutex);
+  const int old = *p;
+  if (v > old) *p = v;
+  return old;
+}
 
 // 16-bit conversions in plain C++ (round to nearest even), expanded inside common.cuh
 // where the bf16 / f16 structs are defined.

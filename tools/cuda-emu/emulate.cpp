@@ -1,8 +1,9 @@
 // Runs lora-kernels CUDA kernels on the CPU emulator (emu.h) against naive double
 // references: flash attention forward + backward (f32 and bf16, GQA, segments, KV-cache
-// queries on strided planes, head dims 64 / 80), the segment starts, the f32 fused LoRA
-// linear (rank 128 = two 64-rank chunks with VEC_ACC, forward and backward dX, weight
-// gradients), the bf16 tensor-core LoRA linear (emulated mma, cp.async fallback path),
+// queries on strided planes, head dims 64 / 80), the segment starts, the forward over
+// shared prompt planes then own planes read in place (rollouts' prefix attention), the
+// f32 fused LoRA linear (rank 128 = two 64-rank chunks with VEC_ACC, forward and
+// backward dX, weight gradients), the bf16 tensor-core LoRA linear (emulated mma, cp.async fallback path),
 // the SGMV multi-adapter kernels (forward and backward) and the cross-entropy rows.
 // Prints one line per check and exits non-zero on any failure.
 // Build and run: bash scripts/cuda/emulate.sh
@@ -159,6 +160,82 @@ static void attention_case(const AttnCase& c, double tol) {
   check(std::string(name) + " dQ", rel(dq, dQ), tol);
   check(std::string(name) + " dK", rel(dk, dK), tol);
   check(std::string(name) + " dV", rel(dv, dV), tol);
+}
+
+// ------------------------------------------------------------- attention over a prompt
+// attn_prefix_fwd: rows continuing shared prompts (left-padded, id 0), each prompt's KV
+// plane read in place followed by the row's own from its start (positions before it get
+// the prompt's id, so reading them would show); checked against a naive double reference
+// on the joined sequence. `switch_at`: own position from which row 1's ids change (a
+// query there sees only its new run; -1: none); the last row is finished (its query id 0).
+struct PrefixCase {
+  int hq, hkv, tq, n, lp, d;
+  std::vector<int> prompt_len, of_row, own_start;
+  int pad, switch_at;
+};
+
+template <typename T>
+static void prefix_case(const PrefixCase& c, double tol) {
+  const int b = (int)c.of_row.size(), p = (int)c.prompt_len.size(), hq = c.hq, hkv = c.hkv, tq = c.tq, n = c.n, lp = c.lp, d = c.d;
+  const int rep = hq / hkv, tkf = lp + n;
+  // both planes are views of longer buffers (pad more rows) when c.pad > 0
+  const long long ps1 = (long long)(lp + c.pad) * d, ps0 = ps1 * hkv, ks1 = (long long)(n + c.pad) * d, ks0 = ks1 * hkv;
+  auto qf = back(cvt<T>(randv((size_t)b * hq * tq * d))), kf = back(cvt<T>(randv((size_t)b * ks0))), vf = back(cvt<T>(randv((size_t)b * ks0)));
+  auto pkf = back(cvt<T>(randv((size_t)p * ps0))), pvf = back(cvt<T>(randv((size_t)p * ps0)));
+  std::vector<u32> seg((size_t)b * tkf), rows_of(2 * b);
+  for (int r = 0; r < b; ++r) {
+    const int pr = c.of_row[r];
+    rows_of[r] = pr;
+    rows_of[b + r] = c.own_start[r];
+    for (int j = 0; j < lp; ++j) seg[r * tkf + j] = j >= lp - c.prompt_len[pr] ? 1 : 0;
+    for (int j = 0; j < n; ++j) seg[r * tkf + lp + j] = (r == 1 && c.switch_at >= 0 && j >= c.switch_at) ? 2 : 1;
+  }
+  seg[(size_t)(b - 1) * tkf + tkf - 1] = 0;
+  const double scale = 1.0 / std::sqrt((double)d);
+  std::vector<double> O((size_t)b * hq * tq * d);
+  for (int r = 0; r < b; ++r) {
+    // the joined sequence: prompt keys 0..lp, own keys from own_start on
+    const int from = c.own_start[r], tk = lp + n - from;
+    std::vector<u32> ids(tk);
+    std::vector<int> start(tk, 0);
+    for (int j = 0; j < tk; ++j) ids[j] = seg[r * tkf + (j < lp ? j : j + from)];
+    for (int j = 1; j < tk; ++j) start[j] = ids[j] == ids[j - 1] ? start[j - 1] : j;
+    auto key = [&](const std::vector<float>& pl, const std::vector<float>& own, int hk, int j, int x) {
+      return (double)(j < lp ? pl[c.of_row[r] * ps0 + hk * ps1 + (long long)j * d + x] : own[r * ks0 + hk * ks1 + (long long)(j - lp + from) * d + x]);
+    };
+    for (int h = 0; h < hq; ++h)
+      for (int i = 0; i < tq; ++i) {
+        const int pos = tk - tq + i, lo = start[pos], hk = h / rep;
+        const size_t row = ((size_t)r * hq + h) * tq + i;
+        std::vector<double> s(tk, -INFINITY);
+        double mx = -INFINITY, sum = 0;
+        for (int j = lo; j <= pos; ++j) {
+          double acc = 0;
+          for (int x = 0; x < d; ++x) acc += qf[row * d + x] * key(pkf, kf, hk, j, x);
+          s[j] = acc * scale;
+          mx = std::max(mx, s[j]);
+        }
+        for (int j = lo; j <= pos; ++j) sum += std::exp(s[j] - mx);
+        for (int x = 0; x < d; ++x) {
+          double acc = 0;
+          for (int j = lo; j <= pos; ++j) acc += std::exp(s[j] - mx) / sum * key(pvf, vf, hk, j, x);
+          O[row * d + x] = acc;
+        }
+      }
+  }
+  auto q = cvt<T>(qf), k = cvt<T>(kf), v = cvt<T>(vf), pk = cvt<T>(pkf), pv = cvt<T>(pvf);
+  std::vector<T> o((size_t)b * hq * tq * d);
+  const float sc = (float)scale;
+  const int dm = d <= 64 ? 64 : d <= 128 ? 128 : 256;
+  const int hp = tq < 64 ? rep : 1;  // as the host packs heads for short queries
+  emu_launch({(unsigned)((hp * tq + 63) / 64), (unsigned)(hq / hp), (unsigned)b}, 256, [&] {
+    if (dm == 64) attn_prefix_fwd_impl<T, 64>(q.data(), k.data(), v.data(), pk.data(), pv.data(), rows_of.data(), seg.data(), o.data(), hq, hkv, tq, n, lp, d, ks0, ks1, ps0, ps1, sc, hp);
+    else attn_prefix_fwd_impl<T, 128>(q.data(), k.data(), v.data(), pk.data(), pv.data(), rows_of.data(), seg.data(), o.data(), hq, hkv, tq, n, lp, d, ks0, ks1, ps0, ps1, sc, hp);
+  });
+  char name[160];
+  std::snprintf(name, sizeof name, "prefix attention %s b%d/p%d h%d/%d tq%d lp%d n%d d%d%s%s", sizeof(T) == 4 ? "f32" : "bf16", b, p, hq, hkv, tq, lp, n, d,
+                c.pad ? " views" : "", c.switch_at >= 0 ? " seg-switch" : "");
+  check(std::string(name) + " O", rel(back(o), O), tol);
 }
 
 // --------------------------------------------------------------------------- LoRA linear
@@ -358,6 +435,10 @@ int main() {
   attention_case<bf16>({1, 2, 1, 37, 37, 64, {}, 0}, 2e-2);
   attention_case<bf16>({2, 4, 2, 150, 150, 128, {60, 90}, 0}, 2e-2);
   attention_case<bf16>({1, 8, 2, 3, 100, 80, {40, 60}, 6}, 2e-2);
+  prefix_case<float>({4, 2, 1, 9, 40, 64, {40, 23}, {0, 0, 1, 1}, {0, 3, 0, 5}, 0, -1}, 1e-5);
+  prefix_case<float>({8, 2, 3, 20, 37, 80, {12, 37}, {1, 0, 1}, {0, 0, 4}, 6, 18}, 1e-5);
+  prefix_case<bf16>({6, 2, 2, 40, 70, 128, {70, 5, 44}, {2, 0, 1, 2, 0}, {0, 10, 0, 0, 37}, 3, -1}, 2e-2);
+  prefix_case<bf16>({4, 1, 30, 45, 50, 64, {33}, {0, 0}, {0, 10}, 0, 20}, 2e-2);
   lora_case<float>(70, 96, 72, 128, 1e-5);
   lora_case<float>(33, 40, 20, 8, 1e-5);
   lora_case<bf16>(70, 96, 136, 16, 2e-2);

@@ -1,5 +1,6 @@
 //! CUDA path of [`crate::causal_attention`]: the flash-style kernels of `attention.cu`
-//! (forward saves the row log-sum-exp; backward recomputes probabilities tile by tile).
+//! (forward saves the row log-sum-exp; backward recomputes probabilities tile by tile);
+//! and of [`crate::prefix_causal_attention`] (`attn_prefix_fwd_*`, forward only).
 //! The forward runs on tensor cores for bf16/f16 with head dim <= 128 (`attn_fwd_tc_*`),
 //! on CUDA cores otherwise; the backward on CUDA cores.
 //! Segment ids become per-key segment starts on the device (`attn_seg_starts`); no mask
@@ -7,7 +8,7 @@
 //! never repeated) and k/v may be KV-cache views whose (batch, head) planes are
 //! contiguous: they are read in place.
 use super::ops::{as_cuda, dispatch};
-use crate::ops::attention::{dims, planes_contiguous, Dims};
+use crate::ops::attention::{dims, planes_contiguous, prefix_checks, Dims};
 use super::runtime::{self as rt, ceil_div, cfg, tensor, view};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
@@ -198,9 +199,91 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, segments: Option<&Te
     let dt = q.dtype();
     let starts = segments.map(|s| segment_starts(s, b, tk)).transpose()?;
     let op = CausalAttentionCuda { scale: scale as f32, starts, lse: Mutex::new(None) };
-    let kv = |t: &Tensor| -> Result<Tensor> {
-        let t = t.to_dtype(dt)?;
-        if plane_strides(t.layout()).is_ok() { Ok(t) } else { t.contiguous() }
+    q.contiguous()?.apply_op3(&kv_operand(k, dt)?, &kv_operand(v, dt)?, op)
+}
+
+/// A k/v operand in dtype `dt`: read in place when its planes are contiguous (a KV-cache
+/// view), otherwise copied.
+fn kv_operand(t: &Tensor, dt: DType) -> Result<Tensor> {
+    let t = t.to_dtype(dt)?;
+    if plane_strides(t.layout()).is_ok() { Ok(t) } else { t.contiguous() }
+}
+
+/// The CUDA op of [`prefix_causal_attention`] (forward only): q, k, v are the rows' own;
+/// the prompt planes, the rows' table and the segment ids ride along.
+struct PrefixAttentionCuda {
+    scale: f32,
+    /// [p, hkv, lp, d] prompt keys / values, planes contiguous.
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    /// [2 b] u32: each row's prompt row, then its first own position.
+    rows: Tensor,
+    /// [b (lp + n)] u32 segment ids of prompt then own positions.
+    segments: Tensor,
+}
+
+impl CustomOp3 for PrefixAttentionCuda {
+    fn name(&self) -> &'static str {
+        "prefix-attention-cuda"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("prefix-attention-cuda is CUDA only")
+    }
+    fn cuda_fwd(&self, q: &CudaStorage, lq: &Layout, k: &CudaStorage, lk: &Layout, v: &CudaStorage, lv: &Layout) -> Result<(CudaStorage, Shape)> {
+        let Dims { b, hq, hkv, tq, tk: n, d } = dims(lq.dims(), lk.dims(), lv.dims())?;
+        let dev = q.device.clone();
+        let (pkg, lpk) = self.prefix_k.storage_and_layout();
+        let (pvg, lpv) = self.prefix_v.storage_and_layout();
+        let ((ks0, ks1), (ps0, ps1)) = (plane_strides(lk)?, plane_strides(lpk)?);
+        if plane_strides(lv)? != (ks0, ks1) || plane_strides(lpv)? != (ps0, ps1) {
+            bail!("prefix-attention CUDA: k and v (and the prompt's) must share strides");
+        }
+        let lp = lpk.dims()[2];
+        let dm = dmax(d)?;
+        let (rg, lr) = self.rows.storage_and_layout();
+        let (sg, ls) = self.segments.storage_and_layout();
+        let out = dispatch!(q.dtype(), T => {
+            let qv = view::<T>(q, lq)?;
+            let (kv, vv) = (plane_view::<T>(k, lk)?, plane_view::<T>(v, lv)?);
+            let (pkv, pvv) = (plane_view::<T>(as_cuda(&pkg)?, lpk)?, plane_view::<T>(as_cuda(&pvg)?, lpv)?);
+            let (rv, sv) = (view::<u32>(as_cuda(&rg)?, lr)?, view::<u32>(as_cuda(&sg)?, ls)?);
+            let mut o = unsafe { dev.alloc::<T>((b * hq * tq * d).max(1))? };
+            if b * tq > 0 {
+                let f = rt::func(&dev, "attention", &format!("attn_prefix_fwd_{}_d{dm}", rt::suffix(q.dtype())?))?;
+                let stream = dev.cuda_stream();
+                let mut l = stream.launch_builder(&f);
+                let (hq32, hkv32, tq32, n32, lp32, d32) = (hq as i32, hkv as i32, tq as i32, n as i32, lp as i32, d as i32);
+                // Short queries (decoding): the heads sharing a kv head fill one block's rows.
+                let hp = if tq < 64 { hq / hkv } else { 1 };
+                let hp32 = hp as i32;
+                l.arg(&qv).arg(&kv).arg(&vv).arg(&pkv).arg(&pvv).arg(&rv).arg(&sv).arg(&mut o);
+                l.arg(&hq32).arg(&hkv32).arg(&tq32).arg(&n32).arg(&lp32).arg(&d32).arg(&ks0).arg(&ks1).arg(&ps0).arg(&ps1).arg(&self.scale).arg(&hp32);
+                unsafe { l.launch(cfg((ceil_div(hp * tq, 64), (hq / hp) as u32, b as u32), 256)) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(o, dev.clone())
+        });
+        Ok((out, lq.shape().clone()))
+    }
+}
+
+/// [`crate::prefix_causal_attention`] on CUDA (see there for the contract): one launch of
+/// `attn_prefix_fwd_*`, which reads each row's prompt planes and its own (from its start)
+/// in place, with the segment ids as they are on the device; nothing is gathered or
+/// joined. Forward only; bf16/f16/f32 on CUDA cores, head dim up to 256.
+#[allow(clippy::too_many_arguments)]
+pub fn prefix_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, prefix_k: &Tensor, prefix_v: &Tensor, prefix_of_row: &[u32], own_start: &[u32], segments: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = dims(q.dims(), k.dims(), v.dims())?;
+    let to_usize = |s: &[u32]| s.iter().map(|&x| x as usize).collect::<Vec<_>>();
+    let (_, own_start) = prefix_checks("prefix-attention", &dims, prefix_k.dims(), prefix_v.dims(), &to_usize(prefix_of_row), &to_usize(own_start), segments.elem_count())?;
+    let b = dims.b;
+    let dt = q.dtype();
+    let rows: Vec<u32> = prefix_of_row.iter().copied().chain(own_start.iter().map(|&s| s as u32)).collect();
+    let op = PrefixAttentionCuda {
+        scale: scale as f32,
+        prefix_k: kv_operand(prefix_k, dt)?,
+        prefix_v: kv_operand(prefix_v, dt)?,
+        rows: Tensor::from_vec(rows, 2 * b, q.device())?,
+        segments: segments.to_device(q.device())?.to_dtype(DType::U32)?.flatten_all()?.contiguous()?,
     };
-    q.contiguous()?.apply_op3(&kv(k)?, &kv(v)?, op)
+    q.contiguous()?.apply_op3(&kv_operand(k, dt)?, &kv_operand(v, dt)?, op)
 }

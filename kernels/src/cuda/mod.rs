@@ -11,6 +11,7 @@
 //! | [`ops::lora_linear`] | `lora_fwd_*` (fused x W^T + s (x A^T) B^T), `lora_bwd_dx_*`, `lora_wgrad_*`; bf16/f16 on tensor cores (`lora_linear.cu`), f32 on FMA (`lora_f32.cu`) or TF32 tensor cores when allowed (`lora_tf32.cu`); ranks above 64 as 64-rank chunks |
 //! | [`ops::frozen_linear`] | `lora_fwd_*` / `lora_bwd_dx_*` with rank 0 |
 //! | [`attention::causal_attention`] | `attn_fwd_*_d{64,128,256}`, `attn_bwd_dot_*`, `attn_bwd_*_d*`, `attn_seg_starts` |
+//! | [`attention::prefix_causal_attention`] | `attn_prefix_fwd_*_d{64,128,256}` (forward only) |
 //! | [`ops::rms_norm`] | `rms_norm_fwd_*`, `rms_norm_bwd_*` |
 //! | [`ops::rope`] | `rope_*` (the backward is the inverse rotation) |
 //! | [`ops::softmax_last_dim`], [`ops::causal_softmax`] | `softmax_fwd_*`, `softmax_bwd_*` |

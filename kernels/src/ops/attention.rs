@@ -35,6 +35,7 @@ pub struct CausalAttention {
 }
 
 /// The sizes of a causal-attention call (shared with the CUDA op).
+#[derive(Clone, Copy)]
 pub(crate) struct Dims {
     pub(crate) b: usize,
     pub(crate) hq: usize,
@@ -554,24 +555,11 @@ impl CustomOp3 for PrefixAttention {
     fn cpu_fwd(&self, sq: &CpuStorage, lq: &Layout, sk: &CpuStorage, lk: &Layout, sv: &CpuStorage, lv: &Layout) -> Result<(CpuStorage, Shape)> {
         let _p = crate::profile::scope(self.name());
         let op = self.name();
-        let Dims { b, hq, hkv, tq, tk: n, d } = dims(lq.dims(), lk.dims(), lv.dims())?;
+        let dims = dims(lq.dims(), lk.dims(), lv.dims())?;
+        let Dims { b, hq, hkv, tq, tk: n, d } = dims;
         let (pk_g, pv_g) = (self.prefix_k.storage_and_layout(), self.prefix_v.storage_and_layout());
-        let (pkd, pvd) = (pk_g.1.dims(), pv_g.1.dims());
-        let &[p, phkv, lp, pd] = pkd else { bail!("{op}: prefix keys {pkd:?} must be 4-d") };
-        if pkd != pvd || phkv != hkv || pd != d {
-            bail!("{op}: prefix keys {pkd:?} / values {pvd:?} do not fit keys {:?}", lk.dims());
-        }
-        if self.prefix_of_row.len() != b || self.prefix_of_row.iter().any(|&r| r >= p) {
-            bail!("{op}: {} prefix rows for {b} batch rows of {p} prefixes", self.prefix_of_row.len());
-        }
+        let (lp, own_start) = prefix_checks(op, &dims, pk_g.1.dims(), pv_g.1.dims(), &self.prefix_of_row, &self.own_start, self.segments.len())?;
         let tk = lp + n;
-        let own_start = if self.own_start.is_empty() { vec![0; b] } else { self.own_start.clone() };
-        if own_start.len() != b || own_start.iter().any(|&s| s + tq > n) {
-            bail!("{op}: own starts {own_start:?} for {b} rows of {n} positions and {tq} queries");
-        }
-        if self.segments.len() != b * tk {
-            bail!("{op}: segment ids have {} entries, expected {b}x{tk}", self.segments.len());
-        }
         let q = f32_view(sq, lq, op)?;
         let (k, v) = (planes(sk, lk, op)?, planes(sv, lv, op)?);
         let pk = planes(crate::cpu::cpu_storage(&pk_g.0, op)?, pk_g.1, op)?;
@@ -594,7 +582,31 @@ impl CustomOp3 for PrefixAttention {
     }
 
     // No cuda_fwd and no bwd: `lora_kernels::prefix_causal_attention` runs this op only on
-    // CPU and without a graph; elsewhere it joins the planes and runs `causal_attention`.
+    // CPU and without a graph; CUDA has its own op (`cuda::attention`, the same contract),
+    // other devices join the planes and run `causal_attention`.
+}
+
+/// Checks a prefix attention's operands against q/k/v's `dims` (tk = the rows' own
+/// positions n): prompt keys and values [p, hkv, lp, d], one prompt row per batch row,
+/// own starts (empty: all 0) that leave room for the queries, b x (lp + n) segment ids.
+/// Returns lp and the own starts. Shared by the CPU op and the CUDA path.
+pub(crate) fn prefix_checks(op: &str, dims: &Dims, pk: &[usize], pv: &[usize], prefix_of_row: &[usize], own_start: &[usize], n_segments: usize) -> Result<(usize, Vec<usize>)> {
+    let Dims { b, hkv, tq, tk: n, d, .. } = *dims;
+    let &[p, phkv, lp, pd] = pk else { bail!("{op}: prefix keys {pk:?} must be 4-d") };
+    if pk != pv || phkv != hkv || pd != d {
+        bail!("{op}: prefix keys {pk:?} / values {pv:?} do not fit keys [{b}, {hkv}, {n}, {d}]");
+    }
+    if prefix_of_row.len() != b || prefix_of_row.iter().any(|&r| r >= p) {
+        bail!("{op}: {} prefix rows for {b} batch rows of {p} prefixes", prefix_of_row.len());
+    }
+    let own_start = if own_start.is_empty() { vec![0; b] } else { own_start.to_vec() };
+    if own_start.len() != b || own_start.iter().any(|&s| s + tq > n) {
+        bail!("{op}: own starts {own_start:?} for {b} rows of {n} positions and {tq} queries");
+    }
+    if n_segments != b * (lp + n) {
+        bail!("{op}: segment ids have {n_segments} entries, expected {b}x{}", lp + n);
+    }
+    Ok((lp, own_start))
 }
 
 /// Sum each run of `rep` consecutive planes of `plane` elements (the partials of the

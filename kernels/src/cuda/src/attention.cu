@@ -11,6 +11,8 @@
 // starts[b][p] <= j <= p, where starts[b][p] is the first key of the contiguous run of
 // equal segment ids containing p (attn_seg_starts computes it on the device; no
 // segments = 0). No mask tensor, host or device.
+// attn_prefix_fwd_* (forward only, decoding): the same forward over two planes read in
+// place, a shared prompt's then the row's own (see "forward over a prompt").
 //
 // Math in f32 on CUDA cores (every dtype: bf16/f16/f32 storage, f32 accumulation);
 // tiles staged into f32 shared memory. d <= DMAX (64, 128 or 256 instances).
@@ -80,36 +82,42 @@ __device__ __forceinline__ int at_start(const int* starts, int b, int tk, int po
 // Grid: (ceil(hp * tq / 64), hq / hp, b).
 #define AF_BQ 64
 
-template <typename T, int DMAX>
-__device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* __restrict__ K,
-                                              const T* __restrict__ V, const int* __restrict__ starts,
-                                              T* __restrict__ O, float* __restrict__ lse, int hq, int hkv, int tq,
-                                              int tk, int D, i64 ks0, i64 ks1, float scale, int hp) {
+// The keys (and values) of one (batch row, kv head) as two planes read in place, one
+// after the other: key j < split is row j of k0 / v0, key j >= split row j - split of
+// k1 / v1 (rows of D elements). The plain forward has split = 0 (one plane); the prefix
+// forward has the shared prompt's plane first.
+template <typename T>
+struct AtKeys {
+  const T* k0;
+  const T* v0;
+  int split;
+  const T* k1;
+  const T* v1;
+};
+
+// The CUDA-core forward of one block once its rows' visible keys are set: row r (< nq)
+// of the rows starting at q0 of Qp ([rows, D]) sees keys Lo[r]..Hi[r] of `kv` (rows >= nq:
+// Lo > Hi, none). Online softmax over key tiles of AT_BK, a tile never spanning the two
+// planes; writes rows q0.. of Op and, unless lsep is null, their log-sum-exp. TWO: kv has
+// a first plane (the plain forward: false, so split = 0 and its tiles test no plane end).
+template <typename T, int DMAX, bool TWO>
+__device__ __forceinline__ void attn_fwd_rows(const T* __restrict__ Qp, int q0, int rows, int nq, const AtKeys<T>& kv,
+                                              const int* Lo, const int* Hi, int D, float scale, T* __restrict__ Op,
+                                              float* __restrict__ lsep) {
   constexpr int NJ = DMAX / 16;
   constexpr int STAGE = AT_DC * (AF_BQ + 1) + AT_DC * (AT_BK + 1);
   constexpr int VBUF = AT_BK * (DMAX + 1);
   __shared__ float buf[STAGE > VBUF ? STAGE : VBUF];
   __shared__ float Ps[AF_BQ * (AT_BK + 1)];
   __shared__ float Ms[AF_BQ], Ls[AF_BQ], Al[AF_BQ];
-  __shared__ int Lo[AF_BQ], Hi[AF_BQ];
   __shared__ int Kb[2];
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-  const int b = blockIdx.z, h0 = blockIdx.y * hp, q0 = blockIdx.x * AF_BQ;
-  const int hk = h0 / (hq / hkv), off = tk - tq, rows = hp * tq;
-  const T* Qp = Q + ((i64)b * hq + h0) * tq * D;
-  const T* Kp = K + b * ks0 + hk * ks1;
-  const T* Vp = V + b * ks0 + hk * ks1;
-  const int nq = min(AF_BQ, rows - q0);
   for (int r = threadIdx.x; r < AF_BQ; r += AT_NT) {
-    const int pos = (q0 + r) % tq + off;
-    Lo[r] = r < nq ? at_start(starts, b, tk, pos) : 1;
-    Hi[r] = r < nq ? pos : 0;
     Ms[r] = NEG_INF;
     Ls[r] = 0.f;
   }
-  __syncthreads();
   if (threadIdx.x == 0) {  // the keys any row of the block sees
-    int lo = tk, hi = 0;
+    int lo = 1 << 30, hi = 0;
     for (int r = 0; r < nq; ++r) {
       lo = min(lo, Lo[r]);
       hi = max(hi, Hi[r]);
@@ -124,15 +132,21 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < NJ; ++j) o[i][j] = 0.f;
-  for (int k0 = kbeg; k0 < kend; k0 += AT_BK) {
+  for (int k0 = kbeg; k0 < kend;) {
+    // the tile's plane: the first while k0 < split, rows k0 - base of it up to key end
+    // (rows past it staged as 0 and masked); a tile of the first stops at its end
+    const bool first = TWO && k0 < kv.split;
+    const int base = first ? 0 : kv.split, end = first ? min(kend, kv.split) : kend;
     float s[4][2];
-    at_scores<T, AF_BQ, 4>(s, buf, buf + AT_DC * (AF_BQ + 1), Qp, q0, rows, Kp, k0, tk, D);
+    at_scores<T, AF_BQ, 4>(s, buf, buf + AT_DC * (AF_BQ + 1), Qp, q0, rows, first ? kv.k0 : kv.k1, k0 - base, end - base, D);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int r = ty + 16 * i, c = tx + 16 * j, key = k0 + c;
-        Ps[r * (AT_BK + 1) + c] = (key >= Lo[r] && key <= Hi[r]) ? s[i][j] * scale : NEG_INF;
+        // (a first-plane tile's columns past its end are the second plane's: masked here)
+        const bool vis = key >= Lo[r] && key <= Hi[r] && (!TWO || key < end);
+        Ps[r * (AT_BK + 1) + c] = vis ? s[i][j] * scale : NEG_INF;
       }
     __syncthreads();
     {  // online softmax: 4 consecutive lanes per row, 8 columns each
@@ -161,7 +175,7 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
         Ms[r] = m_new;
       }
     }
-    at_stage_n<T, AT_BK, DMAX>(buf, Vp, D, k0, tk, D);
+    at_stage_n<T, AT_BK, DMAX>(buf, first ? kv.v0 : kv.v1, D, k0 - base, end - base, D);
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -176,8 +190,8 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
       }
     }
     __syncthreads();
+    k0 = min(k0 + AT_BK, end);
   }
-  T* Op = O + ((i64)b * hq + h0) * tq * D;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int r = ty + 16 * i;
@@ -189,8 +203,86 @@ __device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* 
       const int c = tx + 16 * j;
       if (c < D) Op[(i64)(q0 + r) * D + c] = from_f32<T>(o[i][j] * inv);
     }
-    if (tx == 0) lse[((i64)b * hq + h0) * tq + q0 + r] = Ms[r] + __logf(l);
+    if (tx == 0 && lsep != 0) lsep[q0 + r] = Ms[r] + __logf(l);
   }
+}
+
+template <typename T, int DMAX>
+__device__ __forceinline__ void attn_fwd_impl(const T* __restrict__ Q, const T* __restrict__ K,
+                                              const T* __restrict__ V, const int* __restrict__ starts,
+                                              T* __restrict__ O, float* __restrict__ lse, int hq, int hkv, int tq,
+                                              int tk, int D, i64 ks0, i64 ks1, float scale, int hp) {
+  __shared__ int Lo[AF_BQ], Hi[AF_BQ];
+  const int b = blockIdx.z, h0 = blockIdx.y * hp, q0 = blockIdx.x * AF_BQ;
+  const int hk = h0 / (hq / hkv), off = tk - tq, rows = hp * tq;
+  const i64 plane = ((i64)b * hq + h0) * tq;
+  const int nq = min(AF_BQ, rows - q0);
+  for (int r = threadIdx.x; r < AF_BQ; r += AT_NT) {
+    const int pos = (q0 + r) % tq + off;
+    Lo[r] = r < nq ? at_start(starts, b, tk, pos) : 1;
+    Hi[r] = r < nq ? pos : 0;
+  }
+  __syncthreads();
+  const AtKeys<T> kv = {0, 0, 0, K + b * ks0 + hk * ks1, V + b * ks0 + hk * ks1};
+  attn_fwd_rows<T, DMAX, false>(Q + plane * D, q0, rows, nq, kv, Lo, Hi, D, scale, O + plane * D, lse + plane);
+}
+
+// ------------------------------------------------------------------ forward over a prompt
+// Decoding rows that continue shared prompts (`lora_kernels::prefix_causal_attention`):
+// batch row b's keys are prompt row rows_of[b]'s plane of PK / PV ([p, hkv, lp, D], planes
+// contiguous, strides ps0 / ps1), then its own plane of K / V ([b, hkv, n, D], strides
+// ks0 / ks1) from position from = rows_of[nb + b] on (nb = gridDim.z; positions before were
+// written before the row joined), both read in place: the joined sequence has
+// tk = lp + n - from keys, the queries are its last tq. seg [b, lp + n] (u32) holds the
+// segment ids of prompt then own positions; a query sees the keys of the contiguous run
+// of equal ids (in the joined sequence, skipped positions left out) that ends at it, so
+// the prompt's left padding (id 0) is never read. Forward only (no lse): Q, O, grid and
+// head packing as attn_fwd_impl.
+template <typename T, int DMAX>
+__device__ __forceinline__ void attn_prefix_fwd_impl(const T* __restrict__ Q, const T* __restrict__ K,
+                                                     const T* __restrict__ V, const T* __restrict__ PK,
+                                                     const T* __restrict__ PV, const u32* __restrict__ rows_of,
+                                                     const u32* __restrict__ seg, T* __restrict__ O, int hq, int hkv,
+                                                     int tq, int n, int lp, int D, i64 ks0, i64 ks1, i64 ps0, i64 ps1,
+                                                     float scale, int hp) {
+  __shared__ int Lo[AF_BQ], Hi[AF_BQ];
+  __shared__ int Brk;
+  // in shared memory, read where used: four more pointers live in registers would spill
+  // the d256 instance (at its 128-register bound like attn_fwd_*_d256)
+  __shared__ AtKeys<T> kv;
+  const int b = blockIdx.z, h0 = blockIdx.y * hp, q0 = blockIdx.x * AF_BQ;
+  const int hk = h0 / (hq / hkv), rows = hp * tq;
+  const int from = (int)rows_of[gridDim.z + b], tk = lp + n - from, off = tk - tq;
+  const i64 plane = ((i64)b * hq + h0) * tq;
+  const int nq = min(AF_BQ, rows - q0);
+  // id of joined key j: the prompt's j, or own position from + (j - lp)
+  const u32* sg = seg + (i64)b * (lp + n);
+#define AP_ID(j) sg[(j) < lp ? (j) : (j) + from]
+  // Every query is at or after `off`: the last change of id at or before it bounds them
+  // all (a strided scan and a shared max: tk ids per block, against tk x D keys); each
+  // row then scans its own few positions.
+  if (threadIdx.x == 0) Brk = 0;
+  __syncthreads();
+  int brk = 0;
+  for (int j = 1 + threadIdx.x; j <= off; j += AT_NT)
+    if (AP_ID(j) != AP_ID(j - 1)) brk = j;
+  if (brk > 0) atomicMax(&Brk, brk);
+  __syncthreads();
+  for (int r = threadIdx.x; r < AF_BQ; r += AT_NT) {
+    const int pos = (q0 + r) % tq + off;
+    int lo = Brk;
+    for (int j = off + 1; j <= pos; ++j)
+      if (AP_ID(j) != AP_ID(j - 1)) lo = j;
+    Lo[r] = r < nq ? lo : 1;
+    Hi[r] = r < nq ? pos : 0;
+  }
+#undef AP_ID
+  if (threadIdx.x == 0) {
+    const i64 pp = (i64)rows_of[b] * ps0 + hk * ps1, own = b * ks0 + hk * ks1 + (i64)from * D;
+    kv = {PK + pp, PV + pp, lp, K + own, V + own};
+  }
+  __syncthreads();
+  attn_fwd_rows<T, DMAX, true>(Q + plane * D, q0, rows, nq, kv, Lo, Hi, D, scale, O + plane * D, 0);
 }
 
 // ------------------------------------------------------------- forward on tensor cores
@@ -538,8 +630,16 @@ extern "C" __global__ void __launch_bounds__(1024) attn_seg_starts(const u32* __
       int tk, int D, i64 ks0, i64 ks1, float scale, int hp) {                                               \
     attn_fwd_tc_impl<T, DM>(Q, K, V, starts, O, lse, hq, hkv, tq, tk, D, ks0, ks1, scale, hp);              \
   }
+#define AT_PREFIX(T, DM)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(AT_NT, 2) attn_prefix_fwd_##T##_d##DM(                          \
+      const T *Q, const T *K, const T *V, const T *PK, const T *PV, const u32 *rows_of, const u32 *seg, T *O, \
+      int hq, int hkv, int tq, int n, int lp, int D, i64 ks0, i64 ks1, i64 ps0, i64 ps1, float scale, int hp) { \
+    attn_prefix_fwd_impl<T, DM>(Q, K, V, PK, PV, rows_of, seg, O, hq, hkv, tq, n, lp, D, ks0, ks1, ps0, ps1,  \
+                                scale, hp);                                                                 \
+  }
 #define AT_ALL(T)                                                                                           \
   AT_FWD(T, 64) AT_FWD(T, 128) AT_FWD(T, 256)                                                               \
+  AT_PREFIX(T, 64) AT_PREFIX(T, 128) AT_PREFIX(T, 256)                                                      \
   AT_BWD(T, 64, 64) AT_BWD(T, 128, 64) AT_BWD(T, 256, 32)                                                   \
   extern "C" __global__ void __launch_bounds__(256)                                                         \
       attn_bwd_dot_##T(const T *dO, const T *O, float *delta, i64 rows, int D) {                            \
