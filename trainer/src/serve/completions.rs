@@ -516,7 +516,7 @@ mod tests {
     }
 
     fn choice(text: &str, finish: Option<Finish>) -> Choice {
-        Choice { text: text.into(), tokens: Vec::new(), finish }
+        Choice { text: text.into(), finish, ..Default::default() }
     }
 
     #[test]
