@@ -197,6 +197,7 @@ mod gpu {
                     &|t| cu::linear_cross_entropy_rows(&t[0], &t[1], &tgg))?;
             }
             attention_checks(dev, dt, &mut out)?;
+            prefix_attention_checks(dev, dt, &mut out)?;
             segmented_checks(dev, dt, &mut out)?;
         }
         tf32_checks(dev, &mut out)?;
@@ -261,6 +262,30 @@ mod gpu {
             compare(out, dev, "causal_attention", &shape, dt, &[q, k, v], &[true, true, true],
                 &|t| lora_kernels::causal_attention(&t[0], &view(&t[1])?, &view(&t[2])?, seg.as_ref(), scale),
                 &|t| lora_kernels::cuda::attention::causal_attention(&t[0], &view(&t[1])?, &view(&t[2])?, segg.as_ref(), scale))?;
+        }
+        Ok(())
+    }
+
+    /// The decode attention over shared prompts (`attn_prefix_fwd_*`, forward only: what
+    /// rollouts decode with) against the CPU op: GQA, prompts of different lengths (left
+    /// padding of segment 0), rows continuing the same prompt, a row that joined later
+    /// (`own_start` 3: its first own positions are not read), one and two queries per row.
+    fn prefix_attention_checks(dev: &Device, dt: DType, out: &mut Vec<Check>) -> Result<()> {
+        // (rows, prompts, hq, hkv, tq, lp, n, d)
+        let cases: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[(4, 2, 4, 2, 1, 40, 9, 64), (3, 2, 6, 2, 2, 70, 20, 128)];
+        for &(b, p, hq, hkv, tq, lp, n, d) in cases {
+            let of_row: Vec<u32> = (0..b).map(|r| (r * p / b) as u32).collect();
+            let own_start: Vec<u32> = (0..b).map(|r| if r + 1 == b { 3 } else { 0 }).collect();
+            // Prompt j is 7 j positions shorter than the longest: left-padded with segment 0.
+            let seg: Vec<u32> = of_row.iter().flat_map(|&j| (0..lp + n).map(move |i| u32::from(i >= 7 * j as usize))).collect();
+            let segc = Tensor::from_vec(seg, (b, lp + n), &Device::Cpu)?;
+            let segg = segc.to_device(dev)?;
+            let inputs = [randn(&[b, hq, tq, d], 1.0)?, randn(&[b, hkv, n, d], 1.0)?, randn(&[b, hkv, n, d], 1.0)?, randn(&[p, hkv, lp, d], 1.0)?, randn(&[p, hkv, lp, d], 1.0)?];
+            let scale = 1.0 / (d as f64).sqrt();
+            let shape = format!("b{b}/p{p} h{hq}/{hkv} t{tq} lp{lp} n{n} d{d}");
+            compare(out, dev, "prefix_causal_attention", &shape, dt, &inputs, &[false; 5],
+                &|t| lora_kernels::prefix_causal_attention(&t[0], &t[1], &t[2], &t[3], &t[4], &of_row, &own_start, &segc, scale),
+                &|t| lora_kernels::cuda::attention::prefix_causal_attention(&t[0], &t[1], &t[2], &t[3], &t[4], &of_row, &own_start, &segg, scale))?;
         }
         Ok(())
     }
