@@ -18,6 +18,8 @@ pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     fn wrap(v: Vec<Self>) -> CpuStorage;
+    /// The storage's elements, if it holds this type.
+    fn of_storage(s: &CpuStorage) -> Option<&[Self]>;
 }
 
 impl Elem for f32 {
@@ -31,6 +33,12 @@ impl Elem for f32 {
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
+    }
+    fn of_storage(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
     }
 }
 
@@ -50,6 +58,12 @@ impl Elem for bf16 {
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::BF16(v)
     }
+    fn of_storage(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 impl Elem for f16 {
@@ -63,6 +77,12 @@ impl Elem for f16 {
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F16(v)
+    }
+    fn of_storage(s: &CpuStorage) -> Option<&[Self]> {
+        match s {
+            CpuStorage::F16(v) => Some(v),
+            _ => None,
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod gemm_bf16;
 pub mod ops;
 pub mod profile;
 pub mod reference;
+pub mod sampling;
 pub mod simd;
 
 /// Call at the start of `main`, before any candle op: sets up the process for the

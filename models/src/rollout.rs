@@ -17,6 +17,7 @@
 //! - Log-probabilities are those of the full temperature-scaled distribution (as TRL
 //!   computes them at training time), not of the truncated top-k/top-p one.
 //! - Runs under inference mode: no autograd graph.
+use lora_kernels::sampling;
 use rayon::prelude::*;
 use crate::decoder::KvCache;
 use crate::model::Model;
@@ -406,44 +407,43 @@ pub struct Picked {
     pub entropy: f32,
 }
 
+/// Each sampling thread's scratch, kept across rows and steps instead of allocated per
+/// row: a row's softmax weights and their chunk sums (`lora_kernels::sampling`), and the
+/// top-k / top-p candidates.
+#[derive(Default)]
+struct Scratch {
+    weights: Vec<f32>,
+    chunk_sums: Vec<f64>,
+    candidates: Vec<usize>,
+}
+
 thread_local! {
-    /// Each sampling thread's scratch: a row's exp weights and top-k / top-p candidates
-    /// (a vocabulary of each), kept across rows and steps instead of allocated per row.
-    static SCRATCH: std::cell::RefCell<(Vec<f64>, Vec<usize>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Sample one token from `logits` with the uniform draw `u` (greedy when temperature is
 /// 0). The log-probability and entropy are of the full temperature-scaled distribution.
 pub fn pick(logits: &[f32], params: &RolloutParams, u: f64) -> Picked {
-    SCRATCH.with_borrow_mut(|(weights, candidates)| pick_with(logits, params, u, weights, candidates))
+    SCRATCH.with_borrow_mut(|s| pick_with(logits, params, u, s))
 }
 
-fn pick_with(logits: &[f32], params: &RolloutParams, u: f64, weights: &mut Vec<f64>, candidates: &mut Vec<usize>) -> Picked {
+fn pick_with(logits: &[f32], params: &RolloutParams, u: f64, s: &mut Scratch) -> Picked {
     let t = if params.temperature > 0.0 { params.temperature } else { 1.0 };
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    // Stable log-sum-exp and entropy of softmax(logits / t), in f64. The weights are
-    // kept for the draw: exp over the vocabulary once per row, not three times.
-    let mut z = 0.0f64;
-    let mut weighted = 0.0f64;
-    weights.clear();
-    weights.extend(logits.iter().map(|&v| {
-        let s = (v as f64 - max) / t;
-        let e = s.exp();
-        z += e;
-        weighted += e * s;
-        e
-    }));
-    let log_z = z.ln();
-    let entropy = (log_z - weighted / z) as f32;
+    // Softmax of logits / t once over the vocabulary (f32 exp 16 lanes at a time, sums in
+    // f64): log Z, the entropy and the draw share the weights.
+    s.weights.resize(logits.len(), 0.0);
+    s.chunk_sums.resize(logits.len().div_ceil(sampling::CHUNK), 0.0);
+    let w = sampling::weigh(logits, (1.0 / t) as f32, &mut s.weights, &mut s.chunk_sums);
+    let log_z = w.total.ln();
+    let entropy = (log_z - w.weighted / w.total) as f32;
+    let max = w.max as f64;
     let logprob = |tok: usize| ((logits[tok] as f64 - max) / t - log_z) as f32;
     let token = if params.temperature <= 0.0 {
         argmax(logits)
     } else if params.top_k == 0 && params.top_p >= 1.0 {
-        // No truncation: `z` is the total the truncated draw below would sum (every
-        // weight in index order from zero), so the same token without a candidate list.
-        draw(weights, 0..weights.len(), z, u)
+        sampling::draw(&s.weights, &s.chunk_sums, w.total, u)
     } else {
-        sample_truncated(logits, params, weights, candidates, u)
+        sample_truncated(logits, params, &s.weights, &mut s.candidates, u)
     };
     Picked { token: token as u32, logprob: logprob(token), entropy }
 }
@@ -459,11 +459,11 @@ fn by_logit_desc(logits: &[f32]) -> impl Fn(&usize, &usize) -> std::cmp::Orderin
 
 /// The first of `candidates` (ascending) at which `u * total` minus the running sum of
 /// their weights drops below zero (the last one if rounding leaves none).
-fn draw(weights: &[f64], candidates: impl IntoIterator<Item = usize>, total: f64, u: f64) -> usize {
+fn draw(weights: &[f32], candidates: impl IntoIterator<Item = usize>, total: f64, u: f64) -> usize {
     let mut r = u * total;
     let mut last = 0;
     for i in candidates {
-        r -= weights[i];
+        r -= weights[i] as f64;
         if r < 0.0 {
             return i;
         }
@@ -474,7 +474,7 @@ fn draw(weights: &[f64], candidates: impl IntoIterator<Item = usize>, total: f64
 
 /// Sample from the top-k / top-p truncation of softmax(logits / t); `weights[i]` is
 /// exp((logits[i] - max) / t).
-fn sample_truncated(logits: &[f32], params: &RolloutParams, weights: &[f64], candidates: &mut Vec<usize>, u: f64) -> usize {
+fn sample_truncated(logits: &[f32], params: &RolloutParams, weights: &[f32], candidates: &mut Vec<usize>, u: f64) -> usize {
     let cmp = by_logit_desc(logits);
     candidates.clear();
     candidates.extend(0..logits.len());
@@ -482,7 +482,7 @@ fn sample_truncated(logits: &[f32], params: &RolloutParams, weights: &[f64], can
         candidates.select_nth_unstable_by(params.top_k - 1, &cmp);
         candidates.truncate(params.top_k);
     }
-    let weight = |i: usize| weights[i];
+    let weight = |i: usize| weights[i] as f64;
     if params.top_p < 1.0 {
         let total: f64 = candidates.iter().map(|&i| weight(i)).sum();
         // Sort a head of the candidates; grow it until it holds top_p of the mass.
@@ -568,9 +568,9 @@ mod tests {
         let mut rng = 5u64;
         for _ in 0..200 {
             let u = unit(splitmix64(&mut rng));
-            let mut weights = Vec::new();
-            let fast = pick_with(&logits, &p, u, &mut weights, &mut Vec::new()).token as usize;
-            assert_eq!(fast, sample_truncated(&logits, &p, &weights, &mut Vec::new(), u));
+            let mut scratch = Scratch::default();
+            let fast = pick_with(&logits, &p, u, &mut scratch).token as usize;
+            assert_eq!(fast, sample_truncated(&logits, &p, &scratch.weights, &mut Vec::new(), u));
         }
     }
 

@@ -15,10 +15,11 @@
 //! k and v may be strided views whose (batch, head) planes are each contiguous, such
 //! as `narrow(2, 0, len)` of a preallocated KV-cache buffer: the forward reads them
 //! in place, so a decode step does not copy the whole cache.
+use super::decode_attention::{decode_step, last_run_start, Lanes, RowKv, RowSeq};
 use crate::cpu::{bind_f32, exp_shift_sum, f32_view, fast_exp, max_f32, matmul, storage_from_f32, tensor_from_f32, Elem, Mat, Par};
 use crate::simd::isa_dispatch;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::Mutex;
@@ -132,6 +133,42 @@ impl Planes<'_> {
         let o = self.at.start(bi, hi);
         &self.data[o..o + self.at.len]
     }
+}
+
+/// k or v planes in the storage's own dtype, borrowed where they lie (decode steps).
+struct TypedPlanes<'a, T> {
+    data: &'a [T],
+    at: PlaneIndex,
+}
+
+impl<'a, T: Elem> TypedPlanes<'a, T> {
+    /// None when the storage does not hold `T`.
+    fn new(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Option<Self>> {
+        let Some(data) = T::of_storage(s) else { return Ok(None) };
+        let (dims, st) = (l.dims(), l.stride());
+        if !planes_contiguous(dims, st) {
+            bail!("{op}: k/v planes must be contiguous (dims {dims:?}, strides {st:?})");
+        }
+        Ok(Some(TypedPlanes { data, at: PlaneIndex { off: l.start_offset(), s0: st[0], s1: st[1], len: dims[2] * dims[3] } }))
+    }
+
+    fn plane(&self, bi: usize, hi: usize) -> &'a [T] {
+        let o = self.at.start(bi, hi);
+        &self.data[o..o + self.at.len]
+    }
+}
+
+/// Runs `$call::<T>(...)` with T the element type of CPU storage `$s` (f32, bf16 or
+/// f16); other dtypes give `Ok(None)`.
+macro_rules! by_dtype {
+    ($s:expr, $call:ident ( $($arg:expr),* )) => {
+        match $s {
+            CpuStorage::F32(_) => $call::<f32>($($arg),*),
+            CpuStorage::BF16(_) => $call::<half::bf16>($($arg),*),
+            CpuStorage::F16(_) => $call::<half::f16>($($arg),*),
+            _ => Ok(None),
+        }
+    };
 }
 
 /// f32 storage is borrowed where it lies; bf16/f16 planes are widened into a packed
@@ -413,6 +450,12 @@ impl CustomOp3 for CausalAttention {
         let op = self.name();
         let Dims { b, hq, hkv, tq, tk, d } = dims(lq.dims(), lk.dims(), lv.dims())?;
         let q = f32_view(sq, lq, op)?;
+        if tq == 1 {
+            if let Some((out, lse)) = by_dtype!(sk, causal_decode(self, &q, Dims { b, hq, hkv, tq, tk, d }, sk, lk, sv, lv))? {
+                *self.lse.lock().unwrap() = Some(lse);
+                return Ok((storage_from_f32(out, sq.dtype())?, lq.shape().clone()));
+            }
+        }
         let k = planes(sk, lk, op)?;
         let v = planes(sv, lv, op)?;
         let starts = self.segment_starts(b, tk)?;
@@ -561,6 +604,12 @@ impl CustomOp3 for PrefixAttention {
         let (lp, own_start) = prefix_checks(op, &dims, pk_g.1.dims(), pv_g.1.dims(), &self.prefix_of_row, &self.own_start, self.segments.len())?;
         let tk = lp + n;
         let q = f32_view(sq, lq, op)?;
+        if tq == 1 {
+            let (pk, pv) = ((&*pk_g.0, pk_g.1), (&*pv_g.0, pv_g.1));
+            if let Some((out, _lse)) = by_dtype!(sk, prefix_decode(self, &q, Dims { b, hq, hkv, tq, tk, d }, &own_start, (sk, lk), (sv, lv), pk, pv))? {
+                return Ok((storage_from_f32(out, sq.dtype())?, lq.shape().clone()));
+            }
+        }
         let (k, v) = (planes(sk, lk, op)?, planes(sv, lv, op)?);
         let pk = planes(crate::cpu::cpu_storage(&pk_g.0, op)?, pk_g.1, op)?;
         let pv = planes(crate::cpu::cpu_storage(&pv_g.0, op)?, pv_g.1, op)?;
@@ -584,6 +633,51 @@ impl CustomOp3 for PrefixAttention {
     // No cuda_fwd and no bwd: `lora_kernels::prefix_causal_attention` runs this op only on
     // CPU and without a graph; CUDA has its own op (`cuda::attention`, the same contract),
     // other devices join the planes and run `causal_attention`.
+}
+
+/// A decode step of [`CausalAttention`] (one query per row) on k/v of dtype `T`: see
+/// `decode_attention`. None when v or the segment ids do not fit (the general path
+/// then reports it).
+#[allow(clippy::too_many_arguments)]
+fn causal_decode<T: Elem + Lanes>(op: &CausalAttention, q: &[f32], dims: Dims, sk: &CpuStorage, lk: &Layout, sv: &CpuStorage, lv: &Layout) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let name = op.name();
+    let (Some(k), Some(v)) = (TypedPlanes::<T>::new(sk, lk, name)?, TypedPlanes::<T>::new(sv, lv, name)?) else { return Ok(None) };
+    let tk = dims.tk;
+    let segments = op.segments.as_deref();
+    if segments.is_some_and(|s| s.len() != dims.b * tk) {
+        return Ok(None);
+    }
+    Ok(Some(decode_step(q, &dims, op.scale, |bi, g| RowKv {
+        k: RowSeq::own(k.plane(bi, g)),
+        v: RowSeq::own(v.plane(bi, g)),
+        lo: segments.map_or(0, |s| last_run_start(&[], &s[bi * tk..(bi + 1) * tk])),
+        hi: tk,
+    })))
+}
+
+type StorageAt<'a> = (&'a Storage, &'a Layout);
+
+/// A decode step of [`PrefixAttention`]: each row's prompt planes, then its own from its
+/// start, read in place in dtype `T`. None when an operand is not `T`.
+#[allow(clippy::too_many_arguments)]
+fn prefix_decode<T: Elem + Lanes>(op: &PrefixAttention, q: &[f32], dims: Dims, own_start: &[usize], k: (&CpuStorage, &Layout), v: (&CpuStorage, &Layout), pk: StorageAt<'_>, pv: StorageAt<'_>) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let name = op.name();
+    let (Some(k), Some(v)) = (TypedPlanes::<T>::new(k.0, k.1, name)?, TypedPlanes::<T>::new(v.0, v.1, name)?) else { return Ok(None) };
+    let (pks, pvs) = (crate::cpu::cpu_storage(pk.0, name)?, crate::cpu::cpu_storage(pv.0, name)?);
+    let (Some(pk), Some(pv)) = (TypedPlanes::<T>::new(pks, pk.1, name)?, TypedPlanes::<T>::new(pvs, pv.1, name)?) else { return Ok(None) };
+    let (d, tk) = (dims.d, dims.tk);
+    let lp = pk.at.len / d.max(1);
+    let rows = &op.prefix_of_row;
+    Ok(Some(decode_step(q, &dims, op.scale, |bi, g| {
+        let own = own_start[bi];
+        let seg = &op.segments[bi * tk..(bi + 1) * tk];
+        RowKv {
+            k: RowSeq { first: pk.plane(rows[bi], g), second: &k.plane(bi, g)[own * d..] },
+            v: RowSeq { first: pv.plane(rows[bi], g), second: &v.plane(bi, g)[own * d..] },
+            lo: last_run_start(&seg[..lp], &seg[lp + own..]),
+            hi: tk - own,
+        }
+    })))
 }
 
 /// Checks a prefix attention's operands against q/k/v's `dims` (tk = the rows' own

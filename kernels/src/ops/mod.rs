@@ -6,6 +6,7 @@
 //! gradients of inputs that are tracked (`Tensor::track_op`).
 pub mod attention;
 pub mod cross_entropy;
+pub(crate) mod decode_attention;
 pub mod gemv;
 pub mod linear;
 pub mod rms_norm;

@@ -249,6 +249,12 @@ fn causal_attention_matches_reference() {
             // tiles, segments starting inside a tile, and a query offset (KV cache).
             (1, 2, 1, 600, 600, 16, true),
             (1, 2, 2, 70, 650, 16, false),
+            // Decode steps (one query per row: `decode_attention`): grouped heads,
+            // segments, a head dim with a tail past 16 lanes, two keys, 650 keys.
+            (3, 6, 2, 1, 37, 16, true),
+            (2, 4, 2, 1, 70, 12, true),
+            (2, 2, 2, 1, 2, 8, false),
+            (1, 4, 1, 1, 650, 64, false),
         ] {
             let seg = packed.then(|| {
                 let ids: Vec<u32> = (0..b * tk).map(|i| ((i % tk) as u32 * 3) / tk as u32 + (i / tk) as u32).collect();
@@ -439,6 +445,10 @@ fn prefix_attention_equals_attention_on_the_joined_rows() {
             let rows = Tensor::from_slice(&of_row, b, &CPU).unwrap();
             let join = |pre: &Tensor, own: &Tensor| Tensor::cat(&[&pre.index_select(&rows, 0).unwrap(), own], 2).unwrap();
             let want = k::causal_attention(&q, &join(&pk, &kk), &join(&pv, &v), Some(&seg), 0.25).unwrap();
+            // And the tensor-op reference (the joined rows, the composite attention).
+            let composite = r::prefix_causal_attention(&q, &kk, &v, &pk, &pv, &of_row, &[], &seg, 0.25).unwrap();
+            let worst = max_abs(&(got.to_dtype(DType::F32).unwrap() - composite.to_dtype(DType::F32).unwrap()).unwrap());
+            assert!(worst <= if dtype == DType::F32 { 2e-6 } else { 2e-2 }, "{dtype:?} p {p} g {g} lp {lp} n {n} tq {tq}: {worst} from the composite");
             let (got, want) = (got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
             // A tile ends where the prompt ends: the same sums, grouped differently.
             let tol = if dtype == DType::F32 { 2e-6 } else { 1e-2 };
