@@ -71,7 +71,7 @@ pub(crate) fn decode_step<'a, T: Elem + Lanes>(q: &[f32], dims: &Dims, scale: f3
         let mut probs = vec![0f32; rep * (row.hi - row.lo)];
         let q = &q[task * rep * d..(task + 1) * rep * d];
         #[cfg(target_arch = "x86_64")]
-        if d % 16 == 0 && tile512::available() {
+        if d.is_multiple_of(16) && tile512::available() {
             // SAFETY: the CPU has AVX-512 F/BW/VL (checked just above).
             return unsafe { tile512::group(q, &row, d, scale, &mut probs, o, l) };
         }
@@ -314,7 +314,7 @@ mod tile512 {
     pub unsafe fn group<T: Lanes>(q: &[f32], row: &RowKv<'_, T>, d: usize, scale: f32, probs: &mut [f32], o: &mut [f32], lse: &mut [f32]) {
         let rep = lse.len();
         let n = row.hi - row.lo;
-        debug_assert!(d % 16 == 0 && q.len() >= rep * d && o.len() >= rep * d && probs.len() >= rep * n);
+        debug_assert!(d.is_multiple_of(16) && q.len() >= rep * d && o.len() >= rep * d && probs.len() >= rep * n);
         let mut h = 0;
         while h < rep {
             let (qh, ph) = (q[h * d..].as_ptr(), &mut probs[h * n..]);
