@@ -440,10 +440,9 @@ mod tile512 {
                     wv[a] = A::load_w(w.add(a * k + i));
                 }
                 if PREFETCH {
-                    // The same chunk of the next W tile's rows: by the time this tile has
-                    // met every token row, the next one is in L1 (see `tiles`).
+                    // The same chunk of the next W tile's rows, into L2 (see `tiles`).
                     for a in 0..J {
-                        _mm_prefetch::<_MM_HINT_T0>(next.add(a * k + i) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(next.add(a * k + i) as *const i8);
                     }
                 }
                 for b in 0..R {
@@ -494,10 +493,13 @@ mod tile512 {
     }
 
     /// Rows `j..j + J` of `W` against token rows `r0..r1`, 6 at a time, then the rest.
-    /// `next` (or null): the first of the next W tile's rows, fetched into the cache
-    /// while the first 6 token rows meet this tile. Without it the first pass over each
-    /// tile waited on memory: `perf` put a third of a bf16 rollout's tile samples on the
-    /// W loads (W streams from memory once per step; the token rows stay in L2).
+    /// `next` (or null): the first of the next W tile's rows, fetched into L2 while the
+    /// last 6 token rows meet this tile. Without it the first pass over each tile waited
+    /// on memory: `perf` put a third of a bf16 rollout's tile samples on the W loads (W
+    /// streams from memory once per step; the token rows stay in L2). Measured on a
+    /// 4 x 8 x 128 rollout, Zen 4 (BENCHMARKS.md): fetching into L2 during the last pass
+    /// beat fetching during the first pass (into L1 or L2) by 8-15%: into L1 the token
+    /// rows streaming through evicted the lines again before use.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tiles<A: Arith, const J: usize>(x: *const A::X, k: usize, w: *const A::W, j: usize, r0: usize, r1: usize, y: &Out, accumulate: bool, next: *const A::W) {
@@ -505,8 +507,8 @@ mod tile512 {
             let mut r = r0;
             let mut next = next;
             while r + TR <= r1 {
-                if next.is_null() {
-                    tile::<A, J, TR, false>(x, k, w, j, r, y, accumulate, next);
+                if next.is_null() || r + 2 * TR <= r1 {
+                    tile::<A, J, TR, false>(x, k, w, j, r, y, accumulate, std::ptr::null());
                 } else {
                     tile::<A, J, TR, true>(x, k, w, j, r, y, accumulate, next);
                     next = std::ptr::null();
