@@ -515,14 +515,19 @@ mod tile512 {
                 }
                 r += TR;
             }
-            let none = std::ptr::null();
-            match r1 - r {
-                0 => {}
-                1 => tile::<A, J, 1, false>(x, k, w, j, r, y, accumulate, none),
-                2 => tile::<A, J, 2, false>(x, k, w, j, r, y, accumulate, none),
-                3 => tile::<A, J, 3, false>(x, k, w, j, r, y, accumulate, none),
-                4 => tile::<A, J, 4, false>(x, k, w, j, r, y, accumulate, none),
-                _ => tile::<A, J, 5, false>(x, k, w, j, r, y, accumulate, none),
+            // Fewer than 6 token rows in all (single-row decoding): the one pass fetches.
+            match (r1 - r, next.is_null()) {
+                (0, _) => {}
+                (1, true) => tile::<A, J, 1, false>(x, k, w, j, r, y, accumulate, next),
+                (1, false) => tile::<A, J, 1, true>(x, k, w, j, r, y, accumulate, next),
+                (2, true) => tile::<A, J, 2, false>(x, k, w, j, r, y, accumulate, next),
+                (2, false) => tile::<A, J, 2, true>(x, k, w, j, r, y, accumulate, next),
+                (3, true) => tile::<A, J, 3, false>(x, k, w, j, r, y, accumulate, next),
+                (3, false) => tile::<A, J, 3, true>(x, k, w, j, r, y, accumulate, next),
+                (4, true) => tile::<A, J, 4, false>(x, k, w, j, r, y, accumulate, next),
+                (4, false) => tile::<A, J, 4, true>(x, k, w, j, r, y, accumulate, next),
+                (_, true) => tile::<A, J, 5, false>(x, k, w, j, r, y, accumulate, next),
+                (_, false) => tile::<A, J, 5, true>(x, k, w, j, r, y, accumulate, next),
             }
         }
     }
