@@ -136,6 +136,17 @@ isa_dispatch! {
     }
 }
 
+/// `o[i] = bf16(i[i])` (nearest even, as `half` and candle round), on the calling thread,
+/// vectorised: for callers that narrow inside their own parallel tasks.
+pub fn narrow_into_bf16(o: &mut [bf16], i: &[f32]) {
+    narrow_chunk(o, i)
+}
+
+/// `o[i] = f16(i[i])`, as [`narrow_into_bf16`].
+pub fn narrow_into_f16(o: &mut [f16], i: &[f32]) {
+    narrow_chunk(o, i)
+}
+
 /// Narrow an f32 buffer to `T` in parallel.
 pub(crate) fn narrow<T: Elem>(v: &[f32]) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(v.len());

@@ -413,7 +413,7 @@ impl QuantizedMatrix {
         match &self.data {
             QuantizedData::Nf4(m) => m.dequantize_into(out),
             QuantizedData::Int8(m) => m.dequantize_into(out),
-            QuantizedData::Gguf(q) => gguf_blocks_to_f32(q, out)?,
+            QuantizedData::Gguf(q) => gguf_blocks_to(q, out)?,
             #[cfg(feature = "cuda")]
             QuantizedData::OnDevice(d) => {
                 let t = d.dequantize(self.rows, self.cols, DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?;
@@ -429,20 +429,50 @@ impl QuantizedMatrix {
     }
 }
 
+/// An element type GGUF blocks dequantize into: f32 (each block type's own `to_float`),
+/// or bf16 / f16 (`to_float` into a task-sized f32 buffer, then narrowed there: a bf16
+/// model's kept blocks used to be dequantized to a whole f32 matrix and then narrowed by
+/// candle's `to_dtype` on one thread, every projection of every decode step).
+trait DequantInto: Copy + Send + Sync + 'static {
+    fn from_blocks<T: candle_core::quantized::k_quants::GgmlType>(blocks: &[T], out: &mut [Self]);
+}
+
+impl DequantInto for f32 {
+    fn from_blocks<T: candle_core::quantized::k_quants::GgmlType>(blocks: &[T], out: &mut [f32]) {
+        T::to_float(blocks, out)
+    }
+}
+
+impl DequantInto for half::bf16 {
+    fn from_blocks<T: candle_core::quantized::k_quants::GgmlType>(blocks: &[T], out: &mut [half::bf16]) {
+        let mut wide = lora_kernels::cpu::uninit::<f32>(out.len());
+        T::to_float(blocks, &mut wide);
+        lora_kernels::cpu::narrow_into_bf16(out, &wide);
+    }
+}
+
+impl DequantInto for half::f16 {
+    fn from_blocks<T: candle_core::quantized::k_quants::GgmlType>(blocks: &[T], out: &mut [half::f16]) {
+        let mut wide = lora_kernels::cpu::uninit::<f32>(out.len());
+        T::to_float(blocks, &mut wide);
+        lora_kernels::cpu::narrow_into_f16(out, &wide);
+    }
+}
+
 /// A GGUF tensor's blocks dequantized straight into `out`, chunks of blocks in parallel.
 ///
 /// A decode step dequantizes every projection of a GGUF base kept in blocks (`--base-quant
 /// auto`), so this runs once per projection per token: candle's `QTensor::dequantize`
 /// zero-fills a fresh buffer, converts on one thread, and the result was then copied twice
 /// more (to a Vec, then into the fused projection's buffer). Same values: each block type's
-/// own `to_float`.
-fn gguf_blocks_to_f32(q: &QTensor, out: &mut [f32]) -> Result<()> {
+/// own `to_float` (then rounded to `O` as candle's `to_dtype` rounds).
+fn gguf_blocks_to<O: DequantInto>(q: &QTensor, out: &mut [O]) -> Result<()> {
     use candle_core::quantized::k_quants::{
         BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
     };
     use candle_core::quantized::GgmlDType;
     use rayon::prelude::*;
-    fn convert<T: GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    fn convert<T: GgmlType, O: DequantInto>(bytes: &[u8], out: &mut [O]) -> Result<()> {
         let size = std::mem::size_of::<T>();
         let blocks = bytes.len() / size;
         if bytes.len() % size != 0 || blocks * T::BLCK_SIZE != out.len() || bytes.as_ptr() as usize % std::mem::align_of::<T>() != 0 {
@@ -453,26 +483,26 @@ fn gguf_blocks_to_f32(q: &QTensor, out: &mut [f32]) -> Result<()> {
         let xs = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), blocks) };
         // About 8k values per task: enough to amortise scheduling, fine enough to balance.
         let per_task = (8192 / T::BLCK_SIZE).max(1);
-        xs.par_chunks(per_task).zip(out.par_chunks_mut(per_task * T::BLCK_SIZE)).for_each(|(x, y)| T::to_float(x, y));
+        xs.par_chunks(per_task).zip(out.par_chunks_mut(per_task * T::BLCK_SIZE)).for_each(|(x, y)| O::from_blocks(x, y));
         Ok(())
     }
     let bytes = q.data()?;
     match q.dtype() {
-        GgmlDType::F32 => convert::<f32>(&bytes, out),
-        GgmlDType::F16 => convert::<half::f16>(&bytes, out),
-        GgmlDType::BF16 => convert::<half::bf16>(&bytes, out),
-        GgmlDType::Q4_0 => convert::<BlockQ4_0>(&bytes, out),
-        GgmlDType::Q4_1 => convert::<BlockQ4_1>(&bytes, out),
-        GgmlDType::Q5_0 => convert::<BlockQ5_0>(&bytes, out),
-        GgmlDType::Q5_1 => convert::<BlockQ5_1>(&bytes, out),
-        GgmlDType::Q8_0 => convert::<BlockQ8_0>(&bytes, out),
-        GgmlDType::Q8_1 => convert::<BlockQ8_1>(&bytes, out),
-        GgmlDType::Q2K => convert::<BlockQ2K>(&bytes, out),
-        GgmlDType::Q3K => convert::<BlockQ3K>(&bytes, out),
-        GgmlDType::Q4K => convert::<BlockQ4K>(&bytes, out),
-        GgmlDType::Q5K => convert::<BlockQ5K>(&bytes, out),
-        GgmlDType::Q6K => convert::<BlockQ6K>(&bytes, out),
-        GgmlDType::Q8K => convert::<BlockQ8K>(&bytes, out),
+        GgmlDType::F32 => convert::<f32, O>(&bytes, out),
+        GgmlDType::F16 => convert::<half::f16, O>(&bytes, out),
+        GgmlDType::BF16 => convert::<half::bf16, O>(&bytes, out),
+        GgmlDType::Q4_0 => convert::<BlockQ4_0, O>(&bytes, out),
+        GgmlDType::Q4_1 => convert::<BlockQ4_1, O>(&bytes, out),
+        GgmlDType::Q5_0 => convert::<BlockQ5_0, O>(&bytes, out),
+        GgmlDType::Q5_1 => convert::<BlockQ5_1, O>(&bytes, out),
+        GgmlDType::Q8_0 => convert::<BlockQ8_0, O>(&bytes, out),
+        GgmlDType::Q8_1 => convert::<BlockQ8_1, O>(&bytes, out),
+        GgmlDType::Q2K => convert::<BlockQ2K, O>(&bytes, out),
+        GgmlDType::Q3K => convert::<BlockQ3K, O>(&bytes, out),
+        GgmlDType::Q4K => convert::<BlockQ4K, O>(&bytes, out),
+        GgmlDType::Q5K => convert::<BlockQ5K, O>(&bytes, out),
+        GgmlDType::Q6K => convert::<BlockQ6K, O>(&bytes, out),
+        GgmlDType::Q8K => convert::<BlockQ8K, O>(&bytes, out),
     }
 }
 
@@ -504,15 +534,42 @@ pub fn dequantize_rows(members: &[&QuantizedMatrix]) -> candle_core::Result<Tens
             }
         }
     }
-    // Every element is written below (each member's rows, in order), so no zero fill.
-    let mut out = lora_kernels::cpu::uninit::<f32>(rows * cols);
-    let mut start = 0;
     for m in members {
         if m.cols != cols {
             candle_core::bail!("dequantize_rows: {} columns next to {cols}", m.cols);
         }
+    }
+    let host = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+    // A bf16 / f16 base whose members are all GGUF blocks: straight to that dtype.
+    let all_gguf = members.iter().all(|m| matches!(m.data, QuantizedData::Gguf(_)) && m.dtype == first.dtype);
+    if all_gguf && matches!(first.dtype, DType::BF16 | DType::F16) {
+        let narrow = |out: &mut dyn FnMut(&QTensor, std::ops::Range<usize>) -> Result<()>| -> Result<()> {
+            let mut start = 0;
+            for m in members {
+                if let QuantizedData::Gguf(q) = &m.data {
+                    out(q, start..start + m.rows * cols)?;
+                }
+                start += m.rows * cols;
+            }
+            Ok(())
+        };
+        let t = if first.dtype == DType::BF16 {
+            let mut out = lora_kernels::cpu::uninit::<half::bf16>(rows * cols);
+            narrow(&mut |q, r| gguf_blocks_to(q, &mut out[r])).map_err(host)?;
+            Tensor::from_vec(out, (rows, cols), &Device::Cpu)?
+        } else {
+            let mut out = lora_kernels::cpu::uninit::<half::f16>(rows * cols);
+            narrow(&mut |q, r| gguf_blocks_to(q, &mut out[r])).map_err(host)?;
+            Tensor::from_vec(out, (rows, cols), &Device::Cpu)?
+        };
+        return t.to_device(&first.device);
+    }
+    // Every element is written below (each member's rows, in order), so no zero fill.
+    let mut out = lora_kernels::cpu::uninit::<f32>(rows * cols);
+    let mut start = 0;
+    for m in members {
         let n = m.rows * cols;
-        m.dequantize_host(&mut out[start..start + n]).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        m.dequantize_host(&mut out[start..start + n]).map_err(host)?;
         start += n;
     }
     Tensor::from_vec(out, (rows, cols), &Device::Cpu)?.to_dtype(first.dtype)?.to_device(&first.device)
@@ -641,6 +698,37 @@ mod tests {
         let m = Int8Matrix::quantize(&[2.0, 0.5, -2.0, 0.0, 0.0, 0.0], 2, 3)?;
         assert_eq!(m.codes, vec![127, 32, -127, 0, 0, 0]);
         assert_eq!(m.row_absmax, vec![2.0, 0.0]);
+        Ok(())
+    }
+
+    /// Kept GGUF blocks of a bf16 / f16 base dequantize straight to that dtype with the
+    /// values of the f32 path rounded as candle's `to_dtype` rounds (two members of
+    /// different block types, as a fused q/k/v would have).
+    #[test]
+    fn gguf_blocks_dequantize_to_bf16_and_f16_as_f32_then_rounded() -> Result<()> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let cols = 64;
+        let data = |rows: usize, seed: u32| -> Result<Tensor> {
+            let v: Vec<f32> = (0..rows * cols).map(|i| (((i as u32).wrapping_mul(2654435761u32) ^ seed) % 2001) as f32 * 1e-3 - 1.0).collect();
+            Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+        };
+        let (d41, d80) = (data(3, 7)?, data(5, 11)?);
+        for dtype in [DType::BF16, DType::F16] {
+            let m = |x: &Tensor, kind: GgmlDType| -> Result<QuantizedMatrix> {
+                let (rows, cols) = x.dims2()?;
+                Ok(QuantizedMatrix { rows, cols, data: QuantizedData::Gguf(QTensor::quantize(x, kind)?), dtype, device: Device::Cpu })
+            };
+            let (a, b) = (m(&d41, GgmlDType::Q4_1)?, m(&d80, GgmlDType::Q8_0)?);
+            let got = dequantize_rows(&[&a, &b])?;
+            assert_eq!(got.dtype(), dtype);
+            let f32_of = |m: &QuantizedMatrix| match &m.data {
+                QuantizedData::Gguf(q) => q.dequantize(&Device::Cpu),
+                _ => unreachable!(),
+            };
+            let want = Tensor::cat(&[f32_of(&a)?, f32_of(&b)?], 0)?.to_dtype(dtype)?;
+            let (g, w) = (got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            assert!(g.iter().zip(&w).all(|(x, y)| x.to_bits() == y.to_bits()), "{dtype:?}");
+        }
         Ok(())
     }
 
