@@ -572,7 +572,24 @@ pub fn dequantize_rows(members: &[&QuantizedMatrix]) -> candle_core::Result<Tens
         m.dequantize_host(&mut out[start..start + n]).map_err(host)?;
         start += n;
     }
-    Tensor::from_vec(out, (rows, cols), &Device::Cpu)?.to_dtype(first.dtype)?.to_device(&first.device)
+    // Narrowed in parallel: candle's `to_dtype` runs on one thread (an NF4 base in bf16
+    // dequantizes every projection of every forward).
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let t = match first.dtype {
+        DType::BF16 => {
+            let mut o = lora_kernels::cpu::uninit::<half::bf16>(out.len());
+            o.par_chunks_mut(CHUNK).zip(out.par_chunks(CHUNK)).for_each(|(o, i)| lora_kernels::cpu::narrow_into_bf16(o, i));
+            Tensor::from_vec(o, (rows, cols), &Device::Cpu)?
+        }
+        DType::F16 => {
+            let mut o = lora_kernels::cpu::uninit::<half::f16>(out.len());
+            o.par_chunks_mut(CHUNK).zip(out.par_chunks(CHUNK)).for_each(|(o, i)| lora_kernels::cpu::narrow_into_f16(o, i));
+            Tensor::from_vec(o, (rows, cols), &Device::Cpu)?
+        }
+        dtype => Tensor::from_vec(out, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?,
+    };
+    t.to_device(&first.device)
 }
 
 /// A frozen projection weight: dense, or quantized and dequantized when used.
@@ -728,6 +745,14 @@ mod tests {
             let want = Tensor::cat(&[f32_of(&a)?, f32_of(&b)?], 0)?.to_dtype(dtype)?;
             let (g, w) = (got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
             assert!(g.iter().zip(&w).all(|(x, y)| x.to_bits() == y.to_bits()), "{dtype:?}");
+            // A GGUF member next to an int8 one takes the f32 path, narrowed in parallel.
+            let values = d41.flatten_all()?.to_vec1::<f32>()?;
+            let int8 = QuantizedMatrix { rows: 3, cols, data: QuantizedData::Int8(Int8Matrix::quantize(&values, 3, cols)?), dtype, device: Device::Cpu };
+            let mixed = dequantize_rows(&[&a, &int8])?;
+            let mut wide = vec![0f32; 3 * cols];
+            int8.dequantize_host(&mut wide)?;
+            let want = Tensor::cat(&[f32_of(&a)?, Tensor::from_vec(wide, (3, cols), &Device::Cpu)?], 0)?.to_dtype(dtype)?;
+            assert_eq!(mixed.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?, "{dtype:?} mixed");
         }
         Ok(())
     }
