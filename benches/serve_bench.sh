@@ -6,7 +6,9 @@
 # Env: BIN (default $CARGO_TARGET_DIR or target, release/lora-train), CONCURRENCY (1,8,32),
 #      PER_CLIENT (requests each client sends, default 2), MAX_TOKENS (64),
 #      SYSTEM_WORDS (a system message of N words shared by every request, default 0),
-#      PREFIX_CACHE_MB (serve --prefix-cache-mb, default the server's: 1024; 0 = off).
+#      PREFIX_CACHE_MB (serve --prefix-cache-mb, default the server's: 1024; 0 = off),
+#      BASE_QUANT (serve --base-quant; default the server's: auto = the GGUF's blocks kept;
+#      none = dense weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/lora-train}
@@ -43,7 +45,7 @@ for k, name in enumerate("abc"):
                "target_modules": list(shapes), "bias": "none"}, open(os.path.join(d, "adapter_config.json"), "w"))
 PY
 "$BIN" serve --model "$GGUF" --adapter "a=$WORK/a" --adapter "b=$WORK/b" --adapter "c=$WORK/c" --port 0 --device cpu \
-  ${PREFIX_CACHE_MB:+--prefix-cache-mb "$PREFIX_CACHE_MB"} 2> "$WORK/serve.log" &
+  ${PREFIX_CACHE_MB:+--prefix-cache-mb "$PREFIX_CACHE_MB"} ${BASE_QUANT:+--base-quant "$BASE_QUANT"} 2> "$WORK/serve.log" &
 PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" && break; sleep 0.2; done
 URL=$(sed -n 's/.*listening on //p' "$WORK/serve.log" | head -1)
