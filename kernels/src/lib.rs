@@ -14,6 +14,7 @@ use candle_core::{DType, Result, Tensor};
 pub mod alloc;
 pub mod cpu;
 pub mod cuda;
+pub mod dequant;
 pub mod gemm_bf16;
 pub mod ops;
 pub mod profile;

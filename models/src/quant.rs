@@ -433,7 +433,7 @@ impl QuantizedMatrix {
 /// or bf16 / f16 (`to_float` into a task-sized f32 buffer, then narrowed there: a bf16
 /// model's kept blocks used to be dequantized to a whole f32 matrix and then narrowed by
 /// candle's `to_dtype` on one thread, every projection of every decode step).
-trait DequantInto: Copy + Send + Sync + 'static {
+trait DequantInto: lora_kernels::dequant::DequantOut {
     fn from_blocks<T: candle_core::quantized::k_quants::GgmlType>(blocks: &[T], out: &mut [Self]);
 }
 
@@ -471,6 +471,7 @@ fn gguf_blocks_to<O: DequantInto>(q: &QTensor, out: &mut [O]) -> Result<()> {
         BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
     };
     use candle_core::quantized::GgmlDType;
+    use lora_kernels::dequant::SimpleBlocks;
     use rayon::prelude::*;
     fn convert<T: GgmlType, O: DequantInto>(bytes: &[u8], out: &mut [O]) -> Result<()> {
         let size = std::mem::size_of::<T>();
@@ -483,7 +484,21 @@ fn gguf_blocks_to<O: DequantInto>(q: &QTensor, out: &mut [O]) -> Result<()> {
         let xs = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), blocks) };
         // About 8k values per task: enough to amortise scheduling, fine enough to balance.
         let per_task = (8192 / T::BLCK_SIZE).max(1);
-        xs.par_chunks(per_task).zip(out.par_chunks_mut(per_task * T::BLCK_SIZE)).for_each(|(x, y)| O::from_blocks(x, y));
+        // The simplest formats (SmolLM2's GGUF is Q4_1 + Q8_0) in vector registers, straight
+        // to the output type, with `to_float`'s arithmetic (`lora_kernels::dequant`).
+        let simple = match T::DTYPE {
+            GgmlDType::Q4_0 => Some(SimpleBlocks::Q4_0),
+            GgmlDType::Q4_1 => Some(SimpleBlocks::Q4_1),
+            GgmlDType::Q8_0 => Some(SimpleBlocks::Q8_0),
+            _ => None,
+        };
+        match simple {
+            Some(kind) if kind.block_bytes() == size => bytes
+                .par_chunks(per_task * size)
+                .zip(out.par_chunks_mut(per_task * T::BLCK_SIZE))
+                .for_each(|(b, y)| lora_kernels::dequant::dequantize(kind, b, y)),
+            _ => xs.par_chunks(per_task).zip(out.par_chunks_mut(per_task * T::BLCK_SIZE)).for_each(|(x, y)| O::from_blocks(x, y)),
+        }
         Ok(())
     }
     let bytes = q.data()?;
