@@ -1,5 +1,7 @@
-//! GGUF's simplest block formats (Q4_0, Q4_1, Q8_0: 32 values, one or two f16 scales)
-//! dequantized in vector registers, straight to f32, bf16 or f16.
+//! GGUF block formats dequantized in vector registers, straight to f32, bf16 or f16: the
+//! simple ones (Q4_0, Q4_1, Q8_0: 32 values, one or two f16 scales) and the two K-quants
+//! most published GGUFs are made of (Q4_K, Q6_K: 256 values in sub-blocks with their own
+//! 6- or 8-bit scales; a "Q4_K_M" file is Q4_K with some Q6_K).
 //!
 //! Why here: a GGUF base kept in its blocks (`--base-quant auto`, the default for a .gguf)
 //! is dequantized every decode step, every projection (`models/src/quant.rs`). candle's
@@ -13,8 +15,6 @@ use crate::cpu::Elem;
 use crate::simd::isa_dispatch;
 use half::{bf16, f16};
 
-/// Values per block (all three formats).
-pub const BLOCK_VALUES: usize = 32;
 
 /// A block format this module dequantizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,15 +25,31 @@ pub enum SimpleBlocks {
     Q4_1,
     /// f16 d, 32 signed bytes: q * d.
     Q8_0,
+    /// 256 values: f16 d and dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes
+    /// of nibbles.
+    Q4K,
+    /// 256 values: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 signed sub-block
+    /// scales, then f16 d.
+    Q6K,
 }
 
 impl SimpleBlocks {
-    /// Bytes per block (ggml's layout: the scales first, little-endian).
+    /// Bytes per block (ggml's layout, little-endian).
     pub fn block_bytes(self) -> usize {
         match self {
             SimpleBlocks::Q4_0 => 18,
             SimpleBlocks::Q4_1 => 20,
             SimpleBlocks::Q8_0 => 34,
+            SimpleBlocks::Q4K => 144,
+            SimpleBlocks::Q6K => 210,
+        }
+    }
+
+    /// Values per block.
+    pub fn block_values(self) -> usize {
+        match self {
+            SimpleBlocks::Q4_0 | SimpleBlocks::Q4_1 | SimpleBlocks::Q8_0 => 32,
+            SimpleBlocks::Q4K | SimpleBlocks::Q6K => 256,
         }
     }
 }
@@ -56,11 +72,12 @@ macro_rules! dequant_out {
 }
 dequant_out!(f32, bf16, f16);
 
-/// Dequantize whole blocks of `kind` from `bytes` into `out` (32 values a block), on the
-/// calling thread. Panics unless `bytes` holds exactly `out.len() / 32` blocks.
+/// Dequantize whole blocks of `kind` from `bytes` into `out`, on the calling thread.
+/// Panics unless `bytes` holds exactly `out.len() / kind.block_values()` blocks.
 pub fn dequantize<O: DequantOut>(kind: SimpleBlocks, bytes: &[u8], out: &mut [O]) {
+    let per = kind.block_values();
     assert!(
-        out.len() % BLOCK_VALUES == 0 && bytes.len() == out.len() / BLOCK_VALUES * kind.block_bytes(),
+        out.len() % per == 0 && bytes.len() == out.len() / per * kind.block_bytes(),
         "dequantize {kind:?}: {} bytes for {} values",
         bytes.len(),
         out.len()
@@ -69,6 +86,19 @@ pub fn dequantize<O: DequantOut>(kind: SimpleBlocks, bytes: &[u8], out: &mut [O]
         SimpleBlocks::Q4_0 => q4_0(bytes, out),
         SimpleBlocks::Q4_1 => q4_1(bytes, out),
         SimpleBlocks::Q8_0 => q8_0(bytes, out),
+        SimpleBlocks::Q4K => q4k(bytes, out),
+        SimpleBlocks::Q6K => q6k(bytes, out),
+    }
+}
+
+/// Sub-block `j`'s 6-bit scale and min from Q4_K's 12 packed bytes (ggml's
+/// `get_scale_min_k4`).
+#[inline(always)]
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -79,10 +109,10 @@ fn scale(b: &[u8], at: usize) -> f32 {
 
 isa_dispatch! {
     fn q8_0<O: DequantOut>(bytes: &[u8], out: &mut [O]) {
-        for (b, o) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(BLOCK_VALUES)) {
+        for (b, o) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
             let d = scale(b, 0);
             let qs = &b[2..34];
-            for j in 0..BLOCK_VALUES {
+            for j in 0..32 {
                 o[j] = O::from_f32(qs[j] as i8 as f32 * d);
             }
         }
@@ -91,7 +121,7 @@ isa_dispatch! {
 
 isa_dispatch! {
     fn q4_0<O: DequantOut>(bytes: &[u8], out: &mut [O]) {
-        for (b, o) in bytes.chunks_exact(18).zip(out.chunks_exact_mut(BLOCK_VALUES)) {
+        for (b, o) in bytes.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
             let d = scale(b, 0);
             let qs = &b[2..18];
             let (lo, hi) = o.split_at_mut(16);
@@ -105,7 +135,7 @@ isa_dispatch! {
 
 isa_dispatch! {
     fn q4_1<O: DequantOut>(bytes: &[u8], out: &mut [O]) {
-        for (b, o) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(BLOCK_VALUES)) {
+        for (b, o) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
             let (d, m) = (scale(b, 0), scale(b, 2));
             let qs = &b[4..20];
             let (lo, hi) = o.split_at_mut(16);
@@ -117,32 +147,85 @@ isa_dispatch! {
     }
 }
 
+isa_dispatch! {
+    fn q4k<O: DequantOut>(bytes: &[u8], out: &mut [O]) {
+        for (b, o) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+            let (d, min) = (scale(b, 0), scale(b, 2));
+            let (scales, qs) = (&b[4..16], &b[16..144]);
+            // Four groups of 64 values: 32 bytes, low nibbles then high nibbles, each half
+            // with its own sub-block scale and min.
+            for (g, o) in o.chunks_exact_mut(64).enumerate() {
+                let q = &qs[32 * g..32 * g + 32];
+                let (sc1, m1) = scale_min_k4(2 * g, scales);
+                let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+                let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
+                let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+                let (lo, hi) = o.split_at_mut(32);
+                for l in 0..32 {
+                    lo[l] = O::from_f32(d1 * (q[l] & 0xF) as f32 - m1);
+                    hi[l] = O::from_f32(d2 * (q[l] >> 4) as f32 - m2);
+                }
+            }
+        }
+    }
+}
+
+isa_dispatch! {
+    fn q6k<O: DequantOut>(bytes: &[u8], out: &mut [O]) {
+        for (b, o) in bytes.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
+            let d = scale(b, 208);
+            // Two halves of 128 values: 64 low-nibble bytes, 32 bytes of 2-bit high parts,
+            // 8 scales (one per 16 values).
+            for (h, o) in o.chunks_exact_mut(128).enumerate() {
+                let (ql, qh, sc) = (&b[64 * h..64 * h + 64], &b[128 + 32 * h..128 + 32 * h + 32], &b[192 + 8 * h..192 + 8 * h + 8]);
+                let (o1, rest) = o.split_at_mut(32);
+                let (o2, rest) = rest.split_at_mut(32);
+                let (o3, o4) = rest.split_at_mut(32);
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                    o1[l] = O::from_f32(d * sc[is] as i8 as f32 * q1 as f32);
+                    o2[l] = O::from_f32(d * sc[is + 2] as i8 as f32 * q2 as f32);
+                    o3[l] = O::from_f32(d * sc[is + 4] as i8 as f32 * q3 as f32);
+                    o4[l] = O::from_f32(d * sc[is + 6] as i8 as f32 * q4 as f32);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0, GgmlType};
 
-    /// Random blocks as raw bytes: random quants, scales of many magnitudes and both signs
-    /// (finite f16: no NaN/inf scale, which no GGUF holds).
+    /// Random blocks as raw bytes: random quants and packed sub-block scales, f16 scales
+    /// of many magnitudes and both signs (finite: no NaN/inf scale, which no GGUF holds).
     fn random_blocks(kind: SimpleBlocks, blocks: usize, seed: u64) -> Vec<u8> {
         let mut state = seed;
         let mut next = || {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
-        let scales = match kind {
-            SimpleBlocks::Q4_1 => 2,
-            _ => 1,
+        // Byte offsets of the f16 scales in a block.
+        let f16_at: &[usize] = match kind {
+            SimpleBlocks::Q4_0 | SimpleBlocks::Q8_0 => &[0],
+            SimpleBlocks::Q4_1 | SimpleBlocks::Q4K => &[0, 2],
+            SimpleBlocks::Q6K => &[208],
         };
         let mut bytes = Vec::new();
         for _ in 0..blocks {
-            for _ in 0..scales {
+            let start = bytes.len();
+            for _ in 0..kind.block_bytes() {
+                bytes.push(next() as u8);
+            }
+            for &at in f16_at {
                 let v = (next() % 2000) as f32 * 1e-3 - 1.0;
                 let v = v * 10f32.powi((next() % 9) as i32 - 6);
-                bytes.extend(f16::from_f32(v).to_le_bytes());
-            }
-            for _ in 0..kind.block_bytes() - 2 * scales {
-                bytes.push(next() as u8);
+                bytes[start + at..start + at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
             }
         }
         bytes
@@ -165,12 +248,14 @@ mod tests {
             SimpleBlocks::Q4_0 => run::<BlockQ4_0>(bytes),
             SimpleBlocks::Q4_1 => run::<BlockQ4_1>(bytes),
             SimpleBlocks::Q8_0 => run::<BlockQ8_0>(bytes),
+            SimpleBlocks::Q4K => run::<BlockQ4K>(bytes),
+            SimpleBlocks::Q6K => run::<BlockQ6K>(bytes),
         }
     }
 
     #[test]
     fn dequantized_values_are_candles_bit_for_bit_in_every_output_type() {
-        for kind in [SimpleBlocks::Q4_0, SimpleBlocks::Q4_1, SimpleBlocks::Q8_0] {
+        for kind in [SimpleBlocks::Q4_0, SimpleBlocks::Q4_1, SimpleBlocks::Q8_0, SimpleBlocks::Q4K, SimpleBlocks::Q6K] {
             for seed in 0..4 {
                 let bytes = random_blocks(kind, 37, seed);
                 let want = reference(kind, &bytes);

@@ -484,12 +484,15 @@ fn gguf_blocks_to<O: DequantInto>(q: &QTensor, out: &mut [O]) -> Result<()> {
         let xs = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), blocks) };
         // About 8k values per task: enough to amortise scheduling, fine enough to balance.
         let per_task = (8192 / T::BLCK_SIZE).max(1);
-        // The simplest formats (SmolLM2's GGUF is Q4_1 + Q8_0) in vector registers, straight
-        // to the output type, with `to_float`'s arithmetic (`lora_kernels::dequant`).
+        // Q4_0/Q4_1/Q8_0 (SmolLM2's GGUF is Q4_1 + Q8_0) and Q4_K/Q6_K (a "Q4_K_M" file) in
+        // vector registers, straight to the output type, with `to_float`'s arithmetic
+        // (`lora_kernels::dequant`).
         let simple = match T::DTYPE {
             GgmlDType::Q4_0 => Some(SimpleBlocks::Q4_0),
             GgmlDType::Q4_1 => Some(SimpleBlocks::Q4_1),
             GgmlDType::Q8_0 => Some(SimpleBlocks::Q8_0),
+            GgmlDType::Q4K => Some(SimpleBlocks::Q4K),
+            GgmlDType::Q6K => Some(SimpleBlocks::Q6K),
             _ => None,
         };
         match simple {
