@@ -1,7 +1,7 @@
 //! GGUF block formats dequantized in vector registers, straight to f32, bf16 or f16: the
 //! simple ones (Q4_0, Q4_1, Q8_0: 32 values, one or two f16 scales) and the two K-quants
-//! most published GGUFs are made of (Q4_K, Q6_K: 256 values in sub-blocks with their own
-//! 6- or 8-bit scales; a "Q4_K_M" file is Q4_K with some Q6_K).
+//! most published GGUFs are made of and Q5_K (256 values in sub-blocks with their own 6-
+//! or 8-bit scales; a "Q4_K_M" file is Q4_K with some Q6_K, "Q5_K_M" Q5_K with Q6_K).
 //!
 //! Why here: a GGUF base kept in its blocks (`--base-quant auto`, the default for a .gguf)
 //! is dequantized every decode step, every projection (`models/src/quant.rs`). candle's
@@ -28,6 +28,8 @@ pub enum SimpleBlocks {
     /// 256 values: f16 d and dmin, 12 bytes of 6-bit sub-block scales and mins, 128 bytes
     /// of nibbles.
     Q4K,
+    /// As Q4_K plus a fifth bit per value (32 bytes of high bits before the nibbles).
+    Q5K,
     /// 256 values: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 signed sub-block
     /// scales, then f16 d.
     Q6K,
@@ -41,6 +43,7 @@ impl SimpleBlocks {
             SimpleBlocks::Q4_1 => 20,
             SimpleBlocks::Q8_0 => 34,
             SimpleBlocks::Q4K => 144,
+            SimpleBlocks::Q5K => 176,
             SimpleBlocks::Q6K => 210,
         }
     }
@@ -49,7 +52,7 @@ impl SimpleBlocks {
     pub fn block_values(self) -> usize {
         match self {
             SimpleBlocks::Q4_0 | SimpleBlocks::Q4_1 | SimpleBlocks::Q8_0 => 32,
-            SimpleBlocks::Q4K | SimpleBlocks::Q6K => 256,
+            SimpleBlocks::Q4K | SimpleBlocks::Q5K | SimpleBlocks::Q6K => 256,
         }
     }
 }
@@ -87,6 +90,7 @@ pub fn dequantize<O: DequantOut>(kind: SimpleBlocks, bytes: &[u8], out: &mut [O]
         SimpleBlocks::Q4_1 => q4_1(bytes, out),
         SimpleBlocks::Q8_0 => q8_0(bytes, out),
         SimpleBlocks::Q4K => q4k(bytes, out),
+        SimpleBlocks::Q5K => q5k(bytes, out),
         SimpleBlocks::Q6K => q6k(bytes, out),
     }
 }
@@ -171,6 +175,31 @@ isa_dispatch! {
 }
 
 isa_dispatch! {
+    fn q5k<O: DequantOut>(bytes: &[u8], out: &mut [O]) {
+        for (b, o) in bytes.chunks_exact(176).zip(out.chunks_exact_mut(256)) {
+            let (d, min) = (scale(b, 0), scale(b, 2));
+            let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+            // As Q4_K; group g's low and high nibbles take bits 2g and 2g + 1 of qh as 16.
+            for (g, o) in o.chunks_exact_mut(64).enumerate() {
+                let q = &qs[32 * g..32 * g + 32];
+                let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
+                let (sc1, m1) = scale_min_k4(2 * g, scales);
+                let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+                let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
+                let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+                let (lo, hi) = o.split_at_mut(32);
+                for l in 0..32 {
+                    let add1 = if qh[l] & u1 != 0 { 16f32 } else { 0f32 };
+                    let add2 = if qh[l] & u2 != 0 { 16f32 } else { 0f32 };
+                    lo[l] = O::from_f32(d1 * ((q[l] & 0xF) as f32 + add1) - m1);
+                    hi[l] = O::from_f32(d2 * ((q[l] >> 4) as f32 + add2) - m2);
+                }
+            }
+        }
+    }
+}
+
+isa_dispatch! {
     fn q6k<O: DequantOut>(bytes: &[u8], out: &mut [O]) {
         for (b, o) in bytes.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
             let d = scale(b, 208);
@@ -200,7 +229,7 @@ isa_dispatch! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0, GgmlType};
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType};
 
     /// Random blocks as raw bytes: random quants and packed sub-block scales, f16 scales
     /// of many magnitudes and both signs (finite: no NaN/inf scale, which no GGUF holds).
@@ -213,7 +242,7 @@ mod tests {
         // Byte offsets of the f16 scales in a block.
         let f16_at: &[usize] = match kind {
             SimpleBlocks::Q4_0 | SimpleBlocks::Q8_0 => &[0],
-            SimpleBlocks::Q4_1 | SimpleBlocks::Q4K => &[0, 2],
+            SimpleBlocks::Q4_1 | SimpleBlocks::Q4K | SimpleBlocks::Q5K => &[0, 2],
             SimpleBlocks::Q6K => &[208],
         };
         let mut bytes = Vec::new();
@@ -249,13 +278,14 @@ mod tests {
             SimpleBlocks::Q4_1 => run::<BlockQ4_1>(bytes),
             SimpleBlocks::Q8_0 => run::<BlockQ8_0>(bytes),
             SimpleBlocks::Q4K => run::<BlockQ4K>(bytes),
+            SimpleBlocks::Q5K => run::<BlockQ5K>(bytes),
             SimpleBlocks::Q6K => run::<BlockQ6K>(bytes),
         }
     }
 
     #[test]
     fn dequantized_values_are_candles_bit_for_bit_in_every_output_type() {
-        for kind in [SimpleBlocks::Q4_0, SimpleBlocks::Q4_1, SimpleBlocks::Q8_0, SimpleBlocks::Q4K, SimpleBlocks::Q6K] {
+        for kind in [SimpleBlocks::Q4_0, SimpleBlocks::Q4_1, SimpleBlocks::Q8_0, SimpleBlocks::Q4K, SimpleBlocks::Q5K, SimpleBlocks::Q6K] {
             for seed in 0..4 {
                 let bytes = random_blocks(kind, 37, seed);
                 let want = reference(kind, &bytes);

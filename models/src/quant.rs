@@ -492,6 +492,7 @@ fn gguf_blocks_to<O: DequantInto>(q: &QTensor, out: &mut [O]) -> Result<()> {
             GgmlDType::Q4_1 => Some(SimpleBlocks::Q4_1),
             GgmlDType::Q8_0 => Some(SimpleBlocks::Q8_0),
             GgmlDType::Q4K => Some(SimpleBlocks::Q4K),
+            GgmlDType::Q5K => Some(SimpleBlocks::Q5K),
             GgmlDType::Q6K => Some(SimpleBlocks::Q6K),
             _ => None,
         };

@@ -3,7 +3,7 @@
 //! decode step), f32 output, 7 M values (8 SmolLM2 gate projections) per format.
 //!
 //!     target/release/dequant_bench
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType};
 use lora_kernels::dequant::{dequantize, SimpleBlocks};
 use std::time::Instant;
 
@@ -41,5 +41,6 @@ fn main() {
     bench::<BlockQ4_1>(SimpleBlocks::Q4_1);
     bench::<BlockQ8_0>(SimpleBlocks::Q8_0);
     bench::<BlockQ4K>(SimpleBlocks::Q4K);
+    bench::<BlockQ5K>(SimpleBlocks::Q5K);
     bench::<BlockQ6K>(SimpleBlocks::Q6K);
 }
