@@ -129,22 +129,11 @@ isa_dispatch! {
 }
 
 isa_dispatch! {
-    fn narrow_chunk<T: Elem>(o: &mut [T], i: &[f32]) {
+    pub(crate) fn narrow_chunk<T: Elem>(o: &mut [T], i: &[f32]) {
         for (o, i) in o.iter_mut().zip(i) {
             *o = T::from_f32(*i);
         }
     }
-}
-
-/// `o[i] = bf16(i[i])` (nearest even, as `half` and candle round), on the calling thread,
-/// vectorised: for callers that narrow inside their own parallel tasks.
-pub fn narrow_into_bf16(o: &mut [bf16], i: &[f32]) {
-    narrow_chunk(o, i)
-}
-
-/// `o[i] = f16(i[i])`, as [`narrow_into_bf16`].
-pub fn narrow_into_f16(o: &mut [f16], i: &[f32]) {
-    narrow_chunk(o, i)
 }
 
 /// Narrow an f32 buffer to `T` in parallel.

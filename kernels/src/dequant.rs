@@ -61,6 +61,9 @@ impl SimpleBlocks {
 pub trait DequantOut: Copy + Send + Sync + 'static {
     /// Rounded to nearest even (as candle's `to_dtype`).
     fn from_f32(v: f32) -> Self;
+    /// `o[i] = from_f32(i[i])` on the calling thread, vectorised: for callers that narrow
+    /// inside their own parallel tasks.
+    fn narrow_into(o: &mut [Self], i: &[f32]);
 }
 
 macro_rules! dequant_out {
@@ -69,6 +72,9 @@ macro_rules! dequant_out {
             #[inline(always)]
             fn from_f32(v: f32) -> Self {
                 <$t as Elem>::from_f32(v)
+            }
+            fn narrow_into(o: &mut [Self], i: &[f32]) {
+                crate::cpu::narrow_chunk(o, i)
             }
         }
     )*};
@@ -104,6 +110,16 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     } else {
         ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
+}
+
+/// Q4_K / Q5_K group `g` (64 values): the scale and the subtracted min of its low-nibble
+/// half, then of its high-nibble half (`d * sc`, `min * m`, as candle computes them).
+#[inline(always)]
+fn group_scales(d: f32, min: f32, scales: &[u8], g: usize) -> [(f32, f32); 2] {
+    [2 * g, 2 * g + 1].map(|j| {
+        let (sc, m) = scale_min_k4(j, scales);
+        (d * sc as f32, min * m as f32)
+    })
 }
 
 #[inline(always)]
@@ -160,10 +176,7 @@ isa_dispatch! {
             // with its own sub-block scale and min.
             for (g, o) in o.chunks_exact_mut(64).enumerate() {
                 let q = &qs[32 * g..32 * g + 32];
-                let (sc1, m1) = scale_min_k4(2 * g, scales);
-                let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-                let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
-                let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+                let [(d1, m1), (d2, m2)] = group_scales(d, min, scales, g);
                 let (lo, hi) = o.split_at_mut(32);
                 for l in 0..32 {
                     lo[l] = O::from_f32(d1 * (q[l] & 0xF) as f32 - m1);
@@ -183,10 +196,7 @@ isa_dispatch! {
             for (g, o) in o.chunks_exact_mut(64).enumerate() {
                 let q = &qs[32 * g..32 * g + 32];
                 let (u1, u2) = (1u8 << (2 * g), 2u8 << (2 * g));
-                let (sc1, m1) = scale_min_k4(2 * g, scales);
-                let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-                let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
-                let (d2, m2) = (d * sc2 as f32, min * m2 as f32);
+                let [(d1, m1), (d2, m2)] = group_scales(d, min, scales, g);
                 let (lo, hi) = o.split_at_mut(32);
                 for l in 0..32 {
                     let add1 = if qh[l] & u1 != 0 { 16f32 } else { 0f32 };

@@ -443,21 +443,19 @@ impl DequantInto for f32 {
     }
 }
 
-impl DequantInto for half::bf16 {
-    fn from_blocks<T: candle_core::quantized::k_quants::GgmlType>(blocks: &[T], out: &mut [half::bf16]) {
-        let mut wide = lora_kernels::cpu::uninit::<f32>(out.len());
-        T::to_float(blocks, &mut wide);
-        lora_kernels::cpu::narrow_into_bf16(out, &wide);
-    }
+/// bf16 and f16: `to_float` into a task-sized f32 buffer, narrowed there.
+macro_rules! dequant_narrowed {
+    ($($t:ty),*) => {$(
+        impl DequantInto for $t {
+            fn from_blocks<T: candle_core::quantized::k_quants::GgmlType>(blocks: &[T], out: &mut [$t]) {
+                let mut wide = lora_kernels::cpu::uninit::<f32>(out.len());
+                T::to_float(blocks, &mut wide);
+                <$t as lora_kernels::dequant::DequantOut>::narrow_into(out, &wide);
+            }
+        }
+    )*};
 }
-
-impl DequantInto for half::f16 {
-    fn from_blocks<T: candle_core::quantized::k_quants::GgmlType>(blocks: &[T], out: &mut [half::f16]) {
-        let mut wide = lora_kernels::cpu::uninit::<f32>(out.len());
-        T::to_float(blocks, &mut wide);
-        lora_kernels::cpu::narrow_into_f16(out, &wide);
-    }
-}
+dequant_narrowed!(half::bf16, half::f16);
 
 /// A GGUF tensor's blocks dequantized straight into `out`, chunks of blocks in parallel.
 ///
@@ -561,54 +559,52 @@ pub fn dequantize_rows(members: &[&QuantizedMatrix]) -> candle_core::Result<Tens
     let host = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
     // A bf16 / f16 base whose members are all GGUF blocks: straight to that dtype.
     let all_gguf = members.iter().all(|m| matches!(m.data, QuantizedData::Gguf(_)) && m.dtype == first.dtype);
-    if all_gguf && matches!(first.dtype, DType::BF16 | DType::F16) {
-        let narrow = |out: &mut dyn FnMut(&QTensor, std::ops::Range<usize>) -> Result<()>| -> Result<()> {
+    let t = match first.dtype {
+        DType::BF16 if all_gguf => gguf_rows::<half::bf16>(members, rows * cols).map_err(host)?,
+        DType::F16 if all_gguf => gguf_rows::<half::f16>(members, rows * cols).map_err(host)?,
+        dtype => {
+            // Every element is written below (each member's rows, in order), so no zero fill.
+            let mut out = lora_kernels::cpu::uninit::<f32>(rows * cols);
             let mut start = 0;
             for m in members {
-                if let QuantizedData::Gguf(q) = &m.data {
-                    out(q, start..start + m.rows * cols)?;
-                }
-                start += m.rows * cols;
+                let n = m.rows * cols;
+                m.dequantize_host(&mut out[start..start + n]).map_err(host)?;
+                start += n;
             }
-            Ok(())
-        };
-        let t = if first.dtype == DType::BF16 {
-            let mut out = lora_kernels::cpu::uninit::<half::bf16>(rows * cols);
-            narrow(&mut |q, r| gguf_blocks_to(q, &mut out[r])).map_err(host)?;
-            Tensor::from_vec(out, (rows, cols), &Device::Cpu)?
-        } else {
-            let mut out = lora_kernels::cpu::uninit::<half::f16>(rows * cols);
-            narrow(&mut |q, r| gguf_blocks_to(q, &mut out[r])).map_err(host)?;
-            Tensor::from_vec(out, (rows, cols), &Device::Cpu)?
-        };
-        return t.to_device(&first.device);
-    }
-    // Every element is written below (each member's rows, in order), so no zero fill.
-    let mut out = lora_kernels::cpu::uninit::<f32>(rows * cols);
+            // Narrowed in parallel: candle's `to_dtype` runs on one thread (an NF4 base in
+            // bf16 dequantizes every projection of every forward).
+            match dtype {
+                DType::BF16 => narrowed::<half::bf16>(&out)?,
+                DType::F16 => narrowed::<half::f16>(&out)?,
+                _ => Tensor::from_vec(out, rows * cols, &Device::Cpu)?.to_dtype(dtype)?,
+            }
+        }
+    };
+    t.reshape((rows, cols))?.to_device(&first.device)
+}
+
+/// The GGUF members' blocks dequantized straight to `O`, one after another (`len`
+/// values in all), as a flat CPU tensor.
+fn gguf_rows<O: DequantInto + candle_core::WithDType>(members: &[&QuantizedMatrix], len: usize) -> Result<Tensor> {
+    let mut out = lora_kernels::cpu::uninit::<O>(len);
     let mut start = 0;
     for m in members {
-        let n = m.rows * cols;
-        m.dequantize_host(&mut out[start..start + n]).map_err(host)?;
+        let n = m.rows * m.cols;
+        if let QuantizedData::Gguf(q) = &m.data {
+            gguf_blocks_to(q, &mut out[start..start + n])?;
+        }
         start += n;
     }
-    // Narrowed in parallel: candle's `to_dtype` runs on one thread (an NF4 base in bf16
-    // dequantizes every projection of every forward).
+    Ok(Tensor::from_vec(out, len, &Device::Cpu)?)
+}
+
+/// `v` narrowed to `O` in parallel, as a flat CPU tensor.
+fn narrowed<O: lora_kernels::dequant::DequantOut + candle_core::WithDType>(v: &[f32]) -> candle_core::Result<Tensor> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;
-    let t = match first.dtype {
-        DType::BF16 => {
-            let mut o = lora_kernels::cpu::uninit::<half::bf16>(out.len());
-            o.par_chunks_mut(CHUNK).zip(out.par_chunks(CHUNK)).for_each(|(o, i)| lora_kernels::cpu::narrow_into_bf16(o, i));
-            Tensor::from_vec(o, (rows, cols), &Device::Cpu)?
-        }
-        DType::F16 => {
-            let mut o = lora_kernels::cpu::uninit::<half::f16>(out.len());
-            o.par_chunks_mut(CHUNK).zip(out.par_chunks(CHUNK)).for_each(|(o, i)| lora_kernels::cpu::narrow_into_f16(o, i));
-            Tensor::from_vec(o, (rows, cols), &Device::Cpu)?
-        }
-        dtype => Tensor::from_vec(out, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?,
-    };
-    t.to_device(&first.device)
+    let mut o = lora_kernels::cpu::uninit::<O>(v.len());
+    o.par_chunks_mut(CHUNK).zip(v.par_chunks(CHUNK)).for_each(|(o, i)| O::narrow_into(o, i));
+    Tensor::from_vec(o, v.len(), &Device::Cpu)
 }
 
 /// A frozen projection weight: dense, or quantized and dequantized when used.

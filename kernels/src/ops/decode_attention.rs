@@ -213,8 +213,10 @@ mod tile512 {
     use super::{softmax_in_place, Lanes, RowKv};
     use core::arch::x86_64::*;
 
+    /// The same condition as the projections' register tile (AVX-512 F/BW/VL, not capped
+    /// by `LORA_KERNELS_ISA`, not `gemv::force_portable`).
     pub fn available() -> bool {
-        crate::simd::isa() == crate::simd::Isa::Avx512 && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+        crate::ops::gemv::tile_available()
     }
 
     /// Keys ahead of the one being scored whose cache lines are requested early: a row's
